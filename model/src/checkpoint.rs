@@ -1,0 +1,358 @@
+//! One in-memory view of a checkpoint, whichever file format it came from:
+//! canonical tensor names, HF row layout for Q/K, shapes checked against the
+//! config, and tensors read lazily (a tensor's bytes are touched only when asked for).
+
+use crate::config::LlamaConfig;
+use crate::gguf::GgufFile;
+use crate::names;
+use crate::safetensors_file::SafetensorsSet;
+use crate::tokenizer::{GgufVocab, Tokenizer};
+use anyhow::{bail, Context, Result};
+use kernels::matmul::WeightRef;
+use kernels::GgmlType;
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+/// The file format a model was read from.
+pub enum Checkpoint {
+    /// A GGUF file.
+    Gguf(GgufFile),
+    /// One or more safetensors files with `config.json` beside them.
+    Safetensors(SafetensorsSet),
+}
+
+/// A tensor in its stored format, HF layout, outermost dimension first.
+pub struct Tensor<'a> {
+    /// Canonical name.
+    pub name: String,
+    /// Storage type.
+    pub ty: GgmlType,
+    /// Shape, outermost first (`[rows, cols]` for a matrix).
+    pub shape: Vec<usize>,
+    /// Stored bytes: borrowed from the memory map unless a layout change copied them.
+    pub data: Cow<'a, [u8]>,
+}
+
+impl Tensor<'_> {
+    /// Number of elements.
+    pub fn n_elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The tensor as a matrix for the matmul kernels (a vector is one row).
+    pub fn as_weight(&self) -> Result<WeightRef<'_>> {
+        let cols = *self.shape.last().unwrap_or(&1);
+        let rows = self.n_elements() / cols.max(1);
+        WeightRef::new(self.ty, rows, cols, &self.data)
+            .with_context(|| format!("tensor '{}'", self.name))
+    }
+
+    /// All elements as f32.
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; self.n_elements()];
+        kernels::quants::dequantize(self.ty, &self.data, &mut out)
+            .with_context(|| format!("tensor '{}'", self.name))?;
+        Ok(out)
+    }
+}
+
+/// An open model: config, tokenizer and lazily read weights.
+pub struct Model {
+    /// Where it was read from (the GGUF file, or the safetensors file / index).
+    pub path: PathBuf,
+    /// Hyperparameters.
+    pub config: LlamaConfig,
+    /// Tokenizer.
+    pub tokenizer: Tokenizer,
+    /// The underlying files.
+    pub checkpoint: Checkpoint,
+}
+
+/// Rows of Q or K in GGUF are interleaved per head (llama.cpp's permutation for
+/// its "normal" RoPE): GGUF row `h·d + 2i + s` holds HF row `h·d + s·d/2 + i`.
+/// Returns the HF-order bytes.
+pub fn unpermute_qk_rows(data: &[u8], rows: usize, n_head: usize) -> Vec<u8> {
+    let row_bytes = data.len() / rows;
+    let d = rows / n_head;
+    let half = d / 2;
+    let mut out = vec![0u8; data.len()];
+    for h in 0..n_head {
+        for s in 0..2 {
+            for i in 0..half {
+                let hf = h * d + s * half + i;
+                let gg = h * d + 2 * i + s;
+                out[hf * row_bytes..(hf + 1) * row_bytes]
+                    .copy_from_slice(&data[gg * row_bytes..(gg + 1) * row_bytes]);
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`unpermute_qk_rows`]: HF row order to GGUF row order.
+pub fn permute_qk_rows(data: &[u8], rows: usize, n_head: usize) -> Vec<u8> {
+    let row_bytes = data.len() / rows;
+    let d = rows / n_head;
+    let half = d / 2;
+    let mut out = vec![0u8; data.len()];
+    for h in 0..n_head {
+        for s in 0..2 {
+            for i in 0..half {
+                let hf = h * d + s * half + i;
+                let gg = h * d + 2 * i + s;
+                out[gg * row_bytes..(gg + 1) * row_bytes]
+                    .copy_from_slice(&data[hf * row_bytes..(hf + 1) * row_bytes]);
+            }
+        }
+    }
+    out
+}
+
+impl Model {
+    /// Opens a model: a `.gguf` file, a `.safetensors` file or
+    /// `model.safetensors.index.json` (with `config.json` and `tokenizer.json` in
+    /// the same folder), or a folder holding those.
+    pub fn open(path: &Path) -> Result<Self> {
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let file = if meta.is_dir() {
+            let single = path.join("model.safetensors");
+            let index = path.join("model.safetensors.index.json");
+            if single.exists() {
+                single
+            } else if index.exists() {
+                index
+            } else {
+                bail!(
+                    "{}: folder holds neither model.safetensors nor model.safetensors.index.json",
+                    path.display()
+                );
+            }
+        } else {
+            path.to_path_buf()
+        };
+        let mut magic = [0u8; 4];
+        {
+            use std::io::Read;
+            let mut f = std::fs::File::open(&file)
+                .with_context(|| format!("cannot open {}", file.display()))?;
+            let _ = f.read(&mut magic);
+        }
+        let model = if &magic == crate::gguf::GGUF_MAGIC {
+            Self::open_gguf(&file)?
+        } else {
+            Self::open_safetensors(&file)?
+        };
+        model.check_shapes()?;
+        Ok(model)
+    }
+
+    fn open_gguf(path: &Path) -> Result<Self> {
+        let g = GgufFile::open(path)?;
+        let config = LlamaConfig::from_gguf(&g)?;
+        let vocab = gguf_vocab(&g)?;
+        let tokenizer = Tokenizer::from_gguf(&vocab)
+            .with_context(|| format!("{}: cannot build the tokenizer", path.display()))?;
+        Ok(Model {
+            path: path.to_path_buf(),
+            config,
+            tokenizer,
+            checkpoint: Checkpoint::Gguf(g),
+        })
+    }
+
+    fn open_safetensors(path: &Path) -> Result<Self> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let config = LlamaConfig::from_hf_file(&dir.join("config.json"))?;
+        let set = SafetensorsSet::open(path)?;
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&tok_path)
+            .with_context(|| format!("{}: cannot load the tokenizer", tok_path.display()))?;
+        Ok(Model {
+            path: path.to_path_buf(),
+            config,
+            tokenizer,
+            checkpoint: Checkpoint::Safetensors(set),
+        })
+    }
+
+    /// Canonical names of the tensors the forward pass uses, in order.
+    pub fn tensor_names(&self) -> Vec<String> {
+        names::all(
+            self.config.num_hidden_layers,
+            self.config.tie_word_embeddings,
+        )
+    }
+
+    /// The shape the config implies for a canonical tensor name.
+    pub fn expected_shape(&self, name: &str) -> Option<Vec<usize>> {
+        let c = &self.config;
+        let (h, v, i) = (c.hidden_size, c.vocab_size, c.intermediate_size);
+        let suffix = match name.strip_prefix("blk.") {
+            Some(rest) => rest.split_once('.')?.1,
+            None => name,
+        };
+        Some(match suffix {
+            "token_embd.weight" | "output.weight" => vec![v, h],
+            "output_norm.weight" | "attn_norm.weight" | "ffn_norm.weight" => vec![h],
+            "attn_q.weight" => vec![c.q_dim(), h],
+            "attn_k.weight" | "attn_v.weight" => vec![c.kv_dim(), h],
+            "attn_output.weight" => vec![h, c.q_dim()],
+            "ffn_gate.weight" | "ffn_up.weight" => vec![i, h],
+            "ffn_down.weight" => vec![h, i],
+            _ => return None,
+        })
+    }
+
+    fn check_shapes(&self) -> Result<()> {
+        for name in self.tensor_names() {
+            let (ty, shape) = self.tensor_meta(&name)?;
+            let want = self.expected_shape(&name).expect("known name");
+            if shape != want {
+                bail!(
+                    "{}: tensor '{name}' has shape {shape:?}, the config implies {want:?}",
+                    self.path.display()
+                );
+            }
+            if shape.len() == 1 && !ty.is_float() {
+                bail!(
+                    "{}: norm tensor '{name}' is {ty}, expected a float type",
+                    self.path.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Storage type and HF-order shape of a tensor, without touching its data.
+    pub fn tensor_meta(&self, name: &str) -> Result<(GgmlType, Vec<usize>)> {
+        match &self.checkpoint {
+            Checkpoint::Gguf(g) => {
+                let info = g.tensor(name).with_context(|| {
+                    format!("{}: tensor '{name}' is missing", self.path.display())
+                })?;
+                Ok((info.ty, info.shape()))
+            }
+            Checkpoint::Safetensors(s) => {
+                let hf = names::hf_from_canonical(name)
+                    .with_context(|| format!("no HF name for tensor '{name}'"))?;
+                let (e, _) = s.get(&hf).with_context(|| {
+                    format!("{}: tensor '{hf}' is missing", self.path.display())
+                })?;
+                let ty = e.dtype.as_ggml().with_context(|| {
+                    format!(
+                        "{}: tensor '{hf}' has dtype {}, expected F32, F16 or BF16",
+                        self.path.display(),
+                        e.dtype.name()
+                    )
+                })?;
+                Ok((ty, e.shape.clone()))
+            }
+        }
+    }
+
+    /// A tensor by canonical name, in HF layout (Q/K rows un-permuted for GGUF).
+    pub fn tensor(&self, name: &str) -> Result<Tensor<'_>> {
+        let (ty, shape) = self.tensor_meta(name)?;
+        let data: Cow<'_, [u8]> = match &self.checkpoint {
+            Checkpoint::Gguf(g) => {
+                let bytes = g.tensor_data(g.tensor(name).expect("checked by tensor_meta"));
+                let n_head = if name.ends_with("attn_q.weight") {
+                    Some(self.config.num_attention_heads)
+                } else if name.ends_with("attn_k.weight") {
+                    Some(self.config.num_key_value_heads)
+                } else {
+                    None
+                };
+                match n_head {
+                    Some(n) => Cow::Owned(unpermute_qk_rows(bytes, shape[0], n)),
+                    None => Cow::Borrowed(bytes),
+                }
+            }
+            Checkpoint::Safetensors(s) => {
+                let hf = names::hf_from_canonical(name).expect("checked by tensor_meta");
+                Cow::Borrowed(s.get(&hf).expect("checked by tensor_meta").1)
+            }
+        };
+        Ok(Tensor {
+            name: name.to_owned(),
+            ty,
+            shape,
+            data,
+        })
+    }
+
+    /// The output head: `output.weight`, or the embedding when tied.
+    pub fn output_head(&self) -> Result<Tensor<'_>> {
+        if self.config.tie_word_embeddings {
+            self.tensor("token_embd.weight")
+        } else {
+            self.tensor("output.weight")
+        }
+    }
+
+    /// Size of the checkpoint's weight files in bytes.
+    pub fn file_size(&self) -> u64 {
+        match &self.checkpoint {
+            Checkpoint::Gguf(g) => g.file_size(),
+            Checkpoint::Safetensors(s) => s.file_size(),
+        }
+    }
+
+    /// Number of parameters (elements of every tensor the forward pass uses).
+    pub fn n_params(&self) -> Result<u64> {
+        self.tensor_names()
+            .iter()
+            .map(|n| Ok(self.tensor_meta(n)?.1.iter().product::<usize>() as u64))
+            .sum()
+    }
+}
+
+/// The tokenizer fields of a GGUF file's metadata.
+pub fn gguf_vocab(g: &GgufFile) -> Result<GgufVocab> {
+    let get_str = |k: &str| g.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    let get_id = |k: &str| g.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
+    let get_bool = |k: &str| g.get(k).and_then(|v| v.as_bool());
+    let model = get_str("tokenizer.ggml.model").with_context(|| {
+        format!(
+            "{}: metadata 'tokenizer.ggml.model' is missing",
+            g.path().display()
+        )
+    })?;
+    Ok(GgufVocab {
+        model,
+        pre: get_str("tokenizer.ggml.pre"),
+        tokens: g.string_array("tokenizer.ggml.tokens")?,
+        scores: g
+            .number_array("tokenizer.ggml.scores")?
+            .map(|v| v.into_iter().map(|x| x as f32).collect()),
+        token_types: g
+            .number_array("tokenizer.ggml.token_type")?
+            .map(|v| v.into_iter().map(|x| x as i32).collect()),
+        merges: match g.get("tokenizer.ggml.merges") {
+            Some(_) => Some(g.string_array("tokenizer.ggml.merges")?),
+            None => None,
+        },
+        bos: get_id("tokenizer.ggml.bos_token_id"),
+        eos: get_id("tokenizer.ggml.eos_token_id"),
+        unk: get_id("tokenizer.ggml.unknown_token_id"),
+        pad: get_id("tokenizer.ggml.padding_token_id"),
+        add_bos: get_bool("tokenizer.ggml.add_bos_token"),
+        add_eos: get_bool("tokenizer.ggml.add_eos_token"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qk_permutation_round_trips_and_interleaves() {
+        // 2 heads of dim 4, one byte per row: HF rows 0..8.
+        let hf: Vec<u8> = (0..8).collect();
+        let gg = permute_qk_rows(&hf, 8, 2);
+        // Head 0: HF rows [0,1 | 2,3] (halves) interleave to 0,2,1,3.
+        assert_eq!(gg, vec![0, 2, 1, 3, 4, 6, 5, 7]);
+        assert_eq!(unpermute_qk_rows(&gg, 8, 2), hf);
+    }
+}

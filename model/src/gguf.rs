@@ -1,0 +1,691 @@
+//! GGUF v3 reader: header, metadata of every value type, tensor infos, and the
+//! tensor data as slices of a memory map (nothing is copied until a tensor is used).
+//!
+//! Every malformed input (truncation, offsets past the end, unknown types, counts
+//! that cannot fit in the file) is an error naming the file and the field.
+
+use anyhow::{bail, Context, Result};
+use kernels::GgmlType;
+use memmap2::Mmap;
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// The magic at the start of every GGUF file.
+pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+/// Alignment of tensor data when `general.alignment` is absent.
+pub const DEFAULT_ALIGNMENT: u64 = 32;
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetaValue {
+    /// Type 0.
+    U8(u8),
+    /// Type 1.
+    I8(i8),
+    /// Type 2.
+    U16(u16),
+    /// Type 3.
+    I16(i16),
+    /// Type 4.
+    U32(u32),
+    /// Type 5.
+    I32(i32),
+    /// Type 6.
+    F32(f32),
+    /// Type 7.
+    Bool(bool),
+    /// Type 8.
+    String(String),
+    /// Type 9: element type id and items (all of that type).
+    Array(u32, Vec<MetaValue>),
+    /// Type 10.
+    U64(u64),
+    /// Type 11.
+    I64(i64),
+    /// Type 12.
+    F64(f64),
+}
+
+impl MetaValue {
+    /// The GGUF value type id.
+    pub fn type_id(&self) -> u32 {
+        match self {
+            MetaValue::U8(_) => 0,
+            MetaValue::I8(_) => 1,
+            MetaValue::U16(_) => 2,
+            MetaValue::I16(_) => 3,
+            MetaValue::U32(_) => 4,
+            MetaValue::I32(_) => 5,
+            MetaValue::F32(_) => 6,
+            MetaValue::Bool(_) => 7,
+            MetaValue::String(_) => 8,
+            MetaValue::Array(..) => 9,
+            MetaValue::U64(_) => 10,
+            MetaValue::I64(_) => 11,
+            MetaValue::F64(_) => 12,
+        }
+    }
+
+    /// The value as an unsigned integer, if it is an integer that fits.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            MetaValue::U8(v) => Some(v as u64),
+            MetaValue::U16(v) => Some(v as u64),
+            MetaValue::U32(v) => Some(v as u64),
+            MetaValue::U64(v) => Some(v),
+            MetaValue::I8(v) => u64::try_from(v).ok(),
+            MetaValue::I16(v) => u64::try_from(v).ok(),
+            MetaValue::I32(v) => u64::try_from(v).ok(),
+            MetaValue::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    /// The value as a float, if it is numeric.
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            MetaValue::F32(v) => Some(v as f64),
+            MetaValue::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+
+    /// The value as a string slice, if it is a string.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            MetaValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The value as a bool, if it is one.
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            MetaValue::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The items, if the value is an array.
+    pub fn as_array(&self) -> Option<&[MetaValue]> {
+        match self {
+            MetaValue::Array(_, items) => Some(items),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for MetaValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MetaValue::String(s) if s.chars().count() > 60 => {
+                write!(f, "{:?}…", s.chars().take(60).collect::<String>())
+            }
+            MetaValue::String(s) => write!(f, "{s:?}"),
+            MetaValue::Array(_, items) => write!(f, "[{} items]", items.len()),
+            MetaValue::U8(v) => write!(f, "{v}"),
+            MetaValue::I8(v) => write!(f, "{v}"),
+            MetaValue::U16(v) => write!(f, "{v}"),
+            MetaValue::I16(v) => write!(f, "{v}"),
+            MetaValue::U32(v) => write!(f, "{v}"),
+            MetaValue::I32(v) => write!(f, "{v}"),
+            MetaValue::F32(v) => write!(f, "{v}"),
+            MetaValue::Bool(v) => write!(f, "{v}"),
+            MetaValue::U64(v) => write!(f, "{v}"),
+            MetaValue::I64(v) => write!(f, "{v}"),
+            MetaValue::F64(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+/// Where and how one tensor is stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    /// Tensor name as stored.
+    pub name: String,
+    /// Dimensions, innermost first (GGUF order).
+    pub dims: Vec<u64>,
+    /// Weight type.
+    pub ty: GgmlType,
+    /// Offset of the data relative to the start of the data section.
+    pub offset: u64,
+    /// Size of the data in bytes.
+    pub n_bytes: u64,
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn n_elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+
+    /// Shape outermost first (`[rows, cols]` for a matrix), as safetensors and HF use.
+    pub fn shape(&self) -> Vec<usize> {
+        self.dims.iter().rev().map(|&d| d as usize).collect()
+    }
+}
+
+/// An open, memory-mapped GGUF file.
+pub struct GgufFile {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Format version (2 or 3).
+    pub version: u32,
+    /// Metadata in file order.
+    pub metadata: Vec<(String, MetaValue)>,
+    meta_index: HashMap<String, usize>,
+    /// Tensor infos in file order.
+    pub tensors: Vec<TensorInfo>,
+    tensor_index: HashMap<String, usize>,
+    /// Absolute offset of the data section.
+    pub data_offset: u64,
+    /// Alignment of tensor data.
+    pub alignment: u64,
+}
+
+impl fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("version", &self.version)
+            .field("metadata", &self.metadata.len())
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+/// A bounds-checked little-endian cursor over the header bytes.
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize, what: &dyn Fn() -> String) -> Result<&'a [u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
+        match end {
+            Some(end) => {
+                let s = &self.buf[self.pos..end];
+                self.pos = end;
+                Ok(s)
+            }
+            None => bail!(
+                "truncated: {} needs {} bytes at offset {} but the file has {} bytes",
+                what(),
+                n,
+                self.pos,
+                self.buf.len()
+            ),
+        }
+    }
+
+    fn array<const N: usize>(&mut self, what: &dyn Fn() -> String) -> Result<[u8; N]> {
+        Ok(self.take(N, what)?.try_into().expect("length checked"))
+    }
+
+    fn u32(&mut self, what: &dyn Fn() -> String) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &dyn Fn() -> String) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    /// A count that must be satisfiable by the remaining bytes (each item at
+    /// least `min_item_bytes`), so a corrupt count cannot trigger a huge allocation.
+    fn count(&mut self, min_item_bytes: usize, what: &dyn Fn() -> String) -> Result<usize> {
+        let n = self.u64(what)?;
+        let remaining = (self.buf.len() - self.pos) as u64;
+        if n.saturating_mul(min_item_bytes as u64) > remaining {
+            bail!(
+                "{} is {} but only {} bytes remain in the file at offset {}",
+                what(),
+                n,
+                remaining,
+                self.pos
+            );
+        }
+        Ok(n as usize)
+    }
+
+    fn string(&mut self, what: &dyn Fn() -> String) -> Result<String> {
+        let n = self.count(1, &|| format!("length of {}", what()))?;
+        let bytes = self.take(n, what)?;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| anyhow::anyhow!("{} is not valid UTF-8", what()))
+    }
+
+    fn value(&mut self, ty: u32, what: &dyn Fn() -> String) -> Result<MetaValue> {
+        Ok(match ty {
+            0 => MetaValue::U8(self.array::<1>(what)?[0]),
+            1 => MetaValue::I8(self.array::<1>(what)?[0] as i8),
+            2 => MetaValue::U16(u16::from_le_bytes(self.array(what)?)),
+            3 => MetaValue::I16(i16::from_le_bytes(self.array(what)?)),
+            4 => MetaValue::U32(self.u32(what)?),
+            5 => MetaValue::I32(i32::from_le_bytes(self.array(what)?)),
+            6 => MetaValue::F32(f32::from_le_bytes(self.array(what)?)),
+            7 => match self.array::<1>(what)?[0] {
+                0 => MetaValue::Bool(false),
+                1 => MetaValue::Bool(true),
+                b => bail!("{} is a bool with invalid byte {b}", what()),
+            },
+            8 => MetaValue::String(self.string(what)?),
+            9 => {
+                let item_ty = self.u32(&|| format!("array type of {}", what()))?;
+                if item_ty > 12 {
+                    bail!("{} is an array of unknown value type {item_ty}", what());
+                }
+                let min = match item_ty {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    _ => 8,
+                };
+                let n = self.count(min, &|| format!("item count of {}", what()))?;
+                let mut items = Vec::with_capacity(n);
+                for i in 0..n {
+                    items.push(self.value(item_ty, &|| format!("{}[{i}]", what()))?);
+                }
+                MetaValue::Array(item_ty, items)
+            }
+            10 => MetaValue::U64(self.u64(what)?),
+            11 => MetaValue::I64(i64::from_le_bytes(self.array(what)?)),
+            12 => MetaValue::F64(f64::from_le_bytes(self.array(what)?)),
+            t => bail!("{} has unknown value type {t}", what()),
+        })
+    }
+}
+
+impl GgufFile {
+    /// Opens and validates a GGUF file: header, metadata, tensor infos, and that
+    /// every tensor's data lies inside the file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: the map is read-only; a file changed underneath us can give wrong
+        // numbers but not memory unsafety beyond what every mmap reader accepts.
+        let mmap = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("cannot memory-map {}", path.display()))?;
+        Self::parse(path, mmap)
+            .with_context(|| format!("{}: not a valid GGUF file", path.display()))
+    }
+
+    fn parse(path: &Path, mmap: Mmap) -> Result<Self> {
+        let mut c = Cursor { buf: &mmap, pos: 0 };
+        let magic = c.take(4, &|| "magic".into())?;
+        if magic != GGUF_MAGIC {
+            bail!(
+                "bad magic {:?}, expected \"GGUF\"",
+                String::from_utf8_lossy(magic)
+            );
+        }
+        let version = c.u32(&|| "version".into())?;
+        if !(2..=3).contains(&version) {
+            bail!("unsupported GGUF version {version} (supported: 2, 3)");
+        }
+        let n_tensors = c.count(24, &|| "tensor count".into())?;
+        let n_kv = c.count(13, &|| "metadata count".into())?;
+
+        let mut metadata = Vec::with_capacity(n_kv);
+        let mut meta_index = HashMap::with_capacity(n_kv);
+        for i in 0..n_kv {
+            let key = c.string(&|| format!("key of metadata entry {i}"))?;
+            let ty = c.u32(&|| format!("value type of metadata '{key}'"))?;
+            let value = c.value(ty, &|| format!("metadata '{key}'"))?;
+            if meta_index.insert(key.clone(), metadata.len()).is_some() {
+                bail!("metadata key '{key}' appears twice");
+            }
+            metadata.push((key, value));
+        }
+
+        let alignment = match meta_index.get("general.alignment") {
+            Some(&i) => {
+                let a = metadata[i].1.as_u64().unwrap_or(0);
+                if a == 0 || !a.is_power_of_two() {
+                    bail!(
+                        "general.alignment is {}, expected a power of two",
+                        metadata[i].1
+                    );
+                }
+                a
+            }
+            None => DEFAULT_ALIGNMENT,
+        };
+
+        let mut tensors = Vec::with_capacity(n_tensors);
+        let mut tensor_index = HashMap::with_capacity(n_tensors);
+        for i in 0..n_tensors {
+            let name = c.string(&|| format!("name of tensor {i}"))?;
+            let what = |field: &str| format!("{field} of tensor '{name}'");
+            let n_dims = c.u32(&|| what("dimension count"))?;
+            if n_dims == 0 || n_dims > 4 {
+                bail!("tensor '{name}' has {n_dims} dimensions, expected 1 to 4");
+            }
+            let mut dims = Vec::with_capacity(n_dims as usize);
+            for d in 0..n_dims {
+                dims.push(c.u64(&|| what(&format!("dimension {d}")))?);
+            }
+            let type_id = c.u32(&|| what("type"))?;
+            let ty = GgmlType::from_id(type_id).ok_or_else(|| {
+                anyhow::anyhow!("tensor '{name}' has unknown or unsupported type id {type_id}")
+            })?;
+            let offset = c.u64(&|| what("offset"))?;
+            if offset % alignment != 0 {
+                bail!("tensor '{name}' offset {offset} is not aligned to {alignment}");
+            }
+            let n_elements = dims
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| anyhow::anyhow!("tensor '{name}' dimensions {dims:?} overflow"))?;
+            if dims[0] % ty.block_elems() as u64 != 0 {
+                bail!(
+                    "tensor '{name}' rows of {} elements are not a multiple of the {ty} block size {}",
+                    dims[0],
+                    ty.block_elems()
+                );
+            }
+            let n_bytes = n_elements / ty.block_elems() as u64 * ty.block_bytes() as u64;
+            if tensor_index.insert(name.clone(), tensors.len()).is_some() {
+                bail!("tensor '{name}' appears twice");
+            }
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ty,
+                offset,
+                n_bytes,
+            });
+        }
+
+        let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
+        let file_len = mmap.len() as u64;
+        for t in &tensors {
+            let end = data_offset
+                .checked_add(t.offset)
+                .and_then(|s| s.checked_add(t.n_bytes));
+            match end {
+                Some(end) if end <= file_len => {}
+                _ => bail!(
+                    "tensor '{}' data (offset {} + {} bytes after the data section at {}) lies past the end of the file ({} bytes)",
+                    t.name, t.offset, t.n_bytes, data_offset, file_len
+                ),
+            }
+        }
+
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            mmap,
+            version,
+            metadata,
+            meta_index,
+            tensors,
+            tensor_index,
+            data_offset,
+            alignment,
+        })
+    }
+
+    /// The file this was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Size of the file in bytes.
+    pub fn file_size(&self) -> u64 {
+        self.mmap.len() as u64
+    }
+
+    /// The metadata value of `key`.
+    pub fn get(&self, key: &str) -> Option<&MetaValue> {
+        self.meta_index.get(key).map(|&i| &self.metadata[i].1)
+    }
+
+    /// The metadata value of `key`, or an error naming the key and the file.
+    pub fn require(&self, key: &str) -> Result<&MetaValue> {
+        self.get(key).ok_or_else(|| {
+            anyhow::anyhow!("{}: metadata key '{key}' is missing", self.path.display())
+        })
+    }
+
+    /// An unsigned integer metadata value, or an error naming the key.
+    pub fn require_u64(&self, key: &str) -> Result<u64> {
+        let v = self.require(key)?;
+        v.as_u64().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: metadata '{key}' is {v}, expected an unsigned integer",
+                self.path.display()
+            )
+        })
+    }
+
+    /// A float metadata value, or an error naming the key.
+    pub fn require_f64(&self, key: &str) -> Result<f64> {
+        let v = self.require(key)?;
+        v.as_f64().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: metadata '{key}' is {v}, expected a number",
+                self.path.display()
+            )
+        })
+    }
+
+    /// The info of tensor `name`.
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensor_index.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// The stored bytes of a tensor (validated at open to lie inside the file).
+    pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
+        let start = (self.data_offset + info.offset) as usize;
+        &self.mmap[start..start + info.n_bytes as usize]
+    }
+
+    /// A metadata array of strings, or an error naming the key.
+    pub fn string_array(&self, key: &str) -> Result<Vec<String>> {
+        let items = self.require(key)?.as_array().ok_or_else(|| {
+            anyhow::anyhow!("{}: metadata '{key}' is not an array", self.path.display())
+        })?;
+        items
+            .iter()
+            .map(|v| {
+                v.as_str().map(str::to_owned).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{}: metadata '{key}' holds a non-string item",
+                        self.path.display()
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// A metadata array of numbers converted to `f64`, if present.
+    pub fn number_array(&self, key: &str) -> Result<Option<Vec<f64>>> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let items = v.as_array().ok_or_else(|| {
+            anyhow::anyhow!("{}: metadata '{key}' is not an array", self.path.display())
+        })?;
+        items
+            .iter()
+            .map(|v| {
+                v.as_f64()
+                    .or_else(|| match *v {
+                        MetaValue::I32(x) => Some(x as f64),
+                        MetaValue::I64(x) => Some(x as f64),
+                        _ => None,
+                    })
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "{}: metadata '{key}' holds a non-numeric item",
+                            self.path.display()
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Builds GGUF bytes by hand (test-only; the real writer belongs to the GGUF
+    /// artifacts issue).
+    pub(crate) struct RawGguf {
+        pub kv: Vec<(String, u32, Vec<u8>)>,
+        pub tensors: Vec<(String, Vec<u64>, u32, u64)>,
+        pub data: Vec<u8>,
+    }
+
+    fn put_str(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+
+    impl RawGguf {
+        pub(crate) fn bytes(&self) -> Vec<u8> {
+            let mut out = Vec::new();
+            out.extend(b"GGUF");
+            out.extend(3u32.to_le_bytes());
+            out.extend((self.tensors.len() as u64).to_le_bytes());
+            out.extend((self.kv.len() as u64).to_le_bytes());
+            for (k, ty, v) in &self.kv {
+                put_str(&mut out, k);
+                out.extend(ty.to_le_bytes());
+                out.extend(v);
+            }
+            for (name, dims, ty, off) in &self.tensors {
+                put_str(&mut out, name);
+                out.extend((dims.len() as u32).to_le_bytes());
+                for d in dims {
+                    out.extend(d.to_le_bytes());
+                }
+                out.extend(ty.to_le_bytes());
+                out.extend(off.to_le_bytes());
+            }
+            while out.len() % 32 != 0 {
+                out.push(0);
+            }
+            out.extend(&self.data);
+            out
+        }
+    }
+
+    fn string_value(s: &str) -> Vec<u8> {
+        let mut v = Vec::new();
+        put_str(&mut v, s);
+        v
+    }
+
+    fn sample() -> RawGguf {
+        let mut arr = Vec::new();
+        arr.extend(8u32.to_le_bytes());
+        arr.extend(2u64.to_le_bytes());
+        put_str(&mut arr, "a");
+        put_str(&mut arr, "bc");
+        RawGguf {
+            kv: vec![
+                ("general.architecture".into(), 8, string_value("llama")),
+                ("x.u8".into(), 0, vec![7]),
+                ("x.i8".into(), 1, vec![0xff]),
+                ("x.u16".into(), 2, 300u16.to_le_bytes().to_vec()),
+                ("x.i16".into(), 3, (-300i16).to_le_bytes().to_vec()),
+                ("x.u32".into(), 4, 70000u32.to_le_bytes().to_vec()),
+                ("x.i32".into(), 5, (-70000i32).to_le_bytes().to_vec()),
+                ("x.f32".into(), 6, 1.5f32.to_le_bytes().to_vec()),
+                ("x.bool".into(), 7, vec![1]),
+                ("x.arr".into(), 9, arr),
+                ("x.u64".into(), 10, (1u64 << 40).to_le_bytes().to_vec()),
+                ("x.i64".into(), 11, (-5i64).to_le_bytes().to_vec()),
+                ("x.f64".into(), 12, 2.25f64.to_le_bytes().to_vec()),
+            ],
+            tensors: vec![("w".into(), vec![4, 2], 0, 0)],
+            data: (0..8).flat_map(|i| (i as f32).to_le_bytes()).collect(),
+        }
+    }
+
+    fn write(bytes: &[u8]) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(bytes).unwrap();
+        f
+    }
+
+    fn open_err(bytes: &[u8]) -> String {
+        let f = write(bytes);
+        format!("{:#}", GgufFile::open(f.path()).unwrap_err())
+    }
+
+    #[test]
+    fn reads_every_value_type_and_tensor_data() {
+        let f = write(&sample().bytes());
+        let g = GgufFile::open(f.path()).unwrap();
+        assert_eq!(
+            g.get("general.architecture").unwrap().as_str(),
+            Some("llama")
+        );
+        assert_eq!(g.get("x.u8"), Some(&MetaValue::U8(7)));
+        assert_eq!(g.get("x.i8"), Some(&MetaValue::I8(-1)));
+        assert_eq!(g.get("x.u16"), Some(&MetaValue::U16(300)));
+        assert_eq!(g.get("x.i16"), Some(&MetaValue::I16(-300)));
+        assert_eq!(g.get("x.u32"), Some(&MetaValue::U32(70000)));
+        assert_eq!(g.get("x.i32"), Some(&MetaValue::I32(-70000)));
+        assert_eq!(g.get("x.f32"), Some(&MetaValue::F32(1.5)));
+        assert_eq!(g.get("x.bool"), Some(&MetaValue::Bool(true)));
+        assert_eq!(g.string_array("x.arr").unwrap(), vec!["a", "bc"]);
+        assert_eq!(g.get("x.u64").unwrap().as_u64(), Some(1 << 40));
+        assert_eq!(g.get("x.i64"), Some(&MetaValue::I64(-5)));
+        assert_eq!(g.get("x.f64").unwrap().as_f64(), Some(2.25));
+        let t = g.tensor("w").unwrap();
+        assert_eq!(t.shape(), vec![2, 4]);
+        let data = g.tensor_data(t);
+        assert_eq!(f32::from_le_bytes(data[28..32].try_into().unwrap()), 7.0);
+    }
+
+    #[test]
+    fn truncated_file_is_an_error_not_a_panic() {
+        let bytes = sample().bytes();
+        for cut in [3, 10, 30, 100, bytes.len() - 1] {
+            let err = open_err(&bytes[..cut]);
+            assert!(
+                err.contains("truncated") || err.contains("past the end") || err.contains("remain"),
+                "cut {cut}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn tensor_past_end_of_file_is_named() {
+        let mut raw = sample();
+        raw.tensors[0].3 = 4096;
+        let err = open_err(&raw.bytes());
+        assert!(
+            err.contains("tensor 'w'") && err.contains("past the end"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_tensor_type_is_named() {
+        let mut raw = sample();
+        raw.tensors[0].2 = 77;
+        let err = open_err(&raw.bytes());
+        assert!(
+            err.contains("tensor 'w'") && err.contains("unknown"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_magic_and_huge_counts_are_rejected() {
+        let mut bytes = sample().bytes();
+        bytes[0] = b'X';
+        assert!(open_err(&bytes).contains("bad magic"));
+        let mut bytes = sample().bytes();
+        bytes[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(open_err(&bytes).contains("metadata count"));
+    }
+}

@@ -1,0 +1,15 @@
+//! Model: checkpoint readers and writers (GGUF v3, safetensors), the config, the
+//! tokenizer, and the Llama-family forward pass, all behind one in-memory view
+//! ([`Model`]) whatever file the weights came from.
+
+pub mod checkpoint;
+pub mod config;
+pub mod gguf;
+pub mod io;
+pub mod llama;
+pub mod names;
+pub mod safetensors_file;
+pub mod tokenizer;
+
+pub use checkpoint::{Model, Tensor};
+pub use config::LlamaConfig;

@@ -1,0 +1,1331 @@
+//! The model's tokenizer, built from GGUF metadata or loaded from a Hugging Face
+//! `tokenizer.json`, on top of the `tokenizers` crate.
+//!
+//! Two vocabulary kinds of GGUF (`tokenizer.ggml.model`) are supported:
+//!
+//! * `"gpt2"`: byte-level BPE over `tokenizer.ggml.tokens` and `.merges`. The
+//!   pre-tokenizer is chosen by `tokenizer.ggml.pre`, following llama.cpp's
+//!   `llm_tokenizer_bpe` table:
+//!   - `smollm` (and `starcoder`, `refact`, `codeshell`, `command-r`, `exaone`,
+//!     `minerva-7b`, which llama.cpp treats alike): every digit is its own piece,
+//!     then the GPT-2 regex, byte-level mapping, no prefix space;
+//!   - `gpt-2`/`gpt2` (and `phi-2`, `mpt`, `olmo`, `jais`): the GPT-2 regex alone;
+//!   - `llama-bpe` (`llama3`, `llama-v3`, `falcon3`): Llama-3's split regex, then
+//!     byte-level mapping without regex; whole pieces found in the vocabulary skip
+//!     the merges (`ignore_merges`), BOS added by default;
+//!   - `qwen2` (`deepseek-r1-qwen`, `stablelm2`): Qwen-2's split regex;
+//!   - `default` or no `pre` at all: llama.cpp's fallback list (punctuation runs,
+//!     the GPT-2 regex, number runs, then groups of three ASCII digits).
+//!
+//!   Any other `pre` is an error that names it and the supported values.
+//! * `"llama"`: SentencePiece BPE, converted the way Hugging Face's
+//!   `LlamaConverter` does: a BPE whose merges are derived from the vocabulary
+//!   (every split of a piece into two pieces of the vocabulary is a merge, ranked by
+//!   the score of the merged piece, highest first), spaces written as `▁`, a `▁`
+//!   prepended (SentencePiece's `add_dummy_prefix`, llama.cpp's default
+//!   `add_space_prefix`), unknown characters spelled with the byte
+//!   tokens `<0xXX>`, and a decoder that undoes all of it.
+//!
+//! Control (token type 3) and unknown (2) tokens become special added tokens;
+//! user-defined tokens (4) become ordinary added tokens. [`Tokenizer::encode`]
+//! tokenizes the way llama.cpp's `llama-perplexity` does
+//! (`common_tokenize(ctx, text, add_special = true, parse_special = false)`):
+//! nothing is added around the text (BOS is the caller's business, see
+//! [`Tokenizer::add_bos`]; llama.cpp's perplexity puts BOS in place of each chunk's
+//! first token itself), special tokens written in the text are *not* recognised
+//! but tokenized as plain text, while user-defined tokens are.
+//!
+//! [`Tokenizer::save`] writes `tokenizer.json` and a `tokenizer_config.json` the way
+//! Hugging Face transformers reads them; [`Tokenizer::from_file`] reads them back.
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::collections::HashSet;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+    SplitDelimiterBehavior,
+};
+
+/// GGUF token type of an ordinary token (`tokenizer.ggml.token_type`).
+pub const TOKEN_TYPE_NORMAL: i32 = 1;
+/// GGUF token type of the unknown token.
+pub const TOKEN_TYPE_UNKNOWN: i32 = 2;
+/// GGUF token type of a control token (BOS, EOS, chat markers, ...).
+pub const TOKEN_TYPE_CONTROL: i32 = 3;
+/// GGUF token type of a user-defined token (always matched in text as a whole).
+pub const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+/// GGUF token type of an unused token.
+pub const TOKEN_TYPE_UNUSED: i32 = 5;
+/// GGUF token type of a byte token `<0xXX>` (SentencePiece byte fallback).
+pub const TOKEN_TYPE_BYTE: i32 = 6;
+
+/// The GPT-2 pre-tokenizer regex (what `ByteLevel` uses with `use_regex`).
+const GPT2_REGEX: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+/// Llama-3's split regex, as in its `tokenizer.json`.
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen-2's split regex, as in its `tokenizer.json`.
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// llama.cpp's fallback (`default`) pre-tokenizer: these regexes applied in turn.
+const DEFAULT_REGEXES: [&str; 4] = [
+    r"[\p{P}\$\+<=>\^~\|]+",
+    GPT2_REGEX,
+    r"\p{N}+",
+    r"[0-9][0-9][0-9]",
+];
+/// The `tokenizer.ggml.pre` values accepted for `gpt2` vocabularies.
+const SUPPORTED_PRE: &str = "smollm, starcoder, refact, codeshell, command-r, exaone, \
+     minerva-7b, gpt2, gpt-2, phi-2, mpt, olmo, jais, llama-bpe, llama3, llama-v3, falcon3, \
+     qwen2, deepseek-r1-qwen, stablelm2, default (or absent)";
+/// SentencePiece's whitespace marker.
+const SPM_SPACE: &str = "\u{2581}";
+
+/// The tokenizer as GGUF metadata holds it (filled by the GGUF reader).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GgufVocab {
+    /// `tokenizer.ggml.model`: `"gpt2"` (byte-level BPE) or `"llama"` (SentencePiece).
+    pub model: String,
+    /// `tokenizer.ggml.pre`, e.g. `"smollm"`, `"llama-bpe"`, `"gpt-2"`, `"default"`.
+    pub pre: Option<String>,
+    /// `tokenizer.ggml.tokens`: the token text of every id.
+    pub tokens: Vec<String>,
+    /// `tokenizer.ggml.scores` (SentencePiece piece scores).
+    pub scores: Option<Vec<f32>>,
+    /// `tokenizer.ggml.token_type`: 1 normal, 2 unknown, 3 control, 4 user-defined,
+    /// 5 unused, 6 byte (see the `TOKEN_TYPE_*` constants).
+    pub token_types: Option<Vec<i32>>,
+    /// `tokenizer.ggml.merges`: BPE merges `"left right"`, highest priority first.
+    pub merges: Option<Vec<String>>,
+    /// `tokenizer.ggml.bos_token_id`.
+    pub bos: Option<u32>,
+    /// `tokenizer.ggml.eos_token_id`.
+    pub eos: Option<u32>,
+    /// `tokenizer.ggml.unknown_token_id`.
+    pub unk: Option<u32>,
+    /// `tokenizer.ggml.padding_token_id`.
+    pub pad: Option<u32>,
+    /// `tokenizer.ggml.add_bos_token`.
+    pub add_bos: Option<bool>,
+    /// `tokenizer.ggml.add_eos_token`.
+    pub add_eos: Option<bool>,
+}
+
+/// A text tokenizer: a `tokenizers::Tokenizer` plus what llama.cpp and HF
+/// transformers know about BOS/EOS.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    add_bos: bool,
+    add_eos: bool,
+    vocab_size: usize,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.vocab_size)
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("add_bos", &self.add_bos)
+            .field("add_eos", &self.add_eos)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Converts an error of the `tokenizers` crate.
+fn tk(e: tokenizers::Error) -> anyhow::Error {
+    anyhow!(e)
+}
+
+/// The pre-tokenizer families of byte-level BPE vocabularies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BpePre {
+    /// Digits one by one, then GPT-2.
+    SmolLm,
+    /// GPT-2 alone.
+    Gpt2,
+    /// llama.cpp's fallback list.
+    Default,
+    /// Llama-3.
+    Llama3,
+    /// Qwen-2.
+    Qwen2,
+}
+
+impl BpePre {
+    fn parse(pre: Option<&str>) -> Result<Self> {
+        Ok(match pre {
+            None | Some("default") => Self::Default,
+            Some(
+                "smollm" | "starcoder" | "refact" | "codeshell" | "command-r" | "exaone"
+                | "minerva-7b",
+            ) => Self::SmolLm,
+            Some("gpt2" | "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais") => Self::Gpt2,
+            Some("llama-bpe" | "llama3" | "llama-v3" | "falcon3") => Self::Llama3,
+            Some("qwen2" | "deepseek-r1-qwen" | "stablelm2") => Self::Qwen2,
+            Some(other) => bail!(
+                "unsupported tokenizer.ggml.pre {other:?} for a gpt2 (byte-level BPE) \
+                 vocabulary; supported: {SUPPORTED_PRE}"
+            ),
+        })
+    }
+
+    fn split(regex: &str) -> Result<PreTokenizerWrapper> {
+        Ok(Split::new(
+            SplitPattern::Regex(regex.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(tk)
+        .with_context(|| format!("compiling pre-tokenizer regex {regex:?}"))?
+        .into())
+    }
+
+    fn pre_tokenizer(self) -> Result<PreTokenizerWrapper> {
+        // Byte-level mapping after the splits, without its own regex.
+        let bytes_only = || PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false));
+        Ok(match self {
+            Self::SmolLm => PreTokenizerWrapper::Sequence(PreSequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, true, true).into(),
+            ])),
+            Self::Gpt2 => ByteLevel::new(false, true, true).into(),
+            Self::Default => {
+                let mut parts = DEFAULT_REGEXES
+                    .iter()
+                    .map(|r| Self::split(r))
+                    .collect::<Result<Vec<_>>>()?;
+                parts.push(bytes_only());
+                PreSequence::new(parts).into()
+            }
+            Self::Llama3 => PreSequence::new(vec![Self::split(LLAMA3_REGEX)?, bytes_only()]).into(),
+            Self::Qwen2 => PreSequence::new(vec![Self::split(QWEN2_REGEX)?, bytes_only()]).into(),
+        })
+    }
+}
+
+/// Token type of id `i` (normal when the GGUF has no types).
+fn token_type(v: &GgufVocab, i: usize) -> i32 {
+    v.token_types
+        .as_ref()
+        .and_then(|t| t.get(i).copied())
+        .unwrap_or(TOKEN_TYPE_NORMAL)
+}
+
+/// The vocabulary as a map, with llama.cpp's rules: empty tokens are renamed
+/// `[EMPTY_i]`, a duplicate is an error.
+fn vocab_map(v: &GgufVocab) -> Result<(Vec<String>, Vocab)> {
+    let n = v.tokens.len();
+    if n == 0 {
+        bail!("tokenizer.ggml.tokens is empty");
+    }
+    if u32::try_from(n).is_err() {
+        bail!("tokenizer.ggml.tokens has {n} entries, more than u32 ids can hold");
+    }
+    if let Some(t) = &v.token_types {
+        if t.len() < n {
+            bail!(
+                "tokenizer.ggml.token_type has {} entries for {n} tokens",
+                t.len()
+            );
+        }
+    }
+    if let Some(s) = &v.scores {
+        if s.len() < n {
+            bail!(
+                "tokenizer.ggml.scores has {} entries for {n} tokens",
+                s.len()
+            );
+        }
+    }
+    let mut texts = Vec::with_capacity(n);
+    let mut map = Vocab::with_capacity(n);
+    for (i, t) in v.tokens.iter().enumerate() {
+        let text = if t.is_empty() {
+            format!("[EMPTY_{i}]")
+        } else {
+            t.clone()
+        };
+        if let Some(prev) = map.insert(text.clone(), i as u32) {
+            bail!("duplicate token in vocabulary: {text:?} has ids {prev} and {i}");
+        }
+        texts.push(text);
+    }
+    Ok((texts, map))
+}
+
+/// Checks that an optional special id is inside the vocabulary.
+fn check_id(name: &str, id: Option<u32>, n: usize) -> Result<Option<u32>> {
+    match id {
+        Some(i) if i as usize >= n => bail!("{name} id {i} is outside the vocabulary of {n}"),
+        other => Ok(other),
+    }
+}
+
+/// The merges of a GGUF `gpt2` vocabulary, parsed as llama.cpp does (split at the
+/// first space after the first byte; the first occurrence of a pair keeps its rank).
+fn gguf_merges(v: &GgufVocab, vocab: &Vocab) -> Result<Vec<(String, String)>> {
+    let raw = v
+        .merges
+        .as_ref()
+        .context("a gpt2 vocabulary needs tokenizer.ggml.merges")?;
+    let mut seen = HashSet::with_capacity(raw.len());
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, m) in raw.iter().enumerate() {
+        // Byte offsets: a space byte is always a whole character in UTF-8.
+        let pos = m
+            .as_bytes()
+            .iter()
+            .skip(1)
+            .position(|&c| c == b' ')
+            .map(|p| p + 1)
+            .with_context(|| format!("merge #{i} {m:?} has no space separating its two parts"))?;
+        let (a, b) = (&m[..pos], &m[pos + 1..]);
+        for part in [a, b] {
+            if !vocab.contains_key(part) {
+                bail!("merge #{i} {m:?}: {part:?} is not in the vocabulary");
+            }
+        }
+        let joined = format!("{a}{b}");
+        if !vocab.contains_key(&joined) {
+            bail!("merge #{i} {m:?} makes {joined:?}, which is not in the vocabulary");
+        }
+        if seen.insert((a.to_string(), b.to_string())) {
+            out.push((a.to_string(), b.to_string()));
+        }
+    }
+    Ok(out)
+}
+
+/// Merges of a SentencePiece vocabulary, as HF's `SentencePieceExtractor` derives
+/// them: for every piece, every split into two pieces of the vocabulary (ordered by
+/// the ids of the two halves) is a merge; merges are then ordered by the score of the
+/// merged piece, highest first, ties kept in vocabulary order (stable sort).
+fn spm_merges(texts: &[String], scores: Option<&[f32]>, vocab: &Vocab) -> Vec<(String, String)> {
+    let mut merges: Vec<(usize, u32, u32, usize)> = Vec::new(); // (piece id, left id, right id, split byte)
+    for (id, piece) in texts.iter().enumerate() {
+        let mut local = Vec::new();
+        for (k, _) in piece.char_indices().skip(1) {
+            if let (Some(&l), Some(&r)) = (vocab.get(&piece[..k]), vocab.get(&piece[k..])) {
+                local.push((id, l, r, k));
+            }
+        }
+        local.sort_by_key(|&(_, l, r, _)| (l, r));
+        merges.extend(local);
+    }
+    match scores {
+        // Highest score first; `sort_by` is stable, so equal scores keep vocab order.
+        Some(s) => merges.sort_by(|a, b| s[b.0].total_cmp(&s[a.0])),
+        // No scores: HF's extractor then ranks by id, lowest first (already so).
+        None => {}
+    }
+    merges
+        .into_iter()
+        .map(|(id, _, _, k)| (texts[id][..k].to_string(), texts[id][k..].to_string()))
+        .collect()
+}
+
+/// A TemplateProcessing post-processor adding BOS/EOS the way HF's
+/// `LlamaTokenizerFast.update_post_processor` does (used by HF transformers only;
+/// [`Tokenizer::encode`] never adds them).
+fn bos_eos_processor(
+    texts: &[String],
+    bos: Option<u32>,
+    eos: Option<u32>,
+    add_bos: bool,
+    add_eos: bool,
+) -> Result<Option<PostProcessorWrapper>> {
+    let bos = bos
+        .filter(|_| add_bos)
+        .map(|i| (texts[i as usize].clone(), i));
+    let eos = eos
+        .filter(|_| add_eos)
+        .map(|i| (texts[i as usize].clone(), i));
+    if bos.is_none() && eos.is_none() {
+        return Ok(None);
+    }
+    let piece = |t: &Option<(String, u32)>, seq: u32| {
+        t.as_ref()
+            .map(|(s, _)| format!("{s}:{seq} "))
+            .unwrap_or_default()
+    };
+    let tail = |t: &Option<(String, u32)>, seq: u32| {
+        t.as_ref()
+            .map(|(s, _)| format!(" {s}:{seq}"))
+            .unwrap_or_default()
+    };
+    let single = format!("{}$A:0{}", piece(&bos, 0), tail(&eos, 0));
+    let pair = format!("{single} {}$B:1{}", piece(&bos, 1), tail(&eos, 1));
+    let mut specials: Vec<(String, u32)> = Vec::new();
+    for t in [&bos, &eos].into_iter().flatten() {
+        if !specials.contains(t) {
+            specials.push(t.clone());
+        }
+    }
+    let tp = TemplateProcessing::builder()
+        .try_single(single.as_str())
+        .map_err(|e| anyhow!("post-processor template {single:?}: {e}"))?
+        .try_pair(pair.as_str())
+        .map_err(|e| anyhow!("post-processor template {pair:?}: {e}"))?
+        .special_tokens(specials)
+        .build()
+        .map_err(|e| anyhow!("building the BOS/EOS post-processor: {e}"))?;
+    Ok(Some(tp.into()))
+}
+
+/// Added tokens of a GGUF vocabulary: control and unknown tokens as special ones,
+/// user-defined tokens as ordinary ones (matched on the raw text).
+fn added_tokens(v: &GgufVocab, texts: &[String]) -> (Vec<AddedToken>, Vec<AddedToken>) {
+    let mut special = Vec::new();
+    let mut user = Vec::new();
+    for (i, text) in texts.iter().enumerate() {
+        match token_type(v, i) {
+            TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN => {
+                special.push(AddedToken::from(text.clone(), true).normalized(false))
+            }
+            TOKEN_TYPE_USER_DEFINED => {
+                user.push(AddedToken::from(text.clone(), false).normalized(false))
+            }
+            _ => {}
+        }
+    }
+    (special, user)
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file beside it, then a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} has no file name", path.display()))?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| -> Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
+}
+
+/// The content of a token entry of `tokenizer_config.json`: a string or an
+/// `AddedToken` object with `content`.
+fn config_token(v: Option<&serde_json::Value>) -> Option<String> {
+    match v? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+/// An id from `config.json` (`bos_token_id` may be a number or a list of numbers).
+fn config_id(v: Option<&serde_json::Value>) -> Option<u32> {
+    match v? {
+        serde_json::Value::Number(n) => n.as_u64().and_then(|x| u32::try_from(x).ok()),
+        serde_json::Value::Array(a) => config_id(a.first()),
+        _ => None,
+    }
+}
+
+/// Reads a JSON file if it exists.
+fn read_json_if_exists(path: &Path) -> Result<Option<serde_json::Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(Some(v))
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer from GGUF tokenizer metadata (see the module docs for the
+    /// supported `model`/`pre` values). Defaults follow llama.cpp where the GGUF is
+    /// silent: for `"llama"` BOS 1, EOS 2, UNK 0, `add_bos` and `add_space_prefix`
+    /// true; for `"gpt2"` `add_bos` only for the Llama-3 family.
+    pub fn from_gguf(v: &GgufVocab) -> Result<Self> {
+        let (texts, vocab) = vocab_map(v)?;
+        let n = texts.len();
+        let (special, user) = added_tokens(v, &texts);
+
+        let (mut inner, bos, eos, add_bos): (tokenizers::Tokenizer, _, _, _) =
+            match v.model.as_str() {
+                "gpt2" => {
+                    let pre = BpePre::parse(v.pre.as_deref())?;
+                    let merges = gguf_merges(v, &vocab)?;
+                    let bpe = BPE::builder()
+                        .vocab_and_merges(vocab, merges)
+                        .ignore_merges(pre == BpePre::Llama3)
+                        .build()
+                        .map_err(tk)
+                        .context("building the BPE model")?;
+                    let mut t = tokenizers::Tokenizer::new(bpe);
+                    t.with_pre_tokenizer(Some(pre.pre_tokenizer()?));
+                    t.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
+                    let add_bos = v.add_bos.unwrap_or(pre == BpePre::Llama3);
+                    (t, v.bos, v.eos, add_bos)
+                }
+                "llama" => {
+                    let unk = check_id("unknown token", v.unk.or(Some(0)), n)?;
+                    let merges = spm_merges(&texts, v.scores.as_deref(), &vocab);
+                    let mut builder = BPE::builder()
+                        .vocab_and_merges(vocab, merges)
+                        .fuse_unk(true)
+                        .byte_fallback(true);
+                    if let Some(u) = unk {
+                        builder = builder.unk_token(texts[u as usize].clone());
+                    }
+                    let bpe = builder
+                        .build()
+                        .map_err(tk)
+                        .context("building the BPE model")?;
+                    let mut t = tokenizers::Tokenizer::new(bpe);
+                    let space = Replace::new(" ", SPM_SPACE).map_err(tk)?;
+                    // llama.cpp's default for SentencePiece vocabularies
+                    // (`tokenizer.ggml.add_space_prefix` is not read).
+                    let prefix = true;
+                    let normalizer: NormalizerWrapper = if prefix {
+                        NormalizerSequence::new(vec![
+                            Prepend::new(SPM_SPACE.to_string()).into(),
+                            space.into(),
+                        ])
+                        .into()
+                    } else {
+                        space.into()
+                    };
+                    t.with_normalizer(Some(normalizer));
+                    let mut decoders: Vec<DecoderWrapper> = vec![
+                        Replace::new(SPM_SPACE, " ").map_err(tk)?.into(),
+                        ByteFallback::new().into(),
+                        Fuse::new().into(),
+                    ];
+                    if prefix {
+                        decoders.push(Strip::new(' ', 1, 0).into());
+                    }
+                    t.with_decoder(Some(DecoderSequence::new(decoders)));
+                    let bos = v.bos.or(Some(1)).filter(|&b| (b as usize) < n);
+                    let eos = v.eos.or(Some(2)).filter(|&e| (e as usize) < n);
+                    (t, bos, eos, v.add_bos.unwrap_or(true))
+                }
+                other => bail!(
+                "unsupported tokenizer.ggml.model {other:?}; supported: \"gpt2\" (byte-level BPE), \
+                 \"llama\" (SentencePiece)"
+            ),
+            };
+        let bos = check_id("BOS", bos, n)?;
+        let eos = check_id("EOS", eos, n)?;
+        check_id("padding", v.pad, n)?;
+        let add_eos = v.add_eos.unwrap_or(false);
+        if add_bos && bos.is_none() {
+            bail!("tokenizer.ggml.add_bos_token is true, but there is no BOS token id");
+        }
+        if add_eos && eos.is_none() {
+            bail!("tokenizer.ggml.add_eos_token is true, but there is no EOS token id");
+        }
+        inner.add_special_tokens(&special);
+        inner.add_tokens(&user);
+        inner.with_post_processor(bos_eos_processor(&texts, bos, eos, add_bos, add_eos)?);
+        Ok(Self::finish(inner, bos, eos, add_bos, add_eos))
+    }
+
+    /// Wraps a built or loaded `tokenizers::Tokenizer`.
+    fn finish(
+        mut inner: tokenizers::Tokenizer,
+        bos: Option<u32>,
+        eos: Option<u32>,
+        add_bos: bool,
+        add_eos: bool,
+    ) -> Self {
+        // llama.cpp's perplexity tokenizes with parse_special = false: special tokens
+        // written in the text are ordinary text. (Not saved in tokenizer.json, so it
+        // is set again on every load.)
+        inner.set_encode_special_tokens(true);
+        let vocab_size = inner
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&m| m as usize + 1);
+        Self {
+            inner,
+            bos,
+            eos,
+            add_bos,
+            add_eos,
+            vocab_size,
+        }
+    }
+
+    /// Loads a Hugging Face `tokenizer.json` (or, given a directory, the
+    /// `tokenizer.json` inside it). BOS/EOS and `add_bos`/`add_eos` come from the
+    /// `tokenizer_config.json` beside it when present (`bos_token`, `eos_token`,
+    /// `add_bos_token`, `add_eos_token`), else from `config.json`
+    /// (`bos_token_id`, `eos_token_id`); when neither says whether BOS is added, it is
+    /// added if the file's post-processor puts BOS in front of an encoding.
+    pub fn from_file(tokenizer_json: &Path) -> Result<Self> {
+        let path: PathBuf = if tokenizer_json.is_dir() {
+            tokenizer_json.join("tokenizer.json")
+        } else {
+            tokenizer_json.to_path_buf()
+        };
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(tk)
+            .with_context(|| format!("loading {}", path.display()))?;
+        let dir = path.parent().unwrap_or_else(|| Path::new("."));
+        let config = read_json_if_exists(&dir.join("tokenizer_config.json"))?;
+        let model_config = read_json_if_exists(&dir.join("config.json"))?;
+
+        let lookup = |key: &str| -> Result<Option<u32>> {
+            if let Some(text) = config.as_ref().and_then(|c| config_token(c.get(key))) {
+                let id = inner.token_to_id(&text).with_context(|| {
+                    format!(
+                        "tokenizer_config.json {key} {text:?} is not in {}",
+                        path.display()
+                    )
+                })?;
+                return Ok(Some(id));
+            }
+            let id_key = format!("{key}_id");
+            Ok(model_config
+                .as_ref()
+                .and_then(|c| config_id(c.get(&id_key))))
+        };
+        let bos = lookup("bos_token")?;
+        let eos = lookup("eos_token")?;
+        let flag = |key: &str| {
+            config
+                .as_ref()
+                .and_then(|c| c.get(key))
+                .and_then(|v| v.as_bool())
+        };
+        let add_bos = match flag("add_bos_token") {
+            Some(b) => b,
+            None => {
+                let probe = inner.encode_fast("a", true).map_err(tk)?;
+                bos.is_some() && probe.get_ids().first().copied() == bos
+            }
+        };
+        let add_eos = match flag("add_eos_token") {
+            Some(b) => b,
+            None => {
+                let probe = inner.encode_fast("a", true).map_err(tk)?;
+                eos.is_some() && probe.get_ids().last().copied() == eos
+            }
+        };
+        Ok(Self::finish(inner, bos, eos, add_bos, add_eos))
+    }
+
+    /// Tokenizes `text` exactly as llama.cpp's perplexity does: no BOS/EOS added,
+    /// special tokens in the text tokenized as plain text.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode_fast(text, false).map_err(tk)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Turns ids back into text (special tokens are written out, not skipped). An id
+    /// outside the vocabulary is an error.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        if let Some(&bad) = ids.iter().find(|&&i| self.inner.id_to_token(i).is_none()) {
+            bail!(
+                "token id {bad} is not in the vocabulary of {}",
+                self.vocab_size
+            );
+        }
+        self.inner.decode(ids, false).map_err(tk)
+    }
+
+    /// Writes `tokenizer.json` and `tokenizer_config.json` (BOS/EOS/UNK/PAD tokens,
+    /// `add_bos_token`, `add_eos_token`, `clean_up_tokenization_spaces: false`,
+    /// `tokenizer_class: PreTrainedTokenizerFast`) into `dir`, creating it if needed;
+    /// each file is written to a temporary name and renamed into place.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let json = self.inner.to_string(true).map_err(tk)?;
+        write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+
+        let text = |id: Option<u32>| -> serde_json::Value {
+            id.and_then(|i| self.inner.id_to_token(i))
+                .map_or(serde_json::Value::Null, serde_json::Value::String)
+        };
+        let unk = self.inner.get_model();
+        let unk = match unk {
+            tokenizers::ModelWrapper::BPE(b) => b.get_unk_token().clone(),
+            _ => None,
+        };
+        let mut config = serde_json::Map::new();
+        config.insert("add_bos_token".into(), self.add_bos.into());
+        config.insert("add_eos_token".into(), self.add_eos.into());
+        config.insert("bos_token".into(), text(self.bos));
+        config.insert("eos_token".into(), text(self.eos));
+        if let Some(u) = unk {
+            config.insert("unk_token".into(), u.into());
+        }
+        config.insert("clean_up_tokenization_spaces".into(), false.into());
+        config.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
+        let config = serde_json::to_string_pretty(&serde_json::Value::Object(config))?;
+        write_atomic(&dir.join("tokenizer_config.json"), config.as_bytes())
+    }
+
+    /// Number of token ids (one past the largest id, added tokens included).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// The BOS token id, if the vocabulary has one.
+    pub fn bos(&self) -> Option<u32> {
+        self.bos
+    }
+
+    /// The EOS token id, if the vocabulary has one.
+    pub fn eos(&self) -> Option<u32> {
+        self.eos
+    }
+
+    /// Whether the model expects BOS in front of a sequence (llama.cpp's
+    /// `llama_vocab_get_add_bos`; its perplexity then puts BOS in place of each
+    /// chunk's first token).
+    pub fn add_bos(&self) -> bool {
+        self.add_bos
+    }
+
+    /// The underlying `tokenizers::Tokenizer` (special tokens in text are not split
+    /// out: `encode_special_tokens` is on).
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use std::collections::HashMap;
+    use std::io::{BufReader, Read};
+
+    /// GPT-2's byte → character table (index = byte).
+    fn byte_chars() -> Vec<char> {
+        let mut direct: Vec<u32> = (b'!' as u32..=b'~' as u32)
+            .chain(0xA1..=0xAC)
+            .chain(0xAE..=0xFF)
+            .collect();
+        let mut table = vec!['\0'; 256];
+        for &b in &direct {
+            table[b as usize] = char::from_u32(b).unwrap();
+        }
+        let mut n = 0;
+        for b in 0..256u32 {
+            if !direct.contains(&b) {
+                table[b as usize] = char::from_u32(256 + n).unwrap();
+                n += 1;
+                direct.push(b);
+            }
+        }
+        table
+    }
+
+    /// A hand-built byte-level BPE vocabulary: the 256 byte characters (id = byte),
+    /// the merge results in merge order, then two control tokens.
+    fn toy_gpt2(pre: &str) -> GgufVocab {
+        let mut tokens: Vec<String> = byte_chars().iter().map(|c| c.to_string()).collect();
+        // "e l" ranks after "l l": in "hello" (h e l l o) the merges must go
+        // h+e, l+l, he+ll, hell+o; preferring e+l would strand the second l.
+        let merges = [
+            "h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "e l", "2 0",
+        ];
+        for m in merges {
+            tokens.push(m.replace(' ', ""));
+        }
+        let n_types = tokens.len();
+        tokens.push("<|endoftext|>".into());
+        tokens.push("<|im_start|>".into());
+        let mut types = vec![TOKEN_TYPE_NORMAL; n_types];
+        types.extend([TOKEN_TYPE_CONTROL, TOKEN_TYPE_CONTROL]);
+        GgufVocab {
+            model: "gpt2".into(),
+            pre: Some(pre.into()),
+            tokens,
+            token_types: Some(types),
+            merges: Some(merges.iter().map(|s| s.to_string()).collect()),
+            bos: Some(n_types as u32 + 1),
+            eos: Some(n_types as u32),
+            add_bos: Some(false),
+            ..Default::default()
+        }
+    }
+
+    fn id_of(t: &Tokenizer, s: &str) -> u32 {
+        t.inner()
+            .token_to_id(s)
+            .unwrap_or_else(|| panic!("{s:?} not in vocab"))
+    }
+
+    #[test]
+    fn smollm_digits_no_prefix_space_and_merge_order() {
+        let t = Tokenizer::from_gguf(&toy_gpt2("smollm")).unwrap();
+        let b = |c: char| c as u32; // ASCII digits/letters are their own byte chars
+                                    // Every digit its own piece: the "2 0" merge never applies.
+        assert_eq!(
+            t.encode("2024").unwrap(),
+            vec![b('2'), b('0'), b('2'), b('4')]
+        );
+        // No prefix space; the merge sequence builds "hello" and "Ġworld".
+        assert_eq!(
+            t.encode("hello world").unwrap(),
+            vec![id_of(&t, "hello"), id_of(&t, "Ġworld")]
+        );
+        assert_eq!(t.encode("hello").unwrap(), vec![id_of(&t, "hello")]);
+        // " 2024": the space stays alone once the digit is split off.
+        assert_eq!(
+            t.encode(" 2024").unwrap(),
+            vec![id_of(&t, "Ġ"), b('2'), b('0'), b('2'), b('4')]
+        );
+        // "e l" is ranked after "l l", so "hell" is h+e, l+l, he+ll.
+        assert_eq!(t.encode("hell").unwrap(), vec![id_of(&t, "hell")]);
+        // In "ell", l+l (rank 1) beats e+l (rank 9), and "e"+"ll" is no merge.
+        assert_eq!(t.encode("ell").unwrap(), vec![b('e'), id_of(&t, "ll")]);
+        assert_eq!(t.encode("el").unwrap(), vec![id_of(&t, "el")]);
+        // Special tokens in the text are plain text (llama.cpp's parse_special = false).
+        let s = "<|im_start|>hello";
+        let ids = t.encode(s).unwrap();
+        assert!(!ids.contains(&id_of(&t, "<|im_start|>")), "{ids:?}");
+        assert_eq!(t.decode(&ids).unwrap(), s);
+        // ...but the ids decode to their text.
+        assert_eq!(
+            t.decode(&[t.bos().unwrap(), id_of(&t, "hello")]).unwrap(),
+            "<|im_start|>hello"
+        );
+        assert!(t.decode(&[9999]).is_err());
+        assert_eq!(t.vocab_size(), 256 + 11 + 2);
+        assert!(!t.add_bos());
+
+        // The GPT-2 pre-tokenizer alone keeps digit runs together: "2 0" applies.
+        let g = Tokenizer::from_gguf(&toy_gpt2("gpt-2")).unwrap();
+        assert_eq!(
+            g.encode("2024").unwrap(),
+            vec![id_of(&g, "20"), b('2'), b('4')]
+        );
+        assert_eq!(
+            g.encode(" 2024").unwrap(),
+            vec![id_of(&g, "Ġ"), id_of(&g, "20"), b('2'), b('4')]
+        );
+    }
+
+    #[test]
+    fn unknown_pre_and_model_are_clear_errors() {
+        let e = Tokenizer::from_gguf(&toy_gpt2("wizard-bpe"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("wizard-bpe") && e.contains("smollm") && e.contains("gpt2"),
+            "{e}"
+        );
+        let mut v = toy_gpt2("smollm");
+        v.model = "t5".into();
+        let e = Tokenizer::from_gguf(&v).unwrap_err().to_string();
+        assert!(e.contains("t5") && e.contains("llama"), "{e}");
+        let mut v = toy_gpt2("smollm");
+        v.merges.as_mut().unwrap().push("x yz".into());
+        assert!(Tokenizer::from_gguf(&v).is_err());
+    }
+
+    #[test]
+    fn other_bpe_pre_tokenizers_build() {
+        for pre in ["default", "llama-bpe", "qwen2"] {
+            let mut v = toy_gpt2(pre);
+            v.add_bos = None;
+            let t = Tokenizer::from_gguf(&v).unwrap();
+            let s = "hello world 12345!!  \n\n x";
+            assert_eq!(t.decode(&t.encode(s).unwrap()).unwrap(), s, "{pre}");
+            assert_eq!(t.add_bos(), pre == "llama-bpe", "{pre}");
+        }
+        let mut v = toy_gpt2("default");
+        v.pre = None;
+        let t = Tokenizer::from_gguf(&v).unwrap();
+        // llama.cpp's default: number runs, then groups of three digits.
+        let ids = t.encode("12345").unwrap();
+        assert_eq!(t.decode(&ids[..1]).unwrap(), "1");
+        let pieces: Vec<String> = ids.iter().map(|&i| t.decode(&[i]).unwrap()).collect();
+        assert_eq!(pieces.concat(), "12345");
+        assert_eq!(pieces[..2], ["1", "2"]);
+    }
+
+    /// A hand-built SentencePiece vocabulary (see `spm_by_hand`).
+    fn toy_spm() -> GgufVocab {
+        let pieces: [(&str, f32, i32); 14] = [
+            ("<unk>", 0.0, TOKEN_TYPE_UNKNOWN),
+            ("<s>", 0.0, TOKEN_TYPE_CONTROL),
+            ("</s>", 0.0, TOKEN_TYPE_CONTROL),
+            ("<0x0A>", 0.0, TOKEN_TYPE_BYTE),
+            ("<0xC3>", 0.0, TOKEN_TYPE_BYTE),
+            ("<0xA9>", 0.0, TOKEN_TYPE_BYTE),
+            ("▁", -1.0, TOKEN_TYPE_NORMAL),   // 6
+            ("a", -2.0, TOKEN_TYPE_NORMAL),   // 7
+            ("b", -3.0, TOKEN_TYPE_NORMAL),   // 8
+            ("c", -4.0, TOKEN_TYPE_NORMAL),   // 9
+            ("ab", -5.0, TOKEN_TYPE_NORMAL),  // 10
+            ("bc", -1.5, TOKEN_TYPE_NORMAL),  // 11: outranks "ab" by score
+            ("▁a", -6.0, TOKEN_TYPE_NORMAL),  // 12
+            ("▁ab", -7.0, TOKEN_TYPE_NORMAL), // 13
+        ];
+        GgufVocab {
+            model: "llama".into(),
+            pre: Some("default".into()),
+            tokens: pieces.iter().map(|p| p.0.to_string()).collect(),
+            scores: Some(pieces.iter().map(|p| p.1).collect()),
+            token_types: Some(pieces.iter().map(|p| p.2).collect()),
+            bos: Some(1),
+            eos: Some(2),
+            unk: Some(0),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn spm_by_hand() {
+        let v = toy_spm();
+        // Derived merges, best score first: bc (-1.5), ab (-5), ▁a (-6), then the two
+        // splits of ▁ab (-7) ordered by the ids of their halves: (▁, ab), (▁a, b).
+        let (texts, vocab) = vocab_map(&v).unwrap();
+        let m = spm_merges(&texts, v.scores.as_deref(), &vocab);
+        let m: Vec<(&str, &str)> = m.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        assert_eq!(
+            m,
+            [("b", "c"), ("a", "b"), ("▁", "a"), ("▁", "ab"), ("▁a", "b")]
+        );
+
+        let t = Tokenizer::from_gguf(&v).unwrap();
+        // "abc" → ▁ a b c: bc (best score) first, then ▁a; "abc" is no piece.
+        assert_eq!(t.encode("abc").unwrap(), [12, 11]);
+        // "ab c" → ▁ a b ▁ c: ab, then ▁ab; "▁c" is no piece.
+        assert_eq!(t.encode("ab c").unwrap(), [13, 6, 9]);
+        // Byte fallback for "é" and "\n"; a leading space gives two ▁.
+        assert_eq!(t.encode("é").unwrap(), [6, 4, 5]);
+        assert_eq!(t.encode("a\n").unwrap(), [12, 3]);
+        assert_eq!(t.encode(" a").unwrap(), [6, 12]);
+        // No byte token for "z": unknown, consecutive unknowns fused.
+        assert_eq!(t.encode("zz").unwrap(), [6, 0]);
+        assert_eq!(t.encode("").unwrap(), Vec::<u32>::new());
+        for s in ["abc", "ab c", "é", "a\n", " a", "  ab  c é\n"] {
+            assert_eq!(t.decode(&t.encode(s).unwrap()).unwrap(), s);
+        }
+        assert_eq!((t.bos(), t.eos(), t.add_bos()), (Some(1), Some(2), true));
+        assert_eq!(t.vocab_size(), 14);
+    }
+
+    /// A few thousand characters of varied text: English, other scripts, emoji,
+    /// digits and numerals, whitespace runs, newlines, contractions, punctuation
+    /// runs, special-token text.
+    fn varied_text(n: usize, seed: u64) -> String {
+        let parts = [
+            "The quick brown fox jumps over the lazy dog. ",
+            "It's 3:45 p.m. on 2024-01-31; we'll pay $1,234.56 (about 7%). ",
+            "café naïve façade — «quoted» “curly” ‘single’ ",
+            "中文字符 日本語のテキスト 한국어 ",
+            "Ελληνικά κείμενα, русский текст. ",
+            "emoji 🎉🚀 👩‍👩‍👧 ",
+            "²³ ½ Ⅻ ٣٤٥ ",
+            "   ",
+            "\t\t",
+            "\n",
+            "\n\n",
+            "\r\n",
+            " \n \n",
+            "DON'T Won't I'M they'RE ",
+            "!!!??? ... --- *** ",
+            "<|im_start|>user\nHi<|im_end|>\n",
+            "<|endoftext|>",
+            "x1y22z333 ",
+            "0123456789",
+            "    indented code() { return 0; }\n",
+        ];
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut s = String::new();
+        while s.chars().count() < n {
+            s.push_str(parts[rng.gen_range(0..parts.len())]);
+        }
+        s
+    }
+
+    #[test]
+    fn save_and_reload_give_identical_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = varied_text(5000, 7);
+        for (name, v) in [("smollm", toy_gpt2("smollm")), ("spm", toy_spm())] {
+            let t = Tokenizer::from_gguf(&v).unwrap();
+            let d = dir.path().join(name);
+            t.save(&d).unwrap();
+            let leftovers: Vec<_> = fs::read_dir(&d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".tmp"))
+                .collect();
+            assert!(leftovers.is_empty(), "{leftovers:?}");
+            let config: serde_json::Value =
+                serde_json::from_str(&fs::read_to_string(d.join("tokenizer_config.json")).unwrap())
+                    .unwrap();
+            assert_eq!(config["add_bos_token"], t.add_bos());
+            assert_eq!(
+                config["bos_token"],
+                t.inner().id_to_token(t.bos().unwrap()).unwrap()
+            );
+            let r = Tokenizer::from_file(&d.join("tokenizer.json")).unwrap();
+            let r_dir = Tokenizer::from_file(&d).unwrap();
+            assert_eq!(
+                (r.bos(), r.eos(), r.add_bos(), r.vocab_size()),
+                (t.bos(), t.eos(), t.add_bos(), t.vocab_size()),
+                "{name}"
+            );
+            let ids = t.encode(&text).unwrap();
+            assert_eq!(r.encode(&text).unwrap(), ids, "{name}");
+            assert_eq!(r_dir.encode(&text).unwrap(), ids, "{name}");
+            if name == "smollm" {
+                // Byte-level BPE is lossless.
+                assert_eq!(r.decode(&ids).unwrap(), text);
+            }
+        }
+    }
+
+    #[test]
+    fn from_file_infers_add_bos_from_the_post_processor() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut v = toy_gpt2("llama-bpe");
+        v.add_bos = None;
+        let t = Tokenizer::from_gguf(&v).unwrap();
+        assert!(t.add_bos());
+        t.save(dir.path()).unwrap();
+        // Without tokenizer_config.json: BOS from config.json, add_bos from the
+        // post-processor that puts BOS first.
+        fs::remove_file(dir.path().join("tokenizer_config.json")).unwrap();
+        let bos = t.bos().unwrap();
+        fs::write(
+            dir.path().join("config.json"),
+            format!(
+                "{{\"bos_token_id\": {bos}, \"eos_token_id\": [{}]}}",
+                t.eos().unwrap()
+            ),
+        )
+        .unwrap();
+        let r = Tokenizer::from_file(dir.path()).unwrap();
+        assert_eq!((r.bos(), r.eos(), r.add_bos()), (t.bos(), t.eos(), true));
+        // encode never adds BOS itself.
+        assert_eq!(r.encode("hello").unwrap(), [id_of(&r, "hello")]);
+    }
+
+    // ---- the real model -------------------------------------------------------
+
+    /// The cache folder: `$COMPRESS_CACHE`, else `$XDG_CACHE_HOME/compress`, else
+    /// `$HOME/.cache/compress`.
+    fn cache_dir() -> PathBuf {
+        let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+        if let Some(d) = env("COMPRESS_CACHE") {
+            return PathBuf::from(d);
+        }
+        if let Some(d) = env("XDG_CACHE_HOME") {
+            return PathBuf::from(d).join("compress");
+        }
+        PathBuf::from(env("HOME").unwrap_or_default()).join(".cache/compress")
+    }
+
+    /// A GGUF metadata value, as much as the tokenizer needs.
+    #[derive(Debug)]
+    enum Meta {
+        Int(i64),
+        Float(f64),
+        Bool(bool),
+        Str(String),
+        Array(Vec<Meta>),
+    }
+
+    /// Reads the metadata of a GGUF file (header and KV pairs, nothing after).
+    fn read_gguf_metadata(path: &Path) -> HashMap<String, Meta> {
+        fn bytes<const N: usize>(r: &mut impl Read) -> [u8; N] {
+            let mut b = [0u8; N];
+            r.read_exact(&mut b).unwrap();
+            b
+        }
+        fn u32_(r: &mut impl Read) -> u32 {
+            u32::from_le_bytes(bytes(r))
+        }
+        fn u64_(r: &mut impl Read) -> u64 {
+            u64::from_le_bytes(bytes(r))
+        }
+        fn string(r: &mut impl Read) -> String {
+            let n = u64_(r) as usize;
+            let mut b = vec![0u8; n];
+            r.read_exact(&mut b).unwrap();
+            String::from_utf8(b).unwrap()
+        }
+        fn value(r: &mut impl Read, ty: u32) -> Meta {
+            match ty {
+                0 => Meta::Int(u8::from_le_bytes(bytes(r)) as i64),
+                1 => Meta::Int(i8::from_le_bytes(bytes(r)) as i64),
+                2 => Meta::Int(u16::from_le_bytes(bytes(r)) as i64),
+                3 => Meta::Int(i16::from_le_bytes(bytes(r)) as i64),
+                4 => Meta::Int(u32_(r) as i64),
+                5 => Meta::Int(i32::from_le_bytes(bytes(r)) as i64),
+                6 => Meta::Float(f32::from_le_bytes(bytes(r)) as f64),
+                7 => Meta::Bool(bytes::<1>(r)[0] != 0),
+                8 => Meta::Str(string(r)),
+                9 => {
+                    let ety = u32_(r);
+                    let n = u64_(r);
+                    Meta::Array((0..n).map(|_| value(r, ety)).collect())
+                }
+                10 => Meta::Int(u64_(r) as i64),
+                11 => Meta::Int(i64::from_le_bytes(bytes(r))),
+                12 => Meta::Float(f64::from_le_bytes(bytes(r))),
+                other => panic!("unknown GGUF value type {other}"),
+            }
+        }
+        let mut r = BufReader::new(fs::File::open(path).unwrap());
+        assert_eq!(&bytes::<4>(&mut r), b"GGUF");
+        assert_eq!(u32_(&mut r), 3);
+        let _n_tensors = u64_(&mut r);
+        let n_kv = u64_(&mut r);
+        (0..n_kv)
+            .map(|_| {
+                let key = string(&mut r);
+                let ty = u32_(&mut r);
+                (key, value(&mut r, ty))
+            })
+            .collect()
+    }
+
+    /// The tokenizer fields of GGUF metadata.
+    fn gguf_vocab(meta: &HashMap<String, Meta>) -> GgufVocab {
+        let s = |k: &str| match meta.get(k) {
+            Some(Meta::Str(s)) => Some(s.clone()),
+            _ => None,
+        };
+        let arr = |k: &str| match meta.get(k) {
+            Some(Meta::Array(a)) => Some(a),
+            _ => None,
+        };
+        let strs = |k: &str| {
+            arr(k).map(|a| {
+                a.iter()
+                    .map(|m| match m {
+                        Meta::Str(s) => s.clone(),
+                        other => panic!("{k}: {other:?}"),
+                    })
+                    .collect()
+            })
+        };
+        let int = |k: &str| match meta.get(k) {
+            Some(&Meta::Int(i)) => Some(i),
+            _ => None,
+        };
+        let flag = |k: &str| match meta.get(k) {
+            Some(&Meta::Bool(b)) => Some(b),
+            _ => None,
+        };
+        let id = |k: &str| int(k).map(|i| i as u32);
+        GgufVocab {
+            model: s("tokenizer.ggml.model").unwrap(),
+            pre: s("tokenizer.ggml.pre"),
+            tokens: strs("tokenizer.ggml.tokens").unwrap(),
+            scores: arr("tokenizer.ggml.scores").map(|a| {
+                a.iter()
+                    .map(|m| match m {
+                        Meta::Float(f) => *f as f32,
+                        Meta::Int(i) => *i as f32,
+                        other => panic!("score {other:?}"),
+                    })
+                    .collect()
+            }),
+            token_types: arr("tokenizer.ggml.token_type").map(|a| {
+                a.iter()
+                    .map(|m| match m {
+                        Meta::Int(i) => *i as i32,
+                        other => panic!("token type {other:?}"),
+                    })
+                    .collect()
+            }),
+            merges: strs("tokenizer.ggml.merges"),
+            bos: id("tokenizer.ggml.bos_token_id"),
+            eos: id("tokenizer.ggml.eos_token_id"),
+            unk: id("tokenizer.ggml.unknown_token_id"),
+            pad: id("tokenizer.ggml.padding_token_id"),
+            add_bos: flag("tokenizer.ggml.add_bos_token"),
+            add_eos: flag("tokenizer.ggml.add_eos_token"),
+        }
+    }
+
+    const PARAGRAPH: &str = "The Fulton County Grand Jury said Friday an investigation of \
+        Atlanta's recent primary election produced \"no evidence\" that any irregularities \
+        took place. The jury further said in term-end presentments that the City Executive \
+        Committee, which had over-all charge of the election, \"deserves the praise and \
+        thanks of the City of Atlanta\" for the manner in which the election was conducted. \
+        It cost $1,500,000 in 1961 -- roughly 3.5% more than the 1960 budget.\n\n";
+
+    /// English text for the comparisons: the start of the calibration text in the
+    /// cache (`calib.txt`), when the setup script has put it there.
+    fn english_text(bytes: usize) -> Option<String> {
+        let text = fs::read_to_string(cache_dir().join("calib.txt")).ok()?;
+        let mut end = bytes.min(text.len());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        Some(text[..end].to_string())
+    }
+
+    #[test]
+    fn real_smollm2_vocabulary() {
+        let path = cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+        if !path.is_file() {
+            eprintln!(
+                "SKIPPED: {} is missing (run the setup script)",
+                path.display()
+            );
+            return;
+        }
+        let v = gguf_vocab(&read_gguf_metadata(&path));
+        assert_eq!(
+            (v.model.as_str(), v.pre.as_deref()),
+            ("gpt2", Some("smollm"))
+        );
+        let t = Tokenizer::from_gguf(&v).unwrap();
+        assert_eq!(t.vocab_size(), 49152);
+        assert_eq!((t.bos(), t.eos(), t.add_bos()), (Some(1), Some(2), false));
+        // Checked against an independent pure-Python re-implementation of llama.cpp's
+        // smollm tokenizer (digit split, GPT-2 regex, byte-level BPE by merge rank):
+        // Hello, Ġworld, Ġ, 2, 0, 2, 4.
+        assert_eq!(
+            t.encode("Hello world 2024").unwrap(),
+            [19556, 905, 216, 34, 32, 34, 36]
+        );
+        assert_eq!(
+            t.encode("<|im_start|>user\nHi<|im_end|>").unwrap(),
+            [44, 108, 306, 79, 3738, 108, 46, 4093, 198, 26843, 44, 108, 306, 79, 486, 108, 46]
+        );
+        let ids = t.encode(PARAGRAPH).unwrap();
+        assert_eq!(t.decode(&ids).unwrap(), PARAGRAPH);
+
+        let dir = tempfile::tempdir().unwrap();
+        t.save(dir.path()).unwrap();
+        let r = Tokenizer::from_file(&dir.path().join("tokenizer.json")).unwrap();
+        assert_eq!(
+            (r.vocab_size(), r.bos(), r.eos(), r.add_bos()),
+            (49152, Some(1), Some(2), false)
+        );
+        let varied = varied_text(20_000, 11);
+        let ids = t.encode(&varied).unwrap();
+        assert_eq!(r.encode(&varied).unwrap(), ids);
+        assert_eq!(r.decode(&ids).unwrap(), varied);
+
+        match english_text(200_000) {
+            Some(text) => {
+                let start = std::time::Instant::now();
+                let ids = t.encode(&text).unwrap();
+                eprintln!(
+                    "encoded {} bytes into {} tokens in {:.2?}",
+                    text.len(),
+                    ids.len(),
+                    start.elapsed()
+                );
+                assert_eq!(r.encode(&text).unwrap(), ids);
+                assert_eq!(t.decode(&ids).unwrap(), text);
+            }
+            None => eprintln!("SKIPPED the 200 KB comparison: no calib.txt in the cache"),
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn tmp_dump_ids() {
+        let path = cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+        let t = Tokenizer::from_gguf(&gguf_vocab(&read_gguf_metadata(&path))).unwrap();
+        t.save(Path::new("/tmp/tokx/saved")).unwrap();
+        for name in ["eval", "calib", "varied"] {
+            let text = if name == "varied" {
+                varied_text(200_000, 3)
+            } else {
+                fs::read_to_string(format!("/tmp/tokx/{name}.txt")).unwrap()
+            };
+            if name == "varied" {
+                fs::write("/tmp/tokx/varied.txt", &text).unwrap();
+            }
+            let start = std::time::Instant::now();
+            let ids = t.encode(&text).unwrap();
+            eprintln!(
+                "{name}: {} bytes -> {} tokens in {:.2?}",
+                text.len(),
+                ids.len(),
+                start.elapsed()
+            );
+            let s: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+            fs::write(format!("/tmp/tokx/{name}.rust.ids"), s.join("\n")).unwrap();
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn tmp_dump_spm() {
+        let j: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string("/tmp/tokx/spm.json").unwrap()).unwrap();
+        let v = GgufVocab {
+            model: "llama".into(),
+            tokens: j["tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap().to_string())
+                .collect(),
+            scores: Some(
+                j["scores"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect(),
+            ),
+            token_types: Some(
+                j["types"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_i64().unwrap() as i32)
+                    .collect(),
+            ),
+            bos: Some(1),
+            eos: Some(2),
+            unk: Some(0),
+            ..Default::default()
+        };
+        let t = Tokenizer::from_gguf(&v).unwrap();
+        t.save(Path::new("/tmp/tokx/saved_spm")).unwrap();
+        for name in ["eval", "varied"] {
+            let text = fs::read_to_string(format!("/tmp/tokx/{name}.txt")).unwrap();
+            let start = std::time::Instant::now();
+            let ids = t.encode(&text).unwrap();
+            eprintln!(
+                "spm {name}: {} bytes -> {} tokens in {:.2?}",
+                text.len(),
+                ids.len(),
+                start.elapsed()
+            );
+            assert_eq!(t.decode(&ids).unwrap(), text);
+            let s: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+            fs::write(format!("/tmp/tokx/{name}.spm.rust.ids"), s.join("\n")).unwrap();
+        }
+    }
+}

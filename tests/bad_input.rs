@@ -1,0 +1,183 @@
+//! Broken inputs through the `compress` binary: each gets one clear error naming the
+//! file and the problem, a non-zero exit code, no panic, and no output file.
+
+use e2e::*;
+use std::path::Path;
+
+/// Runs `compress args…`, expects failure without a panic, and returns the text.
+fn fails(args: &[&str]) -> String {
+    let out = compress(args);
+    let text = output_text(&out);
+    assert!(
+        !out.status.success(),
+        "expected failure of {args:?}, got success:\n{text}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {text}");
+    assert!(!text.contains("panicked"), "{args:?} panicked:\n{text}");
+    text
+}
+
+fn eval_args<'a>(model: &'a str, text: &'a str) -> Vec<&'a str> {
+    vec![
+        "eval", model, "--text", text, "--ctx", "64", "--chunks", "1",
+    ]
+}
+
+/// A small, valid llama GGUF header with one f32 tensor (enough to reach tensor checks).
+fn tiny() -> GgufBuilder {
+    GgufBuilder::default()
+        .string("general.architecture", "llama")
+        .u32("llama.block_count", 1)
+        .tensor("token_embd.weight", &[32, 4], 0, f32_bytes(128, 0.0, 0.01))
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn truncated_gguf_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = std::fs::read(real_model()).unwrap();
+    let text = write(dir.path(), "t.txt", b"hello world");
+    for (name, cut) in [("head.gguf", 2000usize), ("half.gguf", real.len() / 2)] {
+        let p = write(dir.path(), name, &real[..cut]);
+        let msg = fails(&eval_args(&p, &text));
+        assert!(msg.contains(name), "{msg}");
+        assert!(
+            msg.contains("truncated") || msg.contains("past the end"),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
+fn tensor_offset_past_end_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "offset.gguf", &tiny().bytes_with(1 << 20));
+    let text = write(dir.path(), "t.txt", b"hello world");
+    let msg = fails(&eval_args(&p, &text));
+    assert!(
+        msg.contains("offset.gguf")
+            && msg.contains("token_embd.weight")
+            && msg.contains("past the end"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn unknown_tensor_type_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = tiny().tensor("blk.0.weird", &[32], 99, vec![0; 64]);
+    let p = write(dir.path(), "type.gguf", &b.bytes());
+    let text = write(dir.path(), "t.txt", b"hello world");
+    let msg = fails(&eval_args(&p, &text));
+    assert!(
+        msg.contains("type.gguf") && msg.contains("blk.0.weird") && msg.contains("unknown"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn gguf_missing_hyperparameter_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "cfg.gguf", &tiny().bytes());
+    let text = write(dir.path(), "t.txt", b"hello world");
+    let msg = fails(&eval_args(&p, &text));
+    assert!(msg.contains("cfg.gguf") && msg.contains("missing"), "{msg}");
+}
+
+/// Converts the real model to a folder of f16 safetensors once per test that needs it.
+fn converted(dir: &Path) -> std::path::PathBuf {
+    let out = dir.join("st");
+    let o = compress(&[
+        "convert",
+        real_model().to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--dtype",
+        "f16",
+    ]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    out
+}
+
+#[test]
+fn safetensors_header_that_lies_and_config_missing_a_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = converted(dir.path());
+    let text = write(dir.path(), "t.txt", b"hello world");
+    let model_file = st.join("model.safetensors");
+    let original = std::fs::read(&model_file).unwrap();
+
+    // Header length larger than the file.
+    let mut lying = original.clone();
+    lying[..8].copy_from_slice(
+        &(u64::from_le_bytes(lying[..8].try_into().unwrap()) + 1_000_000_000).to_le_bytes(),
+    );
+    std::fs::write(&model_file, &lying).unwrap();
+    let msg = fails(&eval_args(st.to_str().unwrap(), &text));
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("header length"),
+        "{msg}"
+    );
+
+    // Data cut short: the last tensor runs past the end.
+    std::fs::write(&model_file, &original[..original.len() - 1000]).unwrap();
+    let msg = fails(&eval_args(st.to_str().unwrap(), &text));
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("past the end"),
+        "{msg}"
+    );
+    std::fs::write(&model_file, &original).unwrap();
+
+    // config.json without intermediate_size.
+    let cfg_path = st.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("intermediate_size");
+    std::fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let msg = fails(&eval_args(st.to_str().unwrap(), &text));
+    assert!(
+        msg.contains("config.json") && msg.contains("'intermediate_size' is missing"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn empty_or_non_utf8_text_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = real_model();
+    let empty = write(dir.path(), "empty.txt", b"");
+    let msg = fails(&eval_args(model.to_str().unwrap(), &empty));
+    assert!(msg.contains("empty.txt") && msg.contains("empty"), "{msg}");
+    let latin = write(dir.path(), "latin1.txt", b"na\xefve caf\xe9");
+    let msg = fails(&eval_args(model.to_str().unwrap(), &latin));
+    assert!(
+        msg.contains("latin1.txt") && msg.contains("not UTF-8"),
+        "{msg}"
+    );
+    let short = write(dir.path(), "short.txt", b"too short");
+    let msg = fails(&eval_args(model.to_str().unwrap(), &short));
+    assert!(msg.contains("tokens") && msg.contains("at least"), "{msg}");
+}
+
+#[test]
+fn convert_refuses_to_overwrite_its_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = converted(dir.path());
+    let before = std::fs::read(st.join("config.json")).unwrap();
+    let out = st.join("again.safetensors");
+    let msg = fails(&["convert", st.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(msg.contains("input"), "{msg}");
+    assert!(!out.exists());
+    assert_eq!(std::fs::read(st.join("config.json")).unwrap(), before);
+}
+
+#[test]
+fn missing_file_is_named() {
+    let msg = fails(&eval_args("/nonexistent/model.gguf", "/nonexistent/t.txt"));
+    assert!(msg.contains("/nonexistent/"), "{msg}");
+}

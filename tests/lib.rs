@@ -1,0 +1,207 @@
+//! Shared helpers of the end-to-end tests: where the cached real assets, the
+//! built `compress` binary and the independent Python readers are, and a tiny
+//! GGUF builder for synthetic (and deliberately broken) files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The asset cache, as `compress fetch` resolves it.
+pub fn cache_dir() -> PathBuf {
+    if let Some(c) = std::env::var_os("COMPRESS_CACHE") {
+        return PathBuf::from(c);
+    }
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(x).join("compress");
+    }
+    PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/compress")
+}
+
+/// A cached asset file; panics with the command to run when it is missing.
+pub fn asset(name: &str) -> PathBuf {
+    let p = cache_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `compress fetch` (scripts/test.sh does) before the tests",
+        p.display()
+    );
+    p
+}
+
+/// The real model, SmolLM2-135M-Instruct Q4_1.
+pub fn real_model() -> PathBuf {
+    asset("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// The evaluation text (last 400,000 bytes of the prepared Brown corpus).
+pub fn eval_text() -> PathBuf {
+    asset("eval.txt")
+}
+
+/// The `compress` binary built with the same profile as the tests.
+pub fn bin() -> PathBuf {
+    // target/<profile>/deps/<test-binary> -> target/<profile>/compress
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let bin = profile_dir.join("compress");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build --release -p compress`; scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `compress` with `args`.
+pub fn compress(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run compress")
+}
+
+/// Python of the project venv holding the independent readers (gguf, safetensors, numpy).
+pub fn venv_python() -> PathBuf {
+    let venv = std::env::var_os("COMPRESS_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".cache/venv"));
+    let py = venv.join("bin/python");
+    assert!(
+        py.exists(),
+        "{} is missing: run scripts/setup-python.sh",
+        py.display()
+    );
+    py
+}
+
+/// Runs a script from `scripts/` with the venv's Python; panics with its output on failure.
+pub fn run_python(script: &str, args: &[&Path]) -> String {
+    let out = Command::new(venv_python())
+        .arg(repo_root().join("scripts").join(script))
+        .args(args)
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Builds small GGUF v3 files byte by byte, including broken ones.
+#[derive(Default)]
+pub struct GgufBuilder {
+    kv: Vec<u8>,
+    n_kv: u64,
+    infos: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
+impl GgufBuilder {
+    /// A string metadata entry.
+    pub fn string(mut self, key: &str, v: &str) -> Self {
+        put_str(&mut self.kv, key);
+        self.kv.extend(8u32.to_le_bytes());
+        put_str(&mut self.kv, v);
+        self.n_kv += 1;
+        self
+    }
+
+    /// A u32 metadata entry.
+    pub fn u32(mut self, key: &str, v: u32) -> Self {
+        put_str(&mut self.kv, key);
+        self.kv.extend(4u32.to_le_bytes());
+        self.kv.extend(v.to_le_bytes());
+        self.n_kv += 1;
+        self
+    }
+
+    /// An f32 metadata entry.
+    pub fn f32(mut self, key: &str, v: f32) -> Self {
+        put_str(&mut self.kv, key);
+        self.kv.extend(6u32.to_le_bytes());
+        self.kv.extend(v.to_le_bytes());
+        self.n_kv += 1;
+        self
+    }
+
+    /// A tensor with GGUF dims (innermost first), type id and raw bytes.
+    pub fn tensor(mut self, name: &str, dims: &[u64], ty: u32, data: Vec<u8>) -> Self {
+        self.infos.push((name.to_owned(), dims.to_vec(), ty, data));
+        self
+    }
+
+    /// The file bytes; `offset_bump` is added to the last tensor's offset (to
+    /// point it past the end of the file).
+    pub fn bytes_with(&self, offset_bump: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend(b"GGUF");
+        out.extend(3u32.to_le_bytes());
+        out.extend((self.infos.len() as u64).to_le_bytes());
+        out.extend(self.n_kv.to_le_bytes());
+        out.extend(&self.kv);
+        let mut offset = 0u64;
+        let mut data = Vec::new();
+        for (i, (name, dims, ty, bytes)) in self.infos.iter().enumerate() {
+            put_str(&mut out, name);
+            out.extend((dims.len() as u32).to_le_bytes());
+            for d in dims {
+                out.extend(d.to_le_bytes());
+            }
+            out.extend(ty.to_le_bytes());
+            let bump = if i + 1 == self.infos.len() {
+                offset_bump
+            } else {
+                0
+            };
+            out.extend((offset + bump).to_le_bytes());
+            data.extend(bytes);
+            while data.len() % 32 != 0 {
+                data.push(0);
+            }
+            offset = data.len() as u64;
+        }
+        while out.len() % 32 != 0 {
+            out.push(0);
+        }
+        out.extend(data);
+        out
+    }
+
+    /// The file bytes.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.bytes_with(0)
+    }
+}
+
+/// Bytes of `n` f32 values `start, start+step, …`.
+pub fn f32_bytes(n: usize, start: f32, step: f32) -> Vec<u8> {
+    (0..n)
+        .flat_map(|i| (start + step * i as f32).to_le_bytes())
+        .collect()
+}
+
+/// The combined stdout and stderr of a run, for assertions.
+pub fn output_text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}

@@ -1,0 +1,166 @@
+//! End-to-end on the real SmolLM2-135M-Instruct Q4_1 GGUF and the Brown evaluation
+//! text: our readers against independent ones (gguf-py, safetensors), the
+//! tokenizer round trip, and perplexity against llama.cpp's reference figures.
+
+use e2e::*;
+use model::gguf::GgufFile;
+use model::Model;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// llama.cpp's `llama-perplexity` on the evaluation text, ctx 512, 40 chunks.
+const LLAMA_CPP_PPL_Q4_1: f64 = 41.18;
+/// The same for the f32 expansion of the Q4_1 model.
+const LLAMA_CPP_PPL_F32: f64 = 41.09;
+
+fn work_dir() -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("real_model");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// `compress convert` of `input` to `out` (a folder), once per test run.
+fn convert(input: &Path, out: &Path) {
+    let _ = std::fs::remove_dir_all(out);
+    let o = compress(&[
+        "convert",
+        input.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "convert failed:\n{}", output_text(&o));
+}
+
+/// The real model converted to f32 safetensors, and that converted again.
+fn converted() -> &'static (PathBuf, PathBuf) {
+    static DIRS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    DIRS.get_or_init(|| {
+        let (a, b) = (work_dir().join("f32"), work_dir().join("f32-again"));
+        convert(&real_model(), &a);
+        convert(&a, &b);
+        (a, b)
+    })
+}
+
+#[test]
+fn gguf_reader_agrees_with_gguf_py() {
+    let path = real_model();
+    let g = GgufFile::open(&path).unwrap();
+    assert_eq!(g.version, 3);
+    assert_eq!(g.tensors.len(), 272);
+    let dump = work_dir().join("gguf-dump");
+    let _ = std::fs::remove_dir_all(&dump);
+    std::fs::create_dir_all(&dump).unwrap();
+    let tensors: Vec<_> = g
+        .tensors
+        .iter()
+        .map(|t| serde_json::json!({"name": t.name, "type": t.ty.id(), "dims": t.dims, "offset": t.offset}))
+        .collect();
+    let metadata: serde_json::Map<String, serde_json::Value> = g
+        .metadata
+        .iter()
+        .map(|(k, v)| {
+            let types = match v {
+                model::gguf::MetaValue::Array(item, _) => vec![9, *item],
+                other => vec![other.type_id()],
+            };
+            (k.clone(), serde_json::json!(types))
+        })
+        .collect();
+    std::fs::write(
+        dump.join("tensors.json"),
+        serde_json::to_vec(&serde_json::json!({"tensors": tensors, "metadata": metadata})).unwrap(),
+    )
+    .unwrap();
+    // One tensor of each stored type, Q/K in storage order, and the largest one.
+    for name in [
+        "token_embd.weight",
+        "blk.0.attn_q.weight",
+        "blk.7.attn_k.weight",
+        "blk.29.ffn_down.weight",
+        "output_norm.weight",
+    ] {
+        let info = g.tensor(name).unwrap();
+        let mut out = vec![0f32; info.n_elements() as usize];
+        kernels::quants::dequantize(info.ty, g.tensor_data(info), &mut out).unwrap();
+        let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(dump.join(format!("{name}.f32")), bytes).unwrap();
+    }
+    let report = run_python("check_gguf.py", &[&path, &dump]);
+    assert!(report.contains("OK"), "{report}");
+}
+
+#[test]
+fn converted_safetensors_agree_with_gguf_py_and_the_safetensors_package() {
+    let (f32_dir, again) = converted();
+    for dir in [f32_dir, again] {
+        let report = run_python("check_safetensors.py", &[dir, &real_model()]);
+        assert!(
+            report.contains("272 tensors compared") && report.contains("OK"),
+            "{report}"
+        );
+    }
+    // Converting the converted model changes nothing.
+    assert_eq!(
+        std::fs::read(f32_dir.join("model.safetensors")).unwrap(),
+        std::fs::read(again.join("model.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn gguf_tokenizer_and_exported_tokenizer_json_agree_on_the_whole_eval_text() {
+    let (f32_dir, _) = converted();
+    let text = std::fs::read_to_string(eval_text()).unwrap();
+    let gguf = Model::open(&real_model()).unwrap();
+    let st = Model::open(f32_dir).unwrap();
+    let a = gguf.tokenizer.encode(&text).unwrap();
+    let b = st.tokenizer.encode(&text).unwrap();
+    assert!(a.len() > 80_000, "only {} tokens", a.len());
+    assert_eq!(a, b);
+    assert_eq!(gguf.tokenizer.add_bos(), st.tokenizer.add_bos());
+    assert_eq!(
+        gguf.tokenizer.decode(&a[..2000]).unwrap(),
+        st.tokenizer.decode(&b[..2000]).unwrap()
+    );
+}
+
+fn eval_ppl(model: &Path) -> f64 {
+    let o = compress(&[
+        "eval",
+        model.to_str().unwrap(),
+        "--text",
+        eval_text().to_str().unwrap(),
+        "--ctx",
+        "512",
+        "--chunks",
+        "40",
+        "--json",
+    ]);
+    assert!(o.status.success(), "eval failed:\n{}", output_text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let r = &v["perplexity"];
+    assert_eq!(r["scored_tokens"], 40 * 255);
+    r["perplexity"].as_f64().unwrap()
+}
+
+#[test]
+fn perplexity_matches_llama_cpp_for_gguf_and_both_conversions() {
+    let (f32_dir, again) = converted();
+    let gguf = eval_ppl(&real_model());
+    let st = eval_ppl(f32_dir);
+    let back = eval_ppl(again);
+    eprintln!("perplexity: gguf {gguf:.4}, f32 safetensors {st:.4}, converted again {back:.4}");
+    let rel = |a: f64, b: f64| (a - b).abs() / b;
+    assert!(
+        rel(gguf, st) < 0.001 && rel(st, back) < 0.001,
+        "{gguf} {st} {back}"
+    );
+    assert!(
+        rel(gguf, LLAMA_CPP_PPL_Q4_1) < 0.005,
+        "gguf {gguf} vs llama.cpp {LLAMA_CPP_PPL_Q4_1}"
+    );
+    assert!(
+        rel(st, LLAMA_CPP_PPL_F32) < 0.005,
+        "f32 {st} vs llama.cpp {LLAMA_CPP_PPL_F32}"
+    );
+}
