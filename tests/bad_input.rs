@@ -114,9 +114,8 @@ fn safetensors_header_that_lies_and_config_missing_a_field() {
 
     // Header length larger than the file.
     let mut lying = original.clone();
-    lying[..8].copy_from_slice(
-        &(u64::from_le_bytes(lying[..8].try_into().unwrap()) + 1_000_000_000).to_le_bytes(),
-    );
+    let header_len = u64::from_le_bytes(lying[..8].try_into().unwrap());
+    lying[..8].copy_from_slice(&(header_len + 1_000_000_000).to_le_bytes());
     std::fs::write(&model_file, &lying).unwrap();
     let msg = fails(&eval_args(st.to_str().unwrap(), &text));
     assert!(

@@ -118,9 +118,27 @@ fn gguf_tokenizer_and_exported_tokenizer_json_agree_on_the_whole_eval_text() {
     assert!(a.len() > 80_000, "only {} tokens", a.len());
     assert_eq!(a, b);
     assert_eq!(gguf.tokenizer.add_bos(), st.tokenizer.add_bos());
+    assert_eq!(gguf.tokenizer.decode(&a).unwrap(), text);
+    assert_eq!(st.tokenizer.decode(&b).unwrap(), text);
+}
+
+#[test]
+fn smollm2_tokenizer_matches_independent_references() {
+    let t = Model::open(&real_model()).unwrap().tokenizer;
+    assert_eq!(t.vocab_size(), 49152);
+    assert_eq!((t.bos(), t.eos(), t.add_bos()), (Some(1), Some(2), false));
+    // Ids checked against a pure-Python re-implementation of llama.cpp's smollm
+    // tokenizer and against HF transformers on the exported tokenizer.json:
+    // Hello, Ġworld, Ġ, 2, 0, 2, 4 (digits split individually, no prefix space).
     assert_eq!(
-        gguf.tokenizer.decode(&a[..2000]).unwrap(),
-        st.tokenizer.decode(&b[..2000]).unwrap()
+        t.encode("Hello world 2024").unwrap(),
+        [19556, 905, 216, 34, 32, 34, 36]
+    );
+    // Control tokens written in the text are plain text, as llama-perplexity
+    // tokenizes (parse_special = false).
+    assert_eq!(
+        t.encode("<|im_start|>user\nHi<|im_end|>").unwrap(),
+        [44, 108, 306, 79, 3738, 108, 46, 4093, 198, 26843, 44, 108, 306, 79, 486, 108, 46]
     );
 }
 

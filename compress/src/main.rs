@@ -83,6 +83,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// Peak resident memory of this process (Linux `VmHWM`), mapped weight pages included.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 fn resolve(arg: &str) -> Result<PathBuf> {
     assets::resolve_with(arg, &assets::cache_dir(), &|line| eprintln!("{line}"))
 }
@@ -144,6 +152,7 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 let v = serde_json::json!({
                     "model": model_path, "text": text_path, "perplexity": report,
+                    "model_bytes": model.file_size(), "peak_rss_bytes": peak_rss_bytes(),
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {

@@ -76,21 +76,27 @@ impl<'a> WeightRef<'a> {
     }
 }
 
-/// Rows per dequantized panel: about 64 KiB of f32 so a panel stays in L2 while
-/// the activations stream past it.
-fn panel_rows(cols: usize) -> usize {
-    ((16 * 1024) / cols.max(1)).clamp(8, 64) / 8 * 8
-}
+/// Rows per dequantized panel. The GEMM repacks the activation rows it is given
+/// once per panel, so a panel must be wide enough (many output features) to
+/// amortise that; 128 rows of f32 are at most 768 KiB for K ≤ 1536, inside L2.
+const PANEL_ROWS: usize = 128;
 
-/// A raw output pointer shared by tasks that write disjoint columns.
+/// Fewest tokens per task when the token dimension is split for parallelism.
+const MIN_TOKEN_BLOCK: usize = 64;
+
+/// A raw output pointer shared by tasks that write disjoint blocks.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
-// SAFETY: tasks write disjoint column ranges of the output; see `matmul`.
+// SAFETY: tasks write disjoint (token block × column range) blocks; see `matmul`.
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
 /// `out[t, n] = Σ_k x[t, k] · w[n, k]` for `n_tokens` rows of `x` (`n_tokens × w.cols`,
 /// row-major) into `out` (`n_tokens × w.rows`, row-major, overwritten).
+///
+/// Tasks are (weight panel × token block) pairs: panels of [`PANEL_ROWS`] rows, and
+/// the tokens split only as far as needed to give every thread a few tasks when a
+/// matrix has few panels (the K/V projections).
 pub fn matmul(
     x: &[f32],
     n_tokens: usize,
@@ -113,35 +119,46 @@ pub fn matmul(
     if n_tokens == 0 || n == 0 {
         return Ok(());
     }
-    let nb = panel_rows(k);
+    let threads = rayon::current_num_threads();
+    let panels = n.div_ceil(PANEL_ROWS);
+    let nb = n.div_ceil(panels);
+    let token_blocks = (4 * threads)
+        .div_ceil(panels)
+        .min(n_tokens.div_ceil(MIN_TOKEN_BLOCK))
+        .max(1);
+    let tb = n_tokens.div_ceil(token_blocks);
     let shared = SharedOut(out.as_mut_ptr());
-    (0..n.div_ceil(nb))
+    (0..panels * token_blocks)
         .into_par_iter()
         .map_init(
             || vec![0f32; nb * k],
-            |panel, p| {
-                let r0 = p * nb;
-                let r1 = (r0 + nb).min(n);
+            |panel, task| {
+                let (p, b) = (task / token_blocks, task % token_blocks);
+                let (r0, r1) = (p * nb, ((p + 1) * nb).min(n));
+                let (t0, t1) = (b * tb, ((b + 1) * tb).min(n_tokens));
+                if t0 >= t1 {
+                    return Ok(());
+                }
                 w.dequantize_rows(r0, r1, panel)?;
                 let out = shared;
-                // SAFETY: `x` is n_tokens×k with row stride k; the panel holds
-                // (r1-r0) rows of k floats, read as a k×(r1-r0) matrix (row stride 1,
-                // column stride k); the output block is columns r0..r1 of every row of
-                // an n_tokens×n matrix, which no other task writes.
+                // SAFETY: rows t0..t1 of `x` (row stride k) are in bounds; the panel
+                // holds (r1-r0) rows of k floats, read as a k×(r1-r0) matrix (row
+                // stride 1, column stride k); the output block is rows t0..t1,
+                // columns r0..r1 of the n_tokens×n output, which no other task writes.
                 unsafe {
                     matrixmultiply::sgemm(
-                        n_tokens,
+                        t1 - t0,
                         k,
                         r1 - r0,
                         1.0,
-                        x.as_ptr(),
+                        x.as_ptr().add(t0 * k),
                         k as isize,
                         1,
                         panel.as_ptr(),
                         1,
                         k as isize,
                         0.0,
-                        out.0.add(r0),
+                        out.0.add(t0 * n + r0),
                         n as isize,
                         1,
                     );

@@ -70,42 +70,39 @@ pub struct Model {
 
 /// Rows of Q or K in GGUF are interleaved per head (llama.cpp's permutation for
 /// its "normal" RoPE): GGUF row `h·d + 2i + s` holds HF row `h·d + s·d/2 + i`.
-/// Returns the HF-order bytes.
-pub fn unpermute_qk_rows(data: &[u8], rows: usize, n_head: usize) -> Vec<u8> {
-    let row_bytes = data.len() / rows;
+/// Yields every (HF row, GGUF row) pair of a `rows`-row matrix with `n_head` heads.
+fn qk_row_pairs(rows: usize, n_head: usize) -> impl Iterator<Item = (usize, usize)> {
     let d = rows / n_head;
     let half = d / 2;
+    (0..n_head).flat_map(move |h| {
+        (0..2).flat_map(move |s| (0..half).map(move |i| (h * d + s * half + i, h * d + 2 * i + s)))
+    })
+}
+
+/// Copies whole rows of `data` (a `rows`-row matrix of any storage type) so that
+/// row `to_row` of the result is row `from_row` of the input for every pair.
+fn move_rows(data: &[u8], rows: usize, pairs: impl Iterator<Item = (usize, usize)>) -> Vec<u8> {
+    let rb = data.len() / rows;
     let mut out = vec![0u8; data.len()];
-    for h in 0..n_head {
-        for s in 0..2 {
-            for i in 0..half {
-                let hf = h * d + s * half + i;
-                let gg = h * d + 2 * i + s;
-                out[hf * row_bytes..(hf + 1) * row_bytes]
-                    .copy_from_slice(&data[gg * row_bytes..(gg + 1) * row_bytes]);
-            }
-        }
+    for (to_row, from_row) in pairs {
+        out[to_row * rb..(to_row + 1) * rb]
+            .copy_from_slice(&data[from_row * rb..(from_row + 1) * rb]);
     }
     out
 }
 
-/// The inverse of [`unpermute_qk_rows`]: HF row order to GGUF row order.
+/// GGUF row order of Q or K to HF row order (bytes of whole rows, any type).
+pub fn unpermute_qk_rows(data: &[u8], rows: usize, n_head: usize) -> Vec<u8> {
+    move_rows(data, rows, qk_row_pairs(rows, n_head))
+}
+
+/// HF row order of Q or K to GGUF row order: the inverse of [`unpermute_qk_rows`].
 pub fn permute_qk_rows(data: &[u8], rows: usize, n_head: usize) -> Vec<u8> {
-    let row_bytes = data.len() / rows;
-    let d = rows / n_head;
-    let half = d / 2;
-    let mut out = vec![0u8; data.len()];
-    for h in 0..n_head {
-        for s in 0..2 {
-            for i in 0..half {
-                let hf = h * d + s * half + i;
-                let gg = h * d + 2 * i + s;
-                out[gg * row_bytes..(gg + 1) * row_bytes]
-                    .copy_from_slice(&data[hf * row_bytes..(hf + 1) * row_bytes]);
-            }
-        }
-    }
-    out
+    move_rows(
+        data,
+        rows,
+        qk_row_pairs(rows, n_head).map(|(hf, gg)| (gg, hf)),
+    )
 }
 
 impl Model {

@@ -162,7 +162,7 @@ impl LlamaConfig {
             num_key_value_heads: opt_u64("num_key_value_heads")?.map_or(n_heads, |x| x as usize),
             head_dim: opt_u64("head_dim")?
                 .map(|x| x as usize)
-                .unwrap_or(if n_heads > 0 { hidden / n_heads } else { 0 }),
+                .unwrap_or(hidden.checked_div(n_heads).unwrap_or(0)),
             rms_norm_eps: opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta: opt_f64("rope_theta")?.unwrap_or(10000.0),
             max_position_embeddings: opt_u64("max_position_embeddings")?.unwrap_or(2048) as usize,
@@ -201,12 +201,14 @@ impl LlamaConfig {
                 "num_key_value_heads must be positive",
             ),
             (
-                self.head_dim > 0 && self.head_dim % 2 == 0,
+                self.head_dim > 0 && self.head_dim.is_multiple_of(2),
                 "head_dim must be positive and even",
             ),
             (
                 self.num_key_value_heads <= self.num_attention_heads
-                    && self.num_attention_heads % self.num_key_value_heads == 0,
+                    && self
+                        .num_attention_heads
+                        .is_multiple_of(self.num_key_value_heads),
                 "num_attention_heads must be a multiple of num_key_value_heads",
             ),
             (self.rms_norm_eps > 0.0, "rms_norm_eps must be positive"),

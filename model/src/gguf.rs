@@ -88,6 +88,10 @@ impl MetaValue {
         match *self {
             MetaValue::F32(v) => Some(v as f64),
             MetaValue::F64(v) => Some(v),
+            MetaValue::I8(v) => Some(v as f64),
+            MetaValue::I16(v) => Some(v as f64),
+            MetaValue::I32(v) => Some(v as f64),
+            MetaValue::I64(v) => Some(v as f64),
             _ => self.as_u64().map(|v| v as f64),
         }
     }
@@ -240,7 +244,7 @@ impl<'a> Cursor<'a> {
         let remaining = (self.buf.len() - self.pos) as u64;
         if n.saturating_mul(min_item_bytes as u64) > remaining {
             bail!(
-                "{} is {} but only {} bytes remain in the file at offset {}",
+                "{} is {} but only {} bytes remain in the file at offset {} (truncated or corrupt)",
                 what(),
                 n,
                 remaining,
@@ -510,18 +514,12 @@ impl GgufFile {
         items
             .iter()
             .map(|v| {
-                v.as_f64()
-                    .or_else(|| match *v {
-                        MetaValue::I32(x) => Some(x as f64),
-                        MetaValue::I64(x) => Some(x as f64),
-                        _ => None,
-                    })
-                    .ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "{}: metadata '{key}' holds a non-numeric item",
-                            self.path.display()
-                        )
-                    })
+                v.as_f64().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{}: metadata '{key}' holds a non-numeric item",
+                        self.path.display()
+                    )
+                })
             })
             .collect::<Result<Vec<_>>>()
             .map(Some)

@@ -497,11 +497,49 @@ mod tests {
         let err = format!("{:#}", SafetensorsFile::open(&cut).err().unwrap());
         assert!(err.contains("header length"), "{err}");
         // Offsets inconsistent with the shape.
-        let text = String::from_utf8_lossy(&bytes).replace("[2,3]", "[2,4]");
-        std::fs::write(&cut, text.as_bytes()).unwrap();
+        let mut reshaped = bytes.clone();
+        let at = reshaped.windows(5).position(|w| w == b"[2,3]").unwrap();
+        reshaped[at + 3] = b'4';
+        std::fs::write(&cut, &reshaped).unwrap();
         let err = format!("{:#}", SafetensorsFile::open(&cut).err().unwrap());
         assert!(
             err.contains("tensor 'a'") && err.contains("needs 32 bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sharded_set_reads_every_shard_through_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        for (file, name, value) in [("a.safetensors", "x", 1f32), ("b.safetensors", "y", 2f32)] {
+            let mut w = SafetensorsWriter::create(
+                &dir.path().join(file),
+                &[(name.to_owned(), Dtype::F32, vec![1])],
+                &BTreeMap::new(),
+            )
+            .unwrap();
+            w.write(name, &value.to_le_bytes()).unwrap();
+            w.finish().unwrap();
+        }
+        let index = dir.path().join("model.safetensors.index.json");
+        std::fs::write(
+            &index,
+            r#"{"weight_map": {"x": "a.safetensors", "y": "b.safetensors"}}"#,
+        )
+        .unwrap();
+        let set = SafetensorsSet::open(&index).unwrap();
+        assert_eq!(set.get("y").unwrap().1, &2f32.to_le_bytes());
+        assert_eq!(set.get("x").unwrap().1, &1f32.to_le_bytes());
+        assert_eq!(set.names().count(), 2);
+        // An index that puts a tensor in the wrong shard is named.
+        std::fs::write(
+            &index,
+            r#"{"weight_map": {"x": "b.safetensors", "y": "b.safetensors"}}"#,
+        )
+        .unwrap();
+        let err = format!("{:#}", SafetensorsSet::open(&index).err().unwrap());
+        assert!(
+            err.contains("'x'") && err.contains("b.safetensors"),
             "{err}"
         );
     }

@@ -130,6 +130,8 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     bos: Option<u32>,
     eos: Option<u32>,
+    unk: Option<u32>,
+    pad: Option<u32>,
     add_bos: bool,
     add_eos: bool,
     vocab_size: usize,
@@ -328,11 +330,18 @@ fn spm_merges(texts: &[String], scores: Option<&[f32]>, vocab: &Vocab) -> Vec<(S
         local.sort_by_key(|&(_, l, r, _)| (l, r));
         merges.extend(local);
     }
-    match scores {
+    if let Some(s) = scores {
         // Highest score first; `sort_by` is stable, so equal scores keep vocab order.
-        Some(s) => merges.sort_by(|a, b| s[b.0].total_cmp(&s[a.0])),
-        // No scores: HF's extractor then ranks by id, lowest first (already so).
-        None => {}
+        // (-0.0 counts as 0.0, NaN as lowest.) Without scores HF's extractor ranks
+        // by id, lowest first, which is the order already.
+        let key = |i: usize| {
+            if s[i].is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                s[i] + 0.0
+            }
+        };
+        merges.sort_by(|a, b| key(b.0).total_cmp(&key(a.0)));
     }
     merges
         .into_iter()
@@ -462,12 +471,17 @@ impl Tokenizer {
     /// supported `model`/`pre` values). Defaults follow llama.cpp where the GGUF is
     /// silent: for `"llama"` BOS 1, EOS 2, UNK 0, `add_bos` and `add_space_prefix`
     /// true; for `"gpt2"` `add_bos` only for the Llama-3 family.
+    ///
+    /// # Errors
+    /// An unsupported `model` or `pre`, an empty vocabulary, a duplicate token,
+    /// arrays shorter than the vocabulary, a malformed merge or one whose parts or
+    /// result are not tokens, a special id outside the vocabulary.
     pub fn from_gguf(v: &GgufVocab) -> Result<Self> {
         let (texts, vocab) = vocab_map(v)?;
         let n = texts.len();
         let (special, user) = added_tokens(v, &texts);
 
-        let (mut inner, bos, eos, add_bos): (tokenizers::Tokenizer, _, _, _) =
+        let (mut inner, bos, eos, unk, add_bos): (tokenizers::Tokenizer, _, _, _, _) =
             match v.model.as_str() {
                 "gpt2" => {
                     let pre = BpePre::parse(v.pre.as_deref())?;
@@ -482,7 +496,7 @@ impl Tokenizer {
                     t.with_pre_tokenizer(Some(pre.pre_tokenizer()?));
                     t.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
                     let add_bos = v.add_bos.unwrap_or(pre == BpePre::Llama3);
-                    (t, v.bos, v.eos, add_bos)
+                    (t, v.bos, v.eos, v.unk, add_bos)
                 }
                 "llama" => {
                     let unk = check_id("unknown token", v.unk.or(Some(0)), n)?;
@@ -524,7 +538,7 @@ impl Tokenizer {
                     t.with_decoder(Some(DecoderSequence::new(decoders)));
                     let bos = v.bos.or(Some(1)).filter(|&b| (b as usize) < n);
                     let eos = v.eos.or(Some(2)).filter(|&e| (e as usize) < n);
-                    (t, bos, eos, v.add_bos.unwrap_or(true))
+                    (t, bos, eos, unk, v.add_bos.unwrap_or(true))
                 }
                 other => bail!(
                 "unsupported tokenizer.ggml.model {other:?}; supported: \"gpt2\" (byte-level BPE), \
@@ -533,7 +547,8 @@ impl Tokenizer {
             };
         let bos = check_id("BOS", bos, n)?;
         let eos = check_id("EOS", eos, n)?;
-        check_id("padding", v.pad, n)?;
+        let unk = check_id("unknown token", unk, n)?;
+        let pad = check_id("padding", v.pad, n)?;
         let add_eos = v.add_eos.unwrap_or(false);
         if add_bos && bos.is_none() {
             bail!("tokenizer.ggml.add_bos_token is true, but there is no BOS token id");
@@ -544,14 +559,13 @@ impl Tokenizer {
         inner.add_special_tokens(&special);
         inner.add_tokens(&user);
         inner.with_post_processor(bos_eos_processor(&texts, bos, eos, add_bos, add_eos)?);
-        Ok(Self::finish(inner, bos, eos, add_bos, add_eos))
+        Ok(Self::finish(inner, [bos, eos, unk, pad], add_bos, add_eos))
     }
 
     /// Wraps a built or loaded `tokenizers::Tokenizer`.
     fn finish(
         mut inner: tokenizers::Tokenizer,
-        bos: Option<u32>,
-        eos: Option<u32>,
+        [bos, eos, unk, pad]: [Option<u32>; 4],
         add_bos: bool,
         add_eos: bool,
     ) -> Self {
@@ -568,6 +582,8 @@ impl Tokenizer {
             inner,
             bos,
             eos,
+            unk,
+            pad,
             add_bos,
             add_eos,
             vocab_size,
@@ -580,6 +596,10 @@ impl Tokenizer {
     /// `add_bos_token`, `add_eos_token`), else from `config.json`
     /// (`bos_token_id`, `eos_token_id`); when neither says whether BOS is added, it is
     /// added if the file's post-processor puts BOS in front of an encoding.
+    ///
+    /// # Errors
+    /// Unreadable or malformed files, or a `tokenizer_config.json` token that is
+    /// not in the vocabulary.
     pub fn from_file(tokenizer_json: &Path) -> Result<Self> {
         let path: PathBuf = if tokenizer_json.is_dir() {
             tokenizer_json.join("tokenizer.json")
@@ -610,6 +630,8 @@ impl Tokenizer {
         };
         let bos = lookup("bos_token")?;
         let eos = lookup("eos_token")?;
+        let unk = lookup("unk_token")?;
+        let pad = lookup("pad_token")?;
         let flag = |key: &str| {
             config
                 .as_ref()
@@ -630,11 +652,14 @@ impl Tokenizer {
                 eos.is_some() && probe.get_ids().last().copied() == eos
             }
         };
-        Ok(Self::finish(inner, bos, eos, add_bos, add_eos))
+        Ok(Self::finish(inner, [bos, eos, unk, pad], add_bos, add_eos))
     }
 
     /// Tokenizes `text` exactly as llama.cpp's perplexity does: no BOS/EOS added,
     /// special tokens in the text tokenized as plain text.
+    ///
+    /// # Errors
+    /// Whatever the `tokenizers` pipeline reports (not expected for valid UTF-8).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode_fast(text, false).map_err(tk)?;
         Ok(enc.get_ids().to_vec())
@@ -642,6 +667,9 @@ impl Tokenizer {
 
     /// Turns ids back into text (special tokens are written out, not skipped). An id
     /// outside the vocabulary is an error.
+    ///
+    /// # Errors
+    /// An id outside the vocabulary.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         if let Some(&bad) = ids.iter().find(|&&i| self.inner.id_to_token(i).is_none()) {
             bail!(
@@ -652,10 +680,13 @@ impl Tokenizer {
         self.inner.decode(ids, false).map_err(tk)
     }
 
-    /// Writes `tokenizer.json` and `tokenizer_config.json` (BOS/EOS/UNK/PAD tokens,
+    /// Writes `tokenizer.json` and `tokenizer_config.json` (BOS/EOS/UNK/PAD tokens or null,
     /// `add_bos_token`, `add_eos_token`, `clean_up_tokenization_spaces: false`,
     /// `tokenizer_class: PreTrainedTokenizerFast`) into `dir`, creating it if needed;
     /// each file is written to a temporary name and renamed into place.
+    ///
+    /// # Errors
+    /// The folder or a file cannot be created, written or renamed.
     pub fn save(&self, dir: &Path) -> Result<()> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let json = self.inner.to_string(true).map_err(tk)?;
@@ -665,19 +696,13 @@ impl Tokenizer {
             id.and_then(|i| self.inner.id_to_token(i))
                 .map_or(serde_json::Value::Null, serde_json::Value::String)
         };
-        let unk = self.inner.get_model();
-        let unk = match unk {
-            tokenizers::ModelWrapper::BPE(b) => b.get_unk_token().clone(),
-            _ => None,
-        };
         let mut config = serde_json::Map::new();
         config.insert("add_bos_token".into(), self.add_bos.into());
         config.insert("add_eos_token".into(), self.add_eos.into());
         config.insert("bos_token".into(), text(self.bos));
         config.insert("eos_token".into(), text(self.eos));
-        if let Some(u) = unk {
-            config.insert("unk_token".into(), u.into());
-        }
+        config.insert("unk_token".into(), text(self.unk));
+        config.insert("pad_token".into(), text(self.pad));
         config.insert("clean_up_tokenization_spaces".into(), false.into());
         config.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
         let config = serde_json::to_string_pretty(&serde_json::Value::Object(config))?;
@@ -718,8 +743,6 @@ mod tests {
     use super::*;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
-    use std::collections::HashMap;
-    use std::io::{BufReader, Read};
 
     /// GPT-2's byte → character table (index = byte).
     fn byte_chars() -> Vec<char> {
@@ -1028,304 +1051,5 @@ mod tests {
         assert_eq!((r.bos(), r.eos(), r.add_bos()), (t.bos(), t.eos(), true));
         // encode never adds BOS itself.
         assert_eq!(r.encode("hello").unwrap(), [id_of(&r, "hello")]);
-    }
-
-    // ---- the real model -------------------------------------------------------
-
-    /// The cache folder: `$COMPRESS_CACHE`, else `$XDG_CACHE_HOME/compress`, else
-    /// `$HOME/.cache/compress`.
-    fn cache_dir() -> PathBuf {
-        let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-        if let Some(d) = env("COMPRESS_CACHE") {
-            return PathBuf::from(d);
-        }
-        if let Some(d) = env("XDG_CACHE_HOME") {
-            return PathBuf::from(d).join("compress");
-        }
-        PathBuf::from(env("HOME").unwrap_or_default()).join(".cache/compress")
-    }
-
-    /// A GGUF metadata value, as much as the tokenizer needs.
-    #[derive(Debug)]
-    enum Meta {
-        Int(i64),
-        Float(f64),
-        Bool(bool),
-        Str(String),
-        Array(Vec<Meta>),
-    }
-
-    /// Reads the metadata of a GGUF file (header and KV pairs, nothing after).
-    fn read_gguf_metadata(path: &Path) -> HashMap<String, Meta> {
-        fn bytes<const N: usize>(r: &mut impl Read) -> [u8; N] {
-            let mut b = [0u8; N];
-            r.read_exact(&mut b).unwrap();
-            b
-        }
-        fn u32_(r: &mut impl Read) -> u32 {
-            u32::from_le_bytes(bytes(r))
-        }
-        fn u64_(r: &mut impl Read) -> u64 {
-            u64::from_le_bytes(bytes(r))
-        }
-        fn string(r: &mut impl Read) -> String {
-            let n = u64_(r) as usize;
-            let mut b = vec![0u8; n];
-            r.read_exact(&mut b).unwrap();
-            String::from_utf8(b).unwrap()
-        }
-        fn value(r: &mut impl Read, ty: u32) -> Meta {
-            match ty {
-                0 => Meta::Int(u8::from_le_bytes(bytes(r)) as i64),
-                1 => Meta::Int(i8::from_le_bytes(bytes(r)) as i64),
-                2 => Meta::Int(u16::from_le_bytes(bytes(r)) as i64),
-                3 => Meta::Int(i16::from_le_bytes(bytes(r)) as i64),
-                4 => Meta::Int(u32_(r) as i64),
-                5 => Meta::Int(i32::from_le_bytes(bytes(r)) as i64),
-                6 => Meta::Float(f32::from_le_bytes(bytes(r)) as f64),
-                7 => Meta::Bool(bytes::<1>(r)[0] != 0),
-                8 => Meta::Str(string(r)),
-                9 => {
-                    let ety = u32_(r);
-                    let n = u64_(r);
-                    Meta::Array((0..n).map(|_| value(r, ety)).collect())
-                }
-                10 => Meta::Int(u64_(r) as i64),
-                11 => Meta::Int(i64::from_le_bytes(bytes(r))),
-                12 => Meta::Float(f64::from_le_bytes(bytes(r))),
-                other => panic!("unknown GGUF value type {other}"),
-            }
-        }
-        let mut r = BufReader::new(fs::File::open(path).unwrap());
-        assert_eq!(&bytes::<4>(&mut r), b"GGUF");
-        assert_eq!(u32_(&mut r), 3);
-        let _n_tensors = u64_(&mut r);
-        let n_kv = u64_(&mut r);
-        (0..n_kv)
-            .map(|_| {
-                let key = string(&mut r);
-                let ty = u32_(&mut r);
-                (key, value(&mut r, ty))
-            })
-            .collect()
-    }
-
-    /// The tokenizer fields of GGUF metadata.
-    fn gguf_vocab(meta: &HashMap<String, Meta>) -> GgufVocab {
-        let s = |k: &str| match meta.get(k) {
-            Some(Meta::Str(s)) => Some(s.clone()),
-            _ => None,
-        };
-        let arr = |k: &str| match meta.get(k) {
-            Some(Meta::Array(a)) => Some(a),
-            _ => None,
-        };
-        let strs = |k: &str| {
-            arr(k).map(|a| {
-                a.iter()
-                    .map(|m| match m {
-                        Meta::Str(s) => s.clone(),
-                        other => panic!("{k}: {other:?}"),
-                    })
-                    .collect()
-            })
-        };
-        let int = |k: &str| match meta.get(k) {
-            Some(&Meta::Int(i)) => Some(i),
-            _ => None,
-        };
-        let flag = |k: &str| match meta.get(k) {
-            Some(&Meta::Bool(b)) => Some(b),
-            _ => None,
-        };
-        let id = |k: &str| int(k).map(|i| i as u32);
-        GgufVocab {
-            model: s("tokenizer.ggml.model").unwrap(),
-            pre: s("tokenizer.ggml.pre"),
-            tokens: strs("tokenizer.ggml.tokens").unwrap(),
-            scores: arr("tokenizer.ggml.scores").map(|a| {
-                a.iter()
-                    .map(|m| match m {
-                        Meta::Float(f) => *f as f32,
-                        Meta::Int(i) => *i as f32,
-                        other => panic!("score {other:?}"),
-                    })
-                    .collect()
-            }),
-            token_types: arr("tokenizer.ggml.token_type").map(|a| {
-                a.iter()
-                    .map(|m| match m {
-                        Meta::Int(i) => *i as i32,
-                        other => panic!("token type {other:?}"),
-                    })
-                    .collect()
-            }),
-            merges: strs("tokenizer.ggml.merges"),
-            bos: id("tokenizer.ggml.bos_token_id"),
-            eos: id("tokenizer.ggml.eos_token_id"),
-            unk: id("tokenizer.ggml.unknown_token_id"),
-            pad: id("tokenizer.ggml.padding_token_id"),
-            add_bos: flag("tokenizer.ggml.add_bos_token"),
-            add_eos: flag("tokenizer.ggml.add_eos_token"),
-        }
-    }
-
-    const PARAGRAPH: &str = "The Fulton County Grand Jury said Friday an investigation of \
-        Atlanta's recent primary election produced \"no evidence\" that any irregularities \
-        took place. The jury further said in term-end presentments that the City Executive \
-        Committee, which had over-all charge of the election, \"deserves the praise and \
-        thanks of the City of Atlanta\" for the manner in which the election was conducted. \
-        It cost $1,500,000 in 1961 -- roughly 3.5% more than the 1960 budget.\n\n";
-
-    /// English text for the comparisons: the start of the calibration text in the
-    /// cache (`calib.txt`), when the setup script has put it there.
-    fn english_text(bytes: usize) -> Option<String> {
-        let text = fs::read_to_string(cache_dir().join("calib.txt")).ok()?;
-        let mut end = bytes.min(text.len());
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        Some(text[..end].to_string())
-    }
-
-    #[test]
-    fn real_smollm2_vocabulary() {
-        let path = cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-        if !path.is_file() {
-            eprintln!(
-                "SKIPPED: {} is missing (run the setup script)",
-                path.display()
-            );
-            return;
-        }
-        let v = gguf_vocab(&read_gguf_metadata(&path));
-        assert_eq!(
-            (v.model.as_str(), v.pre.as_deref()),
-            ("gpt2", Some("smollm"))
-        );
-        let t = Tokenizer::from_gguf(&v).unwrap();
-        assert_eq!(t.vocab_size(), 49152);
-        assert_eq!((t.bos(), t.eos(), t.add_bos()), (Some(1), Some(2), false));
-        // Checked against an independent pure-Python re-implementation of llama.cpp's
-        // smollm tokenizer (digit split, GPT-2 regex, byte-level BPE by merge rank):
-        // Hello, Ġworld, Ġ, 2, 0, 2, 4.
-        assert_eq!(
-            t.encode("Hello world 2024").unwrap(),
-            [19556, 905, 216, 34, 32, 34, 36]
-        );
-        assert_eq!(
-            t.encode("<|im_start|>user\nHi<|im_end|>").unwrap(),
-            [44, 108, 306, 79, 3738, 108, 46, 4093, 198, 26843, 44, 108, 306, 79, 486, 108, 46]
-        );
-        let ids = t.encode(PARAGRAPH).unwrap();
-        assert_eq!(t.decode(&ids).unwrap(), PARAGRAPH);
-
-        let dir = tempfile::tempdir().unwrap();
-        t.save(dir.path()).unwrap();
-        let r = Tokenizer::from_file(&dir.path().join("tokenizer.json")).unwrap();
-        assert_eq!(
-            (r.vocab_size(), r.bos(), r.eos(), r.add_bos()),
-            (49152, Some(1), Some(2), false)
-        );
-        let varied = varied_text(20_000, 11);
-        let ids = t.encode(&varied).unwrap();
-        assert_eq!(r.encode(&varied).unwrap(), ids);
-        assert_eq!(r.decode(&ids).unwrap(), varied);
-
-        match english_text(200_000) {
-            Some(text) => {
-                let start = std::time::Instant::now();
-                let ids = t.encode(&text).unwrap();
-                eprintln!(
-                    "encoded {} bytes into {} tokens in {:.2?}",
-                    text.len(),
-                    ids.len(),
-                    start.elapsed()
-                );
-                assert_eq!(r.encode(&text).unwrap(), ids);
-                assert_eq!(t.decode(&ids).unwrap(), text);
-            }
-            None => eprintln!("SKIPPED the 200 KB comparison: no calib.txt in the cache"),
-        }
-    }
-
-    #[test]
-    #[ignore]
-    fn tmp_dump_ids() {
-        let path = cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-        let t = Tokenizer::from_gguf(&gguf_vocab(&read_gguf_metadata(&path))).unwrap();
-        t.save(Path::new("/tmp/tokx/saved")).unwrap();
-        for name in ["eval", "calib", "varied"] {
-            let text = if name == "varied" {
-                varied_text(200_000, 3)
-            } else {
-                fs::read_to_string(format!("/tmp/tokx/{name}.txt")).unwrap()
-            };
-            if name == "varied" {
-                fs::write("/tmp/tokx/varied.txt", &text).unwrap();
-            }
-            let start = std::time::Instant::now();
-            let ids = t.encode(&text).unwrap();
-            eprintln!(
-                "{name}: {} bytes -> {} tokens in {:.2?}",
-                text.len(),
-                ids.len(),
-                start.elapsed()
-            );
-            let s: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-            fs::write(format!("/tmp/tokx/{name}.rust.ids"), s.join("\n")).unwrap();
-        }
-    }
-
-    #[test]
-    #[ignore]
-    fn tmp_dump_spm() {
-        let j: serde_json::Value =
-            serde_json::from_str(&fs::read_to_string("/tmp/tokx/spm.json").unwrap()).unwrap();
-        let v = GgufVocab {
-            model: "llama".into(),
-            tokens: j["tokens"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_str().unwrap().to_string())
-                .collect(),
-            scores: Some(
-                j["scores"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap() as f32)
-                    .collect(),
-            ),
-            token_types: Some(
-                j["types"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_i64().unwrap() as i32)
-                    .collect(),
-            ),
-            bos: Some(1),
-            eos: Some(2),
-            unk: Some(0),
-            ..Default::default()
-        };
-        let t = Tokenizer::from_gguf(&v).unwrap();
-        t.save(Path::new("/tmp/tokx/saved_spm")).unwrap();
-        for name in ["eval", "varied"] {
-            let text = fs::read_to_string(format!("/tmp/tokx/{name}.txt")).unwrap();
-            let start = std::time::Instant::now();
-            let ids = t.encode(&text).unwrap();
-            eprintln!(
-                "spm {name}: {} bytes -> {} tokens in {:.2?}",
-                text.len(),
-                ids.len(),
-                start.elapsed()
-            );
-            assert_eq!(t.decode(&ids).unwrap(), text);
-            let s: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-            fs::write(format!("/tmp/tokx/{name}.spm.rust.ids"), s.join("\n")).unwrap();
-        }
     }
 }

@@ -81,6 +81,8 @@ pub fn dequantize_q2_k(src: &[u8], dst: &mut [f32]) {
         let qs: &[u8; 64] = b[16..80].try_into().unwrap();
         let d = f16_le(b[80], b[81]);
         let dmin = f16_le(b[82], b[83]);
+        // Each 128-element half reads 32 bytes of qs four times (shifts 0, 2, 4, 6);
+        // its 16-element groups, in order, alternate between bytes 0..16 and 16..32.
         for (n, y) in y.chunks_exact_mut(128).enumerate() {
             let q: &[u8; 32] = qs[32 * n..32 * n + 32].try_into().unwrap();
             let sc: &[u8; 8] = scales[8 * n..8 * n + 8].try_into().unwrap();
@@ -132,27 +134,39 @@ pub fn dequantize_q3_k(src: &[u8], dst: &mut [f32]) {
         let qs: &[u8; 64] = b[32..96].try_into().unwrap();
         let scales = scales_q3_k(b[96..108].try_into().unwrap());
         let d = f16_le(b[108], b[109]);
-        // Per 32 elements `g` (0..8): one row of qs bits, one hmask bit, two scales.
-        for (g, y) in y.chunks_exact_mut(32).enumerate() {
-            let q: &[u8; 32] = qs[32 * (g / 4)..][..32].try_into().unwrap();
-            let shift = 2 * (g % 4) as u32;
-            let hbit = g as u32;
-            let mut v = [0f32; 32];
-            for ((v, &q), &h) in v.iter_mut().zip(q).zip(hmask) {
-                let low = ((q as u32 >> shift) & 3) as i32;
-                let high = ((h as u32 >> hbit) & 1) as i32;
-                *v = (low - 4 + 4 * high) as f32;
-            }
-            let dl0 = d * scales[2 * g] as f32;
-            let dl1 = d * scales[2 * g + 1] as f32;
-            let (lo, hi) = y.split_at_mut(16);
-            for (o, &v) in lo.iter_mut().zip(&v[..16]) {
-                *o = dl0 * v;
-            }
-            for (o, &v) in hi.iter_mut().zip(&v[16..]) {
-                *o = dl1 * v;
-            }
+        let (hm0, hm1) = hmask.split_at(16);
+        let (hm0, hm1): (&[u8; 16], &[u8; 16]) = (hm0.try_into().unwrap(), hm1.try_into().unwrap());
+        // Same walk as Q2_K; group `j` of half `n` also reads hmask bit `4 n + j`.
+        for (n, y) in y.chunks_exact_mut(128).enumerate() {
+            let q: &[u8; 32] = qs[32 * n..32 * n + 32].try_into().unwrap();
+            let sc: &[i32; 8] = scales[8 * n..8 * n + 8].try_into().unwrap();
+            let (q0, q1) = q.split_at(16);
+            let (q0, q1): (&[u8; 16], &[u8; 16]) = (q0.try_into().unwrap(), q1.try_into().unwrap());
+            let mut groups = y.chunks_exact_mut(16);
+            let mut group = |q: &[u8; 16], hm: &[u8; 16], sc: i32, j: u32| {
+                let out: &mut [f32; 16] = groups.next().unwrap().try_into().unwrap();
+                let mask = 1u8 << (4 * n as u32 + j);
+                q3_group(q, hm, mask, d * sc as f32, 2 * j, out);
+            };
+            group(q0, hm0, sc[0], 0);
+            group(q1, hm1, sc[1], 0);
+            group(q0, hm0, sc[2], 1);
+            group(q1, hm1, sc[3], 1);
+            group(q0, hm0, sc[4], 2);
+            group(q1, hm1, sc[5], 2);
+            group(q0, hm0, sc[6], 3);
+            group(q1, hm1, sc[7], 3);
         }
+    }
+}
+
+/// Writes `dl * (((q >> shift) & 3) - (hm & mask == 0 ? 4 : 0))` for 16 Q3_K quants.
+#[inline(always)]
+fn q3_group(q: &[u8; 16], hm: &[u8; 16], mask: u8, dl: f32, shift: u32, out: &mut [f32; 16]) {
+    for ((o, &q), &h) in out.iter_mut().zip(q).zip(hm) {
+        let low = ((q >> shift) & 3) as i32;
+        let sub = if h & mask == 0 { 4 } else { 0 };
+        *o = dl * (low - sub) as f32;
     }
 }
 

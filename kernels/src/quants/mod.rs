@@ -1,4 +1,5 @@
-//! Block codecs: bytes of a GGUF weight type to f32 and back.
+//! Block codecs: bytes of a GGUF weight type to f32 ([`dequantize`]) and back
+//! ([`quantize`], in [`encode`]).
 //!
 //! Layouts and arithmetic follow ggml's `ggml-quants.c` so that dequantized values
 //! are bit-exact with llama.cpp and gguf-py.
@@ -6,8 +7,15 @@
 pub mod iq4;
 pub mod k_quants;
 pub mod legacy;
+pub mod encode;
+
+pub use encode::iq4::{quantize_iq4_nl, quantize_iq4_xs};
+pub use encode::k_quants::{quantize_q2_k, quantize_q3_k, quantize_q4_k, quantize_q5_k, quantize_q6_k};
+pub use encode::legacy::{quantize_q4_0, quantize_q4_1, quantize_q5_0, quantize_q5_1, quantize_q8_0};
+pub use encode::{quantize, quantize_bf16, quantize_f16, quantize_f32, quantize_to_vec};
 
 use crate::{GgmlType, KernelError};
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 /// Reads a little-endian IEEE half from two bytes and widens it to f32 (exact).
@@ -28,8 +36,14 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), Kerne
             }
         }
         GgmlType::F16 => {
-            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                *d = f16::from_le_bytes([s[0], s[1]]).to_f32();
+            // Bulk conversion uses the F16C instructions when the CPU has them; the
+            // bytes may be unaligned, so they go through a small aligned buffer.
+            let mut buf = [f16::ZERO; 256];
+            for (d, s) in dst.chunks_mut(256).zip(src.chunks(512)) {
+                for (b, s) in buf.iter_mut().zip(s.chunks_exact(2)) {
+                    *b = f16::from_le_bytes([s[0], s[1]]);
+                }
+                buf[..d.len()].convert_to_f32_slice(d);
             }
         }
         GgmlType::BF16 => {
