@@ -182,3 +182,53 @@ fn perplexity_matches_llama_cpp_for_gguf_and_both_conversions() {
         "f32 {st} vs llama.cpp {LLAMA_CPP_PPL_F32}"
     );
 }
+
+fn eval_against_base(model: &Path, base: &Path) -> serde_json::Value {
+    let o = compress(&[
+        "eval",
+        model.to_str().unwrap(),
+        "--base",
+        base.to_str().unwrap(),
+        "--text",
+        eval_text().to_str().unwrap(),
+        "--chunks",
+        "2",
+        "--json",
+    ]);
+    assert!(
+        o.status.success(),
+        "eval --base failed:\n{}",
+        output_text(&o)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn kl_divergence_against_the_base() {
+    let (f32_dir, _) = converted();
+    // The f32 expansion holds exactly the GGUF's dequantized values: identical logits.
+    let same = eval_against_base(f32_dir, &real_model());
+    assert_eq!(same["kld"]["max"].as_f64(), Some(0.0), "{same}");
+    assert_eq!(same["top1_agreement"].as_f64(), Some(1.0));
+    assert_eq!(
+        same["perplexity"]["perplexity"],
+        same["base_perplexity"]["perplexity"]
+    );
+    // bf16 rounding of the same weights: small but non-zero divergence.
+    let bf16 = work_dir().join("bf16");
+    let _ = std::fs::remove_dir_all(&bf16);
+    let o = compress(&[
+        "convert",
+        f32_dir.to_str().unwrap(),
+        "-o",
+        bf16.to_str().unwrap(),
+        "--dtype",
+        "bf16",
+    ]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    let r = eval_against_base(&bf16, &real_model());
+    let mean = r["kld"]["mean"].as_f64().unwrap();
+    assert!(mean > 1e-7 && mean < 1e-3, "bf16 mean KLD {mean}");
+    assert!(r["top1_agreement"].as_f64().unwrap() > 0.95, "{r}");
+    assert_eq!(r["perplexity"]["scored_tokens"], 2 * 255);
+}

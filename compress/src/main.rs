@@ -58,6 +58,10 @@ enum Command {
         /// Number of chunks (default: every whole chunk of the text).
         #[arg(long)]
         chunks: Option<usize>,
+        /// Base model to compare against on the same tokens: adds KL divergence
+        /// (mean, median, p90, p99, max) and top-1 agreement.
+        #[arg(long)]
+        base: Option<String>,
         /// Print the result as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -132,40 +136,79 @@ fn run(cli: Cli) -> Result<()> {
             text,
             ctx,
             chunks,
+            base,
             json,
         } => {
             let model_path = resolve(&model)?;
             let text_path = resolve(&text)?;
+            let base_path = base.as_deref().map(resolve).transpose()?;
             let text = eval::text::read_text(&text_path)?;
             let model = model::Model::open(&model_path)?;
-            let tokens = model
-                .tokenizer
+            let base = base_path.as_deref().map(model::Model::open).transpose()?;
+            // The base's tokenizer defines the tokens both models are scored on.
+            let tokenizer = &base.as_ref().unwrap_or(&model).tokenizer;
+            let tokens = tokenizer
                 .encode(&text)
                 .with_context(|| format!("cannot tokenize {}", text_path.display()))?;
             let opts = eval::PerplexityOptions { ctx, chunks };
             let n_chunks = chunks.unwrap_or(tokens.len() / ctx.max(1));
-            let mut bar = progress::Progress::new(n_chunks as u64, "perplexity");
-            let report = eval::perplexity(&model, &tokens, &opts, &mut |done, _total, ppl| {
+            let mut bar = progress::Progress::new(n_chunks as u64, "eval");
+            let mut on_chunk = |done: usize, _total: usize, ppl: f64| {
                 bar.set(done as u64, &format!("ppl {ppl:.4}"));
-            })?;
+            };
+            let mut out = serde_json::json!({
+                "model": model_path, "text": text_path,
+                "model_bytes": model.file_size(), "model_params": model.n_params()?,
+            });
+            let ppl_line = |name: &str, path: &std::path::Path, r: &eval::PerplexityReport| {
+                format!(
+                    "{name:<6} {}: {} chunks of {} tokens ({} scored), PPL = {:.4} +/- {:.5}  [{:.1} tokens/s]",
+                    path.display(),
+                    r.chunks,
+                    r.ctx,
+                    r.scored_tokens,
+                    r.perplexity,
+                    r.perplexity_stderr,
+                    r.tokens_per_second
+                )
+            };
+            let mut lines = Vec::new();
+            match (&base, &base_path) {
+                (Some(base), Some(base_path)) => {
+                    let r = eval::compare(&model, base, &tokens, &opts, &mut on_chunk)?;
+                    lines.push(ppl_line("model", &model_path, &r.perplexity));
+                    lines.push(ppl_line("base", base_path, &r.base_perplexity));
+                    let k = &r.kld;
+                    lines.push(format!(
+                        "KLD    mean {:.6} +/- {:.6}, median {:.6}, p90 {:.6}, p99 {:.6}, max {:.6}",
+                        k.mean, k.mean_stderr, k.median, k.p90, k.p99, k.max
+                    ));
+                    lines.push(format!(
+                        "top-1  {:.2}% same as the base; size {:.1} MB vs {:.1} MB (ratio {:.2})",
+                        100.0 * r.top1_agreement,
+                        model.file_size() as f64 / 1e6,
+                        base.file_size() as f64 / 1e6,
+                        base.file_size() as f64 / model.file_size() as f64
+                    ));
+                    out["base"] = serde_json::json!(base_path);
+                    out["base_bytes"] = serde_json::json!(base.file_size());
+                    out["perplexity"] = serde_json::to_value(&r.perplexity)?;
+                    out["base_perplexity"] = serde_json::to_value(&r.base_perplexity)?;
+                    out["kld"] = serde_json::to_value(&r.kld)?;
+                    out["top1_agreement"] = serde_json::json!(r.top1_agreement);
+                }
+                _ => {
+                    let r = eval::perplexity(&model, &tokens, &opts, &mut on_chunk)?;
+                    lines.push(ppl_line("model", &model_path, &r));
+                    out["perplexity"] = serde_json::to_value(&r)?;
+                }
+            }
             bar.finish();
+            out["peak_rss_bytes"] = serde_json::json!(peak_rss_bytes());
             if json {
-                let v = serde_json::json!({
-                    "model": model_path, "text": text_path, "perplexity": report,
-                    "model_bytes": model.file_size(), "peak_rss_bytes": peak_rss_bytes(),
-                });
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
-                println!(
-                    "{}: {} chunks of {} tokens ({} scored), PPL = {:.4} +/- {:.5}  [{:.1} tokens/s]",
-                    model_path.display(),
-                    report.chunks,
-                    report.ctx,
-                    report.scored_tokens,
-                    report.perplexity,
-                    report.perplexity_stderr,
-                    report.tokens_per_second
-                );
+                println!("{}", lines.join("\n"));
             }
             Ok(())
         }

@@ -1,7 +1,10 @@
 //! Eval: quality measurements of a model against text, with llama.cpp's
-//! protocol so the numbers compare with `llama-perplexity`.
+//! protocol so the numbers compare with `llama-perplexity`: perplexity, and KL
+//! divergence and top-1 agreement against a base model.
 
+pub mod kld;
 pub mod perplexity;
 pub mod text;
 
+pub use kld::{compare, CompareReport, KldStats};
 pub use perplexity::{perplexity, PerplexityOptions, PerplexityReport};
