@@ -4,12 +4,14 @@
 //! Every malformed input (truncation, offsets past the end, unknown types, counts
 //! that cannot fit in the file) is an error naming the file and the field.
 
+use crate::io::AtomicFile;
 use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
 use memmap2::Mmap;
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The magic at the start of every GGUF file.
@@ -526,6 +528,177 @@ impl GgufFile {
     }
 }
 
+/// A tensor to be written: name, GGUF dims (innermost first) and type.
+#[derive(Debug, Clone)]
+pub struct TensorDecl {
+    /// Tensor name.
+    pub name: String,
+    /// Dimensions, innermost first.
+    pub dims: Vec<u64>,
+    /// Storage type.
+    pub ty: GgmlType,
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
+/// Serialises a metadata value (without its type id).
+fn put_value(out: &mut Vec<u8>, v: &MetaValue) {
+    match v {
+        MetaValue::U8(x) => out.push(*x),
+        MetaValue::I8(x) => out.push(*x as u8),
+        MetaValue::U16(x) => out.extend(x.to_le_bytes()),
+        MetaValue::I16(x) => out.extend(x.to_le_bytes()),
+        MetaValue::U32(x) => out.extend(x.to_le_bytes()),
+        MetaValue::I32(x) => out.extend(x.to_le_bytes()),
+        MetaValue::F32(x) => out.extend(x.to_le_bytes()),
+        MetaValue::Bool(x) => out.push(*x as u8),
+        MetaValue::String(x) => put_string(out, x),
+        MetaValue::Array(item, items) => {
+            out.extend(item.to_le_bytes());
+            out.extend((items.len() as u64).to_le_bytes());
+            items.iter().for_each(|i| put_value(out, i));
+        }
+        MetaValue::U64(x) => out.extend(x.to_le_bytes()),
+        MetaValue::I64(x) => out.extend(x.to_le_bytes()),
+        MetaValue::F64(x) => out.extend(x.to_le_bytes()),
+    }
+}
+
+/// Streams a GGUF v3 file: the header, metadata and tensor infos are fixed up
+/// front from the declarations, then each tensor's bytes are written in
+/// declaration order (so only one tensor need be in memory), each aligned to
+/// `general.alignment`. The file appears under its name only on [`GgufWriter::finish`].
+pub struct GgufWriter {
+    out: AtomicFile,
+    decls: Vec<(TensorDecl, u64)>,
+    alignment: u64,
+    next: usize,
+    written: u64,
+}
+
+impl GgufWriter {
+    /// Writes the header of `dest` with `metadata` (in order) and the tensor infos.
+    pub fn create(
+        dest: &Path,
+        metadata: &[(String, MetaValue)],
+        tensors: &[TensorDecl],
+    ) -> Result<Self> {
+        let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
+            Some((_, v)) => v.as_u64().filter(|a| a.is_power_of_two()).ok_or_else(|| {
+                anyhow::anyhow!("general.alignment is {v}, expected a power of two")
+            })?,
+            None => DEFAULT_ALIGNMENT,
+        };
+        let mut head = Vec::new();
+        head.extend(GGUF_MAGIC);
+        head.extend(3u32.to_le_bytes());
+        head.extend((tensors.len() as u64).to_le_bytes());
+        head.extend((metadata.len() as u64).to_le_bytes());
+        let mut seen = std::collections::HashSet::new();
+        for (k, v) in metadata {
+            if !seen.insert(k.as_str()) {
+                bail!("metadata key '{k}' given twice");
+            }
+            put_string(&mut head, k);
+            head.extend(v.type_id().to_le_bytes());
+            put_value(&mut head, v);
+        }
+        let mut decls = Vec::with_capacity(tensors.len());
+        let mut offset = 0u64;
+        for t in tensors {
+            let n: u64 = t.dims.iter().product();
+            let n_bytes = t.ty.bytes_for(n as usize).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "tensor '{}' has {} elements, not a multiple of the {} block size {}",
+                    t.name,
+                    n,
+                    t.ty,
+                    t.ty.block_elems()
+                )
+            })? as u64;
+            if t.dims[0] % t.ty.block_elems() as u64 != 0 {
+                bail!(
+                    "tensor '{}' rows of {} are not whole {} blocks",
+                    t.name,
+                    t.dims[0],
+                    t.ty
+                );
+            }
+            put_string(&mut head, &t.name);
+            head.extend((t.dims.len() as u32).to_le_bytes());
+            t.dims.iter().for_each(|d| head.extend(d.to_le_bytes()));
+            head.extend(t.ty.id().to_le_bytes());
+            head.extend(offset.to_le_bytes());
+            decls.push((t.clone(), n_bytes));
+            offset = (offset + n_bytes).div_ceil(alignment) * alignment;
+        }
+        head.resize(
+            (head.len() as u64).div_ceil(alignment) as usize * alignment as usize,
+            0,
+        );
+        let mut out = AtomicFile::create(dest)?;
+        out.write_all(&head)
+            .with_context(|| format!("cannot write {}", dest.display()))?;
+        Ok(GgufWriter {
+            out,
+            decls,
+            alignment,
+            next: 0,
+            written: 0,
+        })
+    }
+
+    /// Writes the next declared tensor's bytes.
+    pub fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        let Some((decl, n_bytes)) = self.decls.get(self.next) else {
+            bail!("tensor '{name}' written but every declared tensor is already written");
+        };
+        if decl.name != name {
+            bail!(
+                "tensor '{name}' written where '{}' was declared next",
+                decl.name
+            );
+        }
+        if bytes.len() as u64 != *n_bytes {
+            bail!(
+                "tensor '{name}' has {} bytes, its declaration needs {n_bytes}",
+                bytes.len()
+            );
+        }
+        let padded = (*n_bytes).div_ceil(self.alignment) * self.alignment;
+        let dest = self.out.dest().display().to_string();
+        self.out
+            .write_all(bytes)
+            .with_context(|| format!("cannot write {dest}"))?;
+        // Padding between tensors; the file ends right after the last tensor.
+        if self.next + 1 < self.decls.len() {
+            let pad = vec![0u8; (padded - n_bytes) as usize];
+            self.out
+                .write_all(&pad)
+                .with_context(|| format!("cannot write {dest}"))?;
+        }
+        self.written += padded;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Checks every declared tensor was written and moves the file into place.
+    pub fn finish(self) -> Result<()> {
+        if self.next != self.decls.len() {
+            bail!(
+                "{}: only {} of {} declared tensors were written",
+                self.out.dest().display(),
+                self.next,
+                self.decls.len()
+            );
+        }
+        self.out.commit()
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -685,5 +858,65 @@ pub(crate) mod tests {
         let mut bytes = sample().bytes();
         bytes[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(open_err(&bytes).contains("metadata count"));
+    }
+
+    #[test]
+    fn writer_round_trips_every_value_type_through_the_reader() {
+        let f = write(&sample().bytes());
+        let g = GgufFile::open(f.path()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.gguf");
+        let decls: Vec<TensorDecl> = g
+            .tensors
+            .iter()
+            .map(|t| TensorDecl {
+                name: t.name.clone(),
+                dims: t.dims.clone(),
+                ty: t.ty,
+            })
+            .chain([TensorDecl {
+                name: "q".into(),
+                dims: vec![32, 2],
+                ty: GgmlType::Q8_0,
+            }])
+            .collect();
+        let mut w = GgufWriter::create(&dest, &g.metadata, &decls).unwrap();
+        w.write_tensor("w", g.tensor_data(g.tensor("w").unwrap()))
+            .unwrap();
+        assert!(w.write_tensor("q", &[0u8; 67]).is_err());
+        w.write_tensor("q", &[7u8; 68]).unwrap();
+        w.finish().unwrap();
+        let back = GgufFile::open(&dest).unwrap();
+        assert_eq!(back.metadata, g.metadata);
+        assert_eq!(
+            back.tensor_data(back.tensor("w").unwrap()),
+            g.tensor_data(g.tensor("w").unwrap())
+        );
+        let q = back.tensor("q").unwrap();
+        assert_eq!(
+            (q.ty, q.offset % 32, back.tensor_data(q)),
+            (GgmlType::Q8_0, 0, &[7u8; 68][..])
+        );
+        assert_eq!(back.file_size(), back.data_offset + q.offset + 68);
+    }
+
+    #[test]
+    fn unfinished_writer_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.gguf");
+        let decls = [TensorDecl {
+            name: "a".into(),
+            dims: vec![4],
+            ty: GgmlType::F32,
+        }];
+        let w = GgufWriter::create(&dest, &[], &decls).unwrap();
+        assert!(w.finish().is_err());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let bad = [TensorDecl {
+            name: "b".into(),
+            dims: vec![33],
+            ty: GgmlType::Q4_0,
+        }];
+        assert!(GgufWriter::create(&dest, &[], &bad).is_err());
     }
 }
