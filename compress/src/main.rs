@@ -45,6 +45,25 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
         dtype: DtypeArg,
     },
+    /// Importance matrix: run the model on calibration text and store, per linear
+    /// layer, the mean squared input activation per column (llama.cpp's imatrix
+    /// GGUF format).
+    Imatrix {
+        /// Model: .gguf, .safetensors, model.safetensors.index.json, or a folder.
+        model: String,
+        /// UTF-8 calibration text.
+        #[arg(long)]
+        text: String,
+        /// Output imatrix file (.gguf).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Tokens per chunk.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Number of chunks (default: every whole chunk of the text).
+        #[arg(long)]
+        chunks: Option<usize>,
+    },
     /// Perplexity of a model on a text, with llama-perplexity's protocol.
     Eval {
         /// Model: .gguf, .safetensors, model.safetensors.index.json, or a folder.
@@ -130,6 +149,38 @@ fn run(cli: Cli) -> Result<()> {
                 DtypeArg::Bf16 => kernels::GgmlType::BF16,
             };
             convert::convert(&input, &output, dtype)
+        }
+        Command::Imatrix { model, text, output, ctx, chunks } => {
+            let model_path = resolve(&model)?;
+            let text_path = resolve(&text)?;
+            let text = eval::text::read_text(&text_path)?;
+            let model = model::Model::open(&model_path)?;
+            let tokens = model
+                .tokenizer
+                .encode(&text)
+                .with_context(|| format!("cannot tokenize {}", text_path.display()))?;
+            let total = chunks.unwrap_or(tokens.len() / ctx.max(1));
+            let mut bar = progress::Progress::new(total as u64, "imatrix");
+            let start = std::time::Instant::now();
+            let m = model::calib::Imatrix::collect(
+                &model,
+                &tokens,
+                ctx,
+                chunks,
+                &text_path.display().to_string(),
+                &mut |done, _| bar.set(done as u64, ""),
+            )?;
+            bar.finish();
+            m.save(&output)?;
+            eprintln!(
+                "wrote {} ({} weights, {} chunks of {} tokens, {:.1}s)",
+                output.display(),
+                m.entries.len(),
+                m.chunks,
+                m.chunk_size,
+                start.elapsed().as_secs_f64()
+            );
+            Ok(())
         }
         Command::Eval {
             model,

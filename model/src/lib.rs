@@ -2,6 +2,7 @@
 //! tokenizer, and the Llama-family forward pass, all behind one in-memory view
 //! ([`Model`]) whatever file the weights came from.
 
+pub mod calib;
 pub mod checkpoint;
 pub mod config;
 pub mod gguf;

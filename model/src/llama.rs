@@ -199,11 +199,28 @@ impl Model {
 
     /// Runs one decoder block in place on `x` (`n` positions starting at 0).
     pub fn forward_block(&self, w: &BlockWeights, x: &mut [f32], n: usize) -> Result<()> {
+        self.forward_block_observed(w, x, n, &mut |_, _| {})
+    }
+
+    /// [`Model::forward_block`], showing `observe` the input of every linear layer
+    /// (`n × in_features`, row-major) with the GGUF suffix of its weight
+    /// (`"attn_q.weight"`, …), before the layer runs. Layers that share an input are
+    /// each shown it. Used to collect calibration statistics.
+    pub fn forward_block_observed(
+        &self,
+        w: &BlockWeights,
+        x: &mut [f32],
+        n: usize,
+        observe: &mut dyn FnMut(&'static str, &[f32]),
+    ) -> Result<()> {
         let c = &self.config;
         let (hd, heads, kv_heads) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
         let mut h = vec![0f32; x.len()];
 
         rms_norm(x, &w.attn_norm, c.rms_norm_eps, &mut h);
+        for name in ["attn_q.weight", "attn_k.weight", "attn_v.weight"] {
+            observe(name, &h);
+        }
         let mut q = linear(&h, n, &w.q)?;
         let mut k = linear(&h, n, &w.k)?;
         let v = linear(&h, n, &w.v)?;
@@ -211,15 +228,19 @@ impl Model {
         apply_rope(&mut q, heads, hd, &cos, &sin);
         apply_rope(&mut k, kv_heads, hd, &cos, &sin);
         let a = attention(&q, &k, &v, n, heads, kv_heads, hd);
+        observe("attn_output.weight", &a);
         let o = linear(&a, n, &w.o)?;
         x.par_iter_mut().zip(&o).for_each(|(x, o)| *x += o);
 
         rms_norm(x, &w.ffn_norm, c.rms_norm_eps, &mut h);
+        observe("ffn_gate.weight", &h);
+        observe("ffn_up.weight", &h);
         let mut g = linear(&h, n, &w.gate)?;
         let u = linear(&h, n, &w.up)?;
         g.par_iter_mut()
             .zip(&u)
             .for_each(|(g, &u)| *g = *g / (1.0 + (-*g).exp()) * u);
+        observe("ffn_down.weight", &g);
         let d = linear(&g, n, &w.down)?;
         x.par_iter_mut().zip(&d).for_each(|(x, d)| *x += d);
         Ok(())

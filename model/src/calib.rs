@@ -1,0 +1,293 @@
+//! Calibration statistics: the importance matrix. The model runs on calibration
+//! text chunk by chunk, and for the input of every linear layer of every block
+//! the sum of squared activations per input column and the number of tokens are
+//! accumulated (what `llama-imatrix` computes). Stored as llama.cpp's imatrix
+//! GGUF (`<weight>.in_sum2`, `<weight>.counts`), so files go both ways.
+
+use crate::gguf::{GgufFile, GgufWriter, MetaValue, TensorDecl};
+use crate::names;
+use crate::Model;
+use anyhow::{bail, Context, Result};
+use kernels::GgmlType;
+use rayon::prelude::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Statistics of one weight's input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImatrixEntry {
+    /// Σ x² over every token, per input column.
+    pub sum_sq: Vec<f64>,
+    /// Tokens accumulated.
+    pub count: u64,
+}
+
+impl ImatrixEntry {
+    /// Mean squared activation per input column: the importance the quantizers take.
+    pub fn mean(&self) -> Vec<f32> {
+        let n = self.count.max(1) as f64;
+        self.sum_sq.iter().map(|&s| (s / n) as f32).collect()
+    }
+}
+
+/// An importance matrix: per weight (canonical name), its input statistics.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Imatrix {
+    /// Entries by weight name.
+    pub entries: BTreeMap<String, ImatrixEntry>,
+    /// Chunks of calibration text run.
+    pub chunks: u32,
+    /// Tokens per chunk.
+    pub chunk_size: u32,
+    /// Where the calibration text came from.
+    pub datasets: Vec<String>,
+}
+
+/// Adds Σ x² per column of the `cols`-wide rows of `input` into `sum_sq`.
+fn accumulate(sum_sq: &mut [f64], input: &[f32]) {
+    let cols = sum_sq.len();
+    let rows = input.len() / cols;
+    // Columns in parallel strips; each strip walks every row.
+    sum_sq
+        .par_chunks_mut(64)
+        .enumerate()
+        .for_each(|(s, strip)| {
+            let c0 = s * 64;
+            for r in 0..rows {
+                let row = &input[r * cols + c0..r * cols + c0 + strip.len()];
+                for (acc, &v) in strip.iter_mut().zip(row) {
+                    *acc += (v as f64) * (v as f64);
+                }
+            }
+        });
+}
+
+impl Imatrix {
+    /// Runs `model` over `chunks` chunks of `ctx` tokens of `tokens` (BOS as the
+    /// model adds it) and accumulates the statistics of every block's linear inputs.
+    pub fn collect(
+        model: &Model,
+        tokens: &[u32],
+        ctx: usize,
+        chunks: Option<usize>,
+        dataset: &str,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        if ctx < 2 {
+            bail!("--ctx {ctx} is too small");
+        }
+        let available = tokens.len() / ctx;
+        let chunks = match chunks {
+            Some(0) => bail!("--chunks must be at least 1"),
+            Some(n) if n > available => bail!(
+                "--chunks {n} asks for more than the {available} whole chunks of {ctx} tokens in the calibration text ({} tokens)",
+                tokens.len()
+            ),
+            Some(n) => n,
+            None if available == 0 => bail!(
+                "the calibration text has {} tokens, fewer than one chunk of {ctx}",
+                tokens.len()
+            ),
+            None => available,
+        };
+        let bos = if model.tokenizer.add_bos() {
+            model.tokenizer.bos()
+        } else {
+            None
+        };
+        let mut entries: BTreeMap<String, ImatrixEntry> = BTreeMap::new();
+        for c in 0..chunks {
+            let mut chunk = tokens[c * ctx..(c + 1) * ctx].to_vec();
+            if let Some(b) = bos {
+                chunk[0] = b;
+            }
+            let mut x = model.embed(&chunk)?;
+            for layer in 0..model.config.num_hidden_layers {
+                let w = model.block_weights(layer)?;
+                model
+                    .forward_block_observed(&w, &mut x, ctx, &mut |suffix, input| {
+                        let cols = input.len() / ctx;
+                        let e = entries
+                            .entry(names::block(layer, suffix))
+                            .or_insert_with(|| ImatrixEntry {
+                                sum_sq: vec![0.0; cols],
+                                count: 0,
+                            });
+                        accumulate(&mut e.sum_sq, input);
+                        e.count += ctx as u64;
+                    })
+                    .with_context(|| format!("block {layer}"))?;
+            }
+            progress(c + 1, chunks);
+        }
+        Ok(Imatrix {
+            entries,
+            chunks: chunks as u32,
+            chunk_size: ctx as u32,
+            datasets: vec![dataset.to_owned()],
+        })
+    }
+
+    /// The mean squared input of weight `name`, if collected.
+    pub fn importance(&self, name: &str) -> Option<Vec<f32>> {
+        self.entries.get(name).map(ImatrixEntry::mean)
+    }
+
+    /// Writes llama.cpp's imatrix GGUF.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let metadata = vec![
+            (
+                "general.type".to_owned(),
+                MetaValue::String("imatrix".into()),
+            ),
+            (
+                "imatrix.datasets".to_owned(),
+                MetaValue::Array(
+                    8,
+                    self.datasets
+                        .iter()
+                        .map(|d| MetaValue::String(d.clone()))
+                        .collect(),
+                ),
+            ),
+            (
+                "imatrix.chunk_count".to_owned(),
+                MetaValue::U32(self.chunks),
+            ),
+            (
+                "imatrix.chunk_size".to_owned(),
+                MetaValue::U32(self.chunk_size),
+            ),
+        ];
+        let mut decls = Vec::new();
+        for (name, e) in &self.entries {
+            decls.push(TensorDecl {
+                name: format!("{name}.in_sum2"),
+                dims: vec![e.sum_sq.len() as u64, 1],
+                ty: GgmlType::F32,
+            });
+            decls.push(TensorDecl {
+                name: format!("{name}.counts"),
+                dims: vec![1, 1],
+                ty: GgmlType::F32,
+            });
+        }
+        let mut w = GgufWriter::create(path, &metadata, &decls)?;
+        for (name, e) in &self.entries {
+            let sums: Vec<u8> = e
+                .sum_sq
+                .iter()
+                .flat_map(|&s| (s as f32).to_le_bytes())
+                .collect();
+            w.write_tensor(&format!("{name}.in_sum2"), &sums)?;
+            w.write_tensor(&format!("{name}.counts"), &(e.count as f32).to_le_bytes())?;
+        }
+        w.finish()
+    }
+
+    /// Reads an imatrix GGUF (ours or llama.cpp's; one matrix per weight).
+    pub fn load(path: &Path) -> Result<Self> {
+        let g = GgufFile::open(path)?;
+        if g.get("general.type").and_then(MetaValue::as_str) != Some("imatrix") {
+            bail!(
+                "{}: not an imatrix file (general.type is not \"imatrix\")",
+                path.display()
+            );
+        }
+        let f32s = |name: &str| -> Result<Vec<f32>> {
+            let t = g
+                .tensor(name)
+                .with_context(|| format!("{}: tensor '{name}' is missing", path.display()))?;
+            if t.ty != GgmlType::F32 {
+                bail!(
+                    "{}: tensor '{name}' is {}, expected F32",
+                    path.display(),
+                    t.ty
+                );
+            }
+            Ok(g.tensor_data(t)
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect())
+        };
+        let mut entries = BTreeMap::new();
+        for t in &g.tensors {
+            let Some(weight) = t.name.strip_suffix(".in_sum2") else {
+                continue;
+            };
+            let sums = f32s(&t.name)?;
+            let counts = f32s(&format!("{weight}.counts"))?;
+            if counts.len() != 1 {
+                bail!(
+                    "{}: '{weight}' has {} matrices (mixture of experts); only dense models are supported",
+                    path.display(),
+                    counts.len()
+                );
+            }
+            entries.insert(
+                weight.to_owned(),
+                ImatrixEntry {
+                    sum_sq: sums.iter().map(|&s| s as f64).collect(),
+                    count: counts[0] as u64,
+                },
+            );
+        }
+        if entries.is_empty() {
+            bail!(
+                "{}: the imatrix holds no '*.in_sum2' tensors",
+                path.display()
+            );
+        }
+        let u32_of = |k: &str| g.get(k).and_then(MetaValue::as_u64).unwrap_or(0) as u32;
+        Ok(Imatrix {
+            entries,
+            chunks: u32_of("imatrix.chunk_count"),
+            chunk_size: u32_of("imatrix.chunk_size"),
+            datasets: g.string_array("imatrix.datasets").unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accumulates_sum_of_squares_per_column() {
+        let mut sums = vec![0.0; 70];
+        let input: Vec<f32> = (0..140)
+            .map(|i| (i % 70) as f32 * if i < 70 { 1.0 } else { 2.0 })
+            .collect();
+        accumulate(&mut sums, &input);
+        for (c, &s) in sums.iter().enumerate() {
+            assert_eq!(s, (c * c) as f64 * 5.0);
+        }
+    }
+
+    #[test]
+    fn save_and_load_round_trip() {
+        let mut m = Imatrix {
+            chunks: 3,
+            chunk_size: 512,
+            datasets: vec!["calib.txt".into()],
+            ..Default::default()
+        };
+        m.entries.insert(
+            "blk.0.attn_q.weight".into(),
+            ImatrixEntry {
+                sum_sq: vec![1.0, 4.0, 9.0],
+                count: 2,
+            },
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("imatrix.gguf");
+        m.save(&p).unwrap();
+        let back = Imatrix::load(&p).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(
+            back.importance("blk.0.attn_q.weight").unwrap(),
+            vec![0.5, 2.0, 4.5]
+        );
+        assert!(Imatrix::load(&dir.path().join("missing.gguf")).is_err());
+    }
+}
