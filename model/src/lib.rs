@@ -6,6 +6,7 @@ pub mod calib;
 pub mod checkpoint;
 pub mod config;
 pub mod gguf;
+pub mod gguf_export;
 pub mod io;
 pub mod llama;
 pub mod names;

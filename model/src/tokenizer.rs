@@ -37,8 +37,19 @@
 //!
 //! [`Tokenizer::save`] writes `tokenizer.json` and a `tokenizer_config.json` the way
 //! Hugging Face transformers reads them; [`Tokenizer::from_file`] reads them back.
+//!
+//! [`Tokenizer::to_gguf_vocab`] turns a tokenizer back into GGUF metadata (for
+//! writing a GGUF from a safetensors checkpoint). A tokenizer built from GGUF
+//! returns its vocabulary unchanged; `save` records what `tokenizer.json` cannot
+//! hold (the GGUF `model` and `pre`, the special ids and flags as the GGUF had
+//! them, and any tokens, merges, token types or scores that differ from what
+//! `tokenizer.json` implies) in `tokenizer_config.json` under [`GGUF_CONFIG_KEY`],
+//! so a saved tokenizer converts back exactly. Without that key (a foreign
+//! `tokenizer.json`) the vocabulary is reconstructed from the `tokenizers` model
+//! and `pre` is chosen by recognising the pre-tokenizer.
 
 use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Map, Value};
 use std::collections::HashSet;
 use std::fs;
 use std::io::Write;
@@ -92,6 +103,21 @@ const SUPPORTED_PRE: &str = "smollm, starcoder, refact, codeshell, command-r, ex
      qwen2, deepseek-r1-qwen, stablelm2, default (or absent)";
 /// SentencePiece's whitespace marker.
 const SPM_SPACE: &str = "\u{2581}";
+/// The key of `tokenizer_config.json` under which [`Tokenizer::save`] records the
+/// GGUF tokenizer metadata that `tokenizer.json` cannot hold: an object with
+/// `model`, `pre`, `bos_token_id`, `eos_token_id`, `unknown_token_id`,
+/// `padding_token_id`, `add_bos_token`, `add_eos_token` (the GGUF's values, `null`
+/// where it had none) and, only where they differ from what `tokenizer.json`
+/// implies, `tokens`, `merges`, `token_type` and `scores` (`null` when the GGUF had
+/// none; non-finite scores written as the strings `"NaN"`, `"inf"`, `"-inf"`).
+/// Hugging Face transformers ignores it.
+pub const GGUF_CONFIG_KEY: &str = "gguf";
+/// The `pre` values [`Tokenizer::to_gguf_vocab`] recognises in a foreign
+/// byte-level BPE `tokenizer.json`.
+const RECOGNISED_PRE: &str = "smollm (Digits one by one, then ByteLevel with its regex), \
+     gpt2 (ByteLevel with the GPT-2 regex), llama-bpe (Llama-3's split regex, then \
+     ByteLevel), qwen2 (Qwen-2's split regex, then ByteLevel), default (llama.cpp's \
+     fallback regexes, then ByteLevel)";
 
 /// The tokenizer as GGUF metadata holds it (filled by the GGUF reader).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -135,6 +161,9 @@ pub struct Tokenizer {
     add_bos: bool,
     add_eos: bool,
     vocab_size: usize,
+    /// The GGUF vocabulary this tokenizer was built from (by `from_gguf`) or that
+    /// `tokenizer_config.json` recorded (see [`GGUF_CONFIG_KEY`]).
+    gguf: Option<GgufVocab>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -466,6 +495,421 @@ fn read_json_if_exists(path: &Path) -> Result<Option<serde_json::Value>> {
     Ok(Some(v))
 }
 
+/// A GGUF vocabulary's tokens, merges, token types and scores as a
+/// `tokenizer.json` implies them.
+struct Implied {
+    tokens: Vec<String>,
+    merges: Option<Vec<String>>,
+    token_types: Vec<i32>,
+    scores: Option<Vec<f32>>,
+}
+
+/// The `tokenizers` model as JSON (the only public way to a BPE's ranked merges).
+fn model_json(inner: &tokenizers::Tokenizer) -> Result<Value> {
+    serde_json::to_value(inner.get_model()).context("serialising the tokenizer model")
+}
+
+/// The `type` of a serialised tokenizer component, `"none"` for `null`.
+fn json_type(v: &Value) -> &str {
+    v.get("type").and_then(Value::as_str).unwrap_or("none")
+}
+
+/// A serialised component for an error message (compact, at most ~600 bytes).
+fn describe(v: &Value) -> String {
+    let s = v.to_string();
+    if s.len() <= 600 {
+        return s;
+    }
+    let mut end = 600;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// The GGUF model kind a `tokenizers` model converts to: a BPE with byte fallback
+/// is a converted SentencePiece vocabulary (`"llama"`), any other BPE byte-level
+/// (`"gpt2"`).
+fn model_kind(model: &Value) -> Result<&'static str> {
+    match json_type(model) {
+        "BPE" if model.get("byte_fallback").and_then(Value::as_bool) == Some(true) => Ok("llama"),
+        "BPE" => Ok("gpt2"),
+        other => bail!(
+            "the tokenizer.json model is {other:?}; only BPE models (byte-level or \
+             SentencePiece BPE) convert to a GGUF vocabulary"
+        ),
+    }
+}
+
+/// A BPE model's merges in rank order (either serialisation: `"a b"` or `["a", "b"]`).
+fn bpe_merges(model: &Value) -> Result<Vec<(String, String)>> {
+    let Some(list) = model.get("merges").and_then(Value::as_array) else {
+        return Ok(Vec::new());
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| match m {
+            Value::String(s) => {
+                let pos = s
+                    .as_bytes()
+                    .iter()
+                    .skip(1)
+                    .position(|&c| c == b' ')
+                    .map(|p| p + 1)
+                    .with_context(|| format!("tokenizer.json merge #{i} {s:?} has no space"))?;
+                Ok((s[..pos].to_string(), s[pos + 1..].to_string()))
+            }
+            Value::Array(p) => match p.as_slice() {
+                [Value::String(a), Value::String(b)] => Ok((a.clone(), b.clone())),
+                _ => bail!("tokenizer.json merge #{i} {m} is not a pair of strings"),
+            },
+            _ => bail!("tokenizer.json merge #{i} {m} is neither a string nor a pair"),
+        })
+        .collect()
+}
+
+/// Whether `t` is a SentencePiece byte token `<0xXX>`.
+fn is_byte_token(t: &str) -> bool {
+    let b = t.as_bytes();
+    b.len() == 6
+        && t.starts_with("<0x")
+        && t.ends_with('>')
+        && b[3..5].iter().all(|c| c.is_ascii_hexdigit())
+}
+
+/// Tokens, merges, token types and scores of a GGUF vocabulary of kind `kind`
+/// (`"gpt2"` or `"llama"`) as `inner` (whose model serialises to `model`) implies
+/// them: tokens by id (added tokens included); for `gpt2` the merges in rank
+/// order; special added tokens as control (3), other added tokens user-defined (4);
+/// for `llama` the unknown token (2) and byte tokens `<0xXX>` (6) too, no merges,
+/// and scores that rank each piece by its first merge (so deriving the merges back
+/// from the vocabulary, as [`Tokenizer::from_gguf`] does, gives the same order).
+fn implied_vocab(inner: &tokenizers::Tokenizer, model: &Value, kind: &str) -> Result<Implied> {
+    if kind != "gpt2" && kind != "llama" {
+        bail!("unsupported GGUF tokenizer model {kind:?}; supported: \"gpt2\", \"llama\"");
+    }
+    let vocab = inner.get_vocab(true);
+    let n = vocab.values().max().map_or(0, |&m| m as usize + 1);
+    if n == 0 {
+        bail!("the tokenizer.json vocabulary is empty");
+    }
+    let mut slots: Vec<Option<&String>> = vec![None; n];
+    for (text, &id) in &vocab {
+        if let Some(prev) = slots[id as usize].replace(text) {
+            bail!("token id {id} has two texts in tokenizer.json: {prev:?} and {text:?}");
+        }
+    }
+    let tokens = slots
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            t.cloned()
+                .with_context(|| format!("token id {i} has no token in tokenizer.json"))
+        })
+        .collect::<Result<Vec<String>>>()?;
+    let pairs = bpe_merges(model)?;
+    let spm = kind == "llama";
+    let unk = model.get("unk_token").and_then(Value::as_str);
+    let added = inner.get_added_tokens_decoder();
+    let token_types = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match added.get(&(i as u32)) {
+            _ if spm && Some(t.as_str()) == unk => TOKEN_TYPE_UNKNOWN,
+            Some(a) if a.special => TOKEN_TYPE_CONTROL,
+            Some(_) => TOKEN_TYPE_USER_DEFINED,
+            None if spm && is_byte_token(t) => TOKEN_TYPE_BYTE,
+            None => TOKEN_TYPE_NORMAL,
+        })
+        .collect();
+    let (merges, scores) = if spm {
+        // Pieces no merge makes rank below all others.
+        let mut scores = vec![-(pairs.len() as f32); n];
+        for (rank, (a, b)) in pairs.iter().enumerate().rev() {
+            if let Some(&id) = vocab.get(&format!("{a}{b}")) {
+                scores[id as usize] = 0.0 - rank as f32;
+            }
+        }
+        (None, Some(scores))
+    } else {
+        let merges = pairs.iter().map(|(a, b)| format!("{a} {b}")).collect();
+        (Some(merges), None)
+    };
+    Ok(Implied {
+        tokens,
+        merges,
+        token_types,
+        scores,
+    })
+}
+
+/// Chooses `tokenizer.ggml.pre` for a byte-level BPE by its (serialised)
+/// pre-tokenizer; an unrecognised one is an error that shows it.
+fn recognise_pre(pre_tokenizer: &Value) -> Result<&'static str> {
+    let parts: Vec<&Value> = match pre_tokenizer {
+        Value::Null => Vec::new(),
+        v if json_type(v) == "Sequence" => v
+            .get("pretokenizers")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().collect())
+            .unwrap_or_default(),
+        v => vec![v],
+    };
+    let byte_level = |v: &Value, regex: bool| {
+        json_type(v) == "ByteLevel"
+            && v["add_prefix_space"] == false
+            && v.get("use_regex").and_then(Value::as_bool).unwrap_or(true) == regex
+    };
+    let split = |v: &Value, regex: &str| {
+        json_type(v) == "Split"
+            && v["pattern"]["Regex"] == regex
+            && v["behavior"] == "Isolated"
+            && v["invert"] == false
+    };
+    let found = match parts.as_slice() {
+        [d, b]
+            if json_type(d) == "Digits"
+                && d["individual_digits"] == true
+                && byte_level(b, true) =>
+        {
+            Some("smollm")
+        }
+        [b] if byte_level(b, true) => Some("gpt2"),
+        [s, b] if byte_level(b, false) && split(s, GPT2_REGEX) => Some("gpt2"),
+        [s, b] if byte_level(b, false) && split(s, LLAMA3_REGEX) => Some("llama-bpe"),
+        [s, b] if byte_level(b, false) && split(s, QWEN2_REGEX) => Some("qwen2"),
+        [r0, r1, r2, r3, b]
+            if byte_level(b, false)
+                && DEFAULT_REGEXES
+                    .iter()
+                    .zip([r0, r1, r2, r3])
+                    .all(|(r, v)| split(v, r)) =>
+        {
+            Some("default")
+        }
+        _ => None,
+    };
+    found.ok_or_else(|| {
+        anyhow!(
+            "unrecognised pre-tokenizer in tokenizer.json: {}; recognised for a byte-level \
+             BPE: {RECOGNISED_PRE}",
+            describe(pre_tokenizer)
+        )
+    })
+}
+
+/// Checks that a foreign byte-level BPE has nothing GGUF cannot express: no
+/// subword prefix or word suffix, no normalizer but NFC (which llama.cpp's own
+/// converter drops as well).
+fn check_byte_level(inner: &tokenizers::Tokenizer, model: &Value) -> Result<()> {
+    for key in ["continuing_subword_prefix", "end_of_word_suffix"] {
+        if let Some(s) = model.get(key).and_then(Value::as_str) {
+            bail!("the tokenizer.json BPE has {key} {s:?}, which a GGUF vocabulary cannot express");
+        }
+    }
+    let norm = serde_json::to_value(inner.get_normalizer())?;
+    match json_type(&norm) {
+        "none" | "NFC" => Ok(()),
+        _ => bail!(
+            "the tokenizer.json normalizer {} has no GGUF equivalent for a byte-level BPE \
+             (only none or NFC)",
+            describe(&norm)
+        ),
+    }
+}
+
+/// Checks that a foreign byte-fallback BPE is a converted SentencePiece model:
+/// spaces written as `▁` by the normalizer (`Replace`) or a `Metaspace`
+/// pre-tokenizer.
+fn check_sentencepiece(inner: &tokenizers::Tokenizer) -> Result<()> {
+    let norm = serde_json::to_value(inner.get_normalizer())?;
+    let pre = serde_json::to_value(inner.get_pre_tokenizer())?;
+    let is_space = |v: &Value| {
+        json_type(v) == "Replace" && v["pattern"]["String"] == " " && v["content"] == SPM_SPACE
+    };
+    let norm_ok = is_space(&norm)
+        || norm
+            .get("normalizers")
+            .and_then(Value::as_array)
+            .is_some_and(|a| a.iter().any(is_space));
+    if norm_ok || json_type(&pre) == "Metaspace" {
+        return Ok(());
+    }
+    bail!(
+        "a byte-fallback BPE tokenizer.json is taken for SentencePiece, but nothing in it \
+         writes spaces as {SPM_SPACE:?}: normalizer {}, pre-tokenizer {}",
+        describe(&norm),
+        describe(&pre)
+    )
+}
+
+/// A score as JSON: a number, or `"NaN"`/`"inf"`/`"-inf"` (JSON has no such numbers).
+fn score_json(x: f32) -> Value {
+    if x.is_finite() {
+        Value::from(f64::from(x))
+    } else {
+        Value::String(x.to_string())
+    }
+}
+
+/// The record [`Tokenizer::save`] writes under [`GGUF_CONFIG_KEY`] for `v`.
+fn gguf_record(inner: &tokenizers::Tokenizer, v: &GgufVocab) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("model".into(), json!(v.model));
+    m.insert("pre".into(), json!(v.pre));
+    m.insert("bos_token_id".into(), json!(v.bos));
+    m.insert("eos_token_id".into(), json!(v.eos));
+    m.insert("unknown_token_id".into(), json!(v.unk));
+    m.insert("padding_token_id".into(), json!(v.pad));
+    m.insert("add_bos_token".into(), json!(v.add_bos));
+    m.insert("add_eos_token".into(), json!(v.add_eos));
+    // Arrays only where tokenizer.json does not imply them.
+    let implied = model_json(inner)
+        .and_then(|j| implied_vocab(inner, &j, &v.model))
+        .ok();
+    let implied = implied.as_ref();
+    if implied.map(|i| &i.tokens) != Some(&v.tokens) {
+        m.insert("tokens".into(), json!(v.tokens));
+    }
+    if implied.map(|i| &i.merges) != Some(&v.merges) {
+        m.insert("merges".into(), json!(v.merges));
+    }
+    if implied.map(|i| Some(&i.token_types)) != Some(v.token_types.as_ref()) {
+        m.insert("token_type".into(), json!(v.token_types));
+    }
+    if implied.map(|i| &i.scores) != Some(&v.scores) {
+        let scores = v
+            .scores
+            .as_ref()
+            .map_or(Value::Null, |s| s.iter().map(|&x| score_json(x)).collect());
+        m.insert("scores".into(), scores);
+    }
+    m
+}
+
+/// Reads the GGUF vocabulary back from a [`GGUF_CONFIG_KEY`] record, taking what
+/// it does not hold from `inner`.
+fn vocab_from_record(inner: &tokenizers::Tokenizer, rec: &Value) -> Result<GgufVocab> {
+    let o = rec.as_object().context("it is not an object")?;
+    let model = o
+        .get("model")
+        .and_then(Value::as_str)
+        .context("it has no \"model\" string")?
+        .to_string();
+    // A key that is absent or null is None; anything else must have the right type.
+    fn opt<T>(
+        o: &Map<String, Value>,
+        key: &str,
+        what: &str,
+        f: impl Fn(&Value) -> Option<T>,
+    ) -> Result<Option<T>> {
+        match o.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => f(v)
+                .map(Some)
+                .with_context(|| format!("{key:?} is not {what}: {}", describe(v))),
+        }
+    }
+    let id = |key: &str| {
+        opt(o, key, "a token id", |v| {
+            v.as_u64().and_then(|x| u32::try_from(x).ok())
+        })
+    };
+    let flag = |key: &str| opt(o, key, "a boolean", Value::as_bool);
+    let strings = |v: &Value| -> Option<Vec<String>> {
+        v.as_array()?
+            .iter()
+            .map(|s| s.as_str().map(str::to_string))
+            .collect()
+    };
+    let ints = |v: &Value| -> Option<Vec<i32>> {
+        v.as_array()?
+            .iter()
+            .map(|x| x.as_i64().and_then(|x| i32::try_from(x).ok()))
+            .collect()
+    };
+    let floats = |v: &Value| -> Option<Vec<f32>> {
+        v.as_array()?
+            .iter()
+            .map(|x| match x {
+                Value::String(s) => s.parse::<f32>().ok(),
+                x => x.as_f64().map(|f| f as f32),
+            })
+            .collect()
+    };
+    let implied = model_json(inner).and_then(|j| implied_vocab(inner, &j, &model));
+    let implied = || implied.as_ref().map_err(|e| anyhow!("{e:#}"));
+    let tokens = match o.get("tokens") {
+        Some(_) => opt(o, "tokens", "a list of strings", strings)?.context("\"tokens\" is null")?,
+        None => implied()?.tokens.clone(),
+    };
+    let merges = match o.get("merges") {
+        Some(_) => opt(o, "merges", "a list of strings", strings)?,
+        None => implied()?.merges.clone(),
+    };
+    let token_types = match o.get("token_type") {
+        Some(_) => opt(o, "token_type", "a list of integers", ints)?,
+        None => Some(implied()?.token_types.clone()),
+    };
+    let scores = match o.get("scores") {
+        Some(_) => opt(o, "scores", "a list of numbers", floats)?,
+        None => implied()?.scores.clone(),
+    };
+    let v = GgufVocab {
+        model,
+        pre: opt(o, "pre", "a string", |v| v.as_str().map(str::to_string))?,
+        tokens,
+        scores,
+        token_types,
+        merges,
+        bos: id("bos_token_id")?,
+        eos: id("eos_token_id")?,
+        unk: id("unknown_token_id")?,
+        pad: id("padding_token_id")?,
+        add_bos: flag("add_bos_token")?,
+        add_eos: flag("add_eos_token")?,
+    };
+    // Array lengths and ids against the tokens (a stale record fails here).
+    vocab_map(&v)?;
+    let n = v.tokens.len();
+    for (name, id) in [
+        ("BOS", v.bos),
+        ("EOS", v.eos),
+        ("unknown token", v.unk),
+        ("padding", v.pad),
+    ] {
+        check_id(name, id, n)?;
+    }
+    Ok(v)
+}
+
+/// `config` as pretty JSON with `record` added under [`GGUF_CONFIG_KEY`], each of
+/// its entries on one line (its arrays can be long).
+fn config_text(config: &Map<String, Value>, record: Option<&Map<String, Value>>) -> Result<String> {
+    let text = serde_json::to_string_pretty(&Value::Object(config.clone()))?;
+    let Some(record) = record else {
+        return Ok(text);
+    };
+    let body = record
+        .iter()
+        .map(|(k, v)| {
+            Ok(format!(
+                "    {}: {}",
+                serde_json::to_string(k)?,
+                serde_json::to_string(v)?
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?
+        .join(",\n");
+    let head = text
+        .strip_suffix("\n}")
+        .context("unexpected JSON layout of tokenizer_config.json")?;
+    Ok(format!(
+        "{head},\n  {}: {{\n{body}\n  }}\n}}",
+        serde_json::to_string(GGUF_CONFIG_KEY)?
+    ))
+}
+
 impl Tokenizer {
     /// Builds the tokenizer from GGUF tokenizer metadata (see the module docs for the
     /// supported `model`/`pre` values). Defaults follow llama.cpp where the GGUF is
@@ -559,7 +1003,13 @@ impl Tokenizer {
         inner.add_special_tokens(&special);
         inner.add_tokens(&user);
         inner.with_post_processor(bos_eos_processor(&texts, bos, eos, add_bos, add_eos)?);
-        Ok(Self::finish(inner, [bos, eos, unk, pad], add_bos, add_eos))
+        Ok(Self::finish(
+            inner,
+            [bos, eos, unk, pad],
+            add_bos,
+            add_eos,
+            Some(v.clone()),
+        ))
     }
 
     /// Wraps a built or loaded `tokenizers::Tokenizer`.
@@ -568,6 +1018,7 @@ impl Tokenizer {
         [bos, eos, unk, pad]: [Option<u32>; 4],
         add_bos: bool,
         add_eos: bool,
+        gguf: Option<GgufVocab>,
     ) -> Self {
         // llama.cpp's perplexity tokenizes with parse_special = false: special tokens
         // written in the text are ordinary text. (Not saved in tokenizer.json, so it
@@ -587,6 +1038,7 @@ impl Tokenizer {
             add_bos,
             add_eos,
             vocab_size,
+            gguf,
         }
     }
 
@@ -595,11 +1047,14 @@ impl Tokenizer {
     /// `tokenizer_config.json` beside it when present (`bos_token`, `eos_token`,
     /// `add_bos_token`, `add_eos_token`), else from `config.json`
     /// (`bos_token_id`, `eos_token_id`); when neither says whether BOS is added, it is
-    /// added if the file's post-processor puts BOS in front of an encoding.
+    /// added if the file's post-processor puts BOS in front of an encoding. A
+    /// [`GGUF_CONFIG_KEY`] record in `tokenizer_config.json` (written by
+    /// [`Tokenizer::save`]) gives the GGUF vocabulary [`Tokenizer::to_gguf_vocab`]
+    /// returns.
     ///
     /// # Errors
-    /// Unreadable or malformed files, or a `tokenizer_config.json` token that is
-    /// not in the vocabulary.
+    /// Unreadable or malformed files, a `tokenizer_config.json` token that is
+    /// not in the vocabulary, a malformed or stale [`GGUF_CONFIG_KEY`] record.
     pub fn from_file(tokenizer_json: &Path) -> Result<Self> {
         let path: PathBuf = if tokenizer_json.is_dir() {
             tokenizer_json.join("tokenizer.json")
@@ -652,7 +1107,73 @@ impl Tokenizer {
                 eos.is_some() && probe.get_ids().last().copied() == eos
             }
         };
-        Ok(Self::finish(inner, [bos, eos, unk, pad], add_bos, add_eos))
+        let gguf = match config.as_ref().and_then(|c| c.get(GGUF_CONFIG_KEY)) {
+            None => None,
+            Some(rec) => Some(vocab_from_record(&inner, rec).with_context(|| {
+                format!(
+                    "reading {GGUF_CONFIG_KEY:?} of {}",
+                    dir.join("tokenizer_config.json").display()
+                )
+            })?),
+        };
+        Ok(Self::finish(
+            inner,
+            [bos, eos, unk, pad],
+            add_bos,
+            add_eos,
+            gguf,
+        ))
+    }
+
+    /// The tokenizer as GGUF metadata (`tokenizer.ggml.*`), for writing a GGUF.
+    ///
+    /// A tokenizer built by [`Tokenizer::from_gguf`], or loaded from a folder whose
+    /// `tokenizer_config.json` has a [`GGUF_CONFIG_KEY`] record (one
+    /// [`Tokenizer::save`] wrote), gives back exactly the GGUF vocabulary it came
+    /// from. Otherwise the vocabulary is reconstructed from the `tokenizers` model:
+    /// a BPE with byte fallback is a converted SentencePiece vocabulary (`"llama"`:
+    /// tokens, unknown/control/user-defined/byte token types, scores that rank
+    /// pieces in merge order, no `pre`), any other BPE is byte-level (`"gpt2"`:
+    /// tokens, merges in rank order, control/user-defined types for the added
+    /// tokens, no scores, and `pre` recognised from the pre-tokenizer: Digits one
+    /// by one then ByteLevel is `smollm`, ByteLevel with the GPT-2 regex `gpt2`,
+    /// Llama-3's split regex `llama-bpe`, Qwen-2's `qwen2`, llama.cpp's fallback
+    /// list `default`); the special ids and `add_bos`/`add_eos` are this
+    /// tokenizer's.
+    ///
+    /// # Errors
+    /// Without a record: a model other than BPE, an unrecognised pre-tokenizer (the
+    /// message shows it), a normalizer or subword affixes GGUF cannot express, a
+    /// byte-fallback BPE that does not write spaces as `▁`, ids without a token.
+    pub fn to_gguf_vocab(&self) -> Result<GgufVocab> {
+        if let Some(v) = &self.gguf {
+            return Ok(v.clone());
+        }
+        let model = model_json(&self.inner)?;
+        let kind = model_kind(&model)?;
+        let pre = if kind == "gpt2" {
+            check_byte_level(&self.inner, &model)?;
+            let pre = serde_json::to_value(self.inner.get_pre_tokenizer())?;
+            Some(recognise_pre(&pre)?.to_string())
+        } else {
+            check_sentencepiece(&self.inner)?;
+            None
+        };
+        let implied = implied_vocab(&self.inner, &model, kind)?;
+        Ok(GgufVocab {
+            model: kind.to_string(),
+            pre,
+            tokens: implied.tokens,
+            scores: implied.scores,
+            token_types: Some(implied.token_types),
+            merges: implied.merges,
+            bos: self.bos,
+            eos: self.eos,
+            unk: self.unk,
+            pad: self.pad,
+            add_bos: Some(self.add_bos),
+            add_eos: Some(self.add_eos),
+        })
     }
 
     /// Tokenizes `text` exactly as llama.cpp's perplexity does: no BOS/EOS added,
@@ -683,7 +1204,11 @@ impl Tokenizer {
     /// Writes `tokenizer.json` and `tokenizer_config.json` (BOS/EOS/UNK/PAD tokens or null,
     /// `add_bos_token`, `add_eos_token`, `clean_up_tokenization_spaces: false`,
     /// `tokenizer_class: PreTrainedTokenizerFast`) into `dir`, creating it if needed;
-    /// each file is written to a temporary name and renamed into place.
+    /// each file is written to a temporary name and renamed into place. A tokenizer
+    /// with a GGUF vocabulary (built by [`Tokenizer::from_gguf`] or loaded with a
+    /// record) also records it under [`GGUF_CONFIG_KEY`], so that
+    /// [`Tokenizer::from_file`] and [`Tokenizer::to_gguf_vocab`] give it back
+    /// exactly.
     ///
     /// # Errors
     /// The folder or a file cannot be created, written or renamed.
@@ -705,7 +1230,8 @@ impl Tokenizer {
         config.insert("pad_token".into(), text(self.pad));
         config.insert("clean_up_tokenization_spaces".into(), false.into());
         config.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
-        let config = serde_json::to_string_pretty(&serde_json::Value::Object(config))?;
+        let record = self.gguf.as_ref().map(|v| gguf_record(&self.inner, v));
+        let config = config_text(&config, record.as_ref())?;
         write_atomic(&dir.join("tokenizer_config.json"), config.as_bytes())
     }
 
@@ -1051,5 +1577,275 @@ mod tests {
         assert_eq!((r.bos(), r.eos(), r.add_bos()), (t.bos(), t.eos(), true));
         // encode never adds BOS itself.
         assert_eq!(r.encode("hello").unwrap(), [id_of(&r, "hello")]);
+    }
+
+    /// The real model's GGUF vocabulary; fails (never skips) without the file.
+    fn real_vocab() -> GgufVocab {
+        let env = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        let cache = env("COMPRESS_CACHE")
+            .or_else(|| env("XDG_CACHE_HOME").map(|x| x.join("compress")))
+            .or_else(|| env("HOME").map(|h| h.join(".cache").join("compress")))
+            .expect("COMPRESS_CACHE or HOME is set");
+        let path = cache.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+        assert!(
+            path.is_file(),
+            "{} is missing: run `compress fetch` before the tests",
+            path.display()
+        );
+        let g = crate::gguf::GgufFile::open(&path).unwrap();
+        crate::checkpoint::gguf_vocab(&g).unwrap()
+    }
+
+    /// Reads `tokenizer_config.json` of `dir`.
+    fn read_config(dir: &Path) -> serde_json::Value {
+        serde_json::from_str(&fs::read_to_string(dir.join("tokenizer_config.json")).unwrap())
+            .unwrap()
+    }
+
+    /// Drops the GGUF record from `tokenizer_config.json` of `dir`.
+    fn drop_record(dir: &Path) {
+        let mut c = read_config(dir);
+        assert!(c.as_object_mut().unwrap().remove(GGUF_CONFIG_KEY).is_some());
+        fs::write(
+            dir.join("tokenizer_config.json"),
+            serde_json::to_string_pretty(&c).unwrap(),
+        )
+        .unwrap();
+    }
+
+    /// Asserts two GGUF vocabularies are equal, naming the first field that differs.
+    fn assert_same_vocab(got: &GgufVocab, want: &GgufVocab) {
+        assert_eq!(got.model, want.model, "model");
+        assert_eq!(got.pre, want.pre, "pre");
+        assert_eq!(got.tokens.len(), want.tokens.len(), "number of tokens");
+        assert!(got.tokens == want.tokens, "tokens differ");
+        assert!(got.merges == want.merges, "merges differ");
+        assert!(got.token_types == want.token_types, "token types differ");
+        assert!(got.scores == want.scores, "scores differ");
+        assert_eq!(
+            (got.bos, got.eos, got.unk, got.pad),
+            (want.bos, want.eos, want.unk, want.pad),
+            "special ids"
+        );
+        assert_eq!(
+            (got.add_bos, got.add_eos),
+            (want.add_bos, want.add_eos),
+            "add_bos/add_eos"
+        );
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn real_vocab_round_trips_through_tokenizer_json() {
+        let v = real_vocab();
+        assert_eq!(
+            (v.model.as_str(), v.pre.as_deref()),
+            ("gpt2", Some("smollm"))
+        );
+        let t = Tokenizer::from_gguf(&v).unwrap();
+        assert_same_vocab(&t.to_gguf_vocab().unwrap(), &v);
+
+        let dir = tempfile::tempdir().unwrap();
+        t.save(dir.path()).unwrap();
+        // tokenizer.json implies tokens, merges and types exactly: the record holds
+        // only what it cannot.
+        let config = read_config(dir.path());
+        let record = config[GGUF_CONFIG_KEY].as_object().unwrap();
+        let keys: Vec<&str> = record.keys().map(String::as_str).collect();
+        for k in ["tokens", "merges", "token_type", "scores"] {
+            assert!(!keys.contains(&k), "{k} recorded: {keys:?}");
+        }
+        assert_eq!(record["model"], "gpt2");
+        assert_eq!(record["pre"], "smollm");
+
+        let r = Tokenizer::from_file(dir.path()).unwrap();
+        let exported = r.to_gguf_vocab().unwrap();
+        assert_same_vocab(&exported, &v);
+
+        let text = varied_text(6000, 11);
+        let ids = t.encode(&text).unwrap();
+        assert!(ids.len() > 1000, "{}", ids.len());
+        let rebuilt = Tokenizer::from_gguf(&exported).unwrap();
+        assert_eq!(rebuilt.encode(&text).unwrap(), ids);
+        assert_eq!(r.encode(&text).unwrap(), ids);
+
+        // Without the record: reconstructed from tokenizer.json and recognised.
+        drop_record(dir.path());
+        let r = Tokenizer::from_file(dir.path()).unwrap();
+        let e = r.to_gguf_vocab().unwrap();
+        assert_eq!(e.model, v.model);
+        assert_eq!(e.pre, v.pre);
+        assert!(e.tokens == v.tokens, "tokens differ");
+        assert!(e.merges == v.merges, "merges differ");
+        assert!(e.token_types == v.token_types, "token types differ");
+        assert_eq!(e.scores, None);
+        assert_eq!(
+            (e.bos, e.eos, e.unk, e.pad, e.add_bos),
+            (v.bos, v.eos, v.unk, v.pad, v.add_bos)
+        );
+        assert_eq!(e.add_eos, Some(false));
+        assert_eq!(
+            Tokenizer::from_gguf(&e).unwrap().encode(&text).unwrap(),
+            ids
+        );
+    }
+
+    #[test]
+    fn spm_round_trips_through_tokenizer_json() {
+        let v = toy_spm();
+        let t = Tokenizer::from_gguf(&v).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        t.save(dir.path()).unwrap();
+        let record = read_config(dir.path())[GGUF_CONFIG_KEY].clone();
+        // Scores cannot be read from tokenizer.json; the token types can.
+        assert!(record.get("scores").is_some(), "{record}");
+        assert!(record.get("token_type").is_none(), "{record}");
+        let r = Tokenizer::from_file(dir.path()).unwrap();
+        let e = r.to_gguf_vocab().unwrap();
+        assert_eq!(e.tokens, v.tokens);
+        assert_eq!(e.scores, v.scores);
+        assert_eq!(e.token_types, v.token_types);
+        assert_same_vocab(&e, &v);
+
+        // Reconstructed: same tokens and types, scores that give the same merges.
+        let text = varied_text(3000, 5);
+        let ids = t.encode(&text).unwrap();
+        drop_record(dir.path());
+        let e = Tokenizer::from_file(dir.path())
+            .unwrap()
+            .to_gguf_vocab()
+            .unwrap();
+        assert_eq!((e.model.as_str(), e.pre.as_deref()), ("llama", None));
+        assert_eq!(e.tokens, v.tokens);
+        assert_eq!(e.token_types, v.token_types);
+        assert_eq!(e.merges, None);
+        assert_eq!((e.bos, e.eos, e.unk), (v.bos, v.eos, v.unk));
+        assert_eq!(
+            Tokenizer::from_gguf(&e).unwrap().encode(&text).unwrap(),
+            ids
+        );
+    }
+
+    #[test]
+    fn record_keeps_what_tokenizer_json_cannot() {
+        // Duplicate merge, an empty token, a byte type, NaN/inf scores, absent ids.
+        let mut v = toy_gpt2("gpt-2");
+        v.merges.as_mut().unwrap().push("h e".into());
+        let n = v.tokens.len();
+        v.tokens.push(String::new());
+        v.token_types.as_mut().unwrap().push(TOKEN_TYPE_UNUSED);
+        v.token_types.as_mut().unwrap()[0] = TOKEN_TYPE_BYTE;
+        let mut scores = vec![0.5f32; n + 1];
+        scores[1] = f32::INFINITY;
+        scores[2] = f32::NEG_INFINITY;
+        scores[3] = 0.1;
+        scores[4] = -0.0;
+        v.scores = Some(scores);
+        v.add_eos = None;
+        let t = Tokenizer::from_gguf(&v).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        t.save(dir.path()).unwrap();
+        let record = read_config(dir.path())[GGUF_CONFIG_KEY].clone();
+        for k in ["tokens", "merges", "token_type", "scores"] {
+            assert!(record.get(k).is_some(), "{k} not recorded: {record}");
+        }
+        let e = Tokenizer::from_file(dir.path())
+            .unwrap()
+            .to_gguf_vocab()
+            .unwrap();
+        assert_same_vocab(&e, &v);
+        assert!(e.scores.as_ref().unwrap()[4].is_sign_negative());
+
+        // A stale record (tokens removed from tokenizer.json's view) is an error.
+        let mut c = read_config(dir.path());
+        c[GGUF_CONFIG_KEY]["token_type"] = json!([1, 1]);
+        fs::write(
+            dir.path().join("tokenizer_config.json"),
+            serde_json::to_string(&c).unwrap(),
+        )
+        .unwrap();
+        let e = Tokenizer::from_file(dir.path()).unwrap_err();
+        assert!(format!("{e:#}").contains("token_type"), "{e:#}");
+    }
+
+    #[test]
+    fn foreign_pre_tokenizers_are_recognised() {
+        let dir = tempfile::tempdir().unwrap();
+        for (pre, want) in [
+            ("smollm", "smollm"),
+            ("starcoder", "smollm"),
+            ("gpt-2", "gpt2"),
+            ("llama-bpe", "llama-bpe"),
+            ("llama3", "llama-bpe"),
+            ("qwen2", "qwen2"),
+            ("default", "default"),
+        ] {
+            let t = Tokenizer::from_gguf(&toy_gpt2(pre)).unwrap();
+            let d = dir.path().join(pre);
+            t.save(&d).unwrap();
+            drop_record(&d);
+            let e = Tokenizer::from_file(&d).unwrap().to_gguf_vocab().unwrap();
+            assert_eq!(e.pre.as_deref(), Some(want), "{pre}");
+            assert_eq!(e.tokens, toy_gpt2(pre).tokens, "{pre}");
+        }
+
+        // HF's own layout: merges as "a b" strings, a ByteLevel post-processor, no
+        // tokenizer_config.json (ids from config.json).
+        let d = dir.path().join("smollm");
+        let path = d.join("tokenizer.json");
+        let mut j: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        let merges: Vec<String> = j["model"]["merges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| format!("{} {}", p[0].as_str().unwrap(), p[1].as_str().unwrap()))
+            .collect();
+        j["model"]["merges"] = json!(merges);
+        j["post_processor"] = json!({"type": "ByteLevel", "add_prefix_space": true,
+            "trim_offsets": false, "use_regex": true});
+        fs::write(&path, j.to_string()).unwrap();
+        fs::remove_file(d.join("tokenizer_config.json")).unwrap();
+        let v = toy_gpt2("smollm");
+        fs::write(
+            d.join("config.json"),
+            format!(
+                "{{\"bos_token_id\": {}, \"eos_token_id\": {}}}",
+                v.bos.unwrap(),
+                v.eos.unwrap()
+            ),
+        )
+        .unwrap();
+        let e = Tokenizer::from_file(&d).unwrap().to_gguf_vocab().unwrap();
+        assert_eq!(e.pre.as_deref(), Some("smollm"));
+        assert_eq!((&e.tokens, &e.merges), (&v.tokens, &v.merges));
+        assert_eq!(e.token_types, v.token_types);
+        assert_eq!((e.bos, e.eos, e.add_bos), (v.bos, v.eos, Some(false)));
+
+        // Unrecognised pre-tokenizers are errors that show what was found.
+        for (pt, shown) in [
+            (json!({"type": "Whitespace"}), "Whitespace"),
+            (
+                json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+                       "use_regex": true}),
+                "\"add_prefix_space\":true",
+            ),
+        ] {
+            j["pre_tokenizer"] = pt;
+            fs::write(&path, j.to_string()).unwrap();
+            let e = Tokenizer::from_file(&d)
+                .unwrap()
+                .to_gguf_vocab()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("unrecognised pre-tokenizer") && e.contains(shown),
+                "{e}"
+            );
+        }
     }
 }

@@ -4,14 +4,18 @@
 //! Layouts and arithmetic follow ggml's `ggml-quants.c` so that dequantized values
 //! are bit-exact with llama.cpp and gguf-py.
 
+pub mod encode;
 pub mod iq4;
 pub mod k_quants;
 pub mod legacy;
-pub mod encode;
 
 pub use encode::iq4::{quantize_iq4_nl, quantize_iq4_xs};
-pub use encode::k_quants::{quantize_q2_k, quantize_q3_k, quantize_q4_k, quantize_q5_k, quantize_q6_k};
-pub use encode::legacy::{quantize_q4_0, quantize_q4_1, quantize_q5_0, quantize_q5_1, quantize_q8_0};
+pub use encode::k_quants::{
+    quantize_q2_k, quantize_q3_k, quantize_q4_k, quantize_q5_k, quantize_q6_k,
+};
+pub use encode::legacy::{
+    quantize_q4_0, quantize_q4_1, quantize_q5_0, quantize_q5_1, quantize_q8_0,
+};
 pub use encode::{quantize, quantize_bf16, quantize_f16, quantize_f32, quantize_to_vec};
 
 use crate::{GgmlType, KernelError};

@@ -10,10 +10,11 @@
 //! k-quants do.
 //!
 //! Weights: with importance `qw`, `qw · sqrt(2σ² + x²)` with `σ²` the mean square of
-//! the block (IQ4_NL) or super-block (IQ4_XS), as ggml; without, `x²` (ggml's
-//! default).
+//! the block (IQ4_NL) or super-block (IQ4_XS), as ggml; without, `sqrt(2σ² + x²)`
+//! (all-ones importance) in place of ggml's `x²`, which loses to plain rounding on
+//! rows with outliers.
 
-use super::k_quants::{encode_sym_super, for_super_blocks};
+use super::k_quants::{encode_sym_super, for_super_blocks, SymSuper};
 use super::legacy::{block_qw, check_lengths, encode_symmetric, pack_nibbles};
 use super::search::{mean_square, weights, DefaultWeight, Iq4, Uniform};
 use crate::quants::iq4::{IQ4_NL_BYTES, IQ4_XS_BYTES, QK4_NL};
@@ -32,7 +33,13 @@ pub fn quantize_iq4_nl(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) 
         .enumerate()
     {
         let sigma2 = 2.0 * mean_square(x);
-        weights(x, block_qw(importance, b, QK4_NL), sigma2, DefaultWeight::Square, &mut w);
+        weights(
+            x,
+            block_qw(importance, b, QK4_NL),
+            sigma2,
+            DefaultWeight::Sqrt,
+            &mut w,
+        );
         let mut q = [0u8; QK4_NL];
         let d = encode_symmetric(x, &w, Iq4, &mut q);
         out[..2].copy_from_slice(&d.to_le_bytes());
@@ -47,8 +54,24 @@ pub fn quantize_iq4_nl(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) 
 /// bytes.
 pub fn quantize_iq4_xs(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
     let sgrid = Uniform { lo: -32, hi: 31 };
-    for_super_blocks(src, importance, dst, IQ4_XS_BYTES, 2.0, DefaultWeight::Square, false, |x, w, out| {
-        let s = encode_sym_super(x, w, 32, Iq4, sgrid);
+    for_super_blocks(
+        src,
+        importance,
+        dst,
+        IQ4_XS_BYTES,
+        2.0,
+        DefaultWeight::Sqrt,
+        false,
+        |x, w, out| {
+            write_iq4_xs(&encode_sym_super(x, w, 32, Iq4, sgrid), out);
+        },
+    );
+}
+
+/// Writes one IQ4_XS block (136 bytes) from its stored form (scale indices 0..64
+/// for -32..=31).
+pub(crate) fn write_iq4_xs(s: &SymSuper, out: &mut [u8]) {
+    {
         out[0..2].copy_from_slice(&s.d.to_le_bytes());
         // Index u (0..64) is the scale u - 32, stored as u.
         let mut scales_h = 0u16;
@@ -62,5 +85,5 @@ pub fn quantize_iq4_xs(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) 
         for (ib, q) in s.q.chunks_exact(32).enumerate() {
             pack_nibbles(q, &mut out[8 + 16 * ib..24 + 16 * ib]);
         }
-    });
+    }
 }

@@ -18,14 +18,15 @@
 //!
 //! Weights: with importance `qw`, `qw · sqrt(σ² + x²)` with `σ²` the super-block's
 //! mean square (times 2 for Q3_K/Q4_K/Q5_K, as ggml's `_impl` do), and `qw` alone
-//! for Q6_K (as ggml); without, ggml's defaults: `x²` for Q3_K and Q6_K,
-//! `sqrt(2σ²) + |x|` for Q4_K/Q5_K, and the same for Q2_K (whose ggml reference
-//! uses `|x|` with an absolute-error criterion).
+//! for Q6_K (as ggml); without, ggml's `sqrt(2σ²) + |x|` for Q4_K/Q5_K, the same
+//! with `σ²` for Q2_K (whose ggml reference uses `|x|` with an absolute-error
+//! criterion), and `sqrt(σ² + x²)` (all-ones importance) for Q3_K and Q6_K in
+//! place of ggml's `x²`, which loses to plain rounding on rows with outliers.
 
 use super::legacy::{block_qw, check_lengths};
 use super::search::{
-    fit_affine, fit_scale, mean_square, nearest_int, to_f16, weights, DefaultWeight, Grid,
-    Uniform, MAX_GROUP,
+    fit_affine, fit_scale, mean_square, nearest_int, to_f16, weights, DefaultWeight, Grid, Uniform,
+    MAX_GROUP,
 };
 use crate::quants::k_quants::{Q2_K_BYTES, Q3_K_BYTES, Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES, QK_K};
 
@@ -63,7 +64,13 @@ fn requant_affine_sub(x: &[f32], w: &[f32], dl: f32, ml: f32, nmax: i32, q: &mut
 
 /// Encodes one super-block with `256 / sub` sub-blocks of quants `0..=nmax`, and
 /// sub-scales and sub-mins `0..=snmax`.
-pub(crate) fn encode_affine_super(x: &[f32], w: &[f32], sub: usize, nmax: i32, snmax: i32) -> AffineSuper {
+pub(crate) fn encode_affine_super(
+    x: &[f32],
+    w: &[f32],
+    sub: usize,
+    nmax: i32,
+    snmax: i32,
+) -> AffineSuper {
     let nsub = QK_K / sub;
     let mut out = AffineSuper {
         d: 0,
@@ -75,10 +82,16 @@ pub(crate) fn encode_affine_super(x: &[f32], w: &[f32], sub: usize, nmax: i32, s
     let (mut scales, mut mins, mut ws, mut wm) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
     for j in 0..nsub {
         let r = j * sub..(j + 1) * sub;
-        let (s, m) = fit_affine(&x[r.clone()], &w[r.clone()], nmax, false, &mut out.q[r.clone()]);
+        let (s, m) = fit_affine(
+            &x[r.clone()],
+            &w[r.clone()],
+            nmax,
+            false,
+            &mut out.q[r.clone()],
+        );
         scales[j] = s;
         mins[j] = -m;
-        for ((&w, &q), _) in w[r.clone()].iter().zip(&out.q[r.clone()]).zip(0..) {
+        for (&w, &q) in w[r.clone()].iter().zip(&out.q[r]) {
             let q = q as f32;
             ws[j] += w * q * q;
             wm[j] += w;
@@ -136,7 +149,10 @@ pub(crate) fn encode_affine_super(x: &[f32], w: &[f32], sub: usize, nmax: i32, s
         // Unknowns (d, e = -dmin): saa d + sab e = sax, sab d + sbb e = sbx.
         let det = saa * sbb - sab * sab;
         let (nd, ndm) = if det > 0.0 {
-            ((sax * sbb - sab * sbx) / det, -(saa * sbx - sab * sax) / det)
+            (
+                (sax * sbb - sab * sbx) / det,
+                -(saa * sbx - sab * sax) / det,
+            )
         } else if saa > 0.0 {
             (sax / saa, mv as f64)
         } else {
@@ -192,7 +208,13 @@ fn requant_sym_sub<G: Grid>(x: &[f32], w: &[f32], grid: G, dl: f32, q: &mut [u8]
 
 /// Encodes one symmetric super-block with `256 / sub` sub-blocks on `grid`, and
 /// signed sub-scales on `sgrid`.
-pub(crate) fn encode_sym_super<G: Grid>(x: &[f32], w: &[f32], sub: usize, grid: G, sgrid: Uniform) -> SymSuper {
+pub(crate) fn encode_sym_super<G: Grid>(
+    x: &[f32],
+    w: &[f32],
+    sub: usize,
+    grid: G,
+    sgrid: Uniform,
+) -> SymSuper {
     let nsub = QK_K / sub;
     let mut out = SymSuper {
         d: 0,
@@ -220,7 +242,7 @@ pub(crate) fn encode_sym_super<G: Grid>(x: &[f32], w: &[f32], sub: usize, grid: 
     }
 
     let mut aux = [0u8; MAX_GROUP];
-    let top = (sgrid.hi - sgrid.lo) as i32;
+    let top = sgrid.hi - sgrid.lo;
     for _ in 0..ROUNDS {
         for j in 0..nsub {
             let r = j * sub..(j + 1) * sub;
@@ -289,7 +311,11 @@ pub(crate) fn for_super_blocks(
 ) {
     check_lengths(src, importance, dst, QK_K, bytes);
     let mut w = [0f32; QK_K];
-    for (b, (x, out)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(bytes)).enumerate() {
+    for (b, (x, out)) in src
+        .chunks_exact(QK_K)
+        .zip(dst.chunks_exact_mut(bytes))
+        .enumerate()
+    {
         let qw = block_qw(importance, b, QK_K);
         let sigma2 = sigma_factor * mean_square(x);
         match qw {
@@ -341,15 +367,28 @@ fn pack_4bit_k(q: &[u8; QK_K], out: &mut [u8]) {
 /// `src` is a whole number of 256-element super-blocks, `dst` exactly their
 /// 84-byte blocks and `importance` as long as `src`.
 pub fn quantize_q2_k(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
-    for_super_blocks(src, importance, dst, Q2_K_BYTES, 1.0, DefaultWeight::AvAbs, false, |x, w, out| {
-        let s = encode_affine_super(x, w, 16, 3, 15);
-        for j in 0..16 {
-            out[j] = (s.ls[j] & 0x0F) | (s.lm[j] << 4);
-        }
-        pack_2bit(&s.q, &mut out[16..80]);
-        out[80..82].copy_from_slice(&s.d.to_le_bytes());
-        out[82..84].copy_from_slice(&s.dmin.to_le_bytes());
-    });
+    for_super_blocks(
+        src,
+        importance,
+        dst,
+        Q2_K_BYTES,
+        1.0,
+        DefaultWeight::AvAbs,
+        false,
+        |x, w, out| {
+            write_q2_k(&encode_affine_super(x, w, 16, 3, 15), out);
+        },
+    );
+}
+
+/// Writes one Q2_K block (84 bytes) from its stored form.
+pub(crate) fn write_q2_k(s: &AffineSuper, out: &mut [u8]) {
+    for j in 0..16 {
+        out[j] = (s.ls[j] & 0x0F) | (s.lm[j] << 4);
+    }
+    pack_2bit(&s.q, &mut out[16..80]);
+    out[80..82].copy_from_slice(&s.d.to_le_bytes());
+    out[82..84].copy_from_slice(&s.dmin.to_le_bytes());
 }
 
 /// Quantizes whole super-blocks of `src` to Q3_K (`y = (d · sc) · q`, 3-bit
@@ -359,8 +398,24 @@ pub fn quantize_q2_k(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
 pub fn quantize_q3_k(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
     let grid = Uniform { lo: -4, hi: 3 };
     let sgrid = Uniform { lo: -32, hi: 31 };
-    for_super_blocks(src, importance, dst, Q3_K_BYTES, 2.0, DefaultWeight::Square, false, |x, w, out| {
-        let s = encode_sym_super(x, w, 16, grid, sgrid);
+    for_super_blocks(
+        src,
+        importance,
+        dst,
+        Q3_K_BYTES,
+        2.0,
+        DefaultWeight::Sqrt,
+        false,
+        |x, w, out| {
+            write_q3_k(&encode_sym_super(x, w, 16, grid, sgrid), out);
+        },
+    );
+}
+
+/// Writes one Q3_K block (110 bytes) from its stored form (quant indices 0..8 for
+/// -4..=3, scale indices 0..64 for -32..=31).
+pub(crate) fn write_q3_k(s: &SymSuper, out: &mut [u8]) {
+    {
         // Index q (0..8) is the quant q - 4: low 2 bits in qs, bit 2 in hmask.
         let (hmask, rest) = out.split_at_mut(32);
         let (qs, rest) = rest.split_at_mut(64);
@@ -377,7 +432,7 @@ pub fn quantize_q3_k(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
             scales[8 + j % 4] |= (u >> 4) << (2 * (j / 4));
         }
         d.copy_from_slice(&s.d.to_le_bytes());
-    });
+    }
 }
 
 /// Quantizes whole super-blocks of `src` to Q4_K (`y = (d · sc) · q - dmin · m`,
@@ -385,13 +440,26 @@ pub fn quantize_q3_k(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
 ///
 /// Same contract as [`quantize_q2_k`], with 144-byte blocks.
 pub fn quantize_q4_k(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
-    for_super_blocks(src, importance, dst, Q4_K_BYTES, 2.0, DefaultWeight::AvAbs, false, |x, w, out| {
-        let s = encode_affine_super(x, w, 32, 15, 63);
-        out[0..2].copy_from_slice(&s.d.to_le_bytes());
-        out[2..4].copy_from_slice(&s.dmin.to_le_bytes());
-        pack_scale_min_k4(&s.ls[..8], &s.lm[..8], &mut out[4..16]);
-        pack_4bit_k(&s.q, &mut out[16..144]);
-    });
+    for_super_blocks(
+        src,
+        importance,
+        dst,
+        Q4_K_BYTES,
+        2.0,
+        DefaultWeight::AvAbs,
+        false,
+        |x, w, out| {
+            write_q4_k(&encode_affine_super(x, w, 32, 15, 63), out);
+        },
+    );
+}
+
+/// Writes one Q4_K block (144 bytes) from its stored form.
+pub(crate) fn write_q4_k(s: &AffineSuper, out: &mut [u8]) {
+    out[0..2].copy_from_slice(&s.d.to_le_bytes());
+    out[2..4].copy_from_slice(&s.dmin.to_le_bytes());
+    pack_scale_min_k4(&s.ls[..8], &s.lm[..8], &mut out[4..16]);
+    pack_4bit_k(&s.q, &mut out[16..144]);
 }
 
 /// Quantizes whole super-blocks of `src` to Q5_K (`y = (d · sc) · q - dmin · m`,
@@ -399,18 +467,31 @@ pub fn quantize_q4_k(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
 ///
 /// Same contract as [`quantize_q2_k`], with 176-byte blocks.
 pub fn quantize_q5_k(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
-    for_super_blocks(src, importance, dst, Q5_K_BYTES, 2.0, DefaultWeight::AvAbs, false, |x, w, out| {
-        let s = encode_affine_super(x, w, 32, 31, 63);
-        out[0..2].copy_from_slice(&s.d.to_le_bytes());
-        out[2..4].copy_from_slice(&s.dmin.to_le_bytes());
-        pack_scale_min_k4(&s.ls[..8], &s.lm[..8], &mut out[4..16]);
-        let qh = &mut out[16..48];
-        qh.fill(0);
-        for (e, &q) in s.q.iter().enumerate() {
-            qh[e % 32] |= ((q >> 4) & 1) << (e / 32);
-        }
-        pack_4bit_k(&s.q, &mut out[48..176]);
-    });
+    for_super_blocks(
+        src,
+        importance,
+        dst,
+        Q5_K_BYTES,
+        2.0,
+        DefaultWeight::AvAbs,
+        false,
+        |x, w, out| {
+            write_q5_k(&encode_affine_super(x, w, 32, 31, 63), out);
+        },
+    );
+}
+
+/// Writes one Q5_K block (176 bytes) from its stored form.
+pub(crate) fn write_q5_k(s: &AffineSuper, out: &mut [u8]) {
+    out[0..2].copy_from_slice(&s.d.to_le_bytes());
+    out[2..4].copy_from_slice(&s.dmin.to_le_bytes());
+    pack_scale_min_k4(&s.ls[..8], &s.lm[..8], &mut out[4..16]);
+    let qh = &mut out[16..48];
+    qh.fill(0);
+    for (e, &q) in s.q.iter().enumerate() {
+        qh[e % 32] |= ((q >> 4) & 1) << (e / 32);
+    }
+    pack_4bit_k(&s.q, &mut out[48..176]);
 }
 
 /// Quantizes whole super-blocks of `src` to Q6_K (`y = (d · sc) · q`, 6-bit `q`
@@ -420,8 +501,24 @@ pub fn quantize_q5_k(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
 pub fn quantize_q6_k(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
     let grid = Uniform { lo: -32, hi: 31 };
     let sgrid = Uniform { lo: -128, hi: 127 };
-    for_super_blocks(src, importance, dst, Q6_K_BYTES, 1.0, DefaultWeight::Square, true, |x, w, out| {
-        let s = encode_sym_super(x, w, 16, grid, sgrid);
+    for_super_blocks(
+        src,
+        importance,
+        dst,
+        Q6_K_BYTES,
+        1.0,
+        DefaultWeight::Sqrt,
+        true,
+        |x, w, out| {
+            write_q6_k(&encode_sym_super(x, w, 16, grid, sgrid), out);
+        },
+    );
+}
+
+/// Writes one Q6_K block (210 bytes) from its stored form (quant indices 0..64 for
+/// -32..=31, scale indices 0..256 for -128..=127).
+pub(crate) fn write_q6_k(s: &SymSuper, out: &mut [u8]) {
+    {
         let (ql, rest) = out.split_at_mut(128);
         let (qh, rest) = rest.split_at_mut(64);
         let (scales, d) = rest.split_at_mut(16);
@@ -438,5 +535,5 @@ pub fn quantize_q6_k(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
             *o = u ^ 0x80; // index u is the scale u - 128
         }
         d.copy_from_slice(&s.d.to_le_bytes());
-    });
+    }
 }

@@ -10,17 +10,25 @@
 //!
 //! Weights: with importance `qw`, `qw · sqrt(σ² + x²)` where `σ²` is the mean
 //! square of the whole `src` slice (ggml's `quantize_row_q4_0_impl` and friends);
-//! without, `x²` (ggml's default in `make_qx_quants`/`make_qkx3_quants`). Q8_0
-//! without importance is ggml's `quantize_row_q8_0_ref`, byte for byte.
+//! without, `sqrt(σ² + x²)` (the same with all-ones importance; ggml itself
+//! falls back to its reference rounding here, and its `x²` search default loses
+//! to that rounding on rows with outliers). Q8_0 without importance is ggml's
+//! `quantize_row_q8_0_ref`, byte for byte.
 
 use super::search::{
-    fit_affine, fit_scale, mean_square, nearest_int, to_f16, weights, DefaultWeight, Grid,
-    Uniform, MAX_GROUP,
+    fit_affine, fit_scale, mean_square, nearest_int, to_f16, weights, DefaultWeight, Grid, Uniform,
+    MAX_GROUP,
 };
 use crate::quants::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES, QK};
 
 /// Checks the slice lengths every per-type quantizer documents.
-pub(crate) fn check_lengths(src: &[f32], importance: Option<&[f32]>, dst: &[u8], elems: usize, bytes: usize) {
+pub(crate) fn check_lengths(
+    src: &[f32],
+    importance: Option<&[f32]>,
+    dst: &[u8],
+    elems: usize,
+    bytes: usize,
+) {
     assert!(
         src.len().is_multiple_of(elems),
         "quantize: {} elements is not a whole number of {elems}-element blocks",
@@ -33,7 +41,11 @@ pub(crate) fn check_lengths(src: &[f32], importance: Option<&[f32]>, dst: &[u8],
         src.len()
     );
     if let Some(qw) = importance {
-        assert_eq!(qw.len(), src.len(), "quantize: importance length differs from src");
+        assert_eq!(
+            qw.len(),
+            src.len(),
+            "quantize: importance length differs from src"
+        );
     }
 }
 
@@ -48,7 +60,7 @@ pub(crate) fn block_qw(importance: Option<&[f32]>, b: usize, n: usize) -> Option
 pub(crate) fn encode_symmetric<G: Grid>(x: &[f32], w: &[f32], grid: G, idx: &mut [u8]) -> u16 {
     let n = x.len();
     let s = fit_scale(x, w, grid, idx);
-    let (mut bits, mut d) = to_f16(s);
+    let (mut bits, d) = to_f16(s);
     let mut err = requant_symmetric(x, w, grid, d, idx);
     let mut aux = [0u8; MAX_GROUP];
     let aux = &mut aux[..n];
@@ -68,20 +80,39 @@ pub(crate) fn encode_symmetric<G: Grid>(x: &[f32], w: &[f32], grid: G, idx: &mut
         }
         let e = requant_symmetric(x, w, grid, nd, aux);
         if e < err {
-            (bits, d, err) = (nbits, nd, e);
+            (bits, err) = (nbits, e);
             idx.copy_from_slice(aux);
         } else {
             break;
         }
     }
-    let _ = d;
+    // The neighbouring halves of d.
+    let b0 = bits;
+    for db in [-1i16, 1] {
+        let nb = b0.wrapping_add_signed(db);
+        let nd = f16_value(nb);
+        if !nd.is_finite() {
+            continue;
+        }
+        let e = requant_symmetric(x, w, grid, nd, aux);
+        if e < err {
+            (bits, err) = (nb, e);
+            idx.copy_from_slice(aux);
+        }
+    }
     bits
 }
 
 /// Re-rounds every element to stored scale `d` (`y = d · level`, as the decoders
 /// compute it); returns the weighted error.
 #[inline]
-pub(crate) fn requant_symmetric<G: Grid>(x: &[f32], w: &[f32], grid: G, d: f32, idx: &mut [u8]) -> f64 {
+pub(crate) fn requant_symmetric<G: Grid>(
+    x: &[f32],
+    w: &[f32],
+    grid: G,
+    d: f32,
+    idx: &mut [u8],
+) -> f64 {
     let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut err = 0f64;
     for ((i, &x), &w) in idx.iter_mut().zip(x).zip(w) {
@@ -101,6 +132,22 @@ fn encode_affine(x: &[f32], w: &[f32], nmax: i32, l: &mut [u8]) -> (u16, u16) {
     let mut err = requant_affine(x, w, dv, mv, nmax, l);
     let mut aux = [0u8; MAX_GROUP];
     let aux = &mut aux[..n];
+    // The same levels shifted up or down the grid (a different min): finds the
+    // exact min of data already on this grid that does not span all levels.
+    let (lmin, lmax) = l
+        .iter()
+        .fold((nmax, 0), |(a, b), &v| (a.min(v as i32), b.max(v as i32)));
+    for s in -lmin..=nmax - lmax {
+        if s == 0 {
+            continue;
+        }
+        let (nm, nmv) = to_f16(m - s as f32 * d);
+        let e = requant_affine(x, w, dv, nmv, nmax, aux);
+        if e < err {
+            (mb, err) = (nm, e);
+            l.copy_from_slice(aux);
+        }
+    }
     for _ in 0..2 {
         // Least-squares (d, m) of the current quants, in f16.
         let (mut sw, mut sx, mut sl, mut sl2, mut sxl) = (0f32, 0f32, 0f32, 0f32, 0f32);
@@ -129,7 +176,33 @@ fn encode_affine(x: &[f32], w: &[f32], nmax: i32, l: &mut [u8]) -> (u16, u16) {
             break;
         }
     }
+    // The neighbouring halves of d and m: rounding each to f16 on its own is not
+    // always the best pair (and a least-squares m can land one unit off).
+    let (d0, m0) = (db, mb);
+    for dd in -1..=1i16 {
+        for dm in -1..=1i16 {
+            if (dd, dm) == (0, 0) {
+                continue;
+            }
+            let (nd, nm) = (d0.wrapping_add_signed(dd), m0.wrapping_add_signed(dm));
+            let (ndv, nmv) = (f16_value(nd), f16_value(nm));
+            if !(ndv.is_finite() && nmv.is_finite()) {
+                continue;
+            }
+            let e = requant_affine(x, w, ndv, nmv, nmax, aux);
+            if e < err {
+                (db, mb, err) = (nd, nm, e);
+                l.copy_from_slice(aux);
+            }
+        }
+    }
     (db, mb)
+}
+
+/// The value of f16 bits.
+#[inline]
+pub(crate) fn f16_value(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
 }
 
 /// Re-rounds every element for stored `d`, `m` (`y = d · l + m`); returns the
@@ -176,8 +249,18 @@ fn for_blocks(
     check_lengths(src, importance, dst, QK, bytes);
     let sigma2 = mean_square(src);
     let mut w = [0f32; QK];
-    for (b, (x, out)) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(bytes)).enumerate() {
-        weights(x, block_qw(importance, b, QK), sigma2, DefaultWeight::Square, &mut w);
+    for (b, (x, out)) in src
+        .chunks_exact(QK)
+        .zip(dst.chunks_exact_mut(bytes))
+        .enumerate()
+    {
+        weights(
+            x,
+            block_qw(importance, b, QK),
+            sigma2,
+            DefaultWeight::Sqrt,
+            &mut w,
+        );
         block(x, &w, out);
     }
 }

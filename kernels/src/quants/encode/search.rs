@@ -19,16 +19,22 @@ pub(crate) const GROUP_MAX_EPS: f32 = 1e-15;
 /// Largest group any search handles (a legacy block or a k-quant sub-block).
 pub(crate) const MAX_GROUP: usize = 32;
 
+/// Grids with at most this many levels (and affine fits with at most this many
+/// steps) also try every level as the image of the extreme element, so that data
+/// already on a coarser grid of the type is found exactly.
+const EXACT_LEVELS: usize = 32;
+
 /// Uniform weights, the fallback when a group's weights sum to nothing.
 const ONES: [f32; MAX_GROUP] = [1.0; MAX_GROUP];
 
 /// Rounds to the nearest integer, ties to even (ggml's `nearest_int`).
 ///
-/// The input is clamped to ±2^22 first, which keeps the magic-number trick exact
-/// and maps NaN to a finite value, so the result is always usable after a clamp.
+/// The input is clamped to ±2^22 first, which keeps the magic-number trick exact;
+/// NaN comes out as 0 (its payload bits), so the result is always usable after a
+/// clamp.
 #[inline(always)]
 pub(crate) fn nearest_int(x: f32) -> i32 {
-    let v = x.max(-4_194_303.0).min(4_194_303.0) + 12_582_912.0;
+    let v = x.clamp(-4_194_303.0, 4_194_303.0) + 12_582_912.0;
     (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }
 
@@ -45,10 +51,15 @@ pub(crate) trait Grid: Copy {
     fn level(self, i: u8) -> f32;
     /// The index whose value is nearest to `v` (NaN gives some valid index).
     fn index(self, v: f32) -> u8;
+    /// `level(index(v))`, computed without branches or tables so that loops over
+    /// it vectorize.
+    fn quant(self, v: f32) -> f32;
     /// The values at the two ends of the grid.
     fn ends(self) -> (f32, f32);
     /// The scale search around each end: step and number of steps each side.
     fn fan(self) -> (f32, i32);
+    /// Number of levels.
+    fn len(self) -> usize;
 }
 
 /// The integers `lo..=hi` (`lo <= 0 < hi`, at most 256 of them); index `i` is the
@@ -72,12 +83,24 @@ impl Grid for Uniform {
         (nearest_int(v).max(self.lo).min(self.hi) - self.lo) as u8
     }
 
+    #[inline(always)]
+    fn quant(self, v: f32) -> f32 {
+        // Clamp first (also maps NaN to `lo`), then round to nearest even with the
+        // 1.5 · 2^23 trick, exact for these small magnitudes.
+        let v = v.max(self.lo as f32).min(self.hi as f32);
+        (v + 12_582_912.0) - 12_582_912.0
+    }
+
     fn ends(self) -> (f32, f32) {
         (self.lo as f32, self.hi as f32)
     }
 
     fn fan(self) -> (f32, i32) {
         (0.1, 9)
+    }
+
+    fn len(self) -> usize {
+        (self.hi - self.lo + 1) as usize
     }
 }
 
@@ -93,6 +116,18 @@ const IQ4_SUMS: [f32; 16] = {
     let mut j = 1;
     while j < 16 {
         out[j] = (g[j - 1] as i32 + g[j] as i32) as f32;
+        j += 1;
+    }
+    out
+};
+
+/// Differences of neighbouring IQ4 grid values (`STEPS[j] = grid[j] - grid[j-1]`).
+const IQ4_STEPS: [f32; 16] = {
+    let g = crate::quants::iq4::KVALUES_IQ4NL;
+    let mut out = [0f32; 16];
+    let mut j = 1;
+    while j < 16 {
+        out[j] = (g[j] as i32 - g[j - 1] as i32) as f32;
         j += 1;
     }
     out
@@ -130,6 +165,17 @@ impl Grid for Iq4 {
         idx as u8
     }
 
+    #[inline(always)]
+    fn quant(self, v: f32) -> f32 {
+        // The first level plus every step whose midpoint `v` reaches.
+        let v2 = v + v;
+        let mut q = IQ4_LEVELS[0];
+        for j in 1..16 {
+            q += if v2 >= IQ4_SUMS[j] { IQ4_STEPS[j] } else { 0.0 };
+        }
+        q
+    }
+
     fn ends(self) -> (f32, f32) {
         (IQ4_LEVELS[0], IQ4_LEVELS[15])
     }
@@ -137,15 +183,25 @@ impl Grid for Iq4 {
     fn fan(self) -> (f32, i32) {
         (1.0, 7)
     }
+
+    fn len(self) -> usize {
+        16
+    }
 }
 
 /// How a quantizer weighs the squared error of each element when the caller gave
-/// no importance (llama.cpp's defaults for the type).
+/// no importance.
+///
+/// llama.cpp's `x²` default (`make_qx_quants` with `rmse_type = 1`, used for
+/// Q3_K, Q6_K and IQ4) favours large elements so much that on rows with outliers
+/// the plain squared error of our search under it ended up above that of plain
+/// max-abs rounding (by 0.6-7% MSE for Q4_0, Q5_0, Q3_K, IQ4_NL and IQ4_XS in this
+/// crate's tests), so it is not used.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum DefaultWeight {
-    /// `x²`: favours the large elements (`make_qx_quants` with `rmse_type = 1`).
-    Square,
-    /// `sqrt(σ²) + |x|` with `σ²` the caller's spread (the k-quants' `av_x + |x|`).
+    /// `sqrt(σ² + x²)`: the importance formula with all-ones importance.
+    Sqrt,
+    /// `sqrt(σ²) + |x|`: llama.cpp's default for Q4_K/Q5_K (`av_x + |x|`).
     AvAbs,
 }
 
@@ -165,9 +221,9 @@ pub(crate) fn weights(
             }
         }
         None => match default {
-            DefaultWeight::Square => {
+            DefaultWeight::Sqrt => {
                 for (w, &x) in w.iter_mut().zip(x) {
-                    *w = x * x;
+                    *w = (sigma2 + x * x).sqrt();
                 }
             }
             DefaultWeight::AvAbs => {
@@ -200,54 +256,46 @@ fn usable(w: &[f32]) -> &[f32] {
     }
 }
 
-/// Running sums of a symmetric fit: `Σ w x q` and `Σ w q²`.
-#[derive(Clone, Copy)]
-struct Sums {
-    sxq: f32,
-    sq2: f32,
-    score: f64,
-}
+/// Lanes of the accumulators: the sums over a group are kept in 8 partial sums so
+/// that the loops vectorize (every group is a multiple of 8 elements).
+const LANES: usize = 8;
 
-impl Sums {
-    const NONE: Sums = Sums {
-        sxq: 0.0,
-        sq2: 0.0,
-        score: f64::NEG_INFINITY,
-    };
-
-    /// The sums with their score `(Σ w x q)² / Σ w q²`: the weighted error the
-    /// least-squares scale removes (higher is better). `None` when undefined.
-    #[inline]
-    fn new(sxq: f32, sq2: f32) -> Option<Sums> {
-        if sq2 > 0.0 {
-            let score = (sxq as f64) * (sxq as f64) / sq2 as f64;
-            score.is_finite().then_some(Sums { sxq, sq2, score })
-        } else {
-            None
+/// `(Σ w x q, Σ w q²)` with `q = grid.quant(iscale · x)`; `wx` is `w · x`.
+#[inline(always)]
+fn score_sums<G: Grid>(x: &[f32], w: &[f32], wx: &[f32], grid: G, iscale: f32) -> (f32, f32) {
+    let (mut a, mut b) = ([0f32; LANES], [0f32; LANES]);
+    for ((x, w), wx) in x
+        .chunks_exact(LANES)
+        .zip(w.chunks_exact(LANES))
+        .zip(wx.chunks_exact(LANES))
+    {
+        for k in 0..LANES {
+            let q = grid.quant(iscale * x[k]);
+            a[k] += wx[k] * q;
+            b[k] += w[k] * q * q;
         }
     }
+    (a.iter().sum(), b.iter().sum())
 }
 
-/// Assigns every element to its nearest level at inverse scale `iscale`; returns
-/// `(Σ w x q, Σ w q²)`.
-#[inline(always)]
-fn assign<G: Grid>(x: &[f32], w: &[f32], grid: G, iscale: f32, idx: &mut [u8]) -> (f32, f32) {
-    let (mut sxq, mut sq2) = (0f32, 0f32);
-    for ((i, &x), &w) in idx.iter_mut().zip(x).zip(w) {
-        *i = grid.index(iscale * x);
-        let q = grid.level(*i);
-        sxq += w * x * q;
-        sq2 += w * q * q;
+/// The score `(Σ w x q)² / Σ w q²` of a symmetric fit: the weighted error its
+/// least-squares scale removes (higher is better); `None` when undefined.
+#[inline]
+fn score(sxq: f32, sq2: f32) -> Option<f64> {
+    if sq2 > 0.0 {
+        let s = (sxq as f64) * (sxq as f64) / sq2 as f64;
+        s.is_finite().then_some(s)
+    } else {
+        None
     }
-    (sxq, sq2)
 }
 
-/// Weighted least-squares fit of `x ≈ d · grid[idx]` (up to [`MAX_GROUP`]
-/// elements): writes the chosen indices to `idx` and returns `d` (0 for an
-/// all-zero group, whose indices are then those of value 0).
+/// Weighted least-squares fit of `x ≈ d · grid[idx]` (a multiple of 8 elements,
+/// at most [`MAX_GROUP`]): writes the chosen indices to `idx` and returns `d` (0
+/// for an all-zero group, whose indices are then those of value 0).
 pub(crate) fn fit_scale<G: Grid>(x: &[f32], w: &[f32], grid: G, idx: &mut [u8]) -> f32 {
     let n = x.len();
-    debug_assert!(n <= MAX_GROUP && w.len() == n && idx.len() == n);
+    debug_assert!(n <= MAX_GROUP && n.is_multiple_of(LANES) && w.len() == n && idx.len() == n);
     let (mut amax, mut max) = (0f32, 0f32);
     for &v in x {
         if v.abs() > amax {
@@ -260,10 +308,25 @@ pub(crate) fn fit_scale<G: Grid>(x: &[f32], w: &[f32], grid: G, idx: &mut [u8]) 
         return 0.0;
     }
     let w = usable(w);
+    let mut wx = [0f32; MAX_GROUP];
+    let wx = &mut wx[..n];
+    for ((o, &x), &w) in wx.iter_mut().zip(x).zip(w) {
+        *o = w * x;
+    }
 
-    let mut best = Sums::NONE;
-    let mut aux = [0u8; MAX_GROUP];
-    let aux = &mut aux[..n];
+    // Candidate inverse scales: the largest element on (near) either end of the
+    // grid, and on every level of a small grid (which finds the exact scale of
+    // data that already sits on a coarser grid of this type).
+    let (mut best, mut best_iscale) = (f64::NEG_INFINITY, 0f32);
+    let mut try_iscale = |iscale: f32| {
+        let (sxq, sq2) = score_sums(x, w, wx, grid, iscale);
+        if let Some(s) = score(sxq, sq2) {
+            if s > best {
+                best = s;
+                best_iscale = iscale;
+            }
+        }
+    };
     let (step, count) = grid.fan();
     let (first, last) = grid.ends();
     for end in [first, last] {
@@ -272,58 +335,67 @@ pub(crate) fn fit_scale<G: Grid>(x: &[f32], w: &[f32], grid: G, idx: &mut [u8]) 
         }
         for k in -count..=count {
             let t = end + step * k as f32;
-            if t * end <= 0.0 {
-                continue;
-            }
-            let (sxq, sq2) = assign(x, w, grid, t / max, aux);
-            if let Some(s) = Sums::new(sxq, sq2) {
-                if s.score > best.score {
-                    best = s;
-                    idx.copy_from_slice(aux);
-                }
+            if t * end > 0.0 {
+                try_iscale(t / max);
             }
         }
     }
-    if best.score == f64::NEG_INFINITY {
+    if grid.len() <= EXACT_LEVELS {
+        for i in 0..grid.len() as u8 {
+            let t = grid.level(i);
+            if t.abs() >= 1.0 {
+                try_iscale(t / max);
+            }
+        }
+    }
+    if best == f64::NEG_INFINITY {
         idx.fill(grid.index(0.0));
         return 0.0;
     }
 
     // Lloyd: re-assign at the fitted scale, re-fit, while it helps.
     for _ in 0..4 {
-        let d = best.sxq / best.sq2;
+        let (sxq, sq2) = score_sums(x, w, wx, grid, best_iscale);
+        let d = sxq / sq2;
         if !(d != 0.0 && d.is_finite()) {
             break;
         }
-        let (sxq, sq2) = assign(x, w, grid, 1.0 / d, aux);
-        match Sums::new(sxq, sq2) {
-            Some(s) if s.score > best.score => {
-                best = s;
-                idx.copy_from_slice(aux);
+        match score_sums(x, w, wx, grid, 1.0 / d) {
+            (a, b) if score(a, b).is_some_and(|s| s > best) => {
+                best = score(a, b).unwrap_or(best);
+                best_iscale = 1.0 / d;
             }
             _ => break,
         }
     }
 
+    let (mut sxq, mut sq2) = (0f32, 0f32);
+    for i in 0..n {
+        idx[i] = grid.index(best_iscale * x[i]);
+        let q = grid.level(idx[i]);
+        sxq += wx[i] * q;
+        sq2 += w[i] * q * q;
+    }
     // Single-element moves: put one element where the scale fitted to the others
     // wants it, keep the move if the whole group's fit improves.
-    for _ in 0..3 {
+    let mut best = score(sxq, sq2).unwrap_or(f64::NEG_INFINITY);
+    for _ in 0..2 {
         let mut changed = false;
         for i in 0..n {
             let q = grid.level(idx[i]);
-            let sxq = best.sxq - w[i] * x[i] * q;
-            let sq2 = best.sq2 - w[i] * q * q;
-            if sxq == 0.0 || !(sq2 > 0.0) {
+            let (sxq_i, sq2_i) = (sxq - wx[i] * q, sq2 - w[i] * q * q);
+            if sxq_i == 0.0 || !(sq2_i > 0.0) {
                 continue;
             }
-            let ni = grid.index(x[i] * sq2 / sxq);
+            let ni = grid.index(x[i] * sq2_i / sxq_i);
             if ni == idx[i] {
                 continue;
             }
             let nq = grid.level(ni);
-            if let Some(s) = Sums::new(sxq + w[i] * x[i] * nq, sq2 + w[i] * nq * nq) {
-                if s.score > best.score {
-                    best = s;
+            let (a, b) = (sxq_i + wx[i] * nq, sq2_i + w[i] * nq * nq);
+            if let Some(s) = score(a, b) {
+                if s > best {
+                    (best, sxq, sq2) = (s, a, b);
                     idx[i] = ni;
                     changed = true;
                 }
@@ -333,20 +405,50 @@ pub(crate) fn fit_scale<G: Grid>(x: &[f32], w: &[f32], grid: G, idx: &mut [u8]) 
             break;
         }
     }
-    best.sxq / best.sq2
+    if sq2 > 0.0 {
+        sxq / sq2
+    } else {
+        0.0
+    }
 }
 
-/// Weighted least-squares `(d, m)` of `x ≈ d · l + m` for fixed integer levels `l`;
-/// `m` is kept `<= 0` unless `free_min`. Also returns the weighted error.
-#[inline]
-fn affine_ls(x: &[f32], w: &[f32], l: &[u8], sw: f32, sx: f32, free_min: bool) -> (f32, f32, f32) {
-    let (mut sl, mut sl2, mut sxl) = (0f32, 0f32, 0f32);
-    for ((&x, &w), &l) in x.iter().zip(w).zip(l) {
-        let l = l as f32;
-        sl += w * l;
-        sl2 += w * l * l;
-        sxl += w * l * x;
+/// `(Σ w l, Σ w l², Σ w x l)` for `l = round(clamp(iscale · (x - off), 0, nmax))`.
+#[inline(always)]
+fn affine_sums(
+    x: &[f32],
+    w: &[f32],
+    wx: &[f32],
+    iscale: f32,
+    off: f32,
+    nmax: f32,
+) -> (f32, f32, f32) {
+    let (mut a, mut b, mut c) = ([0f32; LANES], [0f32; LANES], [0f32; LANES]);
+    for ((x, w), wx) in x
+        .chunks_exact(LANES)
+        .zip(w.chunks_exact(LANES))
+        .zip(wx.chunks_exact(LANES))
+    {
+        for k in 0..LANES {
+            let v = (iscale * (x[k] - off)).max(0.0).min(nmax);
+            let l = (v + 12_582_912.0) - 12_582_912.0;
+            a[k] += w[k] * l;
+            b[k] += w[k] * l * l;
+            c[k] += wx[k] * l;
+        }
     }
+    (a.iter().sum(), b.iter().sum(), c.iter().sum())
+}
+
+/// The weighted least-squares `(d, m)` of `x ≈ d · l + m` from the sums of a
+/// level assignment (`m` kept `<= 0` unless `free_min`), with its weighted error
+/// less the constant `Σ w x²` (lower is better).
+#[inline]
+fn affine_fit(
+    sw: f32,
+    sx: f32,
+    (sl, sl2, sxl): (f32, f32, f32),
+    free_min: bool,
+) -> (f32, f32, f64) {
     let det = sw * sl2 - sl * sl;
     let (mut d, mut m) = if det > 0.0 {
         ((sw * sxl - sx * sl) / det, (sl2 * sx - sl * sxl) / det)
@@ -357,30 +459,28 @@ fn affine_ls(x: &[f32], w: &[f32], l: &[u8], sw: f32, sx: f32, free_min: bool) -
         m = 0.0;
         d = if sl2 > 0.0 { sxl / sl2 } else { 0.0 };
     }
-    let mut err = 0f32;
-    for ((&x, &w), &l) in x.iter().zip(w).zip(l) {
-        let diff = d * l as f32 + m - x;
-        err += w * diff * diff;
-    }
-    (d, m, err)
-}
-
-/// Assigns levels `0..=nmax` for `x ≈ d · l + m` at inverse scale `iscale`.
-#[inline(always)]
-fn assign_affine(x: &[f32], iscale: f32, m: f32, nmax: i32, l: &mut [u8]) {
-    for (l, &x) in l.iter_mut().zip(x) {
-        *l = nearest_int(iscale * (x - m)).max(0).min(nmax) as u8;
-    }
+    let (df, mf) = (d as f64, m as f64);
+    let err = df * df * sl2 as f64 + mf * mf * sw as f64 + 2.0 * df * mf * sl as f64
+        - 2.0 * df * sxl as f64
+        - 2.0 * mf * sx as f64;
+    (d, m, if err.is_finite() { err } else { f64::INFINITY })
 }
 
 /// Weighted least-squares fit of `x ≈ d · l + m` with integer `l` in `0..=nmax`
-/// (up to [`MAX_GROUP`] elements): writes `l` and returns `(d, m)`.
+/// (a multiple of 8 elements, at most [`MAX_GROUP`]): writes `l` and returns
+/// `(d, m)`.
 ///
 /// `m <= 0` unless `free_min` (the k-quants store `-m` unsigned; Q4_1/Q5_1 store
 /// `m` as a signed half, so they may use a positive min).
-pub(crate) fn fit_affine(x: &[f32], w: &[f32], nmax: i32, free_min: bool, l: &mut [u8]) -> (f32, f32) {
+pub(crate) fn fit_affine(
+    x: &[f32],
+    w: &[f32],
+    nmax: i32,
+    free_min: bool,
+    l: &mut [u8],
+) -> (f32, f32) {
     let n = x.len();
-    debug_assert!(n <= MAX_GROUP && w.len() == n && l.len() == n);
+    debug_assert!(n <= MAX_GROUP && n.is_multiple_of(LANES) && w.len() == n && l.len() == n);
     let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
     for &v in x {
         if v < lo {
@@ -398,28 +498,40 @@ pub(crate) fn fit_affine(x: &[f32], w: &[f32], nmax: i32, free_min: bool, l: &mu
         return (0.0, if lo.is_finite() { lo } else { 0.0 });
     }
     let w = usable(w);
+    let mut wx = [0f32; MAX_GROUP];
+    let wx = &mut wx[..n];
     let (mut sw, mut sx) = (0f32, 0f32);
-    for (&x, &w) in x.iter().zip(w) {
+    for ((o, &x), &w) in wx.iter_mut().zip(x).zip(w) {
+        *o = w * x;
         sw += w;
         sx += w * x;
     }
+    let nmaxf = nmax as f32;
 
+    // Steps across the range: nmax first (plain min/max rounding), then the fan
+    // nmax - 0.9, nmax - 0.85, ..., nmax + 0.9 of ggml's `make_qkx3_quants`, then
+    // every whole number of steps below nmax (exact for data on a coarser grid).
     let range = hi - lo;
-    let mut aux = [0u8; MAX_GROUP];
-    let aux = &mut aux[..n];
-    let (mut best_d, mut best_m, mut best_err) = (0f32, 0f32, f32::INFINITY);
-    // Offsets of `nmax` for the inverse scale: 0 first (plain min/max rounding),
-    // then the fan -0.9, -0.85, ..., +0.9 of ggml's `make_qkx3_quants`.
-    for k in -1..=36 {
-        let off = if k < 0 { 0.0 } else { -0.9 + 0.05 * k as f32 };
-        assign_affine(x, (nmax as f32 + off) / range, lo, nmax, aux);
-        let (d, m, err) = affine_ls(x, w, aux, sw, sx, free_min);
-        if err < best_err {
-            (best_d, best_m, best_err) = (d, m, err);
-            l.copy_from_slice(aux);
+    let exact = if nmax as usize <= EXACT_LEVELS {
+        nmax - 1
+    } else {
+        0
+    };
+    let (mut best, mut best_is, mut best_off) = (f64::INFINITY, 0f32, lo);
+    let (mut best_d, mut best_m) = (0f32, lo);
+    for k in -1..=36 + exact {
+        let steps = match k {
+            -1 => nmaxf,
+            0..=36 => nmaxf - 0.9 + 0.05 * k as f32,
+            _ => (k - 36) as f32,
+        };
+        let iscale = steps / range;
+        let (d, m, err) = affine_fit(sw, sx, affine_sums(x, w, wx, iscale, lo, nmaxf), free_min);
+        if err < best {
+            (best, best_is, best_off, best_d, best_m) = (err, iscale, lo, d, m);
         }
     }
-    if best_err == f32::INFINITY {
+    if best == f64::INFINITY {
         l.fill(0);
         return (0.0, lo);
     }
@@ -428,20 +540,27 @@ pub(crate) fn fit_affine(x: &[f32], w: &[f32], nmax: i32, free_min: bool, l: &mu
         if !(best_d > 0.0 && best_d.is_finite()) {
             break;
         }
-        assign_affine(x, 1.0 / best_d, best_m, nmax, aux);
-        let (d, m, err) = affine_ls(x, w, aux, sw, sx, free_min);
-        if err < best_err {
-            (best_d, best_m, best_err) = (d, m, err);
-            l.copy_from_slice(aux);
+        let iscale = 1.0 / best_d;
+        let (d, m, err) = affine_fit(
+            sw,
+            sx,
+            affine_sums(x, w, wx, iscale, best_m, nmaxf),
+            free_min,
+        );
+        if err < best {
+            (best, best_is, best_off, best_d, best_m) = (err, iscale, best_m, d, m);
         } else {
             break;
         }
+    }
+    for (l, &x) in l.iter_mut().zip(x) {
+        *l = nearest_int(best_is * (x - best_off)).max(0).min(nmax) as u8;
     }
     (best_d, best_m)
 }
 
 /// `Σ w (x - y)²` in f64.
-#[inline]
+#[cfg(test)]
 pub(crate) fn weighted_err(x: &[f32], w: &[f32], y: &[f32]) -> f64 {
     let mut e = 0f64;
     for ((&x, &w), &y) in x.iter().zip(w).zip(y) {

@@ -1,0 +1,171 @@
+//! What a GGUF artifact of a model carries besides its tensors: the metadata
+//! (architecture hyperparameters, tokenizer, file type) and the GGUF names,
+//! shapes and row layout of each tensor.
+
+use crate::checkpoint::{permute_qk_rows, Checkpoint, Model};
+use crate::gguf::{MetaValue, TensorDecl};
+use anyhow::Result;
+use kernels::GgmlType;
+
+/// Keys the writer sets itself and never copies from a source file.
+const OWN_KEYS: [&str; 3] = [
+    "general.file_type",
+    "general.quantization_version",
+    "general.alignment",
+];
+
+fn strings(v: &[String]) -> MetaValue {
+    MetaValue::Array(8, v.iter().map(|s| MetaValue::String(s.clone())).collect())
+}
+
+/// Metadata for a GGUF of `model` with `general.file_type = file_type`: a GGUF
+/// source's keys are copied through (tokenizer, chat template, names); a
+/// safetensors source's are built from its config and tokenizer.
+pub fn metadata(model: &Model, file_type: u32) -> Result<Vec<(String, MetaValue)>> {
+    let mut kv: Vec<(String, MetaValue)> = match &model.checkpoint {
+        Checkpoint::Gguf(g) => g
+            .metadata
+            .iter()
+            .filter(|(k, _)| !OWN_KEYS.contains(&k.as_str()))
+            .cloned()
+            .collect(),
+        Checkpoint::Safetensors(_) => {
+            let c = &model.config;
+            let name = model
+                .path
+                .parent()
+                .and_then(|d| d.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into());
+            let mut kv = vec![
+                (
+                    "general.architecture".to_owned(),
+                    MetaValue::String("llama".into()),
+                ),
+                ("general.name".to_owned(), MetaValue::String(name)),
+                (
+                    "llama.context_length".to_owned(),
+                    MetaValue::U32(c.max_position_embeddings as u32),
+                ),
+                (
+                    "llama.embedding_length".to_owned(),
+                    MetaValue::U32(c.hidden_size as u32),
+                ),
+                (
+                    "llama.block_count".to_owned(),
+                    MetaValue::U32(c.num_hidden_layers as u32),
+                ),
+                (
+                    "llama.feed_forward_length".to_owned(),
+                    MetaValue::U32(c.intermediate_size as u32),
+                ),
+                (
+                    "llama.rope.dimension_count".to_owned(),
+                    MetaValue::U32(c.head_dim as u32),
+                ),
+                (
+                    "llama.attention.head_count".to_owned(),
+                    MetaValue::U32(c.num_attention_heads as u32),
+                ),
+                (
+                    "llama.attention.head_count_kv".to_owned(),
+                    MetaValue::U32(c.num_key_value_heads as u32),
+                ),
+                (
+                    "llama.attention.layer_norm_rms_epsilon".to_owned(),
+                    MetaValue::F32(c.rms_norm_eps as f32),
+                ),
+                (
+                    "llama.rope.freq_base".to_owned(),
+                    MetaValue::F32(c.rope_theta as f32),
+                ),
+                (
+                    "llama.vocab_size".to_owned(),
+                    MetaValue::U32(c.vocab_size as u32),
+                ),
+            ];
+            if c.head_dim * c.num_attention_heads != c.hidden_size {
+                kv.push((
+                    "llama.attention.key_length".to_owned(),
+                    MetaValue::U32(c.head_dim as u32),
+                ));
+                kv.push((
+                    "llama.attention.value_length".to_owned(),
+                    MetaValue::U32(c.head_dim as u32),
+                ));
+            }
+            let v = model.tokenizer.to_gguf_vocab()?;
+            kv.push((
+                "tokenizer.ggml.model".to_owned(),
+                MetaValue::String(v.model.clone()),
+            ));
+            if let Some(pre) = &v.pre {
+                kv.push((
+                    "tokenizer.ggml.pre".to_owned(),
+                    MetaValue::String(pre.clone()),
+                ));
+            }
+            kv.push(("tokenizer.ggml.tokens".to_owned(), strings(&v.tokens)));
+            if let Some(scores) = &v.scores {
+                kv.push((
+                    "tokenizer.ggml.scores".to_owned(),
+                    MetaValue::Array(6, scores.iter().map(|&s| MetaValue::F32(s)).collect()),
+                ));
+            }
+            if let Some(types) = &v.token_types {
+                kv.push((
+                    "tokenizer.ggml.token_type".to_owned(),
+                    MetaValue::Array(5, types.iter().map(|&t| MetaValue::I32(t)).collect()),
+                ));
+            }
+            if let Some(merges) = &v.merges {
+                kv.push(("tokenizer.ggml.merges".to_owned(), strings(merges)));
+            }
+            let ids = [
+                ("tokenizer.ggml.bos_token_id", v.bos),
+                ("tokenizer.ggml.eos_token_id", v.eos),
+                ("tokenizer.ggml.unknown_token_id", v.unk),
+                ("tokenizer.ggml.padding_token_id", v.pad),
+            ];
+            for (k, id) in ids {
+                if let Some(id) = id {
+                    kv.push((k.to_owned(), MetaValue::U32(id)));
+                }
+            }
+            for (k, b) in [
+                ("tokenizer.ggml.add_bos_token", v.add_bos),
+                ("tokenizer.ggml.add_eos_token", v.add_eos),
+            ] {
+                if let Some(b) = b {
+                    kv.push((k.to_owned(), MetaValue::Bool(b)));
+                }
+            }
+            kv
+        }
+    };
+    kv.push(("general.quantization_version".to_owned(), MetaValue::U32(2)));
+    kv.push(("general.file_type".to_owned(), MetaValue::U32(file_type)));
+    Ok(kv)
+}
+
+/// The GGUF declaration of canonical tensor `name` (HF shape outermost first)
+/// stored as `ty`.
+pub fn tensor_decl(name: &str, shape: &[usize], ty: GgmlType) -> TensorDecl {
+    TensorDecl {
+        name: name.to_owned(),
+        dims: shape.iter().rev().map(|&d| d as u64).collect(),
+        ty,
+    }
+}
+
+/// Rows of an HF-layout matrix (any storage, whole rows) in GGUF order: Q and K
+/// are permuted for llama.cpp's interleaved RoPE, everything else is unchanged.
+pub fn to_gguf_rows(model: &Model, name: &str, rows: usize, data: Vec<u8>) -> Vec<u8> {
+    if name.ends_with("attn_q.weight") {
+        permute_qk_rows(&data, rows, model.config.num_attention_heads)
+    } else if name.ends_with("attn_k.weight") {
+        permute_qk_rows(&data, rows, model.config.num_key_value_heads)
+    } else {
+        data
+    }
+}

@@ -1,0 +1,411 @@
+//! The GGUF quantization mixes llama.cpp users know (`Q4_K_M`, `Q3_K_S`, …): a base
+//! type plus per-tensor upgrades (output/embedding, `attn_v`, `ffn_down`,
+//! `attn_output`) following `llama_tensor_get_type` for the llama architecture,
+//! then a fallback for rows that do not fit the type's block size, and the user's
+//! `REGEX=TYPE` overrides.
+
+use anyhow::{bail, Result};
+use kernels::GgmlType;
+use model::LlamaConfig;
+use regex::Regex;
+
+/// A named quantization mix.
+#[allow(non_camel_case_types, missing_docs)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mix {
+    F32,
+    F16,
+    BF16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q2_K,
+    Q3_K_S,
+    Q3_K_M,
+    Q3_K_L,
+    Q4_K_S,
+    Q4_K_M,
+    Q5_K_S,
+    Q5_K_M,
+    Q6_K,
+    IQ4_NL,
+    IQ4_XS,
+}
+
+/// Every mix, in the order `--help` lists them.
+pub const ALL_MIXES: [Mix; 19] = [
+    Mix::Q2_K,
+    Mix::Q3_K_S,
+    Mix::Q3_K_M,
+    Mix::Q3_K_L,
+    Mix::Q4_0,
+    Mix::Q4_1,
+    Mix::Q4_K_S,
+    Mix::Q4_K_M,
+    Mix::Q5_0,
+    Mix::Q5_1,
+    Mix::Q5_K_S,
+    Mix::Q5_K_M,
+    Mix::Q6_K,
+    Mix::Q8_0,
+    Mix::IQ4_NL,
+    Mix::IQ4_XS,
+    Mix::F16,
+    Mix::BF16,
+    Mix::F32,
+];
+
+impl Mix {
+    /// The name llama-quantize uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mix::F32 => "F32",
+            Mix::F16 => "F16",
+            Mix::BF16 => "BF16",
+            Mix::Q8_0 => "Q8_0",
+            Mix::Q4_0 => "Q4_0",
+            Mix::Q4_1 => "Q4_1",
+            Mix::Q5_0 => "Q5_0",
+            Mix::Q5_1 => "Q5_1",
+            Mix::Q2_K => "Q2_K",
+            Mix::Q3_K_S => "Q3_K_S",
+            Mix::Q3_K_M => "Q3_K_M",
+            Mix::Q3_K_L => "Q3_K_L",
+            Mix::Q4_K_S => "Q4_K_S",
+            Mix::Q4_K_M => "Q4_K_M",
+            Mix::Q5_K_S => "Q5_K_S",
+            Mix::Q5_K_M => "Q5_K_M",
+            Mix::Q6_K => "Q6_K",
+            Mix::IQ4_NL => "IQ4_NL",
+            Mix::IQ4_XS => "IQ4_XS",
+        }
+    }
+
+    /// The mix named `s` (case-insensitive), or an error listing the valid names.
+    pub fn from_name(s: &str) -> Result<Self> {
+        if let Some(m) = ALL_MIXES.iter().find(|m| m.name().eq_ignore_ascii_case(s)) {
+            return Ok(*m);
+        }
+        let names: Vec<_> = ALL_MIXES.iter().map(|m| m.name()).collect();
+        bail!(
+            "unknown quantization type '{s}'; valid types: {}",
+            names.join(", ")
+        )
+    }
+
+    /// `general.file_type` (llama.cpp's `llama_ftype`).
+    pub fn file_type(self) -> u32 {
+        match self {
+            Mix::F32 => 0,
+            Mix::F16 => 1,
+            Mix::Q4_0 => 2,
+            Mix::Q4_1 => 3,
+            Mix::Q8_0 => 7,
+            Mix::Q5_0 => 8,
+            Mix::Q5_1 => 9,
+            Mix::Q2_K => 10,
+            Mix::Q3_K_S => 11,
+            Mix::Q3_K_M => 12,
+            Mix::Q3_K_L => 13,
+            Mix::Q4_K_S => 14,
+            Mix::Q4_K_M => 15,
+            Mix::Q5_K_S => 16,
+            Mix::Q5_K_M => 17,
+            Mix::Q6_K => 18,
+            Mix::IQ4_NL => 25,
+            Mix::IQ4_XS => 30,
+            Mix::BF16 => 32,
+        }
+    }
+
+    /// The type most tensors get.
+    pub fn base_type(self) -> GgmlType {
+        match self {
+            Mix::F32 => GgmlType::F32,
+            Mix::F16 => GgmlType::F16,
+            Mix::BF16 => GgmlType::BF16,
+            Mix::Q8_0 => GgmlType::Q8_0,
+            Mix::Q4_0 => GgmlType::Q4_0,
+            Mix::Q4_1 => GgmlType::Q4_1,
+            Mix::Q5_0 => GgmlType::Q5_0,
+            Mix::Q5_1 => GgmlType::Q5_1,
+            Mix::Q2_K => GgmlType::Q2_K,
+            Mix::Q3_K_S | Mix::Q3_K_M | Mix::Q3_K_L => GgmlType::Q3_K,
+            Mix::Q4_K_S | Mix::Q4_K_M => GgmlType::Q4_K,
+            Mix::Q5_K_S | Mix::Q5_K_M => GgmlType::Q5_K,
+            Mix::Q6_K => GgmlType::Q6_K,
+            Mix::IQ4_NL => GgmlType::IQ4_NL,
+            Mix::IQ4_XS => GgmlType::IQ4_XS,
+        }
+    }
+
+    fn is_float(self) -> bool {
+        matches!(self, Mix::F32 | Mix::F16 | Mix::BF16)
+    }
+}
+
+/// The type chosen for one tensor, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    /// Storage type.
+    pub ty: GgmlType,
+    /// Human-readable reason when it differs from the mix's base type.
+    pub note: Option<String>,
+}
+
+/// `llama.cpp`'s layers that get more bits in the `_M` mixes: the first and last
+/// eighth, and every third layer in between.
+fn use_more_bits(layer: usize, n_layers: usize) -> bool {
+    layer < n_layers / 8
+        || layer >= 7 * n_layers / 8
+        || (layer as i64 - (n_layers / 8) as i64) % 3 == 2
+}
+
+/// The type llama.cpp would choose before checking the row length.
+fn mix_type(mix: Mix, name: &str, cfg: &LlamaConfig, has_imatrix: bool) -> GgmlType {
+    let base = mix.base_type();
+    if mix.is_float() {
+        return base;
+    }
+    let n = cfg.num_hidden_layers;
+    let gqa = cfg.num_attention_heads / cfg.num_key_value_heads.max(1);
+    let is_output =
+        name == "output.weight" || (cfg.tie_word_embeddings && name == "token_embd.weight");
+    if is_output {
+        // Rows that are not whole super-blocks of the base type get Q8_0 outright.
+        if !cfg.hidden_size.is_multiple_of(base.block_elems()) {
+            return GgmlType::Q8_0;
+        }
+        return if base == GgmlType::Q8_0 {
+            base
+        } else {
+            GgmlType::Q6_K
+        };
+    }
+    if name == "token_embd.weight" {
+        return base;
+    }
+    let (layer, suffix) = match name.strip_prefix("blk.").and_then(|r| r.split_once('.')) {
+        Some((l, s)) => (l.parse::<usize>().unwrap_or(0), s),
+        None => return base,
+    };
+    use GgmlType as T;
+    match suffix {
+        "attn_v.weight" => match mix {
+            Mix::Q2_K => {
+                if gqa >= 4 {
+                    T::Q4_K
+                } else {
+                    T::Q3_K
+                }
+            }
+            Mix::Q3_K_M => {
+                if layer < 2 {
+                    T::Q5_K
+                } else {
+                    T::Q4_K
+                }
+            }
+            Mix::Q3_K_L => T::Q5_K,
+            Mix::IQ4_NL | Mix::IQ4_XS if gqa >= 4 => T::Q5_K,
+            Mix::Q4_K_M | Mix::Q5_K_M if use_more_bits(layer, n) => T::Q6_K,
+            Mix::Q4_K_S if layer < 4 => T::Q5_K,
+            _ => base,
+        },
+        "ffn_down.weight" => match mix {
+            Mix::Q2_K => T::Q3_K,
+            Mix::Q3_K_M => {
+                if layer < n / 16 {
+                    T::Q5_K
+                } else {
+                    T::Q4_K
+                }
+            }
+            Mix::Q3_K_L => T::Q5_K,
+            Mix::Q4_K_M if use_more_bits(layer, n) => T::Q6_K,
+            Mix::IQ4_NL | Mix::IQ4_XS if layer < n / 8 && !has_imatrix => T::Q5_K,
+            Mix::Q5_K_M if use_more_bits(layer, n) => T::Q6_K,
+            Mix::Q4_K_S if layer < n / 8 => T::Q5_K,
+            Mix::Q4_0 if has_imatrix && layer < n / 8 => T::Q4_1,
+            Mix::Q5_0 if has_imatrix && layer < n / 8 => T::Q5_1,
+            _ => base,
+        },
+        "attn_output.weight" => match mix {
+            Mix::Q2_K => T::Q3_K,
+            Mix::Q3_K_M => T::Q4_K,
+            Mix::Q3_K_L => T::Q5_K,
+            _ => base,
+        },
+        _ => base,
+    }
+}
+
+/// llama.cpp's replacement for a type whose block does not divide the row length.
+pub fn fallback(ty: GgmlType, cols: usize) -> GgmlType {
+    if cols.is_multiple_of(ty.block_elems()) {
+        return ty;
+    }
+    let fb = match ty {
+        GgmlType::IQ4_XS => GgmlType::IQ4_NL,
+        GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K => GgmlType::Q5_0,
+        GgmlType::Q5_K => GgmlType::Q5_1,
+        GgmlType::Q6_K => GgmlType::Q8_0,
+        other => other,
+    };
+    if cols.is_multiple_of(fb.block_elems()) {
+        fb
+    } else {
+        GgmlType::F16
+    }
+}
+
+/// A `REGEX=TYPE` override from the command line.
+#[derive(Debug, Clone)]
+pub struct Override {
+    /// Matches tensor names (unanchored, as llama-quantize's `--tensor-type`).
+    pub pattern: Regex,
+    /// The type for matching tensors.
+    pub ty: GgmlType,
+    /// The text given, for messages.
+    pub text: String,
+}
+
+impl Override {
+    /// Parses `REGEX=TYPE`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let Some((re, ty)) = s.rsplit_once('=') else {
+            bail!("--tensor-type '{s}' is not REGEX=TYPE");
+        };
+        let pattern =
+            Regex::new(re).map_err(|e| anyhow::anyhow!("--tensor-type '{s}': bad regex: {e}"))?;
+        let ty = GgmlType::from_name(ty).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--tensor-type '{s}': unknown type '{ty}'; valid: {}",
+                kernels::types::ALL_TYPES
+                    .iter()
+                    .map(|t| t.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+        Ok(Override {
+            pattern,
+            ty,
+            text: s.to_owned(),
+        })
+    }
+}
+
+/// The type of tensor `name` (shape outermost first) under `mix`, after
+/// overrides and the row-length fallback.
+pub fn choose(
+    mix: Mix,
+    name: &str,
+    shape: &[usize],
+    cfg: &LlamaConfig,
+    has_imatrix: bool,
+    overrides: &[Override],
+) -> Choice {
+    if shape.len() < 2 {
+        return Choice {
+            ty: GgmlType::F32,
+            note: None,
+        };
+    }
+    let cols = shape[shape.len() - 1];
+    let (wanted, why) = match overrides.iter().find(|o| o.pattern.is_match(name)) {
+        Some(o) => (o.ty, Some(format!("override {}", o.text))),
+        None => {
+            let t = mix_type(mix, name, cfg, has_imatrix);
+            (
+                t,
+                (t != mix.base_type()).then(|| format!("{} mix rule", mix.name())),
+            )
+        }
+    };
+    let ty = fallback(wanted, cols);
+    let note = if ty != wanted {
+        Some(format!(
+            "{wanted} needs rows in multiples of {}, {cols} is not: falls back to {ty}",
+            wanted.block_elems()
+        ))
+    } else {
+        why
+    };
+    Choice { ty, note }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smol() -> LlamaConfig {
+        LlamaConfig {
+            vocab_size: 49152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            head_dim: 64,
+            rms_norm_eps: 1e-5,
+            rope_theta: 1e5,
+            max_position_embeddings: 8192,
+            tie_word_embeddings: true,
+            bos_token_id: Some(1),
+            eos_token_id: Some(2),
+        }
+    }
+
+    #[test]
+    fn q4_k_m_on_smollm2_matches_llama_cpp() {
+        let c = smol();
+        let ty = |name: &str, shape: &[usize]| choose(Mix::Q4_K_M, name, shape, &c, false, &[]).ty;
+        // Tied embedding acts as the output: 576 columns are not Q6_K super-blocks.
+        assert_eq!(ty("token_embd.weight", &[49152, 576]), GgmlType::Q8_0);
+        // 576-column matrices fall back from Q4_K to Q5_0.
+        assert_eq!(ty("blk.5.attn_q.weight", &[576, 576]), GgmlType::Q5_0);
+        // attn_v gets Q6_K in the "more bits" layers, which falls back to Q8_0.
+        assert_eq!(ty("blk.0.attn_v.weight", &[192, 576]), GgmlType::Q8_0);
+        assert_eq!(ty("blk.4.attn_v.weight", &[192, 576]), GgmlType::Q5_0);
+        // ffn_down has 1536 columns: K-quants fit.
+        assert_eq!(ty("blk.0.ffn_down.weight", &[576, 1536]), GgmlType::Q6_K);
+        assert_eq!(ty("blk.4.ffn_down.weight", &[576, 1536]), GgmlType::Q4_K);
+        assert_eq!(ty("blk.0.attn_norm.weight", &[576]), GgmlType::F32);
+        let layers: Vec<_> = (0..30).filter(|&l| use_more_bits(l, 30)).collect();
+        assert_eq!(
+            layers,
+            vec![0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+        );
+    }
+
+    #[test]
+    fn overrides_win_and_still_fall_back() {
+        let c = smol();
+        let o = vec![
+            Override::parse("ffn_(up|gate)=Q8_0").unwrap(),
+            Override::parse("attn_q=Q4_K").unwrap(),
+        ];
+        let ch = choose(
+            Mix::Q4_0,
+            "blk.3.ffn_up.weight",
+            &[1536, 576],
+            &c,
+            false,
+            &o,
+        );
+        assert_eq!(ch.ty, GgmlType::Q8_0);
+        let ch = choose(Mix::Q4_0, "blk.3.attn_q.weight", &[576, 576], &c, false, &o);
+        assert_eq!(ch.ty, GgmlType::Q5_0);
+        assert!(ch.note.unwrap().contains("falls back"));
+        assert!(Override::parse("x=Q9_9").is_err());
+        assert!(Override::parse("no-equals").is_err());
+        assert!(Mix::from_name("q4_k_m").is_ok());
+        assert!(Mix::from_name("Q7_K")
+            .unwrap_err()
+            .to_string()
+            .contains("valid types"));
+    }
+}

@@ -1,0 +1,193 @@
+//! Importance-weighted quantization of a whole model into a GGUF file, streamed:
+//! one tensor is dequantized to f32, checked, quantized row-parallel with its
+//! imatrix column weights, permuted to GGUF row order and written before the next
+//! is read, so peak memory is one tensor (in f32 and quantized) beyond the
+//! memory-mapped input.
+
+use crate::gguf_mix::{choose, Mix, Override};
+use anyhow::{bail, Context, Result};
+use kernels::GgmlType;
+use model::calib::Imatrix;
+use model::gguf::GgufWriter;
+use model::{gguf_export, Model};
+use rayon::prelude::*;
+use serde::Serialize;
+use std::path::Path;
+use std::time::Instant;
+
+/// One tensor of the plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedTensor {
+    /// Canonical (GGUF) name.
+    pub name: String,
+    /// Shape, outermost first.
+    pub shape: Vec<usize>,
+    /// Chosen storage type.
+    #[serde(serialize_with = "type_name")]
+    pub ty: GgmlType,
+    /// Why the type differs from the mix's base type, if it does.
+    pub note: Option<String>,
+}
+
+fn type_name<S: serde::Serializer>(t: &GgmlType, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(t.name())
+}
+
+/// Chooses a type for every tensor of `model`. Every override must match a tensor.
+pub fn plan(
+    model: &Model,
+    mix: Mix,
+    has_imatrix: bool,
+    overrides: &[Override],
+) -> Result<Vec<PlannedTensor>> {
+    let names = model.tensor_names();
+    for o in overrides {
+        if !names.iter().any(|n| o.pattern.is_match(n)) {
+            bail!(
+                "--tensor-type '{}' matches no tensor of {}",
+                o.text,
+                model.path.display()
+            );
+        }
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            let (_, shape) = model.tensor_meta(&name)?;
+            let c = choose(mix, &name, &shape, &model.config, has_imatrix, overrides);
+            Ok(PlannedTensor {
+                name,
+                shape,
+                ty: c.ty,
+                note: c.note,
+            })
+        })
+        .collect()
+}
+
+/// What was written, per tensor and in total.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuantizeReport {
+    /// Per tensor: name, type, bytes, relative Frobenius error ‖W − Ŵ‖/‖W‖.
+    pub tensors: Vec<TensorReport>,
+    /// Size of the output file.
+    pub file_bytes: u64,
+    /// Weights quantized.
+    pub n_params: u64,
+    /// Bits per weight of the tensor data.
+    pub bits_per_weight: f64,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+/// One tensor of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorReport {
+    /// Canonical name.
+    pub name: String,
+    /// Storage type.
+    #[serde(serialize_with = "type_name")]
+    pub ty: GgmlType,
+    /// Stored bytes.
+    pub bytes: u64,
+    /// ‖W − Ŵ‖_F / ‖W‖_F.
+    pub rel_error: f64,
+    /// Whether imatrix weights were used.
+    pub imatrix: bool,
+}
+
+/// Quantizes `values` (`rows × cols`) to `ty` with per-column `importance`,
+/// row-parallel.
+pub fn quantize_matrix(
+    values: &[f32],
+    cols: usize,
+    ty: GgmlType,
+    importance: Option<&[f32]>,
+) -> Result<Vec<u8>> {
+    let rows = values.len() / cols;
+    let row_bytes = ty
+        .bytes_for(cols)
+        .with_context(|| format!("{cols} columns are not whole {ty} blocks"))?;
+    let mut out = vec![0u8; rows * row_bytes];
+    // Enough rows per task to amortise scheduling, few enough to balance.
+    let per_task = (rows / (8 * rayon::current_num_threads())).clamp(1, 64);
+    out.par_chunks_mut(per_task * row_bytes)
+        .zip(values.par_chunks(per_task * cols))
+        .try_for_each(|(dst, src)| kernels::quants::quantize(ty, src, cols, importance, dst))?;
+    Ok(out)
+}
+
+/// Writes `model` quantized per `plan` to `out` (a GGUF file), reporting progress
+/// as (tensors done, total, name).
+pub fn quantize_to_gguf(
+    model: &Model,
+    plan: &[PlannedTensor],
+    imatrix: Option<&Imatrix>,
+    file_type: u32,
+    out: &Path,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<QuantizeReport> {
+    let start = Instant::now();
+    let metadata = gguf_export::metadata(model, file_type)?;
+    let decls: Vec<_> = plan
+        .iter()
+        .map(|t| gguf_export::tensor_decl(&t.name, &t.shape, t.ty))
+        .collect();
+    let mut writer = GgufWriter::create(out, &metadata, &decls)?;
+    let mut reports = Vec::with_capacity(plan.len());
+    let (mut n_params, mut data_bytes) = (0u64, 0u64);
+    for (i, t) in plan.iter().enumerate() {
+        let values = model.tensor(&t.name)?.to_f32()?;
+        if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+            bail!(
+                "tensor '{}' of {} holds {} at element {bad}: refusing to quantize",
+                t.name,
+                model.path.display(),
+                values[bad]
+            );
+        }
+        let cols = *t.shape.last().unwrap_or(&1);
+        let importance = match imatrix.and_then(|m| m.importance(&t.name)) {
+            Some(imp) if imp.len() == cols => Some(imp),
+            Some(imp) => bail!(
+                "the imatrix entry for '{}' has {} columns, the tensor has {cols}: it was made for another model",
+                t.name,
+                imp.len()
+            ),
+            None => None,
+        };
+        let bytes = quantize_matrix(&values, cols, t.ty, importance.as_deref())
+            .with_context(|| format!("quantizing '{}' to {}", t.name, t.ty))?;
+        let mut restored = vec![0f32; values.len()];
+        kernels::quants::dequantize(t.ty, &bytes, &mut restored)?;
+        let (num, den) = values
+            .par_iter()
+            .zip(&restored)
+            .map(|(&a, &b)| (((a - b) as f64).powi(2), (a as f64).powi(2)))
+            .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1));
+        let rows = values.len() / cols;
+        let n_bytes = bytes.len() as u64;
+        writer.write_tensor(
+            &t.name,
+            &gguf_export::to_gguf_rows(model, &t.name, rows, bytes),
+        )?;
+        n_params += values.len() as u64;
+        data_bytes += n_bytes;
+        reports.push(TensorReport {
+            name: t.name.clone(),
+            ty: t.ty,
+            bytes: n_bytes,
+            rel_error: (num / den.max(f64::MIN_POSITIVE)).sqrt(),
+            imatrix: importance.is_some(),
+        });
+        progress(i + 1, plan.len(), &t.name);
+    }
+    writer.finish()?;
+    Ok(QuantizeReport {
+        tensors: reports,
+        file_bytes: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0),
+        n_params,
+        bits_per_weight: data_bytes as f64 * 8.0 / n_params.max(1) as f64,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
