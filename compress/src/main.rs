@@ -6,6 +6,7 @@
 
 mod assets;
 mod convert;
+mod evaluate;
 mod progress;
 
 use anyhow::{Context, Result};
@@ -86,10 +87,12 @@ enum Command {
         #[arg(long)]
         chunks: Option<usize>,
     },
-    /// Perplexity of a model on a text, with llama-perplexity's protocol.
+    /// Perplexity of models on a text, with llama-perplexity's protocol; with
+    /// --base, also KL divergence and top-1 agreement against the base.
     Eval {
-        /// Model: .gguf, .safetensors, model.safetensors.index.json, or a folder.
-        model: String,
+        /// Models: .gguf, .safetensors, model.safetensors.index.json, or folders.
+        #[arg(required = true)]
+        models: Vec<String>,
         /// UTF-8 text file to evaluate on.
         #[arg(long)]
         text: String,
@@ -126,14 +129,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Peak resident memory of this process (Linux `VmHWM`), mapped weight pages included.
-fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 fn resolve(arg: &str) -> Result<PathBuf> {
@@ -278,85 +273,26 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Eval {
-            model,
+            models,
             text,
             ctx,
             chunks,
             base,
             json,
         } => {
-            let model_path = resolve(&model)?;
-            let text_path = resolve(&text)?;
-            let base_path = base.as_deref().map(resolve).transpose()?;
-            let text = eval::text::read_text(&text_path)?;
-            let model = model::Model::open(&model_path)?;
-            let base = base_path.as_deref().map(model::Model::open).transpose()?;
-            // The base's tokenizer defines the tokens both models are scored on.
-            let tokenizer = &base.as_ref().unwrap_or(&model).tokenizer;
-            let tokens = tokenizer
-                .encode(&text)
-                .with_context(|| format!("cannot tokenize {}", text_path.display()))?;
-            let opts = eval::PerplexityOptions { ctx, chunks };
-            let n_chunks = chunks.unwrap_or(tokens.len() / ctx.max(1));
-            let mut bar = progress::Progress::new(n_chunks as u64, "eval");
-            let mut on_chunk = |done: usize, _total: usize, ppl: f64| {
-                bar.set(done as u64, &format!("ppl {ppl:.4}"));
-            };
-            let mut out = serde_json::json!({
-                "model": model_path, "text": text_path,
-                "model_bytes": model.file_size(), "model_params": model.n_params()?,
-            });
-            let ppl_line = |name: &str, path: &std::path::Path, r: &eval::PerplexityReport| {
-                format!(
-                    "{name:<6} {}: {} chunks of {} tokens ({} scored), PPL = {:.4} +/- {:.5}  [{:.1} tokens/s]",
-                    path.display(),
-                    r.chunks,
-                    r.ctx,
-                    r.scored_tokens,
-                    r.perplexity,
-                    r.perplexity_stderr,
-                    r.tokens_per_second
-                )
-            };
-            let mut lines = Vec::new();
-            match (&base, &base_path) {
-                (Some(base), Some(base_path)) => {
-                    let r = eval::compare(&model, base, &tokens, &opts, &mut on_chunk)?;
-                    lines.push(ppl_line("model", &model_path, &r.perplexity));
-                    lines.push(ppl_line("base", base_path, &r.base_perplexity));
-                    let k = &r.kld;
-                    lines.push(format!(
-                        "KLD    mean {:.6} +/- {:.6}, median {:.6}, p90 {:.6}, p99 {:.6}, max {:.6}",
-                        k.mean, k.mean_stderr, k.median, k.p90, k.p99, k.max
-                    ));
-                    lines.push(format!(
-                        "top-1  {:.2}% same as the base; size {:.1} MB vs {:.1} MB (ratio {:.2})",
-                        100.0 * r.top1_agreement,
-                        model.file_size() as f64 / 1e6,
-                        base.file_size() as f64 / 1e6,
-                        base.file_size() as f64 / model.file_size() as f64
-                    ));
-                    out["base"] = serde_json::json!(base_path);
-                    out["base_bytes"] = serde_json::json!(base.file_size());
-                    out["perplexity"] = serde_json::to_value(&r.perplexity)?;
-                    out["base_perplexity"] = serde_json::to_value(&r.base_perplexity)?;
-                    out["kld"] = serde_json::to_value(&r.kld)?;
-                    out["top1_agreement"] = serde_json::json!(r.top1_agreement);
-                }
-                _ => {
-                    let r = eval::perplexity(&model, &tokens, &opts, &mut on_chunk)?;
-                    lines.push(ppl_line("model", &model_path, &r));
-                    out["perplexity"] = serde_json::to_value(&r)?;
-                }
-            }
-            bar.finish();
-            out["peak_rss_bytes"] = serde_json::json!(peak_rss_bytes());
-            if json {
-                println!("{}", serde_json::to_string_pretty(&out)?);
-            } else {
-                println!("{}", lines.join("\n"));
-            }
-            Ok(())
+            let models = models
+                .iter()
+                .map(|m| resolve(m))
+                .collect::<Result<Vec<_>>>()?;
+            let base = base.as_deref().map(resolve).transpose()?;
+            evaluate::run(
+                &models,
+                base.as_deref(),
+                &resolve(&text)?,
+                ctx,
+                chunks,
+                json,
+            )
         }
     }
 }

@@ -4,7 +4,7 @@
 //! the vocabulary, and whether both put the same token first.
 
 use crate::perplexity::{
-    log_softmax_stats, ChunkPlan, NllStats, PerplexityOptions, PerplexityReport,
+    log_prob, log_softmax_stats, ChunkPlan, NllStats, PerplexityOptions, PerplexityReport,
 };
 use anyhow::{bail, Result};
 use model::Model;
@@ -95,58 +95,92 @@ pub fn compare(
     opts: &PerplexityOptions,
     progress: crate::perplexity::Progress,
 ) -> Result<CompareReport> {
+    Ok(compare_many(&[model], base, tokens, opts, progress)?.remove(0))
+}
+
+/// Per-model accumulators of [`compare_many`].
+#[derive(Default)]
+struct Running {
+    nll: NllStats,
+    klds: Vec<f64>,
+    same_top1: usize,
+    seconds: f64,
+}
+
+/// [`compare`] for several models against one base: the base runs once per chunk.
+pub fn compare_many(
+    models: &[&Model],
+    base: &Model,
+    tokens: &[u32],
+    opts: &PerplexityOptions,
+    progress: crate::perplexity::Progress,
+) -> Result<Vec<CompareReport>> {
     let vocab = base.config.vocab_size;
-    if model.config.vocab_size != vocab {
-        bail!(
-            "{} has a vocabulary of {} tokens but the base {} has {}: their distributions cannot be compared",
-            model.path.display(),
-            model.config.vocab_size,
-            base.path.display(),
-            vocab
-        );
+    for m in models {
+        if m.config.vocab_size != vocab {
+            bail!(
+                "{} has a vocabulary of {} tokens but the base {} has {}: their distributions cannot be compared",
+                m.path.display(),
+                m.config.vocab_size,
+                base.path.display(),
+                vocab
+            );
+        }
     }
     let plan = ChunkPlan::for_model(base, tokens.len(), opts)?;
-    let (mut base_secs, mut model_secs) = (0f64, 0f64);
-    let (mut nll_model, mut nll_base) = (NllStats::default(), NllStats::default());
-    let mut klds = Vec::with_capacity(plan.chunks * plan.scored_per_chunk());
-    let mut same_top1 = 0usize;
+    let mut base_run = Running::default();
+    let mut runs: Vec<Running> = models.iter().map(|_| Running::default()).collect();
     for c in 0..plan.chunks {
         let t = Instant::now();
         let base_logits = plan.logits(base, tokens, c)?;
-        base_secs += t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let model_logits = plan.logits(model, tokens, c)?;
-        model_secs += t.elapsed().as_secs_f64();
-        let rows: Vec<(f64, bool, f64, f64)> = base_logits
+        base_run.seconds += t.elapsed().as_secs_f64();
+        let base_nlls: Vec<f64> = base_logits
             .par_chunks(vocab)
-            .zip(model_logits.par_chunks(vocab))
             .enumerate()
-            .map(|(r, (b, m))| {
-                let target = plan.target(tokens, c, r);
-                let (kl, same) = kl_and_top1(b, m);
-                (
-                    kl,
-                    same,
-                    -crate::perplexity::log_prob(m, target),
-                    -crate::perplexity::log_prob(b, target),
-                )
-            })
+            .map(|(r, b)| -log_prob(b, plan.target(tokens, c, r)))
             .collect();
-        for (kl, same, nm, nb) in rows {
-            klds.push(kl);
-            same_top1 += same as usize;
-            nll_model.add(nm);
-            nll_base.add(nb);
+        for r in base_nlls {
+            base_run.nll.add(r);
         }
-        progress(c + 1, plan.chunks, nll_model.perplexity());
+        for (m, run) in models.iter().zip(runs.iter_mut()) {
+            let t = Instant::now();
+            let logits = plan.logits(m, tokens, c)?;
+            run.seconds += t.elapsed().as_secs_f64();
+            let rows: Vec<(f64, bool, f64)> = base_logits
+                .par_chunks(vocab)
+                .zip(logits.par_chunks(vocab))
+                .enumerate()
+                .map(|(r, (b, m))| {
+                    let (kl, same) = kl_and_top1(b, m);
+                    (kl, same, -log_prob(m, plan.target(tokens, c, r)))
+                })
+                .collect();
+            for (kl, same, nll) in rows {
+                run.klds.push(kl);
+                run.same_top1 += same as usize;
+                run.nll.add(nll);
+            }
+        }
+        progress(
+            c + 1,
+            plan.chunks,
+            runs.first()
+                .map_or(base_run.nll.perplexity(), |r| r.nll.perplexity()),
+        );
     }
-    let n = klds.len();
-    Ok(CompareReport {
-        perplexity: nll_model.report(&plan, tokens.len(), model_secs),
-        base_perplexity: nll_base.report(&plan, tokens.len(), base_secs),
-        kld: KldStats::from_values(klds),
-        top1_agreement: same_top1 as f64 / n.max(1) as f64,
-    })
+    let base_report = base_run.nll.report(&plan, tokens.len(), base_run.seconds);
+    Ok(runs
+        .into_iter()
+        .map(|run| {
+            let n = run.klds.len().max(1);
+            CompareReport {
+                perplexity: run.nll.report(&plan, tokens.len(), run.seconds),
+                base_perplexity: base_report.clone(),
+                top1_agreement: run.same_top1 as f64 / n as f64,
+                kld: KldStats::from_values(run.klds),
+            }
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -6,5 +6,5 @@ pub mod kld;
 pub mod perplexity;
 pub mod text;
 
-pub use kld::{compare, CompareReport, KldStats};
+pub use kld::{compare, compare_many, CompareReport, KldStats};
 pub use perplexity::{perplexity, PerplexityOptions, PerplexityReport};

@@ -4,8 +4,8 @@
 //! Every 256-element super-block is done in three steps:
 //!
 //! 1. each sub-block (16 or 32 elements) gets its own float scale (and min) by
-//!    weighted least squares: [`fit_affine`] for the types with a min (Q2_K, Q4_K,
-//!    Q5_K, as ggml's `make_qkx3_quants`), [`fit_scale`] for the symmetric ones
+//!    weighted least squares: `fit_affine` for the types with a min (Q2_K, Q4_K,
+//!    Q5_K, as ggml's `make_qkx3_quants`), `fit_scale` for the symmetric ones
 //!    (Q3_K, Q6_K, as `make_qx_quants`);
 //! 2. those scales (and mins) are themselves quantized to the stored integer
 //!    sub-scales times one f16 super-scale, again by a weighted fit, where a

@@ -2,7 +2,7 @@
 //! Q8_0 (layouts in [`crate::quants::legacy`]).
 //!
 //! Symmetric types (Q4_0, Q5_0, Q8_0 with importance) fit one scale per block with
-//! [`fit_scale`]; Q4_1/Q5_1 fit a scale and a signed min with [`fit_affine`]. The
+//! `fit_scale`; Q4_1/Q5_1 fit a scale and a signed min with `fit_affine`. The
 //! scale is then rounded to f16 and every element re-rounded to the stored scale
 //! (optimal for that scale), and the least-squares scale of those quants is tried
 //! once more in f16; a block keeps whichever stored form has the lower weighted

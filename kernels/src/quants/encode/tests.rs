@@ -535,24 +535,35 @@ fn dispatcher_checks_sizes_and_splits_rows() {
     assert_eq!(par, seq);
 }
 
-/// Prints single-thread quantization throughput per type (MB/s of f32 input):
-/// `cargo test -p kernels --release throughput -- --ignored --nocapture`.
+/// Seconds this thread has run on a CPU (Linux `schedstat`), else wall-clock
+/// seconds since `start`: throughput on a busy machine should not count the time
+/// other processes had the core.
+fn thread_seconds(start: std::time::Instant) -> f64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|ns| ns as f64 * 1e-9)
+        .unwrap_or_else(|| start.elapsed().as_secs_f64())
+}
+
+/// Prints single-thread quantization throughput per type (MB/s of f32 input, CPU
+/// time of this thread): `cargo test -p kernels throughput -- --ignored
+/// --nocapture`.
 #[test]
 #[ignore]
 fn throughput() {
     let x = gaussian_rows(256, 17);
     let qw = importance(18);
+    let rb = |ty: GgmlType| ty.bytes_for(COLS).unwrap();
     for ty in ALL_TYPES {
         let f = block_fn(ty);
         for with in [false, true] {
             let mut dst = vec![0u8; ty.bytes_for(x.len()).unwrap()];
-            let t = std::time::Instant::now();
+            let wall = std::time::Instant::now();
+            let t0 = thread_seconds(wall);
             let mut reps = 0;
-            while t.elapsed().as_secs_f64() < 0.5 {
-                for (row, out) in x
-                    .chunks(COLS)
-                    .zip(dst.chunks_mut(ty.bytes_for(COLS).unwrap()))
-                {
+            while thread_seconds(wall) - t0 < 1.0 {
+                for (row, out) in x.chunks(COLS).zip(dst.chunks_mut(rb(ty))) {
                     match f {
                         Some(f) => f(row, with.then_some(&qw[..]), out),
                         None => quantize(ty, row, COLS, None, out).unwrap(),
@@ -565,7 +576,7 @@ fn throughput() {
                 "{:7} importance {:5}: {:8.1} MB/s",
                 ty.name(),
                 with,
-                mb / t.elapsed().as_secs_f64()
+                mb / (thread_seconds(wall) - t0)
             );
         }
     }
