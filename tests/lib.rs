@@ -205,3 +205,47 @@ pub fn output_text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+/// Checks a GGUF file with gguf-py (`scripts/check_gguf.py`): our reader's tensor
+/// infos and metadata types must equal gguf-py's, and our dequantization of the
+/// named tensors (storage order) must equal gguf-py's bit for bit. `dump` is a
+/// scratch folder for the comparison files.
+pub fn check_gguf_with_gguf_py(path: &Path, tensors: &[&str], dump: &Path) {
+    use model::gguf::{GgufFile, MetaValue};
+    let g = GgufFile::open(path).expect("our reader opens the file");
+    let _ = std::fs::remove_dir_all(dump);
+    std::fs::create_dir_all(dump).expect("dump folder");
+    let infos: Vec<_> = g
+        .tensors
+        .iter()
+        .map(|t| serde_json::json!({"name": t.name, "type": t.ty.id(), "dims": t.dims, "offset": t.offset}))
+        .collect();
+    let metadata: serde_json::Map<String, serde_json::Value> = g
+        .metadata
+        .iter()
+        .map(|(k, v)| {
+            let types = match v {
+                MetaValue::Array(item, _) => vec![9, *item],
+                other => vec![other.type_id()],
+            };
+            (k.clone(), serde_json::json!(types))
+        })
+        .collect();
+    let summary = serde_json::json!({"tensors": infos, "metadata": metadata});
+    std::fs::write(
+        dump.join("tensors.json"),
+        serde_json::to_vec(&summary).expect("json"),
+    )
+    .expect("write");
+    for name in tensors {
+        let info = g
+            .tensor(name)
+            .unwrap_or_else(|| panic!("no tensor '{name}'"));
+        let mut out = vec![0f32; info.n_elements() as usize];
+        kernels::quants::dequantize(info.ty, g.tensor_data(info), &mut out).expect("dequantize");
+        let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(dump.join(format!("{name}.f32")), bytes).expect("write");
+    }
+    let report = run_python("check_gguf.py", &[path, dump]);
+    assert!(report.contains("OK"), "{report}");
+}

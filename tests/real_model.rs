@@ -48,46 +48,15 @@ fn gguf_reader_agrees_with_gguf_py() {
     let g = GgufFile::open(&path).unwrap();
     assert_eq!(g.version, 3);
     assert_eq!(g.tensors.len(), 272);
-    let dump = work_dir().join("gguf-dump");
-    let _ = std::fs::remove_dir_all(&dump);
-    std::fs::create_dir_all(&dump).unwrap();
-    let tensors: Vec<_> = g
-        .tensors
-        .iter()
-        .map(|t| serde_json::json!({"name": t.name, "type": t.ty.id(), "dims": t.dims, "offset": t.offset}))
-        .collect();
-    let metadata: serde_json::Map<String, serde_json::Value> = g
-        .metadata
-        .iter()
-        .map(|(k, v)| {
-            let types = match v {
-                model::gguf::MetaValue::Array(item, _) => vec![9, *item],
-                other => vec![other.type_id()],
-            };
-            (k.clone(), serde_json::json!(types))
-        })
-        .collect();
-    std::fs::write(
-        dump.join("tensors.json"),
-        serde_json::to_vec(&serde_json::json!({"tensors": tensors, "metadata": metadata})).unwrap(),
-    )
-    .unwrap();
     // One tensor of each stored type, Q/K in storage order, and the largest one.
-    for name in [
+    let tensors = [
         "token_embd.weight",
         "blk.0.attn_q.weight",
         "blk.7.attn_k.weight",
         "blk.29.ffn_down.weight",
         "output_norm.weight",
-    ] {
-        let info = g.tensor(name).unwrap();
-        let mut out = vec![0f32; info.n_elements() as usize];
-        kernels::quants::dequantize(info.ty, g.tensor_data(info), &mut out).unwrap();
-        let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
-        std::fs::write(dump.join(format!("{name}.f32")), bytes).unwrap();
-    }
-    let report = run_python("check_gguf.py", &[&path, &dump]);
-    assert!(report.contains("OK"), "{report}");
+    ];
+    check_gguf_with_gguf_py(&path, &tensors, &work_dir().join("gguf-dump"));
 }
 
 #[test]

@@ -8,6 +8,7 @@ mod assets;
 mod convert;
 mod evaluate;
 mod progress;
+mod quantize;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -46,28 +47,10 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
         dtype: DtypeArg,
     },
-    /// Quantize a model into a GGUF file with one of llama.cpp's type mixes,
-    /// importance-weighted when an imatrix is given.
-    Quantize {
-        /// Input model: .gguf, .safetensors, model.safetensors.index.json, or a folder.
-        input: String,
-        /// Mix: Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_0, Q4_1, Q4_K_S, Q4_K_M, Q5_0, Q5_1,
-        /// Q5_K_S, Q5_K_M, Q6_K, Q8_0, IQ4_NL, IQ4_XS, F16, BF16, F32.
-        #[arg(long = "type")]
-        mix: String,
-        /// Importance matrix (from `compress imatrix` or llama-imatrix).
-        #[arg(long)]
-        imatrix: Option<String>,
-        /// Per-tensor type override REGEX=TYPE (repeatable; first match wins).
-        #[arg(long = "tensor-type")]
-        tensor_type: Vec<String>,
-        /// Output GGUF file.
-        #[arg(short, long)]
-        output: PathBuf,
-        /// Also write the per-tensor report (type, bytes, relative error) as JSON.
-        #[arg(long)]
-        report: Option<PathBuf>,
-    },
+    /// Quantize a model into a GGUF file with one of llama.cpp's type mixes, or a
+    /// per-tensor allocation for a target bits-per-weight; importance-weighted
+    /// when an imatrix is given.
+    Quantize(quantize::Args),
     /// Importance matrix: run the model on calibration text and store, per linear
     /// layer, the mean squared input activation per column (llama.cpp's imatrix
     /// GGUF format).
@@ -131,7 +114,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn resolve(arg: &str) -> Result<PathBuf> {
+/// A path argument, with `asset:NAME` fetched into the cache and resolved.
+pub(crate) fn resolve(arg: &str) -> Result<PathBuf> {
     assets::resolve_with(arg, &assets::cache_dir(), &|line| eprintln!("{line}"))
 }
 
@@ -167,73 +151,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             convert::convert(&input, &output, dtype)
         }
-        Command::Quantize {
-            input,
-            mix,
-            imatrix,
-            tensor_type,
-            output,
-            report,
-        } => {
-            let mix = quant::Mix::from_name(&mix)?;
-            let overrides = tensor_type
-                .iter()
-                .map(|s| quant::Override::parse(s))
-                .collect::<Result<Vec<_>>>()?;
-            let input = resolve(&input)?;
-            let imatrix = imatrix
-                .as_deref()
-                .map(|p| resolve(p).and_then(|p| model::calib::Imatrix::load(&p)))
-                .transpose()?;
-            let model = model::Model::open(&input)?;
-            if output.canonicalize().ok() == model.path.canonicalize().ok() {
-                anyhow::bail!(
-                    "output {} is the input; inputs are never modified",
-                    output.display()
-                );
-            }
-            let plan = quant::gguf_quantize::plan(&model, mix, imatrix.is_some(), &overrides)?;
-            let mut counts = std::collections::BTreeMap::new();
-            for t in &plan {
-                *counts.entry(t.ty).or_insert(0usize) += 1;
-                if let Some(note) = t.note.as_ref().filter(|n| n.contains("falls back")) {
-                    eprintln!("{}: {note}", t.name);
-                }
-            }
-            let summary: Vec<String> = counts.iter().map(|(t, n)| format!("{n} × {t}")).collect();
-            eprintln!(
-                "{}: {} tensors: {}",
-                mix.name(),
-                plan.len(),
-                summary.join(", ")
-            );
-            let mut bar = progress::Progress::new(plan.len() as u64, "quantize");
-            let r = quant::gguf_quantize::quantize_to_gguf(
-                &model,
-                &plan,
-                imatrix.as_ref(),
-                mix.file_type(),
-                &output,
-                &mut |done, _, name| bar.set(done as u64, name),
-            )?;
-            bar.finish();
-            if let Some(path) = report {
-                model::io::write_atomic(&path, serde_json::to_string_pretty(&r)?.as_bytes())?;
-            }
-            println!(
-                "wrote {}: {:.1} MB, {:.3} bits per weight, {} ({:.1}s)",
-                output.display(),
-                r.file_bytes as f64 / 1e6,
-                r.bits_per_weight,
-                if imatrix.is_some() {
-                    "with imatrix"
-                } else {
-                    "no imatrix"
-                },
-                r.seconds
-            );
-            Ok(())
-        }
+        Command::Quantize(args) => quantize::run(args),
         Command::Imatrix {
             model,
             text,

@@ -261,6 +261,39 @@ pub fn fallback(ty: GgmlType, cols: usize) -> GgmlType {
     }
 }
 
+/// `general.file_type` for a custom set of tensor types: the plain mix of the most
+/// common quantized type (F32 when nothing is quantized).
+pub fn file_type_of(types: &[GgmlType]) -> u32 {
+    let mut counts = std::collections::BTreeMap::new();
+    for t in types.iter().filter(|t| **t != GgmlType::F32) {
+        *counts.entry(*t).or_insert(0usize) += 1;
+    }
+    let Some((&ty, _)) = counts
+        .iter()
+        .max_by_key(|(t, n)| (**n, std::cmp::Reverse(**t)))
+    else {
+        return Mix::F32.file_type();
+    };
+    let mix = match ty {
+        GgmlType::F16 => Mix::F16,
+        GgmlType::BF16 => Mix::BF16,
+        GgmlType::Q8_0 => Mix::Q8_0,
+        GgmlType::Q4_0 => Mix::Q4_0,
+        GgmlType::Q4_1 => Mix::Q4_1,
+        GgmlType::Q5_0 => Mix::Q5_0,
+        GgmlType::Q5_1 => Mix::Q5_1,
+        GgmlType::Q2_K => Mix::Q2_K,
+        GgmlType::Q3_K => Mix::Q3_K_M,
+        GgmlType::Q4_K => Mix::Q4_K_M,
+        GgmlType::Q5_K => Mix::Q5_K_M,
+        GgmlType::Q6_K => Mix::Q6_K,
+        GgmlType::IQ4_NL => Mix::IQ4_NL,
+        GgmlType::IQ4_XS => Mix::IQ4_XS,
+        GgmlType::F32 => Mix::F32,
+    };
+    mix.file_type()
+}
+
 /// A `REGEX=TYPE` override from the command line.
 #[derive(Debug, Clone)]
 pub struct Override {

@@ -33,14 +33,8 @@ fn type_name<S: serde::Serializer>(t: &GgmlType, s: S) -> Result<S::Ok, S::Error
     s.serialize_str(t.name())
 }
 
-/// Chooses a type for every tensor of `model`. Every override must match a tensor.
-pub fn plan(
-    model: &Model,
-    mix: Mix,
-    has_imatrix: bool,
-    overrides: &[Override],
-) -> Result<Vec<PlannedTensor>> {
-    let names = model.tensor_names();
+/// Checks that every override matches a tensor of `model`.
+fn check_overrides(model: &Model, names: &[String], overrides: &[Override]) -> Result<()> {
     for o in overrides {
         if !names.iter().any(|n| o.pattern.is_match(n)) {
             bail!(
@@ -50,6 +44,18 @@ pub fn plan(
             );
         }
     }
+    Ok(())
+}
+
+/// Chooses a type for every tensor of `model`. Every override must match a tensor.
+pub fn plan(
+    model: &Model,
+    mix: Mix,
+    has_imatrix: bool,
+    overrides: &[Override],
+) -> Result<Vec<PlannedTensor>> {
+    let names = model.tensor_names();
+    check_overrides(model, &names, overrides)?;
     names
         .into_iter()
         .map(|name| {
@@ -63,6 +69,35 @@ pub fn plan(
             })
         })
         .collect()
+}
+
+/// Applies `overrides` (first match wins, with the row-length fallback) to the
+/// matrices of an existing plan. Every override must match a tensor.
+pub fn apply_overrides(
+    plan: &mut [PlannedTensor],
+    overrides: &[Override],
+    model: &Model,
+) -> Result<()> {
+    let names: Vec<String> = plan.iter().map(|t| t.name.clone()).collect();
+    check_overrides(model, &names, overrides)?;
+    for t in plan.iter_mut().filter(|t| t.shape.len() > 1) {
+        if let Some(o) = overrides.iter().find(|o| o.pattern.is_match(&t.name)) {
+            let cols = *t.shape.last().unwrap_or(&1);
+            t.ty = crate::gguf_mix::fallback(o.ty, cols);
+            t.note = Some(if t.ty == o.ty {
+                format!("override {}", o.text)
+            } else {
+                format!(
+                    "override {}: {} needs rows in multiples of {}, falls back to {}",
+                    o.text,
+                    o.ty,
+                    o.ty.block_elems(),
+                    t.ty
+                )
+            });
+        }
+    }
+    Ok(())
 }
 
 /// What was written, per tensor and in total.

@@ -2,6 +2,7 @@
 //! ([`gguf_mix`]) and the streaming, importance-weighted quantization of a whole
 //! model into a GGUF file ([`gguf_quantize`]).
 
+pub mod bit_alloc;
 pub mod gguf_mix;
 pub mod gguf_quantize;
 
