@@ -576,7 +576,6 @@ pub struct GgufWriter {
     decls: Vec<(TensorDecl, u64)>,
     alignment: u64,
     next: usize,
-    written: u64,
 }
 
 impl GgufWriter {
@@ -647,7 +646,6 @@ impl GgufWriter {
             decls,
             alignment,
             next: 0,
-            written: 0,
         })
     }
 
@@ -673,14 +671,12 @@ impl GgufWriter {
         self.out
             .write_all(bytes)
             .with_context(|| format!("cannot write {dest}"))?;
-        // Padding between tensors; the file ends right after the last tensor.
-        if self.next + 1 < self.decls.len() {
-            let pad = vec![0u8; (padded - n_bytes) as usize];
-            self.out
-                .write_all(&pad)
-                .with_context(|| format!("cannot write {dest}"))?;
-        }
-        self.written += padded;
+        // Every tensor, the last one too, is padded to the alignment: llama.cpp
+        // reads the data section as one blob of the padded sizes.
+        let pad = vec![0u8; (padded - n_bytes) as usize];
+        self.out
+            .write_all(&pad)
+            .with_context(|| format!("cannot write {dest}"))?;
         self.next += 1;
         Ok(())
     }
@@ -897,7 +893,8 @@ pub(crate) mod tests {
             (q.ty, q.offset % 32, back.tensor_data(q)),
             (GgmlType::Q8_0, 0, &[7u8; 68][..])
         );
-        assert_eq!(back.file_size(), back.data_offset + q.offset + 68);
+        // The data section ends padded to the alignment, as llama.cpp reads it.
+        assert_eq!(back.file_size(), back.data_offset + q.offset + 96);
     }
 
     #[test]
