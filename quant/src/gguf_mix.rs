@@ -242,14 +242,16 @@ fn mix_type(mix: Mix, name: &str, cfg: &LlamaConfig, has_imatrix: bool) -> GgmlT
     }
 }
 
-/// llama.cpp's replacement for a type whose block does not divide the row length.
+/// The replacement for a type whose block does not divide the row length.
 pub fn fallback(ty: GgmlType, cols: usize) -> GgmlType {
     if cols.is_multiple_of(ty.block_elems()) {
         return ty;
     }
     let fb = match ty {
-        GgmlType::IQ4_XS => GgmlType::IQ4_NL,
-        GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K => GgmlType::Q5_0,
+        // The 2- and 3-bit k-quants go to IQ4_NL, as the llama.cpp that made the
+        // reference table in DESIGN.md does (newer llama.cpp uses Q5_0: a bigger file).
+        GgmlType::IQ4_XS | GgmlType::Q2_K | GgmlType::Q3_K => GgmlType::IQ4_NL,
+        GgmlType::Q4_K => GgmlType::Q5_0,
         GgmlType::Q5_K => GgmlType::Q5_1,
         GgmlType::Q6_K => GgmlType::Q8_0,
         other => other,
