@@ -110,5 +110,13 @@ for r in rows:
           f"{r['kld_mean']:>9.4f}{r['kld_p99']:>8.3f}{r['top1']:>7.1f}  |{theirs}")
 out_dir = root / "bench/results"
 out_dir.mkdir(parents=True, exist_ok=True)
-(out_dir / "gguf_quality.json").write_text(json.dumps({"chunks": args.chunks, "rows": rows, "timings": timings}, indent=2))
-print(f"wrote {out_dir / 'gguf_quality.json'}; timings {timings}")
+result_file = out_dir / "gguf_quality.json"
+if args.types and result_file.exists():
+    # A partial run adds to (or replaces rows of) the full table rather than erasing it.
+    previous = json.loads(result_file.read_text())
+    if previous.get("chunks") == args.chunks:
+        fresh = {(r["type"], r["imatrix"]) for r in rows}
+        rows = [r for r in previous["rows"] if (r["type"], r["imatrix"]) not in fresh] + rows
+        timings = {**previous.get("timings", {}), **timings}
+result_file.write_text(json.dumps({"chunks": args.chunks, "rows": rows, "timings": timings}, indent=2))
+print(f"wrote {result_file}; timings {timings}")

@@ -1,15 +1,42 @@
 //! `compress quantize`: a model into a GGUF file, with one of llama.cpp's mixes or
 //! a per-tensor allocation for a target bits-per-weight, importance-weighted when
-//! an imatrix is given.
+//! an imatrix is given; or, with `--method gptq|rtn`, calibrated GPTQ (or plain
+//! rounding) into GPTQ / compressed-tensors safetensors folders or onto the grids
+//! of the GGUF types.
 
 use crate::progress::Progress;
-use anyhow::{bail, Result};
-use model::calib::Imatrix;
+use anyhow::{bail, Context, Result};
+use model::calib::{calibration_samples, Imatrix};
+use model::hf_quant::{HfQuantFormat, HfQuantWriter, IntLinear, IntQuantConfig};
 use model::Model;
+use quant::calibrated::{self, LayerReport, Timings, BLOCK_LINEARS};
 use quant::gguf_quantize::{self, PlannedTensor};
+use quant::gptq::{self, GptqOptions, Grid, QuantizedMatrix, Stored};
 use quant::{bit_alloc, gguf_mix, Mix, Override};
+use serde::Serialize;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Quantization method.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Method {
+    /// GPTQ: calibrated, each column's rounding error compensated by the later ones.
+    Gptq,
+    /// AWQ: activation-aware scales (not available in this version).
+    Awq,
+    /// Round to nearest on the same grid (the baseline).
+    Rtn,
+}
+
+/// Safetensors layout for `--method` without `--type`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// GPTQ v1 (`qweight`, `qzeros`, `scales`, `g_idx`), as HF transformers and vLLM load it.
+    Gptq,
+    /// compressed-tensors `pack-quantized`.
+    CompressedTensors,
+}
 
 /// The command's arguments.
 #[derive(clap::Args)]
@@ -19,7 +46,7 @@ pub struct Args {
     /// Mix: Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_0, Q4_1, Q4_K_S, Q4_K_M, Q5_0, Q5_1,
     /// Q5_K_S, Q5_K_M, Q6_K, Q8_0, IQ4_NL, IQ4_XS, F16, BF16, F32. Optional with
     /// --target-bpw (the output is then labelled by its most common type).
-    #[arg(long = "type", required_unless_present = "target_bpw")]
+    #[arg(long = "type", required_unless_present_any = ["target_bpw", "method"])]
     mix: Option<String>,
     /// Choose a type per tensor minimising the summed importance-weighted error at
     /// this many bits per weight (measures every candidate type).
@@ -31,16 +58,70 @@ pub struct Args {
     /// Per-tensor type override REGEX=TYPE (repeatable; first match wins).
     #[arg(long = "tensor-type")]
     tensor_type: Vec<String>,
-    /// Output GGUF file.
+    /// Output: a GGUF file, or with --method and no --type an HF-style folder.
     #[arg(short, long)]
     output: PathBuf,
-    /// Also write the per-tensor report (type, bytes, relative error) as JSON.
+    /// Also write the per-tensor report (type, bytes, relative error; with
+    /// --method the per-layer reconstruction errors and timings) as JSON.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Calibrated quantization: gptq, awq or rtn. With --type the result is a GGUF
+    /// file on that mix's grids; without, an HF folder (--format, --bits, --group).
+    #[arg(long, value_enum)]
+    method: Option<Method>,
+    /// Bits per weight of the GPTQ / compressed-tensors formats: 2, 3, 4 or 8.
+    #[arg(long, default_value_t = 4)]
+    bits: u32,
+    /// Columns per scale group; -1 (or 0) for one scale per output channel.
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
+    group: i64,
+    /// Asymmetric grid (a zero point per group) instead of symmetric.
+    #[arg(long)]
+    asym: bool,
+    /// GPTQ act-order (desc_act): columns in decreasing order of input energy.
+    #[arg(long)]
+    act_order: bool,
+    /// With --act-order, keep groups as contiguous column ranges (g_idx = i / group).
+    /// Always the case on GGUF grids.
+    #[arg(long)]
+    static_groups: bool,
+    /// GPTQ dampening: fraction of the mean Hessian diagonal added to it (raised
+    /// automatically while the Hessian does not factor).
+    #[arg(long, default_value_t = 0.01)]
+    damp: f64,
+    /// Quantize q/k/v, then o, then gate/up, then down, each seeing the already
+    /// quantized layers before it (`--true-sequential false`: all Hessians from the
+    /// original block).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    true_sequential: bool,
+    /// Calibration text for --method gptq.
+    #[arg(long, default_value = "asset:calib")]
+    calib: String,
+    /// Calibration samples.
+    #[arg(long, default_value_t = 128)]
+    samples: usize,
+    /// Tokens per calibration sample.
+    #[arg(long, default_value_t = 512)]
+    seq: usize,
+    /// Seed of the calibration sample choice.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Folder layout with --method and no --type.
+    #[arg(long, value_enum, default_value_t = Format::Gptq)]
+    format: Format,
 }
 
 /// Runs the command.
 pub fn run(a: Args) -> Result<()> {
+    match a.method {
+        Some(Method::Awq) => bail!(
+            "--method awq is not available in this version (gptq and rtn are); see the README"
+        ),
+        Some(Method::Gptq) => return run_calibrated(a),
+        Some(Method::Rtn) if a.mix.is_none() => return run_calibrated(a),
+        // RTN on a GGUF mix is the importance-weighted quantization below.
+        Some(Method::Rtn) | None => {}
+    }
     // Everything that can be wrong with the arguments is reported before any work.
     let mix = a.mix.as_deref().map(Mix::from_name).transpose()?;
     let overrides = a
@@ -118,4 +199,308 @@ pub fn run(a: Args) -> Result<()> {
         r.seconds
     );
     Ok(())
+}
+
+/// What `--report` holds for `--method`.
+#[derive(Serialize)]
+struct CalibratedReport {
+    method: &'static str,
+    output: PathBuf,
+    file_bytes: u64,
+    bits_per_weight: f64,
+    samples: usize,
+    seq: usize,
+    seed: u64,
+    seconds: f64,
+    timings: Timings,
+    layers: Vec<LayerReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tensors: Option<Vec<gguf_quantize::TensorReport>>,
+}
+
+/// The mean relative output error of RTN and GPTQ over all layers, one line.
+fn block_summary(layers: &[LayerReport]) -> String {
+    let (rtn, gptq) = layers.iter().fold((0.0, 0.0), |(r, g), l| {
+        (r + l.rtn_rel_error, g + l.rel_error)
+    });
+    format!(
+        "mean relative output error: RTN {:.5}, GPTQ {:.5}",
+        rtn / layers.len().max(1) as f64,
+        gptq / layers.len().max(1) as f64
+    )
+}
+
+/// `--method gptq` (GGUF or HF output) and `--method rtn` (HF output).
+fn run_calibrated(a: Args) -> Result<()> {
+    let start = Instant::now();
+    let method = a.method.expect("called with a method");
+    let group = match a.group {
+        g if g <= 0 => None,
+        g => Some(g as usize),
+    };
+    let opts = GptqOptions {
+        damp_percent: a.damp,
+        block_size: 128,
+        act_order: a.act_order,
+        static_groups: a.static_groups || a.mix.is_some(),
+    };
+    if !(a.damp.is_finite() && (0.0..=1.0).contains(&a.damp)) {
+        bail!("--damp {} must be between 0 and 1", a.damp);
+    }
+    if a.target_bpw.is_some() {
+        bail!("--target-bpw is not combined with --method in this version; use --type");
+    }
+    let mix = a.mix.as_deref().map(Mix::from_name).transpose()?;
+    let overrides = a
+        .tensor_type
+        .iter()
+        .map(|s| Override::parse(s))
+        .collect::<Result<Vec<_>>>()?;
+    if mix.is_none() && !overrides.is_empty() {
+        bail!("--tensor-type applies to GGUF output: give --type too");
+    }
+    let imatrix = a
+        .imatrix
+        .as_deref()
+        .map(|p| crate::resolve(p).and_then(|p| Imatrix::load(&p)))
+        .transpose()?;
+    let model = Model::open(&crate::resolve(&a.input)?)?;
+    if a.output.canonicalize().ok() == model.path.canonicalize().ok() {
+        bail!(
+            "output {} is the input; inputs are never modified",
+            a.output.display()
+        );
+    }
+    let blocks = model.config.num_hidden_layers;
+    // Every block linear's grid is checked before any work.
+    let int_grid = |cols: usize| Grid::Int {
+        bits: a.bits,
+        group: group.unwrap_or(cols),
+        sym: !a.asym,
+    };
+    if mix.is_none() {
+        for l in 0..blocks {
+            for s in BLOCK_LINEARS {
+                let name = model::names::block(l, s);
+                let cols = model.tensor_meta(&name)?.1[1];
+                int_grid(cols).check(cols, &name)?;
+            }
+        }
+    }
+    let samples = if method == Method::Gptq {
+        let path = crate::resolve(&a.calib)?;
+        let text = eval::text::read_text(&path)?;
+        let tokens = model.tokenizer.encode(&text)?;
+        let bos = if model.tokenizer.add_bos() {
+            model.tokenizer.bos()
+        } else {
+            None
+        };
+        calibration_samples(&tokens, a.samples, a.seq, a.seed, bos)
+            .with_context(|| format!("calibration text {}", path.display()))?
+    } else {
+        Vec::new()
+    };
+    let method_name = match method {
+        Method::Gptq => "gptq",
+        Method::Rtn => "rtn",
+        Method::Awq => unreachable!(),
+    };
+    let report = match mix {
+        Some(mix) => {
+            let plan = gguf_quantize::plan(&model, mix, true, &overrides)?;
+            eprintln!(
+                "GPTQ onto the {} grids: {} samples × {} tokens of {}",
+                mix.name(),
+                samples.len(),
+                a.seq,
+                a.calib
+            );
+            let mut bar = Progress::new(blocks as u64, "gptq");
+            let (r, layers, timings) = calibrated::gptq_to_gguf(
+                &model,
+                &plan,
+                imatrix.as_ref(),
+                &samples,
+                &opts,
+                a.true_sequential,
+                mix.file_type(),
+                &a.output,
+                &mut |d, _| bar.set(d as u64, &format!("block {d}")),
+            )?;
+            bar.finish();
+            eprintln!("{}", block_summary(&layers));
+            CalibratedReport {
+                method: method_name,
+                output: a.output.clone(),
+                file_bytes: r.file_bytes,
+                bits_per_weight: r.bits_per_weight,
+                samples: samples.len(),
+                seq: a.seq,
+                seed: a.seed,
+                seconds: start.elapsed().as_secs_f64(),
+                timings,
+                layers,
+                tensors: Some(r.tensors),
+            }
+        }
+        None => {
+            let cfg = IntQuantConfig {
+                bits: a.bits,
+                group_size: group.unwrap_or(0),
+                per_channel: group.is_none(),
+                sym: !a.asym,
+                desc_act: a.act_order,
+                static_groups: opts.static_groups,
+                damp_percent: a.damp,
+                true_sequential: a.true_sequential,
+                method: method_name.to_owned(),
+            };
+            let format = match a.format {
+                Format::Gptq => HfQuantFormat::Gptq,
+                Format::CompressedTensors => HfQuantFormat::CompressedTensors,
+            };
+            let grid_of = |name: &str| -> Grid {
+                int_grid(model.tensor_meta(name).map(|m| m.1[1]).unwrap_or(0))
+            };
+            let (layers, timings) = write_hf(
+                &model,
+                &a.output,
+                format,
+                &cfg,
+                &samples,
+                &grid_of,
+                &opts,
+                a.true_sequential,
+            )?;
+            let file_bytes = std::fs::metadata(a.output.join("model.safetensors"))
+                .map(|m| m.len())
+                .unwrap_or(0);
+            let n_params = model.n_params()?;
+            if !layers.is_empty() {
+                eprintln!("{}", block_summary(&layers));
+            }
+            CalibratedReport {
+                method: method_name,
+                output: a.output.clone(),
+                file_bytes,
+                bits_per_weight: file_bytes as f64 * 8.0 / n_params.max(1) as f64,
+                samples: samples.len(),
+                seq: a.seq,
+                seed: a.seed,
+                seconds: start.elapsed().as_secs_f64(),
+                timings,
+                layers,
+                tensors: None,
+            }
+        }
+    };
+    if let Some(path) = &a.report {
+        model::io::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    }
+    let t = &report.timings;
+    println!(
+        "wrote {}: {:.1} MB, {:.3} bits per weight, {} in {:.1}s (forward {:.1}s, Hessians {:.1}s, Cholesky {:.1}s, column loop {:.1}s)",
+        a.output.display(),
+        report.file_bytes as f64 / 1e6,
+        report.bits_per_weight,
+        method_name,
+        report.seconds,
+        t.forward_seconds,
+        t.hessian_seconds,
+        t.factor_seconds,
+        t.loop_seconds
+    );
+    Ok(())
+}
+
+/// The stored form of an integer-grid matrix as the HF writers take it.
+fn int_linear(q: QuantizedMatrix, bits: u32, group: usize) -> IntLinear {
+    let Stored::Int {
+        codes,
+        scales,
+        zeros,
+        g_idx,
+    } = q.stored
+    else {
+        unreachable!("integer grids store integers")
+    };
+    IntLinear {
+        out_features: q.rows,
+        in_features: q.cols,
+        bits,
+        group_size: group,
+        codes,
+        scales,
+        zeros,
+        g_idx,
+    }
+}
+
+/// Streams `model` into an HF folder: block linears quantized on their integer
+/// grid (GPTQ when `samples` is non-empty, else round to nearest), the rest f16.
+#[allow(clippy::too_many_arguments)]
+fn write_hf(
+    model: &Model,
+    dir: &Path,
+    format: HfQuantFormat,
+    cfg: &IntQuantConfig,
+    samples: &[Vec<u32>],
+    grid_of: &dyn Fn(&str) -> Grid,
+    opts: &GptqOptions,
+    true_sequential: bool,
+) -> Result<(Vec<LayerReport>, Timings)> {
+    let mut writer = HfQuantWriter::create(dir, model, format, cfg)?;
+    let order = writer.order().to_vec();
+    let mut next = 0usize;
+    let group_of = |name: &str| match grid_of(name) {
+        Grid::Int { group, .. } => group,
+        Grid::Gguf(_) => unreachable!(),
+    };
+    // Writes the tensors due before `upto` in the write order: dense ones as they
+    // are, block linears (only when not running GPTQ) rounded to nearest.
+    let write_upto =
+        |upto: Option<&str>, writer: &mut HfQuantWriter, next: &mut usize| -> Result<()> {
+            while *next < order.len() && Some(order[*next].as_str()) != upto {
+                let name = &order[*next];
+                let values = model.tensor(name)?.to_f32()?;
+                if model::hf_quant::is_block_linear(name) {
+                    let cols = model.tensor_meta(name)?.1[1];
+                    let q = gptq::rtn(&values, cols, &grid_of(name), None);
+                    writer.write_linear(name, &int_linear(q, cfg.bits, group_of(name)))?;
+                } else {
+                    writer.write_dense(name, &values)?;
+                }
+                *next += 1;
+            }
+            Ok(())
+        };
+    let result = if samples.is_empty() {
+        let mut bar = Progress::new(order.len() as u64, "rtn");
+        write_upto(None, &mut writer, &mut next)?;
+        bar.set(order.len() as u64, "done");
+        bar.finish();
+        (Vec::new(), Timings::default())
+    } else {
+        let mut bar = Progress::new(model.config.num_hidden_layers as u64, "gptq");
+        let r = calibrated::gptq_model(
+            model,
+            samples,
+            grid_of,
+            opts,
+            true_sequential,
+            &mut |name, q| {
+                write_upto(Some(name), &mut writer, &mut next)?;
+                writer.write_linear(name, &int_linear(q, cfg.bits, group_of(name)))?;
+                next += 1;
+                Ok(())
+            },
+            &mut |d, _| bar.set(d as u64, &format!("block {d}")),
+        )?;
+        write_upto(None, &mut writer, &mut next)?;
+        bar.finish();
+        r
+    };
+    writer.finish()?;
+    Ok(result)
 }

@@ -248,6 +248,131 @@ impl Imatrix {
     }
 }
 
+/// Calibration samples: `count` windows of `len` tokens of `tokens`, chosen
+/// without overlap by a seeded shuffle of the text's whole windows (the same
+/// seed gives the same samples). When the model adds a BOS token it replaces the
+/// first token of each window, as in evaluation.
+pub fn calibration_samples(
+    tokens: &[u32],
+    count: usize,
+    len: usize,
+    seed: u64,
+    bos: Option<u32>,
+) -> Result<Vec<Vec<u32>>> {
+    if count == 0 || len < 2 {
+        bail!("calibration needs at least 1 sample of at least 2 tokens (asked {count} × {len})");
+    }
+    let windows = tokens.len() / len;
+    if windows < count {
+        bail!(
+            "the calibration text has {} tokens: {count} samples × {len} tokens need at least {} ({:.1}× more text)",
+            tokens.len(),
+            count * len,
+            (count * len) as f64 / tokens.len().max(1) as f64
+        );
+    }
+    // Fisher–Yates with splitmix64: no dependency, stable across platforms.
+    let mut state = seed;
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut order: Vec<usize> = (0..windows).collect();
+    for i in (1..windows).rev() {
+        order.swap(i, (next() % (i as u64 + 1)) as usize);
+    }
+    Ok(order[..count]
+        .iter()
+        .map(|&w| {
+            let mut s = tokens[w * len..(w + 1) * len].to_vec();
+            if let Some(b) = bos {
+                s[0] = b;
+            }
+            s
+        })
+        .collect())
+}
+
+/// The input Hessian of a linear layer, `H = 2XᵀX / n` over every calibration
+/// token, accumulated one sample at a time in f64 (the upper triangle by
+/// single-threaded strips run in parallel, mirrored at the end).
+pub struct Hessian {
+    cols: usize,
+    sum: Vec<f64>,
+    tokens: u64,
+}
+
+/// Rows of `XᵀX` per parallel strip.
+const STRIP: usize = 64;
+
+impl Hessian {
+    /// An empty accumulator for `cols` input features.
+    pub fn new(cols: usize) -> Self {
+        Hessian {
+            cols,
+            sum: vec![0.0; cols * cols],
+            tokens: 0,
+        }
+    }
+
+    /// Adds the rows of `x` (`n × cols`, row-major).
+    pub fn add(&mut self, x: &[f32]) {
+        use kernels::matmul::{gemm, MatRef};
+        let cols = self.cols;
+        let n = x.len() / cols;
+        self.sum
+            .par_chunks_mut(STRIP * cols)
+            .enumerate()
+            .for_each(|(s, out)| {
+                let a = s * STRIP;
+                let b = (a + STRIP).min(cols);
+                // Rows a..b, columns a..cols: (X[:, a..b])ᵀ · X[:, a..].
+                let mut part = vec![0f32; (b - a) * (cols - a)];
+                gemm(
+                    MatRef::row_major(&x[a..], n, b - a, cols).t(),
+                    MatRef::row_major(&x[a..], n, cols - a, cols),
+                    &mut part,
+                    cols - a,
+                    false,
+                );
+                for (r, row) in part.chunks(cols - a).enumerate() {
+                    for (o, &v) in out[r * cols + a..(r + 1) * cols].iter_mut().zip(row) {
+                        *o += v as f64;
+                    }
+                }
+            });
+        self.tokens += n as u64;
+    }
+
+    /// Tokens accumulated.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// `2XᵀX / n`, full and symmetric, row-major.
+    pub fn matrix(&self) -> Vec<f64> {
+        let c = self.cols;
+        let scale = 2.0 / self.tokens.max(1) as f64;
+        let mut h = vec![0f64; c * c];
+        for i in 0..c {
+            for j in i..c {
+                let v = self.sum[i * c + j] * scale;
+                h[i * c + j] = v;
+                h[j * c + i] = v;
+            }
+        }
+        h
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,5 +414,44 @@ mod tests {
             vec![0.5, 2.0, 4.5]
         );
         assert!(Imatrix::load(&dir.path().join("missing.gguf")).is_err());
+    }
+
+    #[test]
+    fn hessian_is_twice_the_mean_outer_product() {
+        let cols = 70; // two strips, the second partial
+        let x: Vec<f32> = (0..3 * cols)
+            .map(|k| ((k * 37 % 11) as f32) - 5.0)
+            .collect();
+        let mut h = Hessian::new(cols);
+        h.add(&x[..cols]);
+        h.add(&x[cols..]);
+        let m = h.matrix();
+        for i in 0..cols {
+            for j in 0..cols {
+                let want: f64 = (0..3)
+                    .map(|t| (x[t * cols + i] * x[t * cols + j]) as f64)
+                    .sum::<f64>()
+                    * 2.0
+                    / 3.0;
+                assert!((m[i * cols + j] - want).abs() < 1e-9, "({i},{j})");
+            }
+        }
+    }
+
+    #[test]
+    fn calibration_samples_are_seeded_disjoint_windows() {
+        let tokens: Vec<u32> = (0..1000).collect();
+        let a = calibration_samples(&tokens, 5, 100, 42, None).unwrap();
+        assert_eq!(a, calibration_samples(&tokens, 5, 100, 42, None).unwrap());
+        assert_ne!(a, calibration_samples(&tokens, 5, 100, 43, None).unwrap());
+        let mut starts: Vec<u32> = a.iter().map(|s| s[0]).collect();
+        starts.sort();
+        starts.dedup();
+        assert_eq!(starts.len(), 5);
+        assert!(a.iter().all(|s| s[0] % 100 == 0 && s.len() == 100));
+        let with_bos = calibration_samples(&tokens, 5, 100, 42, Some(7)).unwrap();
+        assert!(with_bos.iter().all(|s| s[0] == 7));
+        let e = calibration_samples(&tokens, 11, 100, 0, None).unwrap_err();
+        assert!(e.to_string().contains("need at least 1100"), "{e}");
     }
 }

@@ -4,6 +4,7 @@
 
 use crate::config::LlamaConfig;
 use crate::gguf::GgufFile;
+use crate::hf_quant::HfQuantized;
 use crate::names;
 use crate::safetensors_file::SafetensorsSet;
 use crate::tokenizer::{GgufVocab, Tokenizer};
@@ -66,6 +67,9 @@ pub struct Model {
     pub tokenizer: Tokenizer,
     /// The underlying files.
     pub checkpoint: Checkpoint,
+    /// The integer-quantized linears of an HF GPTQ / compressed-tensors checkpoint
+    /// (read dequantized to f32); None for GGUF and unquantized safetensors.
+    pub quantized: Option<HfQuantized>,
 }
 
 /// Rows of Q or K in GGUF are interleaved per head (llama.cpp's permutation for
@@ -155,13 +159,16 @@ impl Model {
             config,
             tokenizer,
             checkpoint: Checkpoint::Gguf(g),
+            quantized: None,
         })
     }
 
     fn open_safetensors(path: &Path) -> Result<Self> {
         let dir = path.parent().unwrap_or(Path::new("."));
-        let config = LlamaConfig::from_hf_file(&dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        let config = LlamaConfig::from_hf_file(&config_path)?;
         let set = SafetensorsSet::open(path)?;
+        let quantized = HfQuantized::open(&config_path, &set, &config)?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tok_path)
             .with_context(|| format!("{}: cannot load the tokenizer", tok_path.display()))?;
@@ -170,6 +177,7 @@ impl Model {
             config,
             tokenizer,
             checkpoint: Checkpoint::Safetensors(set),
+            quantized,
         })
     }
 
@@ -231,6 +239,9 @@ impl Model {
                 Ok((info.ty, info.shape()))
             }
             Checkpoint::Safetensors(s) => {
+                if let Some(shape) = self.quantized.as_ref().and_then(|q| q.shape(name)) {
+                    return Ok((GgmlType::F32, shape));
+                }
                 let hf = names::hf_from_canonical(name)
                     .with_context(|| format!("no HF name for tensor '{name}'"))?;
                 let (e, _) = s.get(&hf).with_context(|| {
@@ -266,10 +277,15 @@ impl Model {
                     None => Cow::Borrowed(bytes),
                 }
             }
-            Checkpoint::Safetensors(s) => {
-                let hf = names::hf_from_canonical(name).expect("checked by tensor_meta");
-                Cow::Borrowed(s.get(&hf).expect("checked by tensor_meta").1)
-            }
+            Checkpoint::Safetensors(s) => match &self.quantized {
+                Some(q) if q.shape(name).is_some() => {
+                    Cow::Owned(q.dequantized_bytes(s, name)?.expect("a quantized linear"))
+                }
+                _ => {
+                    let hf = names::hf_from_canonical(name).expect("checked by tensor_meta");
+                    Cow::Borrowed(s.get(&hf).expect("checked by tensor_meta").1)
+                }
+            },
         };
         Ok(Tensor {
             name: name.to_owned(),

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod gguf;
 pub mod gguf_export;
+pub mod hf_quant;
 pub mod io;
 pub mod llama;
 pub mod names;

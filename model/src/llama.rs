@@ -40,11 +40,29 @@ pub struct BlockWeights<'a> {
 }
 
 /// `out = x · wᵀ` for `n` rows of `x`, allocating the output.
-fn linear(x: &[f32], n: usize, w: &Tensor) -> Result<Vec<f32>> {
+pub fn linear(x: &[f32], n: usize, w: &Tensor) -> Result<Vec<f32>> {
     let wr = w.as_weight()?;
     let mut out = vec![0f32; n * wr.rows];
     matmul(x, n, &wr, &mut out).with_context(|| format!("matmul with '{}'", w.name))?;
     Ok(out)
+}
+
+/// `x += a · wᵀ` for `n` rows: a residual branch's projection added to the stream.
+pub fn add_linear(x: &mut [f32], a: &[f32], n: usize, w: &Tensor) -> Result<()> {
+    let o = linear(a, n, w)?;
+    x.par_iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+    Ok(())
+}
+
+/// The SwiGLU hidden of the MLP for `n` rows of its normalised input `h`:
+/// `silu(h · Wgᵀ) ⊙ (h · Wuᵀ)`, the input of the down projection.
+pub fn swiglu(h: &[f32], n: usize, gate: &Tensor, up: &Tensor) -> Result<Vec<f32>> {
+    let mut g = linear(h, n, gate)?;
+    let u = linear(h, n, up)?;
+    g.par_iter_mut()
+        .zip(&u)
+        .for_each(|(g, &u)| *g = *g / (1.0 + (-*g).exp()) * u);
+    Ok(g)
 }
 
 /// RMSNorm of each row of `x` (width `gain.len()`), times `gain`, into `out`.
@@ -214,36 +232,43 @@ impl Model {
         observe: &mut dyn FnMut(&'static str, &[f32]),
     ) -> Result<()> {
         let c = &self.config;
-        let (hd, heads, kv_heads) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
         let mut h = vec![0f32; x.len()];
-
         rms_norm(x, &w.attn_norm, c.rms_norm_eps, &mut h);
         for name in ["attn_q.weight", "attn_k.weight", "attn_v.weight"] {
             observe(name, &h);
         }
-        let mut q = linear(&h, n, &w.q)?;
-        let mut k = linear(&h, n, &w.k)?;
-        let v = linear(&h, n, &w.v)?;
-        let (cos, sin) = rope_tables(n, hd, c.rope_theta);
-        apply_rope(&mut q, heads, hd, &cos, &sin);
-        apply_rope(&mut k, kv_heads, hd, &cos, &sin);
-        let a = attention(&q, &k, &v, n, heads, kv_heads, hd);
+        let a = self.attention_mix(&w.q, &w.k, &w.v, &h, n)?;
         observe("attn_output.weight", &a);
-        let o = linear(&a, n, &w.o)?;
-        x.par_iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+        add_linear(x, &a, n, &w.o)?;
 
         rms_norm(x, &w.ffn_norm, c.rms_norm_eps, &mut h);
         observe("ffn_gate.weight", &h);
         observe("ffn_up.weight", &h);
-        let mut g = linear(&h, n, &w.gate)?;
-        let u = linear(&h, n, &w.up)?;
-        g.par_iter_mut()
-            .zip(&u)
-            .for_each(|(g, &u)| *g = *g / (1.0 + (-*g).exp()) * u);
+        let g = swiglu(&h, n, &w.gate, &w.up)?;
         observe("ffn_down.weight", &g);
-        let d = linear(&g, n, &w.down)?;
-        x.par_iter_mut().zip(&d).for_each(|(x, d)| *x += d);
-        Ok(())
+        add_linear(x, &g, n, &w.down)
+    }
+
+    /// The attention mixer of a block on its normalised input `h` (`n` positions
+    /// from 0): q, k, v projections, RoPE, causal grouped-query attention; the
+    /// input of the output projection, `n × q_dim`.
+    pub fn attention_mix(
+        &self,
+        wq: &Tensor,
+        wk: &Tensor,
+        wv: &Tensor,
+        h: &[f32],
+        n: usize,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let (hd, heads, kv_heads) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
+        let mut q = linear(h, n, wq)?;
+        let mut k = linear(h, n, wk)?;
+        let v = linear(h, n, wv)?;
+        let (cos, sin) = rope_tables(n, hd, c.rope_theta);
+        apply_rope(&mut q, heads, hd, &cos, &sin);
+        apply_rope(&mut k, kv_heads, hd, &cos, &sin);
+        Ok(attention(&q, &k, &v, n, heads, kv_heads, hd))
     }
 
     /// Final norm and output head for the rows `from..n` of the residual stream `x`:

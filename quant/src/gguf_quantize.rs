@@ -152,6 +152,60 @@ pub fn quantize_matrix(
     Ok(out)
 }
 
+/// Quantizes one planned tensor of `model` (with its imatrix weights, if any):
+/// the GGUF-ordered bytes to write and the tensor's report.
+pub fn quantize_tensor(
+    model: &Model,
+    t: &PlannedTensor,
+    imatrix: Option<&Imatrix>,
+) -> Result<(Vec<u8>, TensorReport)> {
+    let values = model.tensor(&t.name)?.to_f32()?;
+    if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "tensor '{}' of {} holds {} at element {bad}: refusing to quantize",
+            t.name,
+            model.path.display(),
+            values[bad]
+        );
+    }
+    let cols = *t.shape.last().unwrap_or(&1);
+    let importance = match imatrix.and_then(|m| m.importance(&t.name)) {
+        Some(imp) if imp.len() == cols => Some(imp),
+        Some(imp) => bail!(
+            "the imatrix entry for '{}' has {} columns, the tensor has {cols}: it was made for another model",
+            t.name,
+            imp.len()
+        ),
+        None => None,
+    };
+    let bytes = quantize_matrix(&values, cols, t.ty, importance.as_deref())
+        .with_context(|| format!("quantizing '{}' to {}", t.name, t.ty))?;
+    let mut restored = vec![0f32; values.len()];
+    kernels::quants::dequantize(t.ty, &bytes, &mut restored)?;
+    let report = TensorReport {
+        name: t.name.clone(),
+        ty: t.ty,
+        bytes: bytes.len() as u64,
+        rel_error: rel_frobenius_error(&values, &restored),
+        imatrix: importance.is_some(),
+    };
+    let rows = values.len() / cols;
+    Ok((
+        gguf_export::to_gguf_rows(model, &t.name, rows, bytes),
+        report,
+    ))
+}
+
+/// `‖a − b‖_F / ‖a‖_F`.
+pub fn rel_frobenius_error(a: &[f32], b: &[f32]) -> f64 {
+    let (num, den) = a
+        .par_iter()
+        .zip(b)
+        .map(|(&a, &b)| (((a - b) as f64).powi(2), (a as f64).powi(2)))
+        .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1));
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
 /// Writes `model` quantized per `plan` to `out` (a GGUF file), reporting progress
 /// as (tensors done, total, name).
 pub fn quantize_to_gguf(
@@ -172,49 +226,11 @@ pub fn quantize_to_gguf(
     let mut reports = Vec::with_capacity(plan.len());
     let (mut n_params, mut data_bytes) = (0u64, 0u64);
     for (i, t) in plan.iter().enumerate() {
-        let values = model.tensor(&t.name)?.to_f32()?;
-        if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
-            bail!(
-                "tensor '{}' of {} holds {} at element {bad}: refusing to quantize",
-                t.name,
-                model.path.display(),
-                values[bad]
-            );
-        }
-        let cols = *t.shape.last().unwrap_or(&1);
-        let importance = match imatrix.and_then(|m| m.importance(&t.name)) {
-            Some(imp) if imp.len() == cols => Some(imp),
-            Some(imp) => bail!(
-                "the imatrix entry for '{}' has {} columns, the tensor has {cols}: it was made for another model",
-                t.name,
-                imp.len()
-            ),
-            None => None,
-        };
-        let bytes = quantize_matrix(&values, cols, t.ty, importance.as_deref())
-            .with_context(|| format!("quantizing '{}' to {}", t.name, t.ty))?;
-        let mut restored = vec![0f32; values.len()];
-        kernels::quants::dequantize(t.ty, &bytes, &mut restored)?;
-        let (num, den) = values
-            .par_iter()
-            .zip(&restored)
-            .map(|(&a, &b)| (((a - b) as f64).powi(2), (a as f64).powi(2)))
-            .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1));
-        let rows = values.len() / cols;
-        let n_bytes = bytes.len() as u64;
-        writer.write_tensor(
-            &t.name,
-            &gguf_export::to_gguf_rows(model, &t.name, rows, bytes),
-        )?;
-        n_params += values.len() as u64;
-        data_bytes += n_bytes;
-        reports.push(TensorReport {
-            name: t.name.clone(),
-            ty: t.ty,
-            bytes: n_bytes,
-            rel_error: (num / den.max(f64::MIN_POSITIVE)).sqrt(),
-            imatrix: importance.is_some(),
-        });
+        let (bytes, report) = quantize_tensor(model, t, imatrix)?;
+        writer.write_tensor(&t.name, &bytes)?;
+        n_params += t.shape.iter().product::<usize>() as u64;
+        data_bytes += report.bytes;
+        reports.push(report);
         progress(i + 1, plan.len(), &t.name);
     }
     writer.finish()?;

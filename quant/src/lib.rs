@@ -3,7 +3,9 @@
 //! model into a GGUF file ([`gguf_quantize`]).
 
 pub mod bit_alloc;
+pub mod calibrated;
 pub mod gguf_mix;
 pub mod gguf_quantize;
+pub mod gptq;
 
 pub use gguf_mix::{Mix, Override};

@@ -5,6 +5,7 @@
 //! are bit-exact with llama.cpp and gguf-py.
 
 pub mod encode;
+pub mod grid;
 pub mod iq4;
 pub mod k_quants;
 pub mod legacy;

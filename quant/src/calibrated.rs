@@ -1,0 +1,440 @@
+//! The calibration runner: the model runs block by block over the calibration
+//! samples, the input Hessian of every linear layer is accumulated, and each
+//! layer is quantized by GPTQ as soon as its Hessian is complete. Only the
+//! current block's weights and the samples' activations are in memory.
+//!
+//! Sequential, as GPTQ's reference: block `l` sees the outputs of the already
+//! quantized blocks before it. True-sequential (the default) also goes inside the
+//! block: q/k/v are quantized first, the attention output's Hessian is then taken
+//! with the quantized q/k/v, the MLP's input after the quantized output
+//! projection, and the down projection's input after the quantized gate/up.
+//! Done in stages that each continue from the previous stage's activations, this
+//! costs one forward pass of the block, not one per stage. Without it every
+//! Hessian comes from the original block, and a second pass with the quantized
+//! block produces the next block's inputs.
+
+use crate::gguf_quantize::{quantize_tensor, PlannedTensor, QuantizeReport, TensorReport};
+use crate::gptq::{self, Factored, GptqOptions, GptqStats, Grid, QuantizedMatrix, Stored};
+use anyhow::{bail, Context, Result};
+use kernels::GgmlType;
+use model::calib::Hessian;
+use model::calib::Imatrix;
+use model::gguf::GgufWriter;
+use model::gguf_export;
+pub use model::hf_quant::{write_order, BLOCK_LINEARS};
+use model::llama::{add_linear, rms_norm, swiglu};
+use model::{names, Model, Tensor};
+use serde::Serialize;
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+/// How one linear layer went.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerReport {
+    /// Canonical name.
+    pub name: String,
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// The grid, e.g. `int4 g128 sym` or `Q4_0`.
+    pub grid: String,
+    /// `‖(W − Ŵ)X‖² / ‖WX‖²` on the calibration inputs with round-to-nearest on
+    /// the same grid (importance-weighted by `diag H` for GGUF grids).
+    pub rtn_rel_error: f64,
+    /// The same with GPTQ.
+    pub rel_error: f64,
+    /// Dampening, dead inputs, fallback and timings.
+    #[serde(flatten)]
+    pub stats: GptqStats,
+}
+
+/// Where the time went.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    /// Forward passes of the blocks (and the embedding).
+    pub forward_seconds: f64,
+    /// Accumulating Hessians.
+    pub hessian_seconds: f64,
+    /// Cholesky factorisations and inverses.
+    pub factor_seconds: f64,
+    /// GPTQ column loops.
+    pub loop_seconds: f64,
+    /// Reconstruction-error reports (output error of RTN and GPTQ).
+    pub report_seconds: f64,
+}
+
+/// A short name for a grid, for reports.
+pub fn grid_label(grid: &Grid) -> String {
+    match *grid {
+        Grid::Int { bits, group, sym } => {
+            format!("int{bits} g{group} {}", if sym { "sym" } else { "asym" })
+        }
+        Grid::Gguf(ty) => ty.name().to_owned(),
+    }
+}
+
+/// A matrix of f32 values as a tensor the forward pass can use.
+fn f32_tensor(name: &str, rows: usize, cols: usize, values: &[f32]) -> Tensor<'static> {
+    Tensor {
+        name: name.to_owned(),
+        ty: GgmlType::F32,
+        shape: vec![rows, cols],
+        data: Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+    }
+}
+
+/// Runs GPTQ over every linear layer of every block of `model` on `samples`
+/// (equal-length token sequences). `grid_of(name)` gives each layer's grid;
+/// `sink(name, matrix)` receives the layers in order (per block q, k, v, o, gate,
+/// up, down); `progress(block, blocks)` after each block.
+pub fn gptq_model(
+    model: &Model,
+    samples: &[Vec<u32>],
+    grid_of: &dyn Fn(&str) -> Grid,
+    opts: &GptqOptions,
+    true_sequential: bool,
+    sink: &mut dyn FnMut(&str, QuantizedMatrix) -> Result<()>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Vec<LayerReport>, Timings)> {
+    let c = &model.config;
+    let n = samples.first().map_or(0, Vec::len);
+    let mut t = Timings::default();
+    let mut reports = Vec::new();
+    let clock = Instant::now();
+    let mut xs: Vec<Vec<f32>> = samples
+        .iter()
+        .map(|s| model.embed(s))
+        .collect::<Result<_>>()?;
+    t.forward_seconds += clock.elapsed().as_secs_f64();
+    let eps = c.rms_norm_eps;
+
+    // Quantizes one layer from its Hessian and returns it as a tensor for the
+    // rest of the block's forward pass.
+    let mut quantize = |name: &str,
+                        w: &Tensor,
+                        hess: &(Vec<f64>, Factored),
+                        t: &mut Timings,
+                        reports: &mut Vec<LayerReport>|
+     -> Result<Tensor<'static>> {
+        let (rows, cols) = (w.shape[0], w.shape[1]);
+        let grid = grid_of(name);
+        grid.check(cols, name)?;
+        let values = w.to_f32()?;
+        if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+            bail!(
+                "tensor '{name}' of {} holds {} at element {bad}: refusing to quantize",
+                model.path.display(),
+                values[bad]
+            );
+        }
+        let (h, factored) = hess;
+        let (q, stats) = gptq::gptq_factored(&values, factored, &grid, opts)
+            .with_context(|| format!("GPTQ on '{name}'"))?;
+        t.loop_seconds += stats.loop_seconds;
+        let clock = Instant::now();
+        let hf: Vec<f32> = h.iter().map(|&v| v as f32).collect();
+        let diag: Vec<f32> = (0..cols).map(|j| hf[j * cols + j]).collect();
+        let r = gptq::rtn(&values, cols, &grid, Some(&diag));
+        let energy = gptq::output_error(&values, None, &hf, cols).max(f64::MIN_POSITIVE);
+        let report = LayerReport {
+            name: name.to_owned(),
+            rows,
+            cols,
+            grid: grid_label(&grid),
+            rtn_rel_error: gptq::output_error(&values, Some(&r.values), &hf, cols) / energy,
+            rel_error: gptq::output_error(&values, Some(&q.values), &hf, cols) / energy,
+            stats,
+        };
+        t.report_seconds += clock.elapsed().as_secs_f64();
+        if report.stats.fell_back_to_rtn {
+            eprintln!("{name}: the Hessian stayed singular after dampening up to 1.0: rounded to nearest instead");
+        }
+        reports.push(report);
+        let tensor = f32_tensor(name, rows, cols, &q.values);
+        sink(name, q)?;
+        Ok(tensor)
+    };
+
+    // The full Hessian and its factorisation, once for all layers sharing it.
+    let factor = |h: Hessian, t: &mut Timings| {
+        let m = h.matrix();
+        let f = Factored::new(&m, h.cols(), opts);
+        t.factor_seconds += f.seconds();
+        (m, f)
+    };
+    let blocks = c.num_hidden_layers;
+    for l in 0..blocks {
+        let w = model.block_weights(l)?;
+        let name = |s: &str| names::block(l, s);
+        let saved_inputs = (!true_sequential).then(|| xs.clone());
+        let timed = |t: &mut f64, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
+            let clock = Instant::now();
+            f()?;
+            *t += clock.elapsed().as_secs_f64();
+            Ok(())
+        };
+        let norm = |x: &[f32], gain: &[f32]| {
+            let mut h = vec![0f32; x.len()];
+            rms_norm(x, gain, eps, &mut h);
+            h
+        };
+
+        // Stage 1: q, k, v from the attention norm's output.
+        let mut h_attn = Hessian::new(c.hidden_size);
+        for x in &xs {
+            let h = norm(x, &w.attn_norm);
+            timed(&mut t.hessian_seconds, &mut || {
+                h_attn.add(&h);
+                Ok(())
+            })?;
+        }
+        let h_attn = factor(h_attn, &mut t);
+        let mut qkv = Vec::new();
+        for (suffix, wt) in [
+            ("attn_q.weight", &w.q),
+            ("attn_k.weight", &w.k),
+            ("attn_v.weight", &w.v),
+        ] {
+            qkv.push(quantize(&name(suffix), wt, &h_attn, &mut t, &mut reports)?);
+        }
+        drop(h_attn);
+        let (wq, wk, wv) = if true_sequential {
+            (&qkv[0], &qkv[1], &qkv[2])
+        } else {
+            (&w.q, &w.k, &w.v)
+        };
+
+        // Stage 2: the output projection's input, the attention mix.
+        let mut h_o = Hessian::new(c.q_dim());
+        let mut mixes = Vec::with_capacity(xs.len());
+        for x in &xs {
+            let mut a = Vec::new();
+            timed(&mut t.forward_seconds, &mut || {
+                a = model.attention_mix(wq, wk, wv, &norm(x, &w.attn_norm), n)?;
+                Ok(())
+            })?;
+            timed(&mut t.hessian_seconds, &mut || {
+                h_o.add(&a);
+                Ok(())
+            })?;
+            mixes.push(a);
+        }
+        let h_o = factor(h_o, &mut t);
+        let o = quantize(
+            &name("attn_output.weight"),
+            &w.o,
+            &h_o,
+            &mut t,
+            &mut reports,
+        )?;
+        drop(h_o);
+        let wo = if true_sequential { &o } else { &w.o };
+
+        // Stage 3: gate and up from the MLP norm's output.
+        let mut h_ffn = Hessian::new(c.hidden_size);
+        for (x, a) in xs.iter_mut().zip(mixes.drain(..)) {
+            timed(&mut t.forward_seconds, &mut || add_linear(x, &a, n, wo))?;
+            let h = norm(x, &w.ffn_norm);
+            timed(&mut t.hessian_seconds, &mut || {
+                h_ffn.add(&h);
+                Ok(())
+            })?;
+        }
+        let h_ffn = factor(h_ffn, &mut t);
+        let gate = quantize(
+            &name("ffn_gate.weight"),
+            &w.gate,
+            &h_ffn,
+            &mut t,
+            &mut reports,
+        )?;
+        let up = quantize(&name("ffn_up.weight"), &w.up, &h_ffn, &mut t, &mut reports)?;
+        drop(h_ffn);
+        let (wg, wu) = if true_sequential {
+            (&gate, &up)
+        } else {
+            (&w.gate, &w.up)
+        };
+
+        // Stage 4: down from the SwiGLU hidden.
+        let mut h_down = Hessian::new(c.intermediate_size);
+        let mut hidden = Vec::with_capacity(xs.len());
+        for x in &xs {
+            let mut g = Vec::new();
+            timed(&mut t.forward_seconds, &mut || {
+                g = swiglu(&norm(x, &w.ffn_norm), n, wg, wu)?;
+                Ok(())
+            })?;
+            timed(&mut t.hessian_seconds, &mut || {
+                h_down.add(&g);
+                Ok(())
+            })?;
+            hidden.push(g);
+        }
+        let h_down = factor(h_down, &mut t);
+        let down = quantize(
+            &name("ffn_down.weight"),
+            &w.down,
+            &h_down,
+            &mut t,
+            &mut reports,
+        )?;
+        drop(h_down);
+
+        // The block's output with every layer quantized: the next block's input.
+        match saved_inputs {
+            None => {
+                for (x, g) in xs.iter_mut().zip(hidden.drain(..)) {
+                    timed(&mut t.forward_seconds, &mut || add_linear(x, &g, n, &down))?;
+                }
+            }
+            Some(inputs) => {
+                drop(hidden);
+                xs = inputs;
+                let qw = model::llama::BlockWeights {
+                    attn_norm: w.attn_norm.clone(),
+                    q: qkv.remove(0),
+                    k: qkv.remove(0),
+                    v: qkv.remove(0),
+                    o,
+                    ffn_norm: w.ffn_norm.clone(),
+                    gate,
+                    up,
+                    down,
+                };
+                for x in xs.iter_mut() {
+                    timed(&mut t.forward_seconds, &mut || {
+                        model.forward_block(&qw, x, n)
+                    })?;
+                }
+            }
+        }
+        progress(l + 1, blocks);
+    }
+    Ok((reports, t))
+}
+
+/// Writes `model` as a GGUF file whose block linears are GPTQ-quantized on the
+/// grid of their planned type (the other tensors quantized as `plan` says, with
+/// `imatrix` weights when given).
+#[allow(clippy::too_many_arguments)]
+pub fn gptq_to_gguf(
+    model: &Model,
+    plan: &[PlannedTensor],
+    imatrix: Option<&Imatrix>,
+    samples: &[Vec<u32>],
+    opts: &GptqOptions,
+    true_sequential: bool,
+    file_type: u32,
+    out: &Path,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(QuantizeReport, Vec<LayerReport>, Timings)> {
+    let start = Instant::now();
+    let by_name: HashMap<&str, &PlannedTensor> =
+        plan.iter().map(|t| (t.name.as_str(), t)).collect();
+    let order = write_order(&model.config);
+    let planned = |n: &str| -> Result<&PlannedTensor> {
+        by_name
+            .get(n)
+            .copied()
+            .with_context(|| format!("tensor '{n}' is missing from the plan"))
+    };
+    for l in 0..model.config.num_hidden_layers {
+        for s in BLOCK_LINEARS {
+            let t = planned(&names::block(l, s))?;
+            if gptq::Grid::Gguf(t.ty).check(t.shape[1], &t.name).is_err() {
+                bail!(
+                    "'{}' is planned as {}: GPTQ needs a block-quantized type that fits its {} columns",
+                    t.name,
+                    t.ty,
+                    t.shape[1]
+                );
+            }
+        }
+    }
+    let metadata = gguf_export::metadata(model, file_type)?;
+    let decls = order
+        .iter()
+        .map(|n| planned(n).map(|t| gguf_export::tensor_decl(n, &t.shape, t.ty)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut writer = GgufWriter::create(out, &metadata, &decls)?;
+    let mut reports: Vec<TensorReport> = Vec::with_capacity(order.len());
+    let mut next = 0usize;
+    // Writes the non-linear tensors due before `upto` in the write order.
+    let write_others = |upto: Option<&str>,
+                        writer: &mut GgufWriter,
+                        reports: &mut Vec<TensorReport>,
+                        next: &mut usize|
+     -> Result<()> {
+        while *next < order.len() && Some(order[*next].as_str()) != upto {
+            let (bytes, report) = quantize_tensor(model, planned(&order[*next])?, imatrix)?;
+            writer.write_tensor(&order[*next], &bytes)?;
+            reports.push(report);
+            *next += 1;
+        }
+        Ok(())
+    };
+    let grid_of = |n: &str| gptq::Grid::Gguf(by_name[n].ty);
+    let (layers, timings) = gptq_model(
+        model,
+        samples,
+        &grid_of,
+        opts,
+        true_sequential,
+        &mut |name, q| {
+            write_others(Some(name), &mut writer, &mut reports, &mut next)?;
+            let Stored::Gguf(ty, bytes) = q.stored else {
+                unreachable!("GGUF grids store GGUF blocks")
+            };
+            let original = model.tensor(name)?.to_f32()?;
+            reports.push(TensorReport {
+                name: name.to_owned(),
+                ty,
+                bytes: bytes.len() as u64,
+                rel_error: crate::gguf_quantize::rel_frobenius_error(&original, &q.values),
+                imatrix: true,
+            });
+            writer.write_tensor(name, &gguf_export::to_gguf_rows(model, name, q.rows, bytes))?;
+            next += 1;
+            Ok(())
+        },
+        progress,
+    )?;
+    write_others(None, &mut writer, &mut reports, &mut next)?;
+    writer.finish()?;
+    let n_params: u64 = plan
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>() as u64)
+        .sum();
+    let data_bytes: u64 = reports.iter().map(|r| r.bytes).sum();
+    Ok((
+        QuantizeReport {
+            tensors: reports,
+            file_bytes: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0),
+            n_params,
+            bits_per_weight: data_bytes as f64 * 8.0 / n_params.max(1) as f64,
+            seconds: start.elapsed().as_secs_f64(),
+        },
+        layers,
+        timings,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_labels_name_bits_group_and_symmetry() {
+        let g = Grid::Int {
+            bits: 4,
+            group: 128,
+            sym: true,
+        };
+        assert_eq!(grid_label(&g), "int4 g128 sym");
+        assert_eq!(grid_label(&Grid::Gguf(GgmlType::Q4_K)), "Q4_K");
+    }
+}
