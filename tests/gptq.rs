@@ -197,7 +197,10 @@ fn bad_calibration_settings_are_refused_before_any_output() {
         ),
         (&["--method", "gptq", "--group", "1000"], "group size 1000"),
         (&["--method", "gptq", "--bits", "5"], "2, 3, 4 or 8"),
-        (&["--method", "awq"], "not available in this version"),
+        (
+            &["--method", "gptq", "--damp", "2"],
+            "--damp 2 must be between 0 and 1",
+        ),
     ];
     for (extra, expected) in cases {
         let mut args = vec![

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use model::calib::{calibration_samples, Imatrix};
 use model::hf_quant::{HfQuantFormat, HfQuantWriter, IntLinear, IntQuantConfig};
 use model::Model;
-use quant::calibrated::{self, LayerReport, Timings, BLOCK_LINEARS};
+use quant::calibrated::{self, Calibrated, Item, LayerReport, Timings, BLOCK_LINEARS};
 use quant::gguf_quantize::{self, PlannedTensor};
 use quant::gptq::{self, GptqOptions, Grid, QuantizedMatrix, Stored};
 use quant::{bit_alloc, gguf_mix, Mix, Override};
@@ -23,7 +23,8 @@ use std::time::Instant;
 pub enum Method {
     /// GPTQ: calibrated, each column's rounding error compensated by the later ones.
     Gptq,
-    /// AWQ: activation-aware scales (not available in this version).
+    /// AWQ: activation-aware per-channel scales folded into the preceding norm
+    /// or linear, then rounding with a clip search.
     Awq,
     /// Round to nearest on the same grid (the baseline).
     Rtn,
@@ -106,6 +107,10 @@ pub struct Args {
     /// Seed of the calibration sample choice.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Search a clipped range per group of the integer grid (AWQ's auto-clip;
+    /// always on with --method awq).
+    #[arg(long)]
+    clip: bool,
     /// Folder layout with --method and no --type.
     #[arg(long, value_enum, default_value_t = Format::Gptq)]
     format: Format,
@@ -114,10 +119,7 @@ pub struct Args {
 /// Runs the command.
 pub fn run(a: Args) -> Result<()> {
     match a.method {
-        Some(Method::Awq) => bail!(
-            "--method awq is not available in this version (gptq and rtn are); see the README"
-        ),
-        Some(Method::Gptq) => return run_calibrated(a),
+        Some(Method::Gptq | Method::Awq) => return run_calibrated(a),
         Some(Method::Rtn) if a.mix.is_none() => return run_calibrated(a),
         // RTN on a GGUF mix is the importance-weighted quantization below.
         Some(Method::Rtn) | None => {}
@@ -218,13 +220,13 @@ struct CalibratedReport {
     tensors: Option<Vec<gguf_quantize::TensorReport>>,
 }
 
-/// The mean relative output error of RTN and GPTQ over all layers, one line.
-fn block_summary(layers: &[LayerReport]) -> String {
+/// The mean relative output error of RTN and the method over all layers, one line.
+fn block_summary(layers: &[LayerReport], method: &str) -> String {
     let (rtn, gptq) = layers.iter().fold((0.0, 0.0), |(r, g), l| {
         (r + l.rtn_rel_error, g + l.rel_error)
     });
     format!(
-        "mean relative output error: RTN {:.5}, GPTQ {:.5}",
+        "mean relative output error: RTN {:.5}, {method} {:.5}",
         rtn / layers.len().max(1) as f64,
         gptq / layers.len().max(1) as f64
     )
@@ -277,6 +279,7 @@ fn run_calibrated(a: Args) -> Result<()> {
         bits: a.bits,
         group: group.unwrap_or(cols),
         sym: !a.asym,
+        clip: a.method == Some(Method::Awq) || a.clip,
     };
     if mix.is_none() {
         for l in 0..blocks {
@@ -287,7 +290,7 @@ fn run_calibrated(a: Args) -> Result<()> {
             }
         }
     }
-    let samples = if method == Method::Gptq {
+    let samples = if method != Method::Rtn {
         let path = crate::resolve(&a.calib)?;
         let text = eval::text::read_text(&path)?;
         let tokens = model.tokenizer.encode(&text)?;
@@ -304,32 +307,36 @@ fn run_calibrated(a: Args) -> Result<()> {
     let method_name = match method {
         Method::Gptq => "gptq",
         Method::Rtn => "rtn",
-        Method::Awq => unreachable!(),
+        Method::Awq => "awq",
+    };
+    let calibrated = match method {
+        Method::Awq => Calibrated::Awq,
+        _ => Calibrated::Gptq(opts, a.true_sequential),
     };
     let report = match mix {
         Some(mix) => {
             let plan = gguf_quantize::plan(&model, mix, true, &overrides)?;
             eprintln!(
-                "GPTQ onto the {} grids: {} samples × {} tokens of {}",
+                "{} onto the {} grids: {} samples × {} tokens of {}",
+                method_name,
                 mix.name(),
                 samples.len(),
                 a.seq,
                 a.calib
             );
-            let mut bar = Progress::new(blocks as u64, "gptq");
-            let (r, layers, timings) = calibrated::gptq_to_gguf(
+            let mut bar = Progress::new(blocks as u64, method_name);
+            let (r, layers, timings) = calibrated::calibrated_to_gguf(
                 &model,
                 &plan,
                 imatrix.as_ref(),
                 &samples,
-                &opts,
-                a.true_sequential,
+                calibrated,
                 mix.file_type(),
                 &a.output,
                 &mut |d, _| bar.set(d as u64, &format!("block {d}")),
             )?;
             bar.finish();
-            eprintln!("{}", block_summary(&layers));
+            eprintln!("{}", block_summary(&layers, method_name));
             CalibratedReport {
                 method: method_name,
                 output: a.output.clone(),
@@ -364,21 +371,14 @@ fn run_calibrated(a: Args) -> Result<()> {
                 int_grid(model.tensor_meta(name).map(|m| m.1[1]).unwrap_or(0))
             };
             let (layers, timings) = write_hf(
-                &model,
-                &a.output,
-                format,
-                &cfg,
-                &samples,
-                &grid_of,
-                &opts,
-                a.true_sequential,
+                &model, &a.output, format, &cfg, &samples, &grid_of, calibrated,
             )?;
             let file_bytes = std::fs::metadata(a.output.join("model.safetensors"))
                 .map(|m| m.len())
                 .unwrap_or(0);
             let n_params = model.n_params()?;
             if !layers.is_empty() {
-                eprintln!("{}", block_summary(&layers));
+                eprintln!("{}", block_summary(&layers, method_name));
             }
             CalibratedReport {
                 method: method_name,
@@ -447,8 +447,7 @@ fn write_hf(
     cfg: &IntQuantConfig,
     samples: &[Vec<u32>],
     grid_of: &dyn Fn(&str) -> Grid,
-    opts: &GptqOptions,
-    true_sequential: bool,
+    method: Calibrated,
 ) -> Result<(Vec<LayerReport>, Timings)> {
     let mut writer = HfQuantWriter::create(dir, model, format, cfg)?;
     let order = writer.order().to_vec();
@@ -482,16 +481,20 @@ fn write_hf(
         bar.finish();
         (Vec::new(), Timings::default())
     } else {
-        let mut bar = Progress::new(model.config.num_hidden_layers as u64, "gptq");
-        let r = calibrated::gptq_model(
+        let mut bar = Progress::new(model.config.num_hidden_layers as u64, &cfg.method);
+        let r = calibrated::run_model(
             model,
             samples,
             grid_of,
-            opts,
-            true_sequential,
-            &mut |name, q| {
+            method,
+            &mut |name, item| {
                 write_upto(Some(name), &mut writer, &mut next)?;
-                writer.write_linear(name, &int_linear(q, cfg.bits, group_of(name)))?;
+                match item {
+                    Item::Linear(q) => {
+                        writer.write_linear(name, &int_linear(q, cfg.bits, group_of(name)))?
+                    }
+                    Item::Dense(values) => writer.write_dense(name, &values)?,
+                }
                 next += 1;
                 Ok(())
             },

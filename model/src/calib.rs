@@ -302,6 +302,7 @@ pub fn calibration_samples(
 pub struct Hessian {
     cols: usize,
     sum: Vec<f64>,
+    abs_sum: Vec<f64>,
     tokens: u64,
 }
 
@@ -314,6 +315,7 @@ impl Hessian {
         Hessian {
             cols,
             sum: vec![0.0; cols * cols],
+            abs_sum: vec![0.0; cols],
             tokens: 0,
         }
     }
@@ -344,7 +346,18 @@ impl Hessian {
                     }
                 }
             });
+        for row in x.chunks(cols) {
+            for (a, &v) in self.abs_sum.iter_mut().zip(row) {
+                *a += v.abs() as f64;
+            }
+        }
         self.tokens += n as u64;
+    }
+
+    /// Mean `|x|` per input column (AWQ's activation statistic).
+    pub fn mean_abs(&self) -> Vec<f32> {
+        let n = self.tokens.max(1) as f64;
+        self.abs_sum.iter().map(|&a| (a / n) as f32).collect()
     }
 
     /// Tokens accumulated.
@@ -426,7 +439,10 @@ mod tests {
         h.add(&x[..cols]);
         h.add(&x[cols..]);
         let m = h.matrix();
+        let mean_abs = h.mean_abs();
         for i in 0..cols {
+            let want: f32 = (0..3).map(|t| x[t * cols + i].abs()).sum::<f32>() / 3.0;
+            assert!((mean_abs[i] - want).abs() < 1e-5);
             for j in 0..cols {
                 let want: f64 = (0..3)
                     .map(|t| (x[t * cols + i] * x[t * cols + j]) as f64)

@@ -13,6 +13,7 @@
 //! Hessian comes from the original block, and a second pass with the quantized
 //! block produces the next block's inputs.
 
+use crate::awq;
 use crate::gguf_quantize::{quantize_tensor, PlannedTensor, QuantizeReport, TensorReport};
 use crate::gptq::{self, Factored, GptqOptions, GptqStats, Grid, QuantizedMatrix, Stored};
 use anyhow::{bail, Context, Result};
@@ -22,7 +23,7 @@ use model::calib::Imatrix;
 use model::gguf::GgufWriter;
 use model::gguf_export;
 pub use model::hf_quant::{write_order, BLOCK_LINEARS};
-use model::llama::{add_linear, rms_norm, swiglu};
+use model::llama::{add_linear, rms_norm, swiglu, BlockWeights};
 use model::{names, Model, Tensor};
 use serde::Serialize;
 use std::borrow::Cow;
@@ -69,11 +70,26 @@ pub struct Timings {
 /// A short name for a grid, for reports.
 pub fn grid_label(grid: &Grid) -> String {
     match *grid {
-        Grid::Int { bits, group, sym } => {
-            format!("int{bits} g{group} {}", if sym { "sym" } else { "asym" })
-        }
+        Grid::Int {
+            bits,
+            group,
+            sym,
+            clip,
+        } => format!(
+            "int{bits} g{group} {}{}",
+            if sym { "sym" } else { "asym" },
+            if clip { " clip" } else { "" }
+        ),
         Grid::Gguf(ty) => ty.name().to_owned(),
     }
+}
+
+/// What a runner hands its writer, in write order.
+pub enum Item {
+    /// A tensor changed in float (an RMSNorm gain with AWQ scales folded in).
+    Dense(Vec<f32>),
+    /// A quantized linear layer.
+    Linear(QuantizedMatrix),
 }
 
 /// A matrix of f32 values as a tensor the forward pass can use.
@@ -96,7 +112,7 @@ pub fn gptq_model(
     grid_of: &dyn Fn(&str) -> Grid,
     opts: &GptqOptions,
     true_sequential: bool,
-    sink: &mut dyn FnMut(&str, QuantizedMatrix) -> Result<()>,
+    sink: &mut dyn FnMut(&str, Item) -> Result<()>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Vec<LayerReport>, Timings)> {
     let c = &model.config;
@@ -154,7 +170,7 @@ pub fn gptq_model(
         }
         reports.push(report);
         let tensor = f32_tensor(name, rows, cols, &q.values);
-        sink(name, q)?;
+        sink(name, Item::Linear(q))?;
         Ok(tensor)
     };
 
@@ -294,7 +310,7 @@ pub fn gptq_model(
             Some(inputs) => {
                 drop(hidden);
                 xs = inputs;
-                let qw = model::llama::BlockWeights {
+                let qw = BlockWeights {
                     attn_norm: w.attn_norm.clone(),
                     q: qkv.remove(0),
                     k: qkv.remove(0),
@@ -317,17 +333,220 @@ pub fn gptq_model(
     Ok((reports, t))
 }
 
-/// Writes `model` as a GGUF file whose block linears are GPTQ-quantized on the
-/// grid of their planned type (the other tensors quantized as `plan` says, with
-/// `imatrix` weights when given).
+/// A calibrated method and its settings.
+#[derive(Debug, Clone, Copy)]
+pub enum Calibrated {
+    /// GPTQ, true-sequential or not.
+    Gptq(GptqOptions, bool),
+    /// AWQ scales, then rounding (with the grid's clip search).
+    Awq,
+}
+
+/// Runs `method` over every block linear of `model`: [`gptq_model`] or
+/// [`awq_model`].
+pub fn run_model(
+    model: &Model,
+    samples: &[Vec<u32>],
+    grid_of: &dyn Fn(&str) -> Grid,
+    method: Calibrated,
+    sink: &mut dyn FnMut(&str, Item) -> Result<()>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Vec<LayerReport>, Timings)> {
+    match method {
+        Calibrated::Gptq(opts, true_sequential) => gptq_model(
+            model,
+            samples,
+            grid_of,
+            &opts,
+            true_sequential,
+            sink,
+            progress,
+        ),
+        Calibrated::Awq => awq_model(model, samples, grid_of, sink, progress),
+    }
+}
+
+/// AWQ over every block of `model`: each block runs in float on its (already
+/// quantized-model) inputs to collect the Hessians and mean |x| of its linear
+/// inputs, scales are searched for q/k/v, gate/up and down ([`awq::search_scales`])
+/// and folded ([`awq::fold`]), every linear is rounded on its grid, and the
+/// quantized block produces the next block's inputs. `sink` receives per block
+/// the two folded norms, then the linears in [`BLOCK_LINEARS`] order.
+pub fn awq_model(
+    model: &Model,
+    samples: &[Vec<u32>],
+    grid_of: &dyn Fn(&str) -> Grid,
+    sink: &mut dyn FnMut(&str, Item) -> Result<()>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Vec<LayerReport>, Timings)> {
+    let c = &model.config;
+    let n = samples.first().map_or(0, Vec::len);
+    let mut t = Timings::default();
+    let mut reports = Vec::new();
+    let clock = Instant::now();
+    let mut xs: Vec<Vec<f32>> = samples
+        .iter()
+        .map(|s| model.embed(s))
+        .collect::<Result<_>>()?;
+    t.forward_seconds += clock.elapsed().as_secs_f64();
+    let blocks = c.num_hidden_layers;
+    for l in 0..blocks {
+        let w = model.block_weights(l)?;
+        let name = |s: &str| names::block(l, s);
+        let mut h_attn = Hessian::new(c.hidden_size);
+        let mut h_o = Hessian::new(c.q_dim());
+        let mut h_ffn = Hessian::new(c.hidden_size);
+        let mut h_down = Hessian::new(c.intermediate_size);
+        for x in &xs {
+            let mut y = x.clone();
+            let clock = Instant::now();
+            let mut hessian_seconds = 0.0;
+            model.forward_block_observed(&w, &mut y, n, &mut |suffix, input| {
+                let h = match suffix {
+                    "attn_q.weight" => &mut h_attn,
+                    "attn_output.weight" => &mut h_o,
+                    "ffn_gate.weight" => &mut h_ffn,
+                    "ffn_down.weight" => &mut h_down,
+                    _ => return,
+                };
+                let clock = Instant::now();
+                h.add(input);
+                hessian_seconds += clock.elapsed().as_secs_f64();
+            })?;
+            t.hessian_seconds += hessian_seconds;
+            t.forward_seconds += clock.elapsed().as_secs_f64() - hessian_seconds;
+        }
+        let f32_of = |h: &Hessian| -> Vec<f32> { h.matrix().iter().map(|&v| v as f32).collect() };
+        let (ha, ho, hf, hd) = (
+            f32_of(&h_attn),
+            f32_of(&h_o),
+            f32_of(&h_ffn),
+            f32_of(&h_down),
+        );
+        let originals: Vec<Vec<f32>> = [&w.q, &w.k, &w.v, &w.o, &w.gate, &w.up, &w.down]
+            .iter()
+            .map(|t| t.to_f32())
+            .collect::<Result<_>>()?;
+        let grids: Vec<Grid> = BLOCK_LINEARS.iter().map(|s| grid_of(&name(s))).collect();
+        let clock = Instant::now();
+        let s_attn = awq::search_scales(
+            &[&originals[0], &originals[1], &originals[2]],
+            &ha,
+            &h_attn.mean_abs(),
+            &|i| grids[i],
+        );
+        let s_ffn = awq::search_scales(
+            &[&originals[4], &originals[5]],
+            &hf,
+            &h_ffn.mean_abs(),
+            &|i| grids[4 + i],
+        );
+        let s_down = awq::search_scales(&[&originals[6]], &hd, &h_down.mean_abs(), &|_| grids[6]);
+        t.loop_seconds += clock.elapsed().as_secs_f64();
+        let scales = awq::BlockScales {
+            attn: s_attn.scales.clone(),
+            ffn: s_ffn.scales.clone(),
+            down: s_down.scales.clone(),
+        };
+        let folded = awq::fold(&w, &scales)?;
+        sink(
+            &name("attn_norm.weight"),
+            Item::Dense(folded.attn_norm.clone()),
+        )?;
+        sink(
+            &name("ffn_norm.weight"),
+            Item::Dense(folded.ffn_norm.clone()),
+        )?;
+        // Per linear: its folded weight, the Hessian of its original input, and
+        // the column scale and row scale that map the folded weight back.
+        let ones_q = vec![1f32; c.q_dim()];
+        let ones_rows = |r: usize| vec![1f32; r];
+        let plan: [(&Tensor, &Vec<f32>, &[f32], Vec<f32>); 7] = [
+            (&folded.q, &ha, &scales.attn, ones_rows(w.q.shape[0])),
+            (&folded.k, &ha, &scales.attn, ones_rows(w.k.shape[0])),
+            (&folded.v, &ha, &scales.attn, ones_rows(w.v.shape[0])),
+            (&folded.o, &ho, &ones_q, ones_rows(w.o.shape[0])),
+            (&folded.gate, &hf, &scales.ffn, ones_rows(w.gate.shape[0])),
+            (&folded.up, &hf, &scales.ffn, scales.down.clone()),
+            (&folded.down, &hd, &scales.down, ones_rows(w.down.shape[0])),
+        ];
+        let mut quantized = Vec::with_capacity(7);
+        for (i, (ft, h, col_s, row_s)) in plan.into_iter().enumerate() {
+            let lname = name(BLOCK_LINEARS[i]);
+            let (rows, cols) = (ft.shape[0], ft.shape[1]);
+            let grid = grids[i];
+            grid.check(cols, &lname)?;
+            let clock = Instant::now();
+            let values = ft.to_f32()?;
+            let diag: Vec<f32> = (0..cols)
+                .map(|j| h[j * cols + j] / (col_s[j] * col_s[j]))
+                .collect();
+            let q = gptq::rtn(&values, cols, &grid, Some(&diag));
+            t.loop_seconds += clock.elapsed().as_secs_f64();
+            let clock = Instant::now();
+            // Errors in the original input space: Ŵ = row_s ⊙ Q diag(1/col_s).
+            let effective: Vec<f32> = q
+                .values
+                .chunks(cols)
+                .zip(&row_s)
+                .flat_map(|(row, &r)| row.iter().zip(col_s).map(move |(x, s)| x * r / s))
+                .collect();
+            let original = &originals[i];
+            let orig_diag: Vec<f32> = (0..cols).map(|j| h[j * cols + j]).collect();
+            let plain = gptq::rtn(original, cols, &grid, Some(&orig_diag));
+            let energy = gptq::output_error(original, None, h, cols).max(f64::MIN_POSITIVE);
+            reports.push(LayerReport {
+                name: lname.clone(),
+                rows,
+                cols,
+                grid: grid_label(&grid),
+                rtn_rel_error: gptq::output_error(original, Some(&plain.values), h, cols) / energy,
+                rel_error: gptq::output_error(original, Some(&effective), h, cols) / energy,
+                stats: GptqStats {
+                    damp_percent: 0.0,
+                    dead_columns: 0,
+                    fell_back_to_rtn: false,
+                    factor_seconds: 0.0,
+                    loop_seconds: 0.0,
+                },
+            });
+            t.report_seconds += clock.elapsed().as_secs_f64();
+            quantized.push(f32_tensor(&lname, rows, cols, &q.values));
+            sink(&lname, Item::Linear(q))?;
+        }
+        let mut it = quantized.into_iter();
+        let mut next = || it.next().expect("seven linears");
+        let qw = BlockWeights {
+            attn_norm: folded.attn_norm.clone(),
+            q: next(),
+            k: next(),
+            v: next(),
+            o: next(),
+            ffn_norm: folded.ffn_norm.clone(),
+            gate: next(),
+            up: next(),
+            down: next(),
+        };
+        let clock = Instant::now();
+        for x in xs.iter_mut() {
+            model.forward_block(&qw, x, n)?;
+        }
+        t.forward_seconds += clock.elapsed().as_secs_f64();
+        progress(l + 1, blocks);
+    }
+    Ok((reports, t))
+}
+
+/// Writes `model` as a GGUF file whose block linears are quantized by `method`
+/// (GPTQ or AWQ) on the grid of their planned type (the other tensors quantized
+/// as `plan` says, with `imatrix` weights when given).
 #[allow(clippy::too_many_arguments)]
-pub fn gptq_to_gguf(
+pub fn calibrated_to_gguf(
     model: &Model,
     plan: &[PlannedTensor],
     imatrix: Option<&Imatrix>,
     samples: &[Vec<u32>],
-    opts: &GptqOptions,
-    true_sequential: bool,
+    method: Calibrated,
     file_type: u32,
     out: &Path,
     progress: &mut dyn FnMut(usize, usize),
@@ -378,26 +597,41 @@ pub fn gptq_to_gguf(
         Ok(())
     };
     let grid_of = |n: &str| gptq::Grid::Gguf(by_name[n].ty);
-    let (layers, timings) = gptq_model(
+    let (layers, timings) = run_model(
         model,
         samples,
         &grid_of,
-        opts,
-        true_sequential,
-        &mut |name, q| {
+        method,
+        &mut |name, item| {
             write_others(Some(name), &mut writer, &mut reports, &mut next)?;
-            let Stored::Gguf(ty, bytes) = q.stored else {
-                unreachable!("GGUF grids store GGUF blocks")
-            };
+            let t = planned(name)?;
             let original = model.tensor(name)?.to_f32()?;
+            let (values, ty, bytes, rows) = match item {
+                Item::Linear(q) => {
+                    let Stored::Gguf(ty, bytes) = q.stored else {
+                        unreachable!("GGUF grids store GGUF blocks")
+                    };
+                    (q.values, ty, bytes, q.rows)
+                }
+                Item::Dense(values) => {
+                    let cols = *t.shape.last().unwrap_or(&1);
+                    let bytes = crate::gguf_quantize::quantize_matrix(&values, cols, t.ty, None)?;
+                    (
+                        values,
+                        t.ty,
+                        bytes,
+                        t.shape.iter().product::<usize>() / cols,
+                    )
+                }
+            };
             reports.push(TensorReport {
                 name: name.to_owned(),
                 ty,
                 bytes: bytes.len() as u64,
-                rel_error: crate::gguf_quantize::rel_frobenius_error(&original, &q.values),
+                rel_error: crate::gguf_quantize::rel_frobenius_error(&original, &values),
                 imatrix: true,
             });
-            writer.write_tensor(name, &gguf_export::to_gguf_rows(model, name, q.rows, bytes))?;
+            writer.write_tensor(name, &gguf_export::to_gguf_rows(model, name, rows, bytes))?;
             next += 1;
             Ok(())
         },
@@ -433,6 +667,7 @@ mod tests {
             bits: 4,
             group: 128,
             sym: true,
+            clip: false,
         };
         assert_eq!(grid_label(&g), "int4 g128 sym");
         assert_eq!(grid_label(&Grid::Gguf(GgmlType::Q4_K)), "Q4_K");

@@ -48,6 +48,10 @@ pub enum Grid {
         group: usize,
         /// Symmetric: the zero point is fixed at `2^(bits−1)`.
         sym: bool,
+        /// Search a clipped range per group (AWQ's auto-clip): shrink the
+        /// min/max range in 5% steps down to half while the importance-weighted
+        /// error of the group falls.
+        clip: bool,
     },
     /// A GGUF block type (its blocks are the groups).
     Gguf(GgmlType),
@@ -209,50 +213,84 @@ impl Layout {
     }
 }
 
+/// GPTQ's find_params range of a group: always includes zero, mirrored when
+/// symmetric, `[-1, 1]` for an all-zero group.
+fn int_range(values: &[f32], sym: bool) -> (f32, f32) {
+    let mut lo = values.iter().fold(0f32, |m, &v| m.min(v));
+    let mut hi = values.iter().fold(0f32, |m, &v| m.max(v));
+    if sym {
+        hi = hi.max(-lo);
+        if lo < 0.0 {
+            lo = -hi;
+        }
+    }
+    if lo == 0.0 && hi == 0.0 {
+        (lo, hi) = (-1.0, 1.0);
+    }
+    (lo, hi)
+}
+
+/// The f16 scale, zero point and level table of an integer grid over `[lo, hi]`.
+fn int_params(lo: f32, hi: f32, bits: u32, sym: bool) -> (f16, u8, Vec<f32>) {
+    let maxq = ((1u32 << bits) - 1) as f32;
+    let mut scale = f16::from_f32((hi - lo) / maxq);
+    // Asymmetric zero points stay in 1..=maxq: GPTQ's v1 format stores zero − 1,
+    // and its readers add the 1 back without wrapping. A range that starts at
+    // zero keeps its top by spreading over maxq − 1 steps.
+    let zero = if sym {
+        1u32 << (bits - 1)
+    } else {
+        let z = (-lo / scale.to_f32()).round();
+        if z.is_finite() && z >= 1.0 {
+            z.min(maxq) as u32
+        } else {
+            scale = f16::from_f32(hi / (maxq - 1.0));
+            1
+        }
+    };
+    let s = scale.to_f32();
+    let levels = (0..=maxq as u32)
+        .map(|c| s * (c as f32 - zero as f32))
+        .collect();
+    (scale, zero as u8, levels)
+}
+
 /// Fixes the grid of one row's group from its current `values` (natural column
 /// order) and their `importance`: returns the stored parameters and the level
 /// table (`sub-blocks × n_codes`).
 fn fix_group(grid: &Grid, values: &[f32], importance: &[f32]) -> (Fixed, Vec<f32>) {
     match *grid {
-        Grid::Int { bits, sym, .. } => {
-            let maxq = ((1u32 << bits) - 1) as f32;
-            // GPTQ's find_params: the range always includes zero.
-            let mut lo = values.iter().fold(0f32, |m, &v| m.min(v));
-            let mut hi = values.iter().fold(0f32, |m, &v| m.max(v));
-            if sym {
-                hi = hi.max(-lo);
-                if lo < 0.0 {
-                    lo = -hi;
-                }
-            }
-            if lo == 0.0 && hi == 0.0 {
-                (lo, hi) = (-1.0, 1.0);
-            }
-            let mut scale = f16::from_f32((hi - lo) / maxq);
-            // Asymmetric zero points stay in 1..=maxq: GPTQ's v1 format stores
-            // zero − 1, and its readers add the 1 back without wrapping. A range
-            // that starts at zero keeps its top by spreading over maxq − 1 steps.
-            let zero = if sym {
-                1u32 << (bits - 1)
+        Grid::Int {
+            bits, sym, clip, ..
+        } => {
+            let (lo, hi) = int_range(values, sym);
+            let best = if clip {
+                (0..10)
+                    .map(|i| {
+                        let r = 1.0 - 0.05 * i as f32;
+                        let (scale, zero, levels) = int_params(lo * r, hi * r, bits, sym);
+                        let err: f64 = values
+                            .iter()
+                            .zip(importance)
+                            .map(|(&x, &w)| {
+                                let d = (x - nearest(&levels, x).1) as f64;
+                                w as f64 * d * d
+                            })
+                            .sum();
+                        (err, scale, zero, levels)
+                    })
+                    .min_by(|a, b| a.0.total_cmp(&b.0))
+                    .expect("ten candidates")
             } else {
-                let z = (-lo / scale.to_f32()).round();
-                if z.is_finite() && z >= 1.0 {
-                    z.min(maxq) as u32
-                } else {
-                    scale = f16::from_f32(hi / (maxq - 1.0));
-                    1
-                }
+                let (scale, zero, levels) = int_params(lo, hi, bits, sym);
+                (0.0, scale, zero, levels)
             };
-            let s = scale.to_f32();
-            let levels = (0..=maxq as u32)
-                .map(|c| s * (c as f32 - zero as f32))
-                .collect();
             (
                 Fixed::Int {
-                    scale,
-                    zero: zero as u8,
+                    scale: best.1,
+                    zero: best.2,
                 },
-                levels,
+                best.3,
             )
         }
         Grid::Gguf(ty) => {
@@ -718,16 +756,19 @@ mod tests {
                 bits: 4,
                 group: 32,
                 sym: true,
+                clip: false,
             },
             Grid::Int {
                 bits: 3,
                 group: 64,
                 sym: false,
+                clip: false,
             },
             Grid::Int {
                 bits: 4,
                 group: 48,
                 sym: true,
+                clip: false,
             },
             Grid::Gguf(GgmlType::Q4_0),
             Grid::Gguf(GgmlType::IQ4_NL),
@@ -790,6 +831,7 @@ mod tests {
                 bits: 2,
                 group: 32,
                 sym: true,
+                clip: false,
             },
             None,
         );
@@ -818,6 +860,7 @@ mod tests {
                 bits: 4,
                 group: 32,
                 sym: true,
+                clip: false,
             },
             &GptqOptions::default(),
         )
@@ -841,6 +884,7 @@ mod tests {
                 bits: 4,
                 group: 32,
                 sym: true,
+                clip: false,
             },
             &opts,
         )

@@ -1,0 +1,46 @@
+//! AWQ's folding leaves the float model unchanged: with per-channel scales
+//! folded into every block of the real SmolLM2 (norm gains divided, q/k/v,
+//! gate/up and down columns multiplied, up's rows divided), the logits equal the
+//! original model's to 1e-5 relative.
+
+use e2e::real_model;
+use model::Model;
+use quant::awq::{fold, BlockScales};
+
+#[test]
+fn folded_scales_give_the_same_logits() {
+    let model = Model::open(&real_model()).unwrap();
+    let c = &model.config;
+    let text = "The jury said it did find that many of Georgia's registration and election laws are outmoded.";
+    let tokens = model.tokenizer.encode(text).unwrap();
+    let n = tokens.len();
+    // Scales spread over [0.25, 4], different per channel and block.
+    let scales = |len: usize, salt: usize| -> Vec<f32> {
+        (0..len)
+            .map(|j| 2f32.powf(((j * 7919 + salt * 104729) % 1000) as f32 / 250.0 - 2.0))
+            .collect()
+    };
+    let mut x = model.embed(&tokens).unwrap();
+    for l in 0..c.num_hidden_layers {
+        let w = model.block_weights(l).unwrap();
+        let s = BlockScales {
+            attn: scales(c.hidden_size, 3 * l),
+            ffn: scales(c.hidden_size, 3 * l + 1),
+            down: scales(c.intermediate_size, 3 * l + 2),
+        };
+        let folded = fold(&w, &s).unwrap();
+        model.forward_block(&folded, &mut x, n).unwrap();
+    }
+    let got = model.head_logits(&x, 0).unwrap();
+    let want = model.logits(&tokens, 0).unwrap();
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs() / scale)
+        .fold(0f32, f32::max);
+    assert!(
+        worst < 1e-5,
+        "largest difference {worst} of the largest logit"
+    );
+}
