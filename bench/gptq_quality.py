@@ -30,8 +30,10 @@ base = cache / "SmolLM2-135M-Instruct.Q4_1.gguf"
 # name: (output, quantize arguments)
 CONFIGS = {
     "int4-g128-rtn": ("int4-g128-rtn", ["--method", "rtn", "--bits", "4", "--group", "128"]),
-    "int4-g128-gptq": ("int4-g128-gptq", ["--method", "gptq", "--bits", "4", "--group", "128"]),
-    "int4-g128-gptq-act": ("int4-g128-gptq-act", ["--method", "gptq", "--bits", "4", "--group", "128", "--act-order"]),
+    "int4-g128-gptq": ("int4-g128-gptq", ["--method", "gptq", "--bits", "4", "--group", "128", "--clip", "false"]),
+    "int4-g128-gptq-act": ("int4-g128-gptq-act", ["--method", "gptq", "--bits", "4", "--group", "128", "--act-order", "--clip", "false"]),
+    "int4-g128-gptq-clip": ("int4-g128-gptq-clip", ["--method", "gptq", "--bits", "4", "--group", "128"]),
+    "int4-g128-awq": ("int4-g128-awq", ["--method", "awq", "--bits", "4", "--group", "128"]),
     "int3-g128-rtn": ("int3-g128-rtn", ["--method", "rtn", "--bits", "3", "--group", "128"]),
     "int3-g128-gptq": ("int3-g128-gptq", ["--method", "gptq", "--bits", "3", "--group", "128"]),
     "Q4_0-gptq": ("Q4_0-gptq.gguf", ["--method", "gptq", "--type", "Q4_0"]),

@@ -107,10 +107,11 @@ pub struct Args {
     /// Seed of the calibration sample choice.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Search a clipped range per group of the integer grid (AWQ's auto-clip;
-    /// always on with --method awq).
-    #[arg(long)]
-    clip: bool,
+    /// Search a clipped range per group of the integer grid (AWQ's auto-clip:
+    /// the range shrinks in 5% steps while the importance-weighted error falls).
+    /// Default: on for gptq and awq, off for rtn (the plain baseline).
+    #[arg(long, action = clap::ArgAction::Set)]
+    clip: Option<bool>,
     /// Folder layout with --method and no --type.
     #[arg(long, value_enum, default_value_t = Format::Gptq)]
     format: Format,
@@ -279,15 +280,27 @@ fn run_calibrated(a: Args) -> Result<()> {
         bits: a.bits,
         group: group.unwrap_or(cols),
         sym: !a.asym,
-        clip: a.method == Some(Method::Awq) || a.clip,
+        clip: a.clip.unwrap_or(a.method != Some(Method::Rtn)),
     };
     if mix.is_none() {
+        let mut partial = std::collections::BTreeSet::new();
         for l in 0..blocks {
             for s in BLOCK_LINEARS {
                 let name = model::names::block(l, s);
                 let cols = model.tensor_meta(&name)?.1[1];
                 int_grid(cols).check(cols, &name)?;
+                if group.is_some_and(|g| !cols.is_multiple_of(g)) {
+                    partial.insert(cols);
+                }
             }
+        }
+        for cols in partial {
+            let g = group.unwrap_or(cols);
+            eprintln!(
+                "note: group {g} does not divide the {cols} input columns of some layers: their last group has {} columns \
+                 (as GPTQ's reference does; HF transformers loads it, vLLM's kernels need a group that divides the input size)",
+                cols % g
+            );
         }
     }
     let samples = if method != Method::Rtn {

@@ -461,7 +461,8 @@ pub fn awq_model(
         // the column scale and row scale that map the folded weight back.
         let ones_q = vec![1f32; c.q_dim()];
         let ones_rows = |r: usize| vec![1f32; r];
-        let plan: [(&Tensor, &Vec<f32>, &[f32], Vec<f32>); 7] = [
+        type Layer<'a> = (&'a Tensor<'a>, &'a Vec<f32>, &'a [f32], Vec<f32>);
+        let plan: [Layer; 7] = [
             (&folded.q, &ha, &scales.attn, ones_rows(w.q.shape[0])),
             (&folded.k, &ha, &scales.attn, ones_rows(w.k.shape[0])),
             (&folded.v, &ha, &scales.attn, ones_rows(w.v.shape[0])),
