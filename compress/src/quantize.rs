@@ -117,6 +117,24 @@ pub struct Args {
     format: Format,
 }
 
+/// Reads the imatrix (if any) and opens the model, refusing an output that is
+/// the input.
+fn open_inputs(a: &Args) -> Result<(Option<Imatrix>, Model)> {
+    let imatrix = a
+        .imatrix
+        .as_deref()
+        .map(|p| crate::resolve(p).and_then(|p| Imatrix::load(&p)))
+        .transpose()?;
+    let model = Model::open(&crate::resolve(&a.input)?)?;
+    if a.output.canonicalize().ok() == model.path.canonicalize().ok() {
+        bail!(
+            "output {} is the input; inputs are never modified",
+            a.output.display()
+        );
+    }
+    Ok((imatrix, model))
+}
+
 /// Runs the command.
 pub fn run(a: Args) -> Result<()> {
     match a.method {
@@ -132,18 +150,7 @@ pub fn run(a: Args) -> Result<()> {
         .iter()
         .map(|s| Override::parse(s))
         .collect::<Result<Vec<_>>>()?;
-    let imatrix = a
-        .imatrix
-        .as_deref()
-        .map(|p| crate::resolve(p).and_then(|p| Imatrix::load(&p)))
-        .transpose()?;
-    let model = Model::open(&crate::resolve(&a.input)?)?;
-    if a.output.canonicalize().ok() == model.path.canonicalize().ok() {
-        bail!(
-            "output {} is the input; inputs are never modified",
-            a.output.display()
-        );
-    }
+    let (imatrix, model) = open_inputs(&a)?;
     let plan: Vec<PlannedTensor> = match (a.target_bpw, mix) {
         (Some(bpw), _) => {
             let mut bar = Progress::new(model.tensor_names().len() as u64, "measure");
@@ -262,18 +269,7 @@ fn run_calibrated(a: Args) -> Result<()> {
     if mix.is_none() && !overrides.is_empty() {
         bail!("--tensor-type applies to GGUF output: give --type too");
     }
-    let imatrix = a
-        .imatrix
-        .as_deref()
-        .map(|p| crate::resolve(p).and_then(|p| Imatrix::load(&p)))
-        .transpose()?;
-    let model = Model::open(&crate::resolve(&a.input)?)?;
-    if a.output.canonicalize().ok() == model.path.canonicalize().ok() {
-        bail!(
-            "output {} is the input; inputs are never modified",
-            a.output.display()
-        );
-    }
+    let (imatrix, model) = open_inputs(&a)?;
     let blocks = model.config.num_hidden_layers;
     // Every block linear's grid is checked before any work.
     let int_grid = |cols: usize| Grid::Int {

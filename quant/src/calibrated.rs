@@ -102,6 +102,17 @@ fn f32_tensor(name: &str, rows: usize, cols: usize, values: &[f32]) -> Tensor<'s
     }
 }
 
+/// The embeddings of every sample: the first block's inputs.
+fn embed_samples(model: &Model, samples: &[Vec<u32>], t: &mut Timings) -> Result<Vec<Vec<f32>>> {
+    let clock = Instant::now();
+    let xs = samples
+        .iter()
+        .map(|s| model.embed(s))
+        .collect::<Result<_>>()?;
+    t.forward_seconds += clock.elapsed().as_secs_f64();
+    Ok(xs)
+}
+
 /// Runs GPTQ over every linear layer of every block of `model` on `samples`
 /// (equal-length token sequences). `grid_of(name)` gives each layer's grid;
 /// `sink(name, matrix)` receives the layers in order (per block q, k, v, o, gate,
@@ -119,12 +130,7 @@ pub fn gptq_model(
     let n = samples.first().map_or(0, Vec::len);
     let mut t = Timings::default();
     let mut reports = Vec::new();
-    let clock = Instant::now();
-    let mut xs: Vec<Vec<f32>> = samples
-        .iter()
-        .map(|s| model.embed(s))
-        .collect::<Result<_>>()?;
-    t.forward_seconds += clock.elapsed().as_secs_f64();
+    let mut xs = embed_samples(model, samples, &mut t)?;
     let eps = c.rms_norm_eps;
 
     // Quantizes one layer from its Hessian and returns it as a tensor for the
@@ -383,12 +389,7 @@ pub fn awq_model(
     let n = samples.first().map_or(0, Vec::len);
     let mut t = Timings::default();
     let mut reports = Vec::new();
-    let clock = Instant::now();
-    let mut xs: Vec<Vec<f32>> = samples
-        .iter()
-        .map(|s| model.embed(s))
-        .collect::<Result<_>>()?;
-    t.forward_seconds += clock.elapsed().as_secs_f64();
+    let mut xs = embed_samples(model, samples, &mut t)?;
     let blocks = c.num_hidden_layers;
     for l in 0..blocks {
         let w = model.block_weights(l)?;
