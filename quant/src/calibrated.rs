@@ -113,6 +113,27 @@ fn embed_samples(model: &Model, samples: &[Vec<u32>], t: &mut Timings) -> Result
     Ok(xs)
 }
 
+/// `f(x)` for every sample (timed as forward), each added to `hess` (timed as
+/// Hessians): a layer input computed and observed; the inputs are returned.
+fn observe_each(
+    xs: &[Vec<f32>],
+    hess: &mut Hessian,
+    t: &mut Timings,
+    f: &dyn Fn(&[f32]) -> Result<Vec<f32>>,
+) -> Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(xs.len());
+    for x in xs {
+        let clock = Instant::now();
+        let a = f(x)?;
+        t.forward_seconds += clock.elapsed().as_secs_f64();
+        let clock = Instant::now();
+        hess.add(&a);
+        t.hessian_seconds += clock.elapsed().as_secs_f64();
+        out.push(a);
+    }
+    Ok(out)
+}
+
 /// Runs GPTQ over every linear layer of every block of `model` on `samples`
 /// (equal-length token sequences). `grid_of(name)` gives each layer's grid;
 /// `sink(name, matrix)` receives the layers in order (per block q, k, v, o, gate,
@@ -231,19 +252,9 @@ pub fn gptq_model(
 
         // Stage 2: the output projection's input, the attention mix.
         let mut h_o = Hessian::new(c.q_dim());
-        let mut mixes = Vec::with_capacity(xs.len());
-        for x in &xs {
-            let mut a = Vec::new();
-            timed(&mut t.forward_seconds, &mut || {
-                a = model.attention_mix(wq, wk, wv, &norm(x, &w.attn_norm), n)?;
-                Ok(())
-            })?;
-            timed(&mut t.hessian_seconds, &mut || {
-                h_o.add(&a);
-                Ok(())
-            })?;
-            mixes.push(a);
-        }
+        let mut mixes = observe_each(&xs, &mut h_o, &mut t, &|x| {
+            model.attention_mix(wq, wk, wv, &norm(x, &w.attn_norm), n)
+        })?;
         let h_o = factor(h_o, &mut t);
         let o = quantize(
             &name("attn_output.weight"),
@@ -283,19 +294,9 @@ pub fn gptq_model(
 
         // Stage 4: down from the SwiGLU hidden.
         let mut h_down = Hessian::new(c.intermediate_size);
-        let mut hidden = Vec::with_capacity(xs.len());
-        for x in &xs {
-            let mut g = Vec::new();
-            timed(&mut t.forward_seconds, &mut || {
-                g = swiglu(&norm(x, &w.ffn_norm), n, wg, wu)?;
-                Ok(())
-            })?;
-            timed(&mut t.hessian_seconds, &mut || {
-                h_down.add(&g);
-                Ok(())
-            })?;
-            hidden.push(g);
-        }
+        let mut hidden = observe_each(&xs, &mut h_down, &mut t, &|x| {
+            swiglu(&norm(x, &w.ffn_norm), n, wg, wu)
+        })?;
         let h_down = factor(h_down, &mut t);
         let down = quantize(
             &name("ffn_down.weight"),
