@@ -33,15 +33,22 @@ CONFIGS = {
     "int4-g128-gptq": ("int4-g128-gptq", ["--method", "gptq", "--bits", "4", "--group", "128", "--clip", "false"]),
     "int4-g128-gptq-act": ("int4-g128-gptq-act", ["--method", "gptq", "--bits", "4", "--group", "128", "--act-order", "--clip", "false"]),
     "int4-g128-gptq-clip": ("int4-g128-gptq-clip", ["--method", "gptq", "--bits", "4", "--group", "128"]),
+    "int4-g128-gptq-act-clip": ("int4-g128-gptq-act-clip", ["--method", "gptq", "--bits", "4", "--group", "128",
+                                                            "--act-order"]),
     "int4-g128-awq": ("int4-g128-awq", ["--method", "awq", "--bits", "4", "--group", "128"]),
     "int3-g128-rtn": ("int3-g128-rtn", ["--method", "rtn", "--bits", "3", "--group", "128"]),
     "int3-g128-gptq": ("int3-g128-gptq", ["--method", "gptq", "--bits", "3", "--group", "128"]),
+    "int3-g128-awq": ("int3-g128-awq", ["--method", "awq", "--bits", "3", "--group", "128"]),
     "Q4_0-gptq": ("Q4_0-gptq.gguf", ["--method", "gptq", "--type", "Q4_0"]),
     "Q4_K_M-gptq": ("Q4_K_M-gptq.gguf", ["--method", "gptq", "--type", "Q4_K_M"]),
     "Q3_K_M-gptq": ("Q3_K_M-gptq.gguf", ["--method", "gptq", "--type", "Q3_K_M"]),
+    "Q4_0-awq": ("Q4_0-awq.gguf", ["--method", "awq", "--type", "Q4_0"]),
+    "Q4_K_M-awq": ("Q4_K_M-awq.gguf", ["--method", "awq", "--type", "Q4_K_M"]),
+    "Q3_K_M-awq": ("Q3_K_M-awq.gguf", ["--method", "awq", "--type", "Q3_K_M"]),
 }
-# imatrix-only GGUF artifacts of bench/gguf_quality.py, evaluated alongside.
-IMATRIX_ONLY = {"Q4_0-imatrix": "Q4_0-imat.gguf", "Q4_K_M-imatrix": "Q4_K_M-imat.gguf", "Q3_K_M-imatrix": "Q3_K_M-imat.gguf"}
+# GGUF artifacts of bench/gguf_quality.py (no calibration: "plain"; imatrix-weighted: "imatrix"), evaluated alongside.
+IMATRIX_ONLY = {"Q4_0-plain": "Q4_0.gguf", "Q4_K_M-plain": "Q4_K_M.gguf", "Q3_K_M-plain": "Q3_K_M.gguf",
+                "Q4_0-imatrix": "Q4_0-imat.gguf", "Q4_K_M-imatrix": "Q4_K_M-imat.gguf", "Q3_K_M-imatrix": "Q3_K_M-imat.gguf"}
 # llama.cpp's imatrix-weighted figures (DESIGN.md) and GPTQModel 7.7.0's (the issue).
 REFERENCE = {
     "Q4_0-imatrix": "llama.cpp KLD 0.1563",
@@ -128,6 +135,13 @@ for r in table:
 out_dir = root / "bench/results"
 out_dir.mkdir(parents=True, exist_ok=True)
 result_file = out_dir / "gptq_quality.json"
+# A partial run (--only) replaces its rows in the result file and keeps the others.
+if result_file.exists():
+    old = json.loads(result_file.read_text())
+    if old.get("chunks") == args.chunks and old.get("samples") == args.samples:
+        fresh = {r["name"]: r for r in table}
+        merged = {r["name"]: r for r in old["rows"]} | fresh
+        table = [merged[n] for n in list(CONFIGS) + list(IMATRIX_ONLY) if n in merged]
 result_file.write_text(json.dumps({"chunks": args.chunks, "samples": args.samples, "seq": 512, "rows": table,
                                    "eval_seconds": round(eval_seconds, 1)}, indent=2))
 print(f"wrote {result_file}")

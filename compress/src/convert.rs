@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The HF `torch_dtype` name of a float type.
-fn torch_dtype(t: GgmlType) -> &'static str {
+pub(crate) fn torch_dtype(t: GgmlType) -> &'static str {
     match t {
         GgmlType::F16 => "float16",
         GgmlType::BF16 => "bfloat16",
@@ -20,7 +20,7 @@ fn torch_dtype(t: GgmlType) -> &'static str {
 }
 
 /// f32 values to the little-endian bytes of `t` (F32, F16 or BF16; round to nearest even).
-fn encode_floats(values: &[f32], t: GgmlType) -> Vec<u8> {
+pub(crate) fn encode_floats(values: &[f32], t: GgmlType) -> Vec<u8> {
     match t {
         GgmlType::F16 => values
             .iter()
@@ -36,7 +36,7 @@ fn encode_floats(values: &[f32], t: GgmlType) -> Vec<u8> {
 
 /// Where `-o` puts the safetensors file: the path itself when it ends in
 /// `.safetensors`, else `model.safetensors` inside that folder.
-fn output_file(output: &Path) -> Result<PathBuf> {
+pub(crate) fn output_file(output: &Path) -> Result<PathBuf> {
     if output.extension().is_some_and(|e| e == "safetensors") {
         if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)

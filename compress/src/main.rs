@@ -8,6 +8,7 @@ mod assets;
 mod convert;
 mod evaluate;
 mod progress;
+mod prune;
 mod quantize;
 
 use anyhow::{Context, Result};
@@ -51,6 +52,10 @@ enum Command {
     /// per-tensor allocation for a target bits-per-weight; importance-weighted
     /// when an imatrix is given.
     Quantize(quantize::Args),
+    /// Prune a model: magnitude, Wanda or SparseGPT, unstructured or N:M, with a
+    /// uniform or outlier-weighted (OWL) per-layer schedule; writes a dense
+    /// HF-style folder or a GGUF file whose removed weights are exactly zero.
+    Prune(prune::Args),
     /// Importance matrix: run the model on calibration text and store, per linear
     /// layer, the mean squared input activation per column (llama.cpp's imatrix
     /// GGUF format).
@@ -95,12 +100,23 @@ enum Command {
     },
 }
 
-/// Element types `convert` writes.
+/// Element types `convert` and `prune` write.
 #[derive(Clone, Copy, ValueEnum)]
-enum DtypeArg {
+pub(crate) enum DtypeArg {
     F32,
     F16,
     Bf16,
+}
+
+impl DtypeArg {
+    /// The storage type.
+    pub(crate) fn ggml(self) -> kernels::GgmlType {
+        match self {
+            DtypeArg::F32 => kernels::GgmlType::F32,
+            DtypeArg::F16 => kernels::GgmlType::F16,
+            DtypeArg::Bf16 => kernels::GgmlType::BF16,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -144,14 +160,10 @@ fn run(cli: Cli) -> Result<()> {
             dtype,
         } => {
             let input = resolve(&input)?;
-            let dtype = match dtype {
-                DtypeArg::F32 => kernels::GgmlType::F32,
-                DtypeArg::F16 => kernels::GgmlType::F16,
-                DtypeArg::Bf16 => kernels::GgmlType::BF16,
-            };
-            convert::convert(&input, &output, dtype)
+            convert::convert(&input, &output, dtype.ggml())
         }
         Command::Quantize(args) => quantize::run(args),
+        Command::Prune(args) => prune::run(args),
         Command::Imatrix {
             model,
             text,

@@ -301,6 +301,7 @@ pub fn calibration_samples(
 /// single-threaded strips run in parallel, mirrored at the end).
 pub struct Hessian {
     cols: usize,
+    diagonal_only: bool,
     sum: Vec<f64>,
     abs_sum: Vec<f64>,
     tokens: u64,
@@ -314,14 +315,45 @@ impl Hessian {
     pub fn new(cols: usize) -> Self {
         Hessian {
             cols,
+            diagonal_only: false,
             sum: vec![0.0; cols * cols],
             abs_sum: vec![0.0; cols],
             tokens: 0,
         }
     }
 
+    /// An accumulator of `diag H` only (the off-diagonal entries stay zero):
+    /// per-column sums of squares without the `XᵀX` GEMM.
+    pub fn diagonal(cols: usize) -> Self {
+        Hessian {
+            diagonal_only: true,
+            ..Hessian::new(cols)
+        }
+    }
+
     /// Adds the rows of `x` (`n × cols`, row-major).
     pub fn add(&mut self, x: &[f32]) {
+        let cols = self.cols;
+        let n = x.len() / cols;
+        if self.diagonal_only {
+            for row in x.chunks(cols) {
+                for (j, &v) in row.iter().enumerate() {
+                    self.sum[j * cols + j] += v as f64 * v as f64;
+                }
+            }
+        } else {
+            self.add_products(x);
+        }
+        for row in x.chunks(cols) {
+            for (a, &v) in self.abs_sum.iter_mut().zip(row) {
+                *a += v.abs() as f64;
+            }
+        }
+        self.tokens += n as u64;
+    }
+
+    /// `sum += XᵀX` (upper triangle).
+    fn add_products(&mut self, x: &[f32]) {
         use kernels::matmul::{gemm, MatRef};
         let cols = self.cols;
         let n = x.len() / cols;
@@ -346,12 +378,6 @@ impl Hessian {
                     }
                 }
             });
-        for row in x.chunks(cols) {
-            for (a, &v) in self.abs_sum.iter_mut().zip(row) {
-                *a += v.abs() as f64;
-            }
-        }
-        self.tokens += n as u64;
     }
 
     /// Mean `|x|` per input column (AWQ's activation statistic).
@@ -452,6 +478,23 @@ mod tests {
                 assert!((m[i * cols + j] - want).abs() < 1e-9, "({i},{j})");
             }
         }
+    }
+
+    #[test]
+    fn diagonal_hessian_matches_the_full_one_on_the_diagonal() {
+        let cols = 70;
+        let x: Vec<f32> = (0..4 * cols).map(|k| ((k * 13 % 7) as f32) - 3.0).collect();
+        let (mut full, mut diag) = (Hessian::new(cols), Hessian::diagonal(cols));
+        full.add(&x);
+        diag.add(&x);
+        let (f, d) = (full.matrix(), diag.matrix());
+        for i in 0..cols {
+            for j in 0..cols {
+                let want = if i == j { f[i * cols + j] } else { 0.0 };
+                assert!((d[i * cols + j] - want).abs() < 1e-9, "({i},{j})");
+            }
+        }
+        assert_eq!(full.mean_abs(), diag.mean_abs());
     }
 
     #[test]

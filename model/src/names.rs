@@ -26,6 +26,11 @@ pub fn block(layer: usize, suffix: &str) -> String {
     format!("blk.{layer}.{suffix}")
 }
 
+/// The block number of a canonical block tensor name (`blk.N.…`).
+pub fn block_index(name: &str) -> Option<usize> {
+    name.strip_prefix("blk.")?.split_once('.')?.0.parse().ok()
+}
+
 /// Canonical (GGUF) name of an HF tensor name, if it is a known Llama tensor.
 pub fn canonical_from_hf(hf: &str) -> Option<String> {
     if let Some(&(g, _)) = GLOBAL_TENSORS.iter().find(|(_, h)| *h == hf) {

@@ -93,7 +93,7 @@ pub enum Item {
 }
 
 /// A matrix of f32 values as a tensor the forward pass can use.
-fn f32_tensor(name: &str, rows: usize, cols: usize, values: &[f32]) -> Tensor<'static> {
+pub fn f32_tensor(name: &str, rows: usize, cols: usize, values: &[f32]) -> Tensor<'static> {
     Tensor {
         name: name.to_owned(),
         ty: GgmlType::F32,
@@ -134,79 +134,88 @@ fn observe_each(
     Ok(out)
 }
 
-/// Runs GPTQ over every linear layer of every block of `model` on `samples`
-/// (equal-length token sequences). `grid_of(name)` gives each layer's grid;
-/// `sink(name, matrix)` receives the layers in order (per block q, k, v, o, gate,
-/// up, down); `progress(block, blocks)` after each block.
-pub fn gptq_model(
+/// The input statistics of one linear layer, handed to the per-layer step of
+/// [`sequential_blocks`]: the Hessian `2XᵀX/n` (only its diagonal when the walk
+/// was asked for diagonals), mean |x|, and the damped inverse factor that GPTQ
+/// and SparseGPT need, computed on first use and shared by the layers reading
+/// the same input.
+pub struct LayerInput {
+    /// `2XᵀX / n`, `cols × cols`, row-major.
+    pub hessian: Vec<f64>,
+    /// Input features.
+    pub cols: usize,
+    /// Mean |x| per input feature.
+    pub mean_abs: Vec<f32>,
+    opts: GptqOptions,
+    factored: std::cell::OnceCell<Factored>,
+}
+
+impl LayerInput {
+    /// The Hessian factored for the walk's options (dead inputs, order, dampening).
+    pub fn factored(&self) -> &Factored {
+        self.factored
+            .get_or_init(|| Factored::new(&self.hessian, self.cols, &self.opts))
+    }
+
+    /// `diag H`.
+    pub fn diagonal(&self) -> Vec<f32> {
+        (0..self.cols)
+            .map(|j| self.hessian[j * self.cols + j] as f32)
+            .collect()
+    }
+
+    /// Seconds spent factoring, if it was factored.
+    fn factor_seconds(&self) -> f64 {
+        self.factored.get().map_or(0.0, Factored::seconds)
+    }
+}
+
+/// The per-layer step of [`sequential_blocks`]: given a layer's canonical name,
+/// its weight and its input statistics, returns the layer's new weight (which the
+/// rest of the walk runs with).
+pub type LayerStep<'a> =
+    dyn FnMut(&str, &Tensor, &LayerInput, &mut Timings) -> Result<Tensor<'static>> + 'a;
+
+/// Walks `model` block by block over `samples` (equal-length token sequences),
+/// handing every block linear to `step` as soon as its input statistics are
+/// complete (per block q, k, v, o, gate, up, down). Sequential: block `l` sees
+/// the outputs of the blocks before it as `step` changed them; true-sequential
+/// also inside the block (see the module comment). With `diagonal_only` only
+/// `diag H` is accumulated (Wanda's column norms), which skips the `XᵀX` GEMMs.
+/// `progress(block, blocks)` after each block.
+#[allow(clippy::too_many_arguments)]
+pub fn sequential_blocks(
     model: &Model,
     samples: &[Vec<u32>],
-    grid_of: &dyn Fn(&str) -> Grid,
     opts: &GptqOptions,
     true_sequential: bool,
-    sink: &mut dyn FnMut(&str, Item) -> Result<()>,
+    diagonal_only: bool,
+    step: &mut LayerStep,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<(Vec<LayerReport>, Timings)> {
+) -> Result<Timings> {
     let c = &model.config;
     let n = samples.first().map_or(0, Vec::len);
     let mut t = Timings::default();
-    let mut reports = Vec::new();
     let mut xs = embed_samples(model, samples, &mut t)?;
     let eps = c.rms_norm_eps;
-
-    // Quantizes one layer from its Hessian and returns it as a tensor for the
-    // rest of the block's forward pass.
-    let mut quantize = |name: &str,
-                        w: &Tensor,
-                        hess: &(Vec<f64>, Factored),
-                        t: &mut Timings,
-                        reports: &mut Vec<LayerReport>|
-     -> Result<Tensor<'static>> {
-        let (rows, cols) = (w.shape[0], w.shape[1]);
-        let grid = grid_of(name);
-        grid.check(cols, name)?;
-        let values = w.to_f32()?;
-        if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
-            bail!(
-                "tensor '{name}' of {} holds {} at element {bad}: refusing to quantize",
-                model.path.display(),
-                values[bad]
-            );
+    let new_hessian = |cols: usize| {
+        if diagonal_only {
+            Hessian::diagonal(cols)
+        } else {
+            Hessian::new(cols)
         }
-        let (h, factored) = hess;
-        let (q, stats) = gptq::gptq_factored(&values, factored, &grid, opts)
-            .with_context(|| format!("GPTQ on '{name}'"))?;
-        t.loop_seconds += stats.loop_seconds;
-        let clock = Instant::now();
-        let hf: Vec<f32> = h.iter().map(|&v| v as f32).collect();
-        let diag: Vec<f32> = (0..cols).map(|j| hf[j * cols + j]).collect();
-        let r = gptq::rtn(&values, cols, &grid, Some(&diag));
-        let energy = gptq::output_error(&values, None, &hf, cols).max(f64::MIN_POSITIVE);
-        let report = LayerReport {
-            name: name.to_owned(),
-            rows,
-            cols,
-            grid: grid_label(&grid),
-            rtn_rel_error: gptq::output_error(&values, Some(&r.values), &hf, cols) / energy,
-            rel_error: gptq::output_error(&values, Some(&q.values), &hf, cols) / energy,
-            stats,
-        };
-        t.report_seconds += clock.elapsed().as_secs_f64();
-        if report.stats.fell_back_to_rtn {
-            eprintln!("{name}: the Hessian stayed singular after dampening up to 1.0: rounded to nearest instead");
-        }
-        reports.push(report);
-        let tensor = f32_tensor(name, rows, cols, &q.values);
-        sink(name, Item::Linear(q))?;
-        Ok(tensor)
     };
-
-    // The full Hessian and its factorisation, once for all layers sharing it.
-    let factor = |h: Hessian, t: &mut Timings| {
-        let m = h.matrix();
-        let f = Factored::new(&m, h.cols(), opts);
-        t.factor_seconds += f.seconds();
-        (m, f)
+    let finish = |h: Hessian, t: &mut Timings| {
+        let clock = Instant::now();
+        let input = LayerInput {
+            hessian: h.matrix(),
+            cols: h.cols(),
+            mean_abs: h.mean_abs(),
+            opts: *opts,
+            factored: std::cell::OnceCell::new(),
+        };
+        t.hessian_seconds += clock.elapsed().as_secs_f64();
+        input
     };
     let blocks = c.num_hidden_layers;
     for l in 0..blocks {
@@ -224,9 +233,12 @@ pub fn gptq_model(
             rms_norm(x, gain, eps, &mut h);
             h
         };
+        let mut run = |suffix: &str, wt: &Tensor, input: &LayerInput, t: &mut Timings| {
+            step(&name(suffix), wt, input, t)
+        };
 
         // Stage 1: q, k, v from the attention norm's output.
-        let mut h_attn = Hessian::new(c.hidden_size);
+        let mut h_attn = new_hessian(c.hidden_size);
         for x in &xs {
             let h = norm(x, &w.attn_norm);
             timed(&mut t.hessian_seconds, &mut || {
@@ -234,15 +246,16 @@ pub fn gptq_model(
                 Ok(())
             })?;
         }
-        let h_attn = factor(h_attn, &mut t);
+        let h_attn = finish(h_attn, &mut t);
         let mut qkv = Vec::new();
         for (suffix, wt) in [
             ("attn_q.weight", &w.q),
             ("attn_k.weight", &w.k),
             ("attn_v.weight", &w.v),
         ] {
-            qkv.push(quantize(&name(suffix), wt, &h_attn, &mut t, &mut reports)?);
+            qkv.push(run(suffix, wt, &h_attn, &mut t)?);
         }
+        t.factor_seconds += h_attn.factor_seconds();
         drop(h_attn);
         let (wq, wk, wv) = if true_sequential {
             (&qkv[0], &qkv[1], &qkv[2])
@@ -251,23 +264,18 @@ pub fn gptq_model(
         };
 
         // Stage 2: the output projection's input, the attention mix.
-        let mut h_o = Hessian::new(c.q_dim());
+        let mut h_o = new_hessian(c.q_dim());
         let mut mixes = observe_each(&xs, &mut h_o, &mut t, &|x| {
             model.attention_mix(wq, wk, wv, &norm(x, &w.attn_norm), n)
         })?;
-        let h_o = factor(h_o, &mut t);
-        let o = quantize(
-            &name("attn_output.weight"),
-            &w.o,
-            &h_o,
-            &mut t,
-            &mut reports,
-        )?;
+        let h_o = finish(h_o, &mut t);
+        let o = run("attn_output.weight", &w.o, &h_o, &mut t)?;
+        t.factor_seconds += h_o.factor_seconds();
         drop(h_o);
         let wo = if true_sequential { &o } else { &w.o };
 
         // Stage 3: gate and up from the MLP norm's output.
-        let mut h_ffn = Hessian::new(c.hidden_size);
+        let mut h_ffn = new_hessian(c.hidden_size);
         for (x, a) in xs.iter_mut().zip(mixes.drain(..)) {
             timed(&mut t.forward_seconds, &mut || add_linear(x, &a, n, wo))?;
             let h = norm(x, &w.ffn_norm);
@@ -276,15 +284,10 @@ pub fn gptq_model(
                 Ok(())
             })?;
         }
-        let h_ffn = factor(h_ffn, &mut t);
-        let gate = quantize(
-            &name("ffn_gate.weight"),
-            &w.gate,
-            &h_ffn,
-            &mut t,
-            &mut reports,
-        )?;
-        let up = quantize(&name("ffn_up.weight"), &w.up, &h_ffn, &mut t, &mut reports)?;
+        let h_ffn = finish(h_ffn, &mut t);
+        let gate = run("ffn_gate.weight", &w.gate, &h_ffn, &mut t)?;
+        let up = run("ffn_up.weight", &w.up, &h_ffn, &mut t)?;
+        t.factor_seconds += h_ffn.factor_seconds();
         drop(h_ffn);
         let (wg, wu) = if true_sequential {
             (&gate, &up)
@@ -293,21 +296,16 @@ pub fn gptq_model(
         };
 
         // Stage 4: down from the SwiGLU hidden.
-        let mut h_down = Hessian::new(c.intermediate_size);
+        let mut h_down = new_hessian(c.intermediate_size);
         let mut hidden = observe_each(&xs, &mut h_down, &mut t, &|x| {
             swiglu(&norm(x, &w.ffn_norm), n, wg, wu)
         })?;
-        let h_down = factor(h_down, &mut t);
-        let down = quantize(
-            &name("ffn_down.weight"),
-            &w.down,
-            &h_down,
-            &mut t,
-            &mut reports,
-        )?;
+        let h_down = finish(h_down, &mut t);
+        let down = run("ffn_down.weight", &w.down, &h_down, &mut t)?;
+        t.factor_seconds += h_down.factor_seconds();
         drop(h_down);
 
-        // The block's output with every layer quantized: the next block's input.
+        // The block's output with every layer changed: the next block's input.
         match saved_inputs {
             None => {
                 for (x, g) in xs.iter_mut().zip(hidden.drain(..)) {
@@ -337,6 +335,75 @@ pub fn gptq_model(
         }
         progress(l + 1, blocks);
     }
+    Ok(t)
+}
+
+/// The weights of `w` as f32, refusing non-finite values (named with the file).
+pub fn finite_weights(model: &Model, name: &str, w: &Tensor) -> Result<Vec<f32>> {
+    let values = w.to_f32()?;
+    if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "tensor '{name}' of {} holds {} at element {bad}: refusing to change it",
+            model.path.display(),
+            values[bad]
+        );
+    }
+    Ok(values)
+}
+
+/// Runs GPTQ over every linear layer of every block of `model` on `samples`
+/// (equal-length token sequences). `grid_of(name)` gives each layer's grid;
+/// `sink(name, matrix)` receives the layers in order (per block q, k, v, o, gate,
+/// up, down); `progress(block, blocks)` after each block.
+pub fn gptq_model(
+    model: &Model,
+    samples: &[Vec<u32>],
+    grid_of: &dyn Fn(&str) -> Grid,
+    opts: &GptqOptions,
+    true_sequential: bool,
+    sink: &mut dyn FnMut(&str, Item) -> Result<()>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Vec<LayerReport>, Timings)> {
+    let mut reports = Vec::new();
+    let mut step = |name: &str, w: &Tensor, input: &LayerInput, t: &mut Timings| {
+        let (rows, cols) = (w.shape[0], w.shape[1]);
+        let grid = grid_of(name);
+        grid.check(cols, name)?;
+        let values = finite_weights(model, name, w)?;
+        let (q, stats) = gptq::gptq_factored(&values, input.factored(), &grid, opts)
+            .with_context(|| format!("GPTQ on '{name}'"))?;
+        t.loop_seconds += stats.loop_seconds;
+        let clock = Instant::now();
+        let hf: Vec<f32> = input.hessian.iter().map(|&v| v as f32).collect();
+        let r = gptq::rtn(&values, cols, &grid, Some(&input.diagonal()));
+        let energy = gptq::output_error(&values, None, &hf, cols).max(f64::MIN_POSITIVE);
+        let report = LayerReport {
+            name: name.to_owned(),
+            rows,
+            cols,
+            grid: grid_label(&grid),
+            rtn_rel_error: gptq::output_error(&values, Some(&r.values), &hf, cols) / energy,
+            rel_error: gptq::output_error(&values, Some(&q.values), &hf, cols) / energy,
+            stats,
+        };
+        t.report_seconds += clock.elapsed().as_secs_f64();
+        if report.stats.fell_back_to_rtn {
+            eprintln!("{name}: the Hessian stayed singular after dampening up to 1.0: rounded to nearest instead");
+        }
+        reports.push(report);
+        let tensor = f32_tensor(name, rows, cols, &q.values);
+        sink(name, Item::Linear(q))?;
+        Ok(tensor)
+    };
+    let t = sequential_blocks(
+        model,
+        samples,
+        opts,
+        true_sequential,
+        false,
+        &mut step,
+        progress,
+    )?;
     Ok((reports, t))
 }
 
@@ -505,13 +572,7 @@ pub fn awq_model(
                 grid: grid_label(&grid),
                 rtn_rel_error: gptq::output_error(original, Some(&plain.values), h, cols) / energy,
                 rel_error: gptq::output_error(original, Some(&effective), h, cols) / energy,
-                stats: GptqStats {
-                    damp_percent: 0.0,
-                    dead_columns: 0,
-                    fell_back_to_rtn: false,
-                    factor_seconds: 0.0,
-                    loop_seconds: 0.0,
-                },
+                stats: GptqStats::default(),
             });
             t.report_seconds += clock.elapsed().as_secs_f64();
             quantized.push(f32_tensor(&lname, rows, cols, &q.values));

@@ -156,7 +156,7 @@ pub struct QuantizedMatrix {
 }
 
 /// How one matrix went.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct GptqStats {
     /// Dampening fraction that let the Hessian factor (0 for RTN).
     pub damp_percent: f64,
@@ -168,7 +168,19 @@ pub struct GptqStats {
     pub factor_seconds: f64,
     /// Seconds spent in the column loop.
     pub loop_seconds: f64,
+    /// Weights that were exactly zero in the input of a pruned layer (one with at
+    /// least [`PRUNED_FRACTION`] zeros) and are kept at zero.
+    pub kept_zeros: usize,
+    /// Of those, how many the grid could not hold at exactly zero (block types
+    /// whose levels in that block miss 0, e.g. those with a min offset): they got
+    /// the level nearest to 0.
+    pub zeros_lost: usize,
 }
+
+/// A layer with at least this fraction of exactly-zero weights counts as pruned:
+/// GPTQ keeps its zeros at zero instead of letting error feedback fill them
+/// (SparseGPT's joint mode). Dense checkpoints are nowhere near it.
+pub const PRUNED_FRACTION: f64 = 0.1;
 
 /// The parameters of one group of columns, fixed for one row.
 enum Fixed {
@@ -407,6 +419,23 @@ impl Factored {
     pub fn seconds(&self) -> f64 {
         self.seconds
     }
+
+    /// The upper Cholesky factor of the damped inverse Hessian (`cols × cols`,
+    /// row-major, in the processing order: natural unless act-order), or `None`
+    /// when the Hessian stayed singular.
+    pub fn upper(&self) -> Option<&[f32]> {
+        self.u.as_deref()
+    }
+
+    /// Input features that were never active.
+    pub fn dead(&self) -> &[usize] {
+        &self.dead
+    }
+
+    /// The dampening fraction that let it factor (0 when it did not).
+    pub fn damp_percent(&self) -> f64 {
+        self.damp
+    }
 }
 
 /// Quantizes `w` (`rows × cols`, row-major) on `grid` by GPTQ with the input
@@ -438,8 +467,10 @@ pub fn gptq_factored(
         }
     }
     let dynamic = opts.act_order && !opts.static_groups && matches!(grid, Grid::Int { .. });
+    let zeros = w.iter().filter(|&&v| v == 0.0).count();
+    let keep_zeros = zeros as f64 >= PRUNED_FRACTION * w.len() as f64;
     let start = std::time::Instant::now();
-    let q = run(
+    let (q, zeros_lost) = run(
         &w,
         cols,
         grid,
@@ -448,6 +479,7 @@ pub fn gptq_factored(
         &f.diag,
         opts.block_size,
         dynamic,
+        keep_zeros,
     );
     let stats = GptqStats {
         damp_percent: f.damp,
@@ -455,6 +487,8 @@ pub fn gptq_factored(
         fell_back_to_rtn: f.u.is_none(),
         factor_seconds: f.seconds,
         loop_seconds: start.elapsed().as_secs_f64(),
+        kept_zeros: if keep_zeros { zeros } else { 0 },
+        zeros_lost,
     };
     Ok((q, stats))
 }
@@ -471,11 +505,13 @@ pub fn rtn(w: &[f32], cols: usize, grid: &Grid, importance: Option<&[f32]>) -> Q
         }
     };
     let perm: Vec<usize> = (0..cols).collect();
-    run(w, cols, grid, &perm, None, importance, 128, false)
+    run(w, cols, grid, &perm, None, importance, 128, false, false).0
 }
 
 /// The column loop over all rows (row chunks in parallel). `u` is the upper
-/// Cholesky factor of `H⁻¹` in `perm` order, or `None` for plain rounding.
+/// Cholesky factor of `H⁻¹` in `perm` order, or `None` for plain rounding. With
+/// `keep_zeros`, weights that are exactly zero in `w` stay exactly zero where the
+/// grid has a zero level; returns how many could not.
 #[allow(clippy::too_many_arguments)]
 fn run(
     w: &[f32],
@@ -486,21 +522,28 @@ fn run(
     importance: &[f32],
     block_size: usize,
     dynamic: bool,
-) -> QuantizedMatrix {
+    keep_zeros: bool,
+) -> (QuantizedMatrix, usize) {
     let rows = w.len() / cols;
     let layout = Layout::new(grid, cols, perm, dynamic);
     let per_task = rows.div_ceil(2 * rayon::current_num_threads()).max(16);
-    let chunks: Vec<(Vec<u8>, Vec<f32>, Vec<Fixed>)> = w
+    let chunks: Vec<RowsResult> = w
         .par_chunks(per_task * cols)
-        .map(|chunk| run_rows(chunk, cols, grid, &layout, perm, u, importance, block_size))
+        .map(|chunk| {
+            run_rows(
+                chunk, cols, grid, &layout, perm, u, importance, block_size, keep_zeros,
+            )
+        })
         .collect();
     let mut codes = Vec::with_capacity(rows * cols);
     let mut values = Vec::with_capacity(rows * cols);
     let mut fixed = Vec::with_capacity(rows * layout.members.len());
-    for (c, v, f) in chunks {
+    let mut zeros_lost = 0;
+    for (c, v, f, lost) in chunks {
         codes.extend(c);
         values.extend(v);
         fixed.extend(f);
+        zeros_lost += lost;
     }
     let n_groups = layout.members.len();
     let stored = match *grid {
@@ -539,16 +582,23 @@ fn run(
             Stored::Gguf(ty, bytes)
         }
     };
-    QuantizedMatrix {
-        rows,
-        cols,
-        values,
-        stored,
-    }
+    (
+        QuantizedMatrix {
+            rows,
+            cols,
+            values,
+            stored,
+        },
+        zeros_lost,
+    )
 }
 
+/// Codes, values, fixed group parameters and lost zeros of a chunk of rows.
+type RowsResult = (Vec<u8>, Vec<f32>, Vec<Fixed>, usize);
+
 /// GPTQ on one chunk of rows: returns codes and values (row-major, natural
-/// column order) and the fixed parameters (`rows × groups`).
+/// column order), the fixed parameters (`rows × groups`) and how many kept
+/// zeros the grid could not hold.
 #[allow(clippy::too_many_arguments)]
 fn run_rows(
     w: &[f32],
@@ -559,7 +609,9 @@ fn run_rows(
     u: Option<&[f32]>,
     importance: &[f32],
     block_size: usize,
-) -> (Vec<u8>, Vec<f32>, Vec<Fixed>) {
+    keep_zeros: bool,
+) -> RowsResult {
+    let mut zeros_lost = 0;
     let m = w.len() / cols;
     let n_groups = layout.members.len();
     let mut pos_of = vec![0usize; cols];
@@ -620,7 +672,17 @@ fn run_rows(
             for r in 0..m {
                 let x = wt[i * m + r];
                 let lv = &levels[r * n_groups + g][s * layout.n_codes..(s + 1) * layout.n_codes];
-                let (code, q) = nearest(lv, x);
+                let (code, q) = if keep_zeros && w[r * cols + c] == 0.0 {
+                    match lv.iter().position(|&l| l == 0.0) {
+                        Some(z) => (z as u8, 0.0),
+                        None => {
+                            zeros_lost += 1;
+                            nearest(lv, 0.0)
+                        }
+                    }
+                } else {
+                    nearest(lv, x)
+                };
                 codes[r * cols + c] = code;
                 values[r * cols + c] = q;
                 err[(i - i1) * m + r] = (x - q) / d;
@@ -656,7 +718,7 @@ fn run_rows(
         .into_iter()
         .map(|f| f.expect("every group is reached"))
         .collect();
-    (codes, values, fixed)
+    (codes, values, fixed, zeros_lost)
 }
 
 /// `Σ_rows (a − b) H (a − b)ᵀ`: the summed squared output error of replacing
@@ -818,6 +880,50 @@ mod tests {
                 assert_eq!(decoded, q.values, "{grid:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_pruned_layers_zeros_stay_zero_where_the_grid_has_a_zero() {
+        let (rows, cols) = (8, 64);
+        let (mut w, _, h) = problem(rows, cols, 200);
+        for (k, v) in w.iter_mut().enumerate() {
+            if k % 4 < 2 {
+                *v = 0.0;
+            }
+        }
+        let opts = GptqOptions::default();
+        for grid in [
+            Grid::Int {
+                bits: 4,
+                group: 32,
+                sym: true,
+                clip: false,
+            },
+            Grid::Int {
+                bits: 3,
+                group: 64,
+                sym: false,
+                clip: true,
+            },
+            Grid::Gguf(GgmlType::Q4_0),
+            Grid::Gguf(GgmlType::Q6_K),
+        ] {
+            if grid.check(cols, "w").is_err() {
+                continue;
+            }
+            let (q, stats) = gptq(&w, cols, &h, &grid, &opts).unwrap();
+            assert_eq!(stats.kept_zeros, rows * cols / 2, "{grid:?}");
+            assert_eq!(stats.zeros_lost, 0, "{grid:?}");
+            for (k, v) in q.values.iter().enumerate() {
+                if k % 4 < 2 {
+                    assert_eq!(*v, 0.0, "{grid:?} [{k}]");
+                }
+            }
+        }
+        // A dense layer is left to plain GPTQ.
+        let (dense, _, h) = problem(rows, cols, 200);
+        let (_, stats) = gptq(&dense, cols, &h, &Grid::Gguf(GgmlType::Q4_0), &opts).unwrap();
+        assert_eq!(stats.kept_zeros, 0);
     }
 
     #[test]
