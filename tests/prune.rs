@@ -264,3 +264,93 @@ fn bad_settings_are_refused_before_any_output() {
         assert!(!out.exists(), "{args:?} left {}", out.display());
     }
 }
+
+#[test]
+fn structured_cuts_write_smaller_models_that_load_and_run() {
+    let base = Model::open(&real_model()).unwrap();
+    let c = &base.config;
+    let mut outs = Vec::new();
+    for (args, name) in [
+        (vec!["--ffn", "0.25"], "ffn"),
+        (vec!["--heads", "3"], "heads"),
+        (vec!["--layers", "4"], "layers"),
+        (vec!["--width", "0.25", "--heads", "3"], "width-heads"),
+    ] {
+        let out = work_dir().join(format!("structured-{name}"));
+        let _ = std::fs::remove_dir_all(&out);
+        let report = work_dir().join(format!("structured-{name}.json"));
+        let mut full = args.clone();
+        full.extend(["--dtype", "f16", "--report", report.to_str().unwrap()]);
+        prune(&full, &out);
+        let m = Model::open(&out).unwrap();
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        let n = &m.config;
+        match name {
+            "ffn" => assert_eq!(n.intermediate_size, 1152),
+            "heads" => {
+                assert_eq!((n.num_attention_heads, n.num_key_value_heads), (6, 3));
+                // Every K/V group keeps two of its own three query heads.
+                for kept in r["kept_heads"].as_array().unwrap() {
+                    let heads: Vec<u64> = kept
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|h| h.as_u64().unwrap())
+                        .collect();
+                    for g in 0..3 {
+                        assert_eq!(
+                            heads.iter().filter(|&&h| h / 3 == g).count(),
+                            2,
+                            "{heads:?}"
+                        );
+                    }
+                }
+            }
+            "layers" => {
+                assert_eq!(n.num_hidden_layers, 26);
+                assert_eq!(r["removed_blocks"].as_array().unwrap().len(), 4);
+            }
+            _ => assert_eq!((n.hidden_size, n.num_attention_heads), (416, 6)),
+        }
+        assert_eq!(n.head_dim, c.head_dim);
+        // Shapes agree with the config and the parameter count is what the report says.
+        let mut params = 0u64;
+        for t in m.tensor_names() {
+            let (_, shape) = m.tensor_meta(&t).unwrap();
+            assert_eq!(Some(shape.clone()), m.expected_shape(&t), "{name}: {t}");
+            params += shape.iter().product::<usize>() as u64;
+        }
+        assert_eq!(r["params_after"].as_u64(), Some(params));
+        assert!(params < base.n_params().unwrap());
+        outs.push(out);
+    }
+    // All of them run through the evaluator against the base.
+    let kld = mean_kld(&outs.iter().map(PathBuf::as_path).collect::<Vec<_>>());
+    assert!(kld.iter().all(|k| k.is_finite() && *k > 0.0), "{kld:?}");
+}
+
+#[test]
+fn impossible_structured_cuts_are_refused_before_any_output() {
+    let model = real_model();
+    let m = model.to_str().unwrap();
+    let out = work_dir().join("refused-structured");
+    let _ = std::fs::remove_dir_all(&out);
+    let o = out.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["--heads", "2"], "multiple of 3"),
+        (vec!["--heads", "9"], "at most 6"),
+        (vec!["--layers", "30"], "leave none"),
+        (vec!["--ffn", "1.0"], "outside [0, 1)"),
+        (vec!["--width", "0.99"], "leaves no width"),
+        (vec!["--ffn", "0.25", "--sparsity", "0.5"], "separate runs"),
+    ] {
+        let mut full = vec!["prune", m, "-o", o];
+        full.extend(args.iter());
+        let r = compress(&full);
+        let text = output_text(&r);
+        assert!(!r.status.success(), "{args:?} succeeded");
+        assert!(text.contains(needle), "{args:?}: {text}");
+        assert!(!out.exists(), "{args:?} left {}", out.display());
+    }
+}

@@ -10,6 +10,7 @@ mod evaluate;
 mod progress;
 mod prune;
 mod quantize;
+mod structured;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};

@@ -8,15 +8,17 @@
 
 use crate::convert::{encode_floats, output_file, torch_dtype};
 use crate::progress::Progress;
+use crate::structured::Cuts;
 use crate::DtypeArg;
 use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
 use model::calib::calibration_samples;
-use model::gguf::GgufWriter;
+use model::checkpoint::permute_qk_rows;
+use model::gguf::{GgufWriter, MetaValue};
 use model::gguf_export;
 use model::hf_quant::{is_block_linear, write_order, BLOCK_LINEARS};
 use model::safetensors_file::{Dtype, SafetensorsWriter};
-use model::{names, Model, Tensor};
+use model::{names, LlamaConfig, Model, Tensor};
 use prune::{schedule, score, sparsegpt, Pattern};
 use quant::calibrated::{self, f32_tensor, finite_weights, LayerInput, Timings};
 use quant::gptq::{self, GptqOptions};
@@ -55,16 +57,28 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Method::Sparsegpt)]
     method: Method,
     /// Unstructured sparsity: the fraction of each layer's weights removed, in [0, 1).
-    #[arg(
-        long,
-        required_unless_present = "nm",
-        conflicts_with = "nm",
-        allow_negative_numbers = true
-    )]
+    #[arg(long, conflicts_with = "nm", allow_negative_numbers = true)]
     sparsity: Option<f64>,
     /// Semi-structured N:M: N of every M consecutive weights of a row removed (2:4, 4:8).
     #[arg(long)]
     nm: Option<String>,
+    /// Structured: query heads removed from every block (a multiple of the
+    /// key/value heads, so each K/V group keeps as many query heads), scored by
+    /// the energy each head puts through the output projection.
+    #[arg(long, default_value_t = 0)]
+    heads: usize,
+    /// Structured: fraction of every block's FFN channels removed (gate/up rows
+    /// and down columns together), scored by activation times weight energy.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    ffn: f64,
+    /// Structured: decoder blocks removed, those whose output is most similar to
+    /// their input (ShortGPT's block influence).
+    #[arg(long, default_value_t = 0)]
+    layers: usize,
+    /// Structured: fraction of the hidden (embedding) channels removed across every
+    /// layer and norm, scored by the normed activations' magnitude.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    width: f64,
     /// Per-layer sparsity schedule (unstructured only).
     #[arg(long, value_enum, default_value_t = Schedule::Uniform)]
     schedule: Schedule,
@@ -136,8 +150,15 @@ struct PruneReport {
     layers: Vec<LayerPrune>,
 }
 
-/// Dense output: the tensors in write order, as safetensors or GGUF.
-enum DenseWriter {
+/// Dense output: the tensors in a declared order, as safetensors or GGUF, for a
+/// model with `config` (the input's, or a structured cut's smaller one).
+pub(crate) struct DenseWriter {
+    config: LlamaConfig,
+    dtype: GgmlType,
+    out: DenseOut,
+}
+
+enum DenseOut {
     Safetensors {
         writer: SafetensorsWriter,
         dir: PathBuf,
@@ -145,31 +166,57 @@ enum DenseWriter {
     Gguf(GgufWriter),
 }
 
+/// The `llama.*` GGUF keys that follow from the shapes, set from `c`.
+fn set_shape_keys(kv: &mut Vec<(String, MetaValue)>, c: &LlamaConfig) {
+    let keys = [
+        ("llama.embedding_length", c.hidden_size),
+        ("llama.block_count", c.num_hidden_layers),
+        ("llama.feed_forward_length", c.intermediate_size),
+        ("llama.attention.head_count", c.num_attention_heads),
+        ("llama.attention.head_count_kv", c.num_key_value_heads),
+        ("llama.attention.key_length", c.head_dim),
+        ("llama.attention.value_length", c.head_dim),
+    ];
+    kv.retain(|(k, _)| !keys.iter().any(|(name, _)| name == k));
+    kv.extend(
+        keys.iter()
+            .map(|(k, v)| (k.to_string(), MetaValue::U32(*v as u32))),
+    );
+}
+
 impl DenseWriter {
-    fn create(model: &Model, output: &Path, dtype: GgmlType) -> Result<Self> {
-        let order = write_order(&model.config);
+    /// Declares `tensors` (canonical name, shape) of a model with `config`.
+    pub(crate) fn create(
+        model: &Model,
+        config: &LlamaConfig,
+        tensors: &[(String, Vec<usize>)],
+        output: &Path,
+        dtype: GgmlType,
+    ) -> Result<Self> {
         if output.extension().is_some_and(|e| e == "gguf") {
             let file_type = match dtype {
                 GgmlType::F16 => 1,
                 GgmlType::BF16 => 32,
                 _ => 0,
             };
-            let metadata = gguf_export::metadata(model, file_type)?;
-            let decls = order
+            let mut metadata = gguf_export::metadata(model, file_type)?;
+            set_shape_keys(&mut metadata, config);
+            let decls: Vec<_> = tensors
                 .iter()
-                .map(|n| {
-                    let shape = model.tensor_meta(n)?.1;
+                .map(|(n, shape)| {
                     let ty = if shape.len() == 1 {
                         GgmlType::F32
                     } else {
                         dtype
                     };
-                    Ok(gguf_export::tensor_decl(n, &shape, ty))
+                    gguf_export::tensor_decl(n, shape, ty)
                 })
-                .collect::<Result<Vec<_>>>()?;
-            return Ok(DenseWriter::Gguf(GgufWriter::create(
-                output, &metadata, &decls,
-            )?));
+                .collect();
+            return Ok(DenseWriter {
+                config: config.clone(),
+                dtype,
+                out: DenseOut::Gguf(GgufWriter::create(output, &metadata, &decls)?),
+            });
         }
         let file = output_file(output)?;
         let dir = file
@@ -190,63 +237,157 @@ impl DenseWriter {
             );
         }
         let st = Dtype::from_ggml(dtype).expect("a float type");
-        let decl = order
+        let decl = tensors
             .iter()
-            .map(|n| {
+            .map(|(n, shape)| {
                 let hf =
                     names::hf_from_canonical(n).with_context(|| format!("no HF name for '{n}'"))?;
-                Ok((hf, st, model.tensor_meta(n)?.1))
+                Ok((hf, st, shape.clone()))
             })
             .collect::<Result<Vec<_>>>()?;
         let mut meta = BTreeMap::new();
         meta.insert("format".to_owned(), "pt".to_owned());
-        Ok(DenseWriter::Safetensors {
-            writer: SafetensorsWriter::create(&file, &decl, &meta)?,
-            dir,
+        Ok(DenseWriter {
+            config: config.clone(),
+            dtype,
+            out: DenseOut::Safetensors {
+                writer: SafetensorsWriter::create(&file, &decl, &meta)?,
+                dir,
+            },
         })
     }
 
-    fn write(
-        &mut self,
-        model: &Model,
-        name: &str,
-        shape: &[usize],
-        values: &[f32],
-        dtype: GgmlType,
-    ) -> Result<()> {
-        match self {
-            DenseWriter::Safetensors { writer, .. } => {
+    /// Writes the next declared tensor (HF row order).
+    pub(crate) fn write(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<()> {
+        match &mut self.out {
+            DenseOut::Safetensors { writer, .. } => {
                 let hf = names::hf_from_canonical(name)
                     .with_context(|| format!("no HF name for '{name}'"))?;
-                writer.write(&hf, &encode_floats(values, dtype))
+                writer.write(&hf, &encode_floats(values, self.dtype))
             }
-            DenseWriter::Gguf(writer) => {
+            DenseOut::Gguf(writer) => {
                 let ty = if shape.len() == 1 {
                     GgmlType::F32
                 } else {
-                    dtype
+                    self.dtype
                 };
                 let bytes = encode_floats(values, ty);
-                writer.write_tensor(
-                    name,
-                    &gguf_export::to_gguf_rows(model, name, shape[0], bytes),
-                )
+                let c = &self.config;
+                let bytes = if name.ends_with("attn_q.weight") {
+                    permute_qk_rows(&bytes, shape[0], c.num_attention_heads)
+                } else if name.ends_with("attn_k.weight") {
+                    permute_qk_rows(&bytes, shape[0], c.num_key_value_heads)
+                } else {
+                    bytes
+                };
+                writer.write_tensor(name, &bytes)
             }
         }
     }
 
-    fn finish(self, model: &Model, dtype: GgmlType) -> Result<()> {
-        match self {
-            DenseWriter::Safetensors { writer, dir } => {
+    /// Checks every tensor was written and moves the files into place (with
+    /// config.json and the tokenizer beside a safetensors file).
+    pub(crate) fn finish(self, model: &Model) -> Result<()> {
+        match self.out {
+            DenseOut::Safetensors { writer, dir } => {
                 writer.finish()?;
                 let config =
-                    serde_json::to_string_pretty(&model.config.to_hf_json(torch_dtype(dtype)))?;
+                    serde_json::to_string_pretty(&self.config.to_hf_json(torch_dtype(self.dtype)))?;
                 model::io::write_atomic(&dir.join("config.json"), config.as_bytes())?;
                 model.tokenizer.save(&dir)
             }
-            DenseWriter::Gguf(writer) => writer.finish(),
+            DenseOut::Gguf(writer) => writer.finish(),
         }
     }
+}
+
+/// The structured cuts the arguments ask for.
+fn cuts_of(a: &Args) -> Cuts {
+    Cuts {
+        heads: a.heads,
+        ffn: a.ffn,
+        layers: a.layers,
+        width: a.width,
+    }
+}
+
+/// Reads the calibration samples.
+fn samples_of(a: &Args, model: &Model) -> Result<Vec<Vec<u32>>> {
+    let path = crate::resolve(&a.calib)?;
+    let text = eval::text::read_text(&path)?;
+    let tokens = model.tokenizer.encode(&text)?;
+    let bos = model
+        .tokenizer
+        .add_bos()
+        .then(|| model.tokenizer.bos())
+        .flatten();
+    calibration_samples(&tokens, a.samples, a.seq, a.seed, bos)
+        .with_context(|| format!("calibration text {}", path.display()))
+}
+
+/// The structured path of the command.
+fn run_structured(a: &Args, start: Instant) -> Result<()> {
+    let cuts = cuts_of(a);
+    if a.sparsity.is_some() || a.nm.is_some() {
+        bail!("structured cuts (--heads/--ffn/--layers/--width) and --sparsity/--nm are separate runs: prune the smaller model again");
+    }
+    let model = Model::open(&crate::resolve(&a.input)?)?;
+    if a.output.canonicalize().ok() == model.path.canonicalize().ok() {
+        bail!(
+            "output {} is the input; inputs are never modified",
+            a.output.display()
+        );
+    }
+    let new = crate::structured::plan_config(&model.config, &cuts)?;
+    let samples = samples_of(a, &model)?;
+    eprintln!(
+        "structured: {} samples × {} tokens of {}; hidden {} → {}, FFN {} → {}, blocks {} → {}, query heads {} → {}",
+        samples.len(),
+        a.seq,
+        a.calib,
+        model.config.hidden_size,
+        new.hidden_size,
+        model.config.intermediate_size,
+        new.intermediate_size,
+        model.config.num_hidden_layers,
+        new.num_hidden_layers,
+        model.config.num_attention_heads,
+        new.num_attention_heads
+    );
+    let mut bars: BTreeMap<String, Progress> = BTreeMap::new();
+    let report = crate::structured::run(
+        &model,
+        &cuts,
+        &samples,
+        &a.output,
+        a.dtype.ggml(),
+        &mut |what, d, n| {
+            let bar = bars
+                .entry(what.to_owned())
+                .or_insert_with(|| Progress::new(n as u64, what));
+            bar.set(d as u64, "");
+            if d == n {
+                if let Some(b) = bars.remove(what) {
+                    b.finish();
+                }
+            }
+        },
+    )?;
+    if let Some(path) = &a.report {
+        model::io::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    }
+    if !report.removed_blocks.is_empty() {
+        eprintln!("removed blocks {:?}", report.removed_blocks);
+    }
+    println!(
+        "wrote {}: {:.1}M parameters (was {:.1}M, {:.1}% fewer) in {:.1}s",
+        a.output.display(),
+        report.params_after as f64 / 1e6,
+        report.params_before as f64 / 1e6,
+        100.0 * (1.0 - report.params_after as f64 / report.params_before.max(1) as f64),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// The pattern the arguments ask for, checked.
@@ -254,7 +395,8 @@ fn pattern_of(a: &Args) -> Result<Pattern> {
     match (&a.nm, a.sparsity) {
         (Some(nm), None) => Pattern::parse_nm(nm),
         (None, Some(s)) => Pattern::unstructured(s).with_context(|| "--sparsity"),
-        _ => bail!("give exactly one of --sparsity and --nm"),
+        (None, None) => bail!("say what to prune: --sparsity S, --nm N:M, or structured --heads/--ffn/--layers/--width"),
+        _ => bail!("give one of --sparsity and --nm"),
     }
 }
 
@@ -306,6 +448,10 @@ fn prune_layer(
 /// Runs the command.
 pub fn run(a: Args) -> Result<()> {
     let start = Instant::now();
+    let cuts = cuts_of(&a);
+    if cuts.heads > 0 || cuts.ffn != 0.0 || cuts.layers > 0 || cuts.width != 0.0 {
+        return run_structured(&a, start);
+    }
     // Everything that can be wrong with the arguments is reported before any work.
     let pattern = pattern_of(&a)?;
     if a.schedule == Schedule::Owl {
@@ -395,7 +541,11 @@ pub fn run(a: Args) -> Result<()> {
     }
 
     let order = write_order(&model.config);
-    let mut writer = DenseWriter::create(&model, &a.output, dtype)?;
+    let declared = order
+        .iter()
+        .map(|n| Ok((n.clone(), model.tensor_meta(n)?.1)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut writer = DenseWriter::create(&model, &model.config, &declared, &a.output, dtype)?;
     let mut next = 0usize;
     let mut layers: Vec<LayerPrune> = Vec::new();
     // Copies the tensors due before `upto` in the write order (block linears
@@ -419,7 +569,7 @@ pub fn run(a: Args) -> Result<()> {
                     rel_error: None,
                 });
             }
-            writer.write(&model, name, &t.shape, &values, dtype)?;
+            writer.write(name, &t.shape, &values)?;
             *next += 1;
         }
         Ok(())
@@ -465,7 +615,7 @@ pub fn run(a: Args) -> Result<()> {
                 sparsity: score::zero_fraction(&pruned),
                 rel_error,
             });
-            writer.write(&model, name, &w.shape, &pruned, dtype)?;
+            writer.write(name, &w.shape, &pruned)?;
             next += 1;
             Ok(f32_tensor(name, rows, cols, &pruned))
         };
@@ -482,7 +632,7 @@ pub fn run(a: Args) -> Result<()> {
         bar.finish();
         t
     };
-    writer.finish(&model, dtype)?;
+    writer.finish(&model)?;
 
     let file = if a.output.extension().is_some_and(|e| e == "gguf") {
         a.output.clone()

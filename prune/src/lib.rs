@@ -12,5 +12,6 @@ pub mod pattern;
 pub mod schedule;
 pub mod score;
 pub mod sparsegpt;
+pub mod structured;
 
 pub use pattern::Pattern;

@@ -1,0 +1,399 @@
+//! `compress prune --heads/--ffn/--layers/--width`: structured cuts that make the
+//! model genuinely smaller. Importance comes from the original model's
+//! activations on calibration samples (one pass for the per-channel statistics,
+//! one for the blocks' input/output similarity when blocks go); then every
+//! tensor is sliced and written with a rewritten config, so any Llama loader
+//! runs the result as a smaller dense model.
+
+use crate::prune::DenseWriter;
+use anyhow::{bail, Result};
+use kernels::GgmlType;
+use model::{names, LlamaConfig, Model, Tensor};
+use prune::structured::{
+    blocks_to_keep, heads_to_keep, input_channel_scores, keep_highest, mean_row_cosine,
+};
+use quant::calibrated::{self, f32_tensor, finite_weights, LayerInput, Timings};
+use quant::gptq::GptqOptions;
+use serde::Serialize;
+use std::path::Path;
+
+/// What to cut.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cuts {
+    /// Query heads removed per block (a multiple of the key/value heads).
+    pub heads: usize,
+    /// Fraction of each block's FFN channels removed.
+    pub ffn: f64,
+    /// Decoder blocks removed.
+    pub layers: usize,
+    /// Fraction of the hidden (embedding) channels removed.
+    pub width: f64,
+}
+
+/// Kept sizes are rounded down to a multiple of this, so the smaller matrices
+/// still split into whole quantization blocks.
+const ALIGN: usize = 32;
+
+/// How many of `n` channels stay when `fraction` is removed (aligned), checked.
+fn kept(n: usize, fraction: f64, what: &str) -> Result<usize> {
+    if !(fraction.is_finite() && (0.0..1.0).contains(&fraction)) {
+        bail!("--{what} {fraction} is outside [0, 1)");
+    }
+    let keep = ((n as f64 * (1.0 - fraction)) as usize / ALIGN * ALIGN).min(n);
+    if keep == 0 {
+        bail!("--{what} {fraction} leaves no {what} channels of {n}");
+    }
+    Ok(keep)
+}
+
+/// The smaller config, checked against the model before any work.
+pub fn plan_config(c: &LlamaConfig, cuts: &Cuts) -> Result<LlamaConfig> {
+    let mut n = c.clone();
+    if cuts.heads > 0 {
+        heads_to_keep(
+            &vec![0.0; c.num_attention_heads],
+            c.num_key_value_heads,
+            cuts.heads,
+        )?;
+        n.num_attention_heads -= cuts.heads;
+    }
+    if cuts.layers > 0 {
+        blocks_to_keep(&vec![0.0; c.num_hidden_layers], cuts.layers)?;
+        n.num_hidden_layers -= cuts.layers;
+    }
+    if cuts.ffn > 0.0 {
+        n.intermediate_size = kept(c.intermediate_size, cuts.ffn, "ffn")?;
+    }
+    if cuts.width > 0.0 {
+        n.hidden_size = kept(c.hidden_size, cuts.width, "width")?;
+    }
+    Ok(n)
+}
+
+/// Which indices of the original each cut keeps.
+struct Keep {
+    blocks: Vec<usize>,
+    heads: Vec<Vec<usize>>,
+    ffn: Vec<Vec<usize>>,
+    width: Vec<usize>,
+}
+
+/// One tensor of the result: its name, shape, source, and kept rows/columns
+/// (`None`: all). 1-D tensors are one row.
+struct Slice {
+    name: String,
+    shape: Vec<usize>,
+    source: String,
+    rows: Option<Vec<usize>>,
+    cols: Option<Vec<usize>>,
+}
+
+/// What the report records.
+#[derive(Serialize)]
+pub struct StructuredReport {
+    /// The original and new shapes.
+    pub before: Shape,
+    /// After the cuts.
+    pub after: Shape,
+    /// Parameters before and after.
+    pub params_before: u64,
+    /// After the cuts.
+    pub params_after: u64,
+    /// Blocks removed (original numbering).
+    pub removed_blocks: Vec<usize>,
+    /// Mean cosine similarity of each block's input and output (when blocks were cut).
+    pub block_similarity: Vec<f64>,
+    /// Query heads kept per block (original numbering).
+    pub kept_heads: Vec<Vec<usize>>,
+}
+
+/// The sizes a cut changes.
+#[derive(Serialize)]
+pub struct Shape {
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: usize,
+}
+
+fn shape_of(c: &LlamaConfig) -> Shape {
+    Shape {
+        hidden_size: c.hidden_size,
+        intermediate_size: c.intermediate_size,
+        num_hidden_layers: c.num_hidden_layers,
+        num_attention_heads: c.num_attention_heads,
+        num_key_value_heads: c.num_key_value_heads,
+    }
+}
+
+/// Sums `Σx²` per input channel of the layers the cuts score, over the samples,
+/// without changing the model: (attention output inputs, down inputs, normed
+/// block inputs) per block.
+type ChannelStats = (Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<f64>);
+
+fn channel_stats(
+    model: &Model,
+    samples: &[Vec<u32>],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ChannelStats> {
+    let c = &model.config;
+    let blocks = c.num_hidden_layers;
+    let mut o_in = vec![Vec::new(); blocks];
+    let mut down_in = vec![Vec::new(); blocks];
+    let mut width = vec![0f64; c.hidden_size];
+    calibrated::sequential_blocks(
+        model,
+        samples,
+        &GptqOptions::default(),
+        true,
+        true,
+        &mut |name: &str, w: &Tensor, input: &LayerInput, _t: &mut Timings| {
+            let l = names::block_index(name).unwrap_or(0);
+            let diag = input.diagonal();
+            if name.ends_with("attn_output.weight") {
+                o_in[l] = diag;
+            } else if name.ends_with("ffn_down.weight") {
+                down_in[l] = diag;
+            } else if name.ends_with("attn_q.weight") || name.ends_with("ffn_gate.weight") {
+                for (s, d) in width.iter_mut().zip(&diag) {
+                    *s += d.max(0.0).sqrt() as f64;
+                }
+            }
+            let values = finite_weights(model, name, w)?;
+            Ok(f32_tensor(name, w.shape[0], w.shape[1], &values))
+        },
+        progress,
+    )?;
+    Ok((o_in, down_in, width))
+}
+
+/// ShortGPT's per-block similarity of input and output on the original model.
+fn block_similarity(model: &Model, samples: &[Vec<u32>]) -> Result<Vec<f64>> {
+    let c = &model.config;
+    let mut xs: Vec<Vec<f32>> = samples
+        .iter()
+        .map(|s| model.embed(s))
+        .collect::<Result<_>>()?;
+    let mut sim = vec![0f64; c.num_hidden_layers];
+    for (l, s) in sim.iter_mut().enumerate() {
+        let w = model.block_weights(l)?;
+        for x in xs.iter_mut() {
+            let before = x.clone();
+            let n = x.len() / c.hidden_size;
+            model.forward_block(&w, x, n)?;
+            *s += mean_row_cosine(&before, x, c.hidden_size) / samples.len() as f64;
+        }
+    }
+    Ok(sim)
+}
+
+/// Gathers rows and columns of a row-major `rows × cols` matrix.
+fn gather(
+    values: &[f32],
+    cols: usize,
+    keep_rows: Option<&[usize]>,
+    keep_cols: Option<&[usize]>,
+) -> Vec<f32> {
+    let rows = values.len() / cols;
+    let all_rows: Vec<usize>;
+    let rs = match keep_rows {
+        Some(r) => r,
+        None => {
+            all_rows = (0..rows).collect();
+            &all_rows
+        }
+    };
+    let mut out = Vec::with_capacity(rs.len() * keep_cols.map_or(cols, <[usize]>::len));
+    for &r in rs {
+        let row = &values[r * cols..(r + 1) * cols];
+        match keep_cols {
+            Some(cs) => out.extend(cs.iter().map(|&c| row[c])),
+            None => out.extend_from_slice(row),
+        }
+    }
+    out
+}
+
+/// Runs the structured cuts and writes the smaller model.
+pub fn run(
+    model: &Model,
+    cuts: &Cuts,
+    samples: &[Vec<u32>],
+    output: &Path,
+    dtype: GgmlType,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<StructuredReport> {
+    let c = &model.config;
+    let new = plan_config(c, cuts)?;
+    let hd = c.head_dim;
+
+    let needs_channels = cuts.heads > 0 || cuts.ffn > 0.0 || cuts.width > 0.0;
+    let (o_in, down_in, width_score) = if needs_channels {
+        channel_stats(model, samples, &mut |d, n| {
+            progress("channel statistics", d, n)
+        })?
+    } else {
+        (Vec::new(), Vec::new(), Vec::new())
+    };
+    let similarity = if cuts.layers > 0 {
+        progress("block similarity", 0, 1);
+        let s = block_similarity(model, samples)?;
+        progress("block similarity", 1, 1);
+        s
+    } else {
+        Vec::new()
+    };
+    let blocks = if cuts.layers > 0 {
+        blocks_to_keep(&similarity, cuts.layers)?
+    } else {
+        (0..c.num_hidden_layers).collect()
+    };
+    let mut keep = Keep {
+        blocks,
+        heads: Vec::new(),
+        ffn: Vec::new(),
+        width: if cuts.width > 0.0 {
+            keep_highest(&width_score, c.hidden_size - new.hidden_size)
+        } else {
+            (0..c.hidden_size).collect()
+        },
+    };
+    for &l in &keep.blocks {
+        let heads = if cuts.heads > 0 {
+            let wo = model
+                .tensor(&names::block(l, "attn_output.weight"))?
+                .to_f32()?;
+            let ch = input_channel_scores(&wo, &o_in[l]);
+            let per_head: Vec<f64> = ch.chunks(hd).map(|h| h.iter().sum()).collect();
+            heads_to_keep(&per_head, c.num_key_value_heads, cuts.heads)?
+        } else {
+            (0..c.num_attention_heads).collect()
+        };
+        keep.heads.push(heads);
+        let ffn = if cuts.ffn > 0.0 {
+            let wd = model
+                .tensor(&names::block(l, "ffn_down.weight"))?
+                .to_f32()?;
+            keep_highest(
+                &input_channel_scores(&wd, &down_in[l]),
+                c.intermediate_size - new.intermediate_size,
+            )
+        } else {
+            (0..c.intermediate_size).collect()
+        };
+        keep.ffn.push(ffn);
+    }
+
+    // Every tensor of the result and where it comes from.
+    let width = (cuts.width > 0.0).then(|| keep.width.clone());
+    let mut slices = vec![Slice {
+        name: "token_embd.weight".into(),
+        shape: vec![c.vocab_size, new.hidden_size],
+        source: "token_embd.weight".into(),
+        rows: None,
+        cols: width.clone(),
+    }];
+    for (nl, &l) in keep.blocks.iter().enumerate() {
+        let head_rows: Vec<usize> = keep.heads[nl]
+            .iter()
+            .flat_map(|&h| h * hd..(h + 1) * hd)
+            .collect();
+        let heads = (cuts.heads > 0).then_some(head_rows);
+        let ffn = (cuts.ffn > 0.0).then(|| keep.ffn[nl].clone());
+        let (q_dim, kv_dim) = (new.q_dim(), new.kv_dim());
+        let mut add = |suffix: &str,
+                       shape: Vec<usize>,
+                       rows: Option<Vec<usize>>,
+                       cols: Option<Vec<usize>>| {
+            slices.push(Slice {
+                name: names::block(nl, suffix),
+                shape,
+                source: names::block(l, suffix),
+                rows,
+                cols,
+            })
+        };
+        let h = new.hidden_size;
+        add("attn_norm.weight", vec![h], None, width.clone());
+        add("ffn_norm.weight", vec![h], None, width.clone());
+        add(
+            "attn_q.weight",
+            vec![q_dim, h],
+            heads.clone(),
+            width.clone(),
+        );
+        add("attn_k.weight", vec![kv_dim, h], None, width.clone());
+        add("attn_v.weight", vec![kv_dim, h], None, width.clone());
+        add(
+            "attn_output.weight",
+            vec![h, q_dim],
+            width.clone(),
+            heads.clone(),
+        );
+        add(
+            "ffn_gate.weight",
+            vec![new.intermediate_size, h],
+            ffn.clone(),
+            width.clone(),
+        );
+        add(
+            "ffn_up.weight",
+            vec![new.intermediate_size, h],
+            ffn.clone(),
+            width.clone(),
+        );
+        add(
+            "ffn_down.weight",
+            vec![h, new.intermediate_size],
+            width.clone(),
+            ffn.clone(),
+        );
+    }
+    slices.push(Slice {
+        name: "output_norm.weight".into(),
+        shape: vec![new.hidden_size],
+        source: "output_norm.weight".into(),
+        rows: None,
+        cols: width.clone(),
+    });
+    if !c.tie_word_embeddings {
+        slices.push(Slice {
+            name: "output.weight".into(),
+            shape: vec![c.vocab_size, new.hidden_size],
+            source: "output.weight".into(),
+            rows: None,
+            cols: width.clone(),
+        });
+    }
+
+    let declared: Vec<(String, Vec<usize>)> = slices
+        .iter()
+        .map(|s| (s.name.clone(), s.shape.clone()))
+        .collect();
+    let mut writer = DenseWriter::create(model, &new, &declared, output, dtype)?;
+    for (i, s) in slices.iter().enumerate() {
+        let t = model.tensor(&s.source)?;
+        let values = finite_weights(model, &s.source, &t)?;
+        let cols = *t.shape.last().unwrap_or(&1);
+        let out = gather(&values, cols, s.rows.as_deref(), s.cols.as_deref());
+        debug_assert_eq!(out.len(), s.shape.iter().product::<usize>(), "{}", s.name);
+        writer.write(&s.name, &s.shape, &out)?;
+        progress("write", i + 1, slices.len());
+    }
+    writer.finish(model)?;
+
+    let params = |shapes: &mut dyn Iterator<Item = usize>| shapes.sum::<usize>() as u64;
+    let removed_blocks = (0..c.num_hidden_layers)
+        .filter(|l| !keep.blocks.contains(l))
+        .collect();
+    Ok(StructuredReport {
+        before: shape_of(c),
+        after: shape_of(&new),
+        params_before: model.n_params()?,
+        params_after: params(&mut slices.iter().map(|s| s.shape.iter().product::<usize>())),
+        removed_blocks,
+        block_similarity: similarity,
+        kept_heads: keep.heads,
+    })
+}
