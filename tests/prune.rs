@@ -354,3 +354,48 @@ fn impossible_structured_cuts_are_refused_before_any_output() {
         assert!(!out.exists(), "{args:?} left {}", out.display());
     }
 }
+
+#[test]
+fn compressed_tensors_sparse_folders_decompress_to_the_dense_weights() {
+    for (pattern, format) in [
+        (["--nm", "2:4"], "sparse-24-bitmask"),
+        (["--sparsity", "0.5"], "sparse-bitmask"),
+    ] {
+        let tag = format.replace('-', "_");
+        let (dense, packed) = (
+            work_dir().join(format!("{tag}-dense")),
+            work_dir().join(format!("{tag}-ct")),
+        );
+        for (out, extra) in [
+            (&dense, vec![]),
+            (&packed, vec!["--format", "compressed-tensors"]),
+        ] {
+            let _ = std::fs::remove_dir_all(out);
+            let mut args = vec!["--method", "magnitude", "--dtype", "f16"];
+            args.extend(pattern);
+            args.extend(extra);
+            prune(&args, out);
+        }
+        let v: serde_json::Value = serde_json::from_str(&run_python(
+            "check_sparse_ct.py",
+            &[packed.as_path(), dense.as_path()],
+        ))
+        .unwrap();
+        assert_eq!(v["format"], format);
+        assert_eq!(v["tensors"], 272);
+        assert_eq!(v["mismatches"], serde_json::json!([]), "{format}");
+        // Half the block linears' values are gone, so the file is about a third smaller.
+        let size = |d: &Path| {
+            std::fs::metadata(d.join("model.safetensors"))
+                .unwrap()
+                .len() as f64
+        };
+        assert!(size(&packed) < 0.7 * size(&dense), "{format}");
+        // Nothing is left over from staging the dense weights.
+        let entries: Vec<_> = std::fs::read_dir(&packed)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(entries.len(), 4, "{entries:?}");
+    }
+}

@@ -10,6 +10,7 @@ mod evaluate;
 mod progress;
 mod prune;
 mod quantize;
+mod sparse_ct;
 mod structured;
 
 use anyhow::{Context, Result};

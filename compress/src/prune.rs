@@ -39,6 +39,15 @@ pub enum Method {
     Magnitude,
 }
 
+/// How a pruned folder stores its block linears.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum SparseFormat {
+    /// Dense tensors with exact zeros.
+    Dense,
+    /// compressed-tensors sparse bitmasks.
+    CompressedTensors,
+}
+
 /// How the overall sparsity is spread over the blocks.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 pub enum Schedule {
@@ -113,6 +122,10 @@ pub struct Args {
     /// Element type of the written weights (GGUF keeps 1-D tensors in F32).
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     dtype: DtypeArg,
+    /// Folder layout: plain dense safetensors, or compressed-tensors'
+    /// `sparse-bitmask` (`sparse-24-bitmask` for 2:4) with its sparsity config.
+    #[arg(long, value_enum, default_value_t = SparseFormat::Dense)]
+    format: SparseFormat,
     /// Also write the per-layer report (sparsity, output error) as JSON.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -468,6 +481,17 @@ pub fn run(a: Args) -> Result<()> {
     if !(a.damp.is_finite() && (0.0..=1.0).contains(&a.damp)) {
         bail!("--damp {} must be between 0 and 1", a.damp);
     }
+    let compressed = a.format == SparseFormat::CompressedTensors;
+    if compressed
+        && a.output
+            .extension()
+            .is_some_and(|e| e == "gguf" || e == "safetensors")
+    {
+        bail!(
+            "--format compressed-tensors writes a folder; {} is a file name",
+            a.output.display()
+        );
+    }
     let model = Model::open(&crate::resolve(&a.input)?)?;
     if a.output.canonicalize().ok() == model.path.canonicalize().ok() {
         bail!(
@@ -545,7 +569,22 @@ pub fn run(a: Args) -> Result<()> {
         .iter()
         .map(|n| Ok((n.clone(), model.tensor_meta(n)?.1)))
         .collect::<Result<Vec<_>>>()?;
-    let mut writer = DenseWriter::create(&model, &model.config, &declared, &a.output, dtype)?;
+    // compressed-tensors: the dense result goes to a temporary folder first (the
+    // compressed sizes depend on every matrix's non-zeros), then is compressed.
+    let staging = if compressed {
+        std::fs::create_dir_all(&a.output)
+            .with_context(|| format!("cannot create {}", a.output.display()))?;
+        Some(
+            tempfile::tempdir_in(&a.output)
+                .with_context(|| format!("cannot stage in {}", a.output.display()))?,
+        )
+    } else {
+        None
+    };
+    let dense_out = staging
+        .as_ref()
+        .map_or(a.output.clone(), |d| d.path().to_path_buf());
+    let mut writer = DenseWriter::create(&model, &model.config, &declared, &dense_out, dtype)?;
     let mut next = 0usize;
     let mut layers: Vec<LayerPrune> = Vec::new();
     // Copies the tensors due before `upto` in the write order (block linears
@@ -633,6 +672,29 @@ pub fn run(a: Args) -> Result<()> {
         t
     };
     writer.finish(&model)?;
+    let overall_sparsity = {
+        let mut zeros = 0f64;
+        let mut total = 0f64;
+        for l in &layers {
+            let n = model.tensor_meta(&l.name)?.1.iter().product::<usize>() as f64;
+            zeros += l.sparsity * n;
+            total += n;
+        }
+        zeros / total.max(1.0)
+    };
+    if let Some(staging) = staging {
+        let layout = match pattern {
+            Pattern::NM { n: 2, m: 4 } => crate::sparse_ct::Layout::TwoFour,
+            _ => crate::sparse_ct::Layout::Bitmask,
+        };
+        crate::sparse_ct::write(
+            &Model::open(staging.path())?,
+            &a.output,
+            layout,
+            dtype,
+            overall_sparsity,
+        )?;
+    }
 
     let file = if a.output.extension().is_some_and(|e| e == "gguf") {
         a.output.clone()
@@ -640,20 +702,13 @@ pub fn run(a: Args) -> Result<()> {
         output_file(&a.output)?
     };
     let file_bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
-    let mut zeros = 0f64;
-    let mut total = 0f64;
-    for l in &layers {
-        let n = model.tensor_meta(&l.name)?.1.iter().product::<usize>() as f64;
-        zeros += l.sparsity * n;
-        total += n;
-    }
     let report = PruneReport {
         method: label.clone(),
         pattern: pattern.to_string(),
         schedule: format!("{:?}", a.schedule).to_lowercase(),
         output: a.output.clone(),
         file_bytes,
-        sparsity: zeros / total.max(1.0),
+        sparsity: overall_sparsity,
         samples: samples.len(),
         seq: a.seq,
         seed: a.seed,
