@@ -311,9 +311,25 @@ fn structured_cuts_write_smaller_models_that_load_and_run() {
                 assert_eq!(n.num_hidden_layers, 26);
                 assert_eq!(r["removed_blocks"].as_array().unwrap().len(), 4);
             }
-            _ => assert_eq!((n.hidden_size, n.num_attention_heads), (416, 6)),
+            // 576 × 0.75 = 432, a multiple of 6 heads × 8: HF transformers needs
+            // the hidden size divisible by the query heads.
+            _ => assert_eq!((n.hidden_size, n.num_attention_heads), (432, 6)),
         }
         assert_eq!(n.head_dim, c.head_dim);
+        // HF transformers accepts the rewritten config and derives the same shapes.
+        let hf: serde_json::Value =
+            serde_json::from_str(&run_python("check_hf_config.py", &[out.as_path()])).unwrap();
+        assert_eq!(hf["model_type"], "llama");
+        for (key, ours) in [
+            ("hidden_size", n.hidden_size),
+            ("intermediate_size", n.intermediate_size),
+            ("num_hidden_layers", n.num_hidden_layers),
+            ("num_attention_heads", n.num_attention_heads),
+            ("num_key_value_heads", n.num_key_value_heads),
+            ("head_dim", n.head_dim),
+        ] {
+            assert_eq!(hf[key].as_u64(), Some(ours as u64), "{name}: {key}");
+        }
         // Shapes agree with the config and the parameter count is what the report says.
         let mut params = 0u64;
         for t in m.tensor_names() {

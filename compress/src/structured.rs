@@ -30,18 +30,29 @@ pub struct Cuts {
     pub width: f64,
 }
 
-/// Kept sizes are rounded down to a multiple of this, so the smaller matrices
-/// still split into whole quantization blocks.
+/// Kept FFN sizes are rounded down to a multiple of this, so the smaller
+/// matrices still split into whole quantization blocks.
 const ALIGN: usize = 32;
 
-/// How many of `n` channels stay when `fraction` is removed (aligned), checked.
-fn kept(n: usize, fraction: f64, what: &str) -> Result<usize> {
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// How many of `n` channels stay when `fraction` is removed, rounded down to a
+/// multiple of `align`, checked.
+fn kept(n: usize, fraction: f64, align: usize, what: &str) -> Result<usize> {
     if !(fraction.is_finite() && (0.0..1.0).contains(&fraction)) {
         bail!("--{what} {fraction} is outside [0, 1)");
     }
-    let keep = ((n as f64 * (1.0 - fraction)) as usize / ALIGN * ALIGN).min(n);
+    let keep = ((n as f64 * (1.0 - fraction)) as usize / align * align).min(n);
     if keep == 0 {
-        bail!("--{what} {fraction} leaves no {what} channels of {n}");
+        bail!(
+            "--{what} {fraction} leaves no {what} channels of {n} (sizes are multiples of {align})"
+        );
     }
     Ok(keep)
 }
@@ -62,10 +73,28 @@ pub fn plan_config(c: &LlamaConfig, cuts: &Cuts) -> Result<LlamaConfig> {
         n.num_hidden_layers -= cuts.layers;
     }
     if cuts.ffn > 0.0 {
-        n.intermediate_size = kept(c.intermediate_size, cuts.ffn, "ffn")?;
+        n.intermediate_size = kept(c.intermediate_size, cuts.ffn, ALIGN, "ffn")?;
     }
     if cuts.width > 0.0 {
-        n.hidden_size = kept(c.hidden_size, cuts.width, "width")?;
+        // HF transformers insists on a hidden size that the query heads divide
+        // (even with head_dim given); 8 keeps rows SIMD-friendly.
+        let heads = n.num_attention_heads;
+        let align = heads * 8 / gcd(heads, 8);
+        n.hidden_size = kept(c.hidden_size, cuts.width, align, "width")?;
+        if !n.hidden_size.is_multiple_of(ALIGN) {
+            eprintln!(
+                "note: the hidden size becomes {} (a multiple of {align}, as HF transformers needs with {heads} heads), \
+                 not of {ALIGN}: GGUF block types will fall back to F16 for rows of that length",
+                n.hidden_size
+            );
+        }
+    }
+    if !n.hidden_size.is_multiple_of(n.num_attention_heads) {
+        bail!(
+            "hidden size {} is not a multiple of the {} query heads left; HF transformers refuses such a config",
+            n.hidden_size,
+            n.num_attention_heads
+        );
     }
     Ok(n)
 }
