@@ -344,6 +344,12 @@ fn run_structured(a: &Args, start: Instant) -> Result<()> {
     if a.sparsity.is_some() || a.nm.is_some() {
         bail!("structured cuts (--heads/--ffn/--layers/--width) and --sparsity/--nm are separate runs: prune the smaller model again");
     }
+    if a.format == SparseFormat::CompressedTensors {
+        bail!("--format compressed-tensors stores sparse weights; a structured cut is dense: leave --format out");
+    }
+    if a.schedule == Schedule::Owl {
+        bail!("--schedule owl spreads an unstructured sparsity; structured cuts take their sizes as given");
+    }
     let model = Model::open(&crate::resolve(&a.input)?)?;
     if a.output.canonicalize().ok() == model.path.canonicalize().ok() {
         bail!(
