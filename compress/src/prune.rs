@@ -515,16 +515,7 @@ pub fn run(a: Args) -> Result<()> {
     let samples = if a.method == Method::Magnitude {
         Vec::new()
     } else {
-        let path = crate::resolve(&a.calib)?;
-        let text = eval::text::read_text(&path)?;
-        let tokens = model.tokenizer.encode(&text)?;
-        let bos = model
-            .tokenizer
-            .add_bos()
-            .then(|| model.tokenizer.bos())
-            .flatten();
-        calibration_samples(&tokens, a.samples, a.seq, a.seed, bos)
-            .with_context(|| format!("calibration text {}", path.display()))?
+        samples_of(&a, &model)?
     };
     let opts = GptqOptions {
         damp_percent: a.damp,
