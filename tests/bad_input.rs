@@ -12,7 +12,7 @@ fn fails(args: &[&str]) -> String {
         !out.status.success(),
         "expected failure of {args:?}, got success:\n{text}"
     );
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {text}");
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {text}");
     assert!(!text.contains("panicked"), "{args:?} panicked:\n{text}");
     text
 }

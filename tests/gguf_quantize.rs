@@ -221,7 +221,7 @@ fn target_bpw_allocation_meets_its_budget() {
 fn fails(args: &[&str], out: &Path, expect: &[&str]) {
     let o = compress(args);
     let text = output_text(&o);
-    assert_eq!(o.status.code(), Some(1), "{args:?}: {text}");
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {text}");
     assert!(!text.contains("panicked"), "{text}");
     for e in expect {
         assert!(text.contains(e), "{args:?}: expected '{e}' in:\n{text}");

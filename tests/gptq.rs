@@ -214,7 +214,7 @@ fn bad_calibration_settings_are_refused_before_any_output() {
         args.extend(extra);
         let o = compress(&args);
         let text = output_text(&o);
-        assert_eq!(o.status.code(), Some(1), "{extra:?}: {text}");
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {text}");
         assert!(text.contains(expected), "{extra:?}: {text}");
         assert!(!text.contains("panicked"), "{text}");
         assert!(

@@ -7,13 +7,15 @@
 mod assets;
 mod convert;
 mod evaluate;
+mod gate;
 mod progress;
 mod prune;
 mod quantize;
+mod sensitivity;
 mod sparse_ct;
 mod structured;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -99,7 +101,21 @@ enum Command {
         /// Print the result as JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// Calibration text for the per-layer output fidelity (each linear's
+        /// output on the base's own activations, artifact vs base weights).
+        #[arg(long)]
+        calib: Option<String>,
+        /// Calibration tokens for the per-layer output fidelity.
+        #[arg(long, default_value_t = 1024)]
+        calib_tokens: usize,
     },
+    /// Per-layer sensitivity: quantize or prune one tensor (or block) at a time,
+    /// the rest at base, and measure the KL divergence it adds; JSON, Markdown
+    /// and HTML reports that `quantize --sensitivity` allocates bits from.
+    Sensitivity(sensitivity::Args),
+    /// Check an evaluation report against quality thresholds: exit code 0 when
+    /// all hold, 1 when one fails, 2 on bad input.
+    Gate(gate::Args),
 }
 
 /// Element types `convert` and `prune` write.
@@ -121,13 +137,15 @@ impl DtypeArg {
     }
 }
 
+/// Exit codes: 0 success, 1 a quality gate failed, 2 the command could not do
+/// its work (bad input, unreadable files, …; clap's usage errors are 2 as well).
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }
@@ -137,8 +155,20 @@ pub(crate) fn resolve(arg: &str) -> Result<PathBuf> {
     assets::resolve_with(arg, &assets::cache_dir(), &|line| eprintln!("{line}"))
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Gate(args) => Ok(if gate::run(args)? {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        }),
+        other => run_stage(other).map(|()| ExitCode::SUCCESS),
+    }
+}
+
+/// Runs every command but `gate` (whose exit code carries its verdict).
+fn run_stage(command: Command) -> Result<()> {
+    match command {
         Command::Fetch { json } => {
             let cache = assets::cache_dir();
             let paths = assets::ensure(&cache, &|line| eprintln!("{line}"))?;
@@ -166,6 +196,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Quantize(args) => quantize::run(args),
         Command::Prune(args) => prune::run(args),
+        Command::Sensitivity(args) => sensitivity::run(args),
+        Command::Gate(_) => bail!("gate has its own exit codes; run it through run()"),
         Command::Imatrix {
             model,
             text,
@@ -211,20 +243,25 @@ fn run(cli: Cli) -> Result<()> {
             chunks,
             base,
             json,
+            calib,
+            calib_tokens,
         } => {
             let models = models
                 .iter()
                 .map(|m| resolve(m))
                 .collect::<Result<Vec<_>>>()?;
             let base = base.as_deref().map(resolve).transpose()?;
-            evaluate::run(
-                &models,
-                base.as_deref(),
-                &resolve(&text)?,
+            let calib = calib.as_deref().map(resolve).transpose()?;
+            evaluate::run(&evaluate::EvalArgs {
+                models: &models,
+                base: base.as_deref(),
+                text: &resolve(&text)?,
                 ctx,
                 chunks,
                 json,
-            )
+                calib: calib.as_deref(),
+                calib_tokens,
+            })
         }
     }
 }

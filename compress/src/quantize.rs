@@ -53,6 +53,11 @@ pub struct Args {
     /// this many bits per weight (measures every candidate type).
     #[arg(long)]
     target_bpw: Option<f64>,
+    /// With --target-bpw: allocate on the KL divergence measured per tensor and
+    /// type by `compress sensitivity` (this report, made on this same model)
+    /// instead of the weight-error proxy. Pass the same --imatrix the report used.
+    #[arg(long, requires = "target_bpw")]
+    sensitivity: Option<PathBuf>,
     /// Importance matrix (from `compress imatrix` or llama-imatrix).
     #[arg(long)]
     imatrix: Option<String>,
@@ -152,6 +157,30 @@ pub fn run(a: Args) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let (imatrix, model) = open_inputs(&a)?;
     let plan: Vec<PlannedTensor> = match (a.target_bpw, mix) {
+        (Some(bpw), _) if a.sensitivity.is_some() => {
+            let path = a.sensitivity.as_deref().expect("checked");
+            let report = crate::sensitivity::load_report(path, &model)?;
+            if report.imatrix.is_some() && imatrix.is_none() {
+                eprintln!(
+                    "note: {} was measured with importance weights ({}); without --imatrix the file will not match its predictions",
+                    path.display(),
+                    report.imatrix.as_deref().unwrap_or("")
+                );
+            }
+            let options = crate::sensitivity::candidates(&report, &model)?;
+            let mut plan = bit_alloc::plan_from_options(&model, &options, bpw, "measured KLD")?;
+            let predicted: f64 = plan
+                .iter()
+                .zip(&options)
+                .map(|(t, o)| o.iter().find(|c| c.ty == t.ty).map_or(0.0, |c| c.err))
+                .sum();
+            eprintln!(
+                "allocated from {}: predicted KLD {predicted:.4} (sum of the measured single-tensor shifts)",
+                path.display()
+            );
+            gguf_quantize::apply_overrides(&mut plan, &overrides, &model)?;
+            plan
+        }
         (Some(bpw), _) => {
             let mut bar = Progress::new(model.tensor_names().len() as u64, "measure");
             let mut plan =

@@ -2,8 +2,12 @@
 //! protocol so the numbers compare with `llama-perplexity`: perplexity, and KL
 //! divergence and top-1 agreement against a base model.
 
+pub mod fidelity;
+pub mod gate;
 pub mod kld;
 pub mod perplexity;
+pub mod report;
+pub mod sensitivity;
 pub mod text;
 
 pub use kld::{compare, compare_many, CompareReport, KldStats};

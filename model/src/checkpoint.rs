@@ -48,6 +48,27 @@ impl Tensor<'_> {
             .with_context(|| format!("tensor '{}'", self.name))
     }
 
+    /// A view of this tensor borrowing its bytes (for swapping it into a block).
+    pub fn borrowed(&self) -> Tensor<'_> {
+        Tensor {
+            name: self.name.clone(),
+            ty: self.ty,
+            shape: self.shape.clone(),
+            data: Cow::Borrowed(&self.data),
+        }
+    }
+
+    /// An owned tensor holding `values` as F32.
+    pub fn from_f32(name: &str, shape: Vec<usize>, values: &[f32]) -> Tensor<'static> {
+        let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Tensor {
+            name: name.to_owned(),
+            ty: GgmlType::F32,
+            shape,
+            data: Cow::Owned(data),
+        }
+    }
+
     /// All elements as f32.
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         let mut out = vec![0f32; self.n_elements()];
@@ -301,6 +322,38 @@ impl Model {
             self.tensor("token_embd.weight")
         } else {
             self.tensor("output.weight")
+        }
+    }
+
+    /// Bytes tensor `name` occupies in the file; for a packed linear of a GPTQ or
+    /// compressed-tensors checkpoint, all its parts (codes, scales, zeros, g_idx).
+    pub fn stored_bytes(&self, name: &str) -> Result<u64> {
+        match &self.checkpoint {
+            Checkpoint::Gguf(g) => {
+                let info = g.tensor(name).with_context(|| {
+                    format!("{}: tensor '{name}' is missing", self.path.display())
+                })?;
+                Ok(g.tensor_data(info).len() as u64)
+            }
+            Checkpoint::Safetensors(s) => {
+                if let Some(prefix) = self.quantized.as_ref().and_then(|q| q.prefix(name)) {
+                    return Ok(s.bytes_under(&format!("{prefix}.")));
+                }
+                let hf = names::hf_from_canonical(name)
+                    .with_context(|| format!("no HF name for tensor '{name}'"))?;
+                let (e, _) = s.get(&hf).with_context(|| {
+                    format!("{}: tensor '{hf}' is missing", self.path.display())
+                })?;
+                Ok((e.end - e.start) as u64)
+            }
+        }
+    }
+
+    /// The files holding the weights (the GGUF file, or every safetensors shard).
+    pub fn weight_files(&self) -> Vec<PathBuf> {
+        match &self.checkpoint {
+            Checkpoint::Gguf(g) => vec![g.path().to_path_buf()],
+            Checkpoint::Safetensors(s) => s.paths().into_iter().map(Path::to_path_buf).collect(),
         }
     }
 

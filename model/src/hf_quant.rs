@@ -1086,6 +1086,12 @@ impl HfQuantized {
         self.layers.get(canonical).map(|(_, s)| s.to_vec())
     }
 
+    /// The HF name prefix of a canonical tensor stored quantized (its parts are
+    /// `{prefix}.qweight`, …); None for dense tensors.
+    pub fn prefix(&self, canonical: &str) -> Option<&str> {
+        self.layers.get(canonical).map(|(p, _)| p.as_str())
+    }
+
     /// The quantized linear `canonical` as stored; None for dense tensors.
     pub fn linear(&self, set: &SafetensorsSet, canonical: &str) -> Result<Option<IntLinear>> {
         let Some((prefix, _)) = self.layers.get(canonical) else {

@@ -199,7 +199,12 @@ impl Model {
 
     /// Token embeddings, `tokens.len() × hidden`.
     pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let emb = self.tensor("token_embd.weight")?;
+        self.embed_with(&self.tensor("token_embd.weight")?, tokens)
+    }
+
+    /// Token embeddings looked up in `emb` (`vocab × hidden`) instead of the
+    /// model's own table.
+    pub fn embed_with(&self, emb: &Tensor, tokens: &[u32]) -> Result<Vec<f32>> {
         let w = emb.as_weight()?;
         let h = self.config.hidden_size;
         let mut x = vec![0f32; tokens.len() * h];
@@ -274,12 +279,23 @@ impl Model {
     /// Final norm and output head for the rows `from..n` of the residual stream `x`:
     /// `(n − from) × vocab` logits.
     pub fn head_logits(&self, x: &[f32], from: usize) -> Result<Vec<f32>> {
+        let gain = self.tensor("output_norm.weight")?.to_f32()?;
+        self.head_logits_with(x, from, &gain, &self.output_head()?)
+    }
+
+    /// [`Model::head_logits`] with the given final-norm gain and head matrix.
+    pub fn head_logits_with(
+        &self,
+        x: &[f32],
+        from: usize,
+        gain: &[f32],
+        head: &Tensor,
+    ) -> Result<Vec<f32>> {
         let h = self.config.hidden_size;
         let rows = &x[from * h..];
-        let gain = self.tensor("output_norm.weight")?.to_f32()?;
         let mut normed = vec![0f32; rows.len()];
-        rms_norm(rows, &gain, self.config.rms_norm_eps, &mut normed);
-        linear(&normed, rows.len() / h, &self.output_head()?)
+        rms_norm(rows, gain, self.config.rms_norm_eps, &mut normed);
+        linear(&normed, rows.len() / h, head)
     }
 
     /// Logits for positions `from..tokens.len()` of one sequence starting at

@@ -316,6 +316,21 @@ impl SafetensorsSet {
         Ok(SafetensorsSet { files, by_name })
     }
 
+    /// Total bytes of every tensor whose name starts with `prefix`.
+    pub fn bytes_under(&self, prefix: &str) -> u64 {
+        self.files
+            .iter()
+            .flat_map(|f| f.tensors.iter())
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(_, e)| (e.end - e.start) as u64)
+            .sum()
+    }
+
+    /// The files of the set, in shard order.
+    pub fn paths(&self) -> Vec<&Path> {
+        self.files.iter().map(SafetensorsFile::path).collect()
+    }
+
     /// The entry and bytes of tensor `name`.
     pub fn get(&self, name: &str) -> Option<(&TensorEntry, &[u8])> {
         let f = &self.files[*self.by_name.get(name)?];

@@ -218,19 +218,46 @@ pub fn plan_for_target(
     imatrix: Option<&Imatrix>,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<Vec<PlannedTensor>> {
+    check_target(target_bpw)?;
+    let names = model.tensor_names();
+    let options = measure(model, &names, imatrix, progress)?;
+    plan_from_options(model, &options, target_bpw, "relative error")
+}
+
+fn check_target(target_bpw: f64) -> Result<()> {
     if !(target_bpw > 0.0 && target_bpw <= 32.0) {
         bail!("--target-bpw {target_bpw} is outside (0, 32]: 32 is F32, the largest type");
     }
+    Ok(())
+}
+
+/// A plan for `target_bpw` from per-tensor options already measured (one list
+/// per tensor of `model`, in `tensor_names` order); `cost` names what the
+/// options' `err` is, for the plan's notes.
+pub fn plan_from_options(
+    model: &Model,
+    options: &[Vec<Candidate>],
+    target_bpw: f64,
+    cost: &str,
+) -> Result<Vec<PlannedTensor>> {
+    check_target(target_bpw)?;
     let names = model.tensor_names();
-    let options = measure(model, &names, imatrix, progress)?;
-    let chosen = allocate(&options, target_bpw)?;
+    if names.len() != options.len() {
+        bail!(
+            "{} option lists for the {} tensors of {}",
+            options.len(),
+            names.len(),
+            model.path.display()
+        );
+    }
+    let chosen = allocate(options, target_bpw)?;
     names
         .into_iter()
         .zip(chosen)
         .map(|(name, o)| {
             let shape = model.tensor_meta(&name)?.1;
-            let note = (shape.len() > 1)
-                .then(|| format!("target {target_bpw} bpw: relative error {:.2e}", o.err));
+            let note =
+                (shape.len() > 1).then(|| format!("target {target_bpw} bpw: {cost} {:.2e}", o.err));
             Ok(PlannedTensor {
                 name,
                 shape,
