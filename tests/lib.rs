@@ -249,3 +249,103 @@ pub fn check_gguf_with_gguf_py(path: &Path, tensors: &[&str], dump: &Path) {
     let report = run_python("check_gguf.py", &[path, dump]);
     assert!(report.contains("OK"), "{report}");
 }
+
+/// A small random Llama model in GGUF (F32) that borrows the real model's
+/// tokenizer: `layers` blocks of width `hidden` (heads of 16, half as many K/V
+/// heads), FFN `2 × hidden`, tied embeddings. Weights are Gaussian with standard
+/// deviation `scale(name) / √(input width)` (the embedding: `scale(name)`), so a
+/// test can make one part of the model matter more than the rest. Norm gains are 1.
+pub fn write_tiny_llama(
+    path: &Path,
+    layers: usize,
+    hidden: usize,
+    seed: u64,
+    scale: &dyn Fn(&str) -> f32,
+) {
+    use model::gguf::{GgufWriter, MetaValue};
+    use model::gguf_export::{metadata, tensor_decl};
+    let real = model::Model::open(&real_model()).expect("real model opens");
+    let heads = hidden / 16;
+    let (kv, ffn, vocab) = (hidden / 32 * 16, 2 * hidden, real.config.vocab_size);
+    let mut kvs: Vec<(String, MetaValue)> = metadata(&real, 0)
+        .expect("metadata")
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("llama."))
+        .collect();
+    for (k, v) in [
+        ("llama.context_length", MetaValue::U32(2048)),
+        ("llama.embedding_length", MetaValue::U32(hidden as u32)),
+        ("llama.block_count", MetaValue::U32(layers as u32)),
+        ("llama.feed_forward_length", MetaValue::U32(ffn as u32)),
+        ("llama.rope.dimension_count", MetaValue::U32(16)),
+        ("llama.attention.head_count", MetaValue::U32(heads as u32)),
+        (
+            "llama.attention.head_count_kv",
+            MetaValue::U32(heads as u32 / 2),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            MetaValue::F32(1e-5),
+        ),
+        ("llama.rope.freq_base", MetaValue::F32(10000.0)),
+    ] {
+        kvs.push((k.to_owned(), v));
+    }
+    let mut shapes: Vec<(String, Vec<usize>)> =
+        vec![("token_embd.weight".into(), vec![vocab, hidden])];
+    for b in 0..layers {
+        for (s, shape) in [
+            ("attn_norm.weight", vec![hidden]),
+            ("attn_q.weight", vec![hidden, hidden]),
+            ("attn_k.weight", vec![kv, hidden]),
+            ("attn_v.weight", vec![kv, hidden]),
+            ("attn_output.weight", vec![hidden, hidden]),
+            ("ffn_norm.weight", vec![hidden]),
+            ("ffn_gate.weight", vec![ffn, hidden]),
+            ("ffn_up.weight", vec![ffn, hidden]),
+            ("ffn_down.weight", vec![hidden, ffn]),
+        ] {
+            shapes.push((format!("blk.{b}.{s}"), shape));
+        }
+    }
+    shapes.push(("output_norm.weight".into(), vec![hidden]));
+    let decls: Vec<_> = shapes
+        .iter()
+        .map(|(n, s)| tensor_decl(n, s, kernels::GgmlType::F32))
+        .collect();
+    let mut w = GgufWriter::create(path, &kvs, &decls).expect("create tiny model");
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut uniform = move || {
+        // splitmix64: reproducible without a dependency on rand's stream stability.
+        state = state.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    for (name, shape) in &shapes {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = if shape.len() == 1 {
+            vec![1.0; n]
+        } else {
+            let std = if name == "token_embd.weight" {
+                scale(name)
+            } else {
+                scale(name) / (shape[1] as f32).sqrt()
+            };
+            (0..n)
+                .map(|_| {
+                    // Box–Muller.
+                    let (u1, u2) = (uniform().max(1e-12), uniform());
+                    let g = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+                    g as f32 * std
+                })
+                .collect()
+        };
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        w.write_tensor(name, &bytes).expect("write tensor");
+    }
+    w.finish().expect("finish tiny model");
+}

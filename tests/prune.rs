@@ -413,5 +413,45 @@ fn compressed_tensors_sparse_folders_decompress_to_the_dense_weights() {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(entries.len(), 4, "{entries:?}");
+        // Our reader opens the sparse folder to exactly the dense weights, and
+        // `eval` runs on it: zero KLD against the dense model, fewer bits per weight.
+        let (p, d) = (
+            Model::open(&packed.join("model.safetensors")).unwrap(),
+            Model::open(&dense.join("model.safetensors")).unwrap(),
+        );
+        assert!(p.sparse.is_some(), "{format}");
+        for name in d.tensor_names() {
+            let (a, b) = (p.tensor(&name).unwrap(), d.tensor(&name).unwrap());
+            assert_eq!(a.shape, b.shape, "{name}");
+            assert!(
+                a.to_f32().unwrap() == b.to_f32().unwrap(),
+                "{format}: {name}"
+            );
+        }
+        let text = eval_text();
+        let o = compress(&[
+            "eval",
+            packed.to_str().unwrap(),
+            "--base",
+            dense.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--ctx",
+            "64",
+            "--chunks",
+            "1",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", output_text(&o));
+        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(r["kld"]["max"], 0.0, "{format}");
+        assert!(r["compression_ratio"].as_f64().unwrap() > 1.4, "{format}");
+        let down = r["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == "blk.3.ffn_down.weight")
+            .unwrap();
+        assert!(down["bits_per_weight"].as_f64().unwrap() < 10.0, "{down}");
     }
 }

@@ -72,8 +72,10 @@ fn tensor_rows(m: &Model, base: Option<&Model>) -> Result<Vec<TensorRow>> {
             .quantized
             .as_ref()
             .is_some_and(|q| q.prefix(&name).is_some());
-        let ty = match &m.quantized {
-            Some(q) if quantized => format!("{:?} int{}", q.format(), q.bits()),
+        let sparse = m.sparse.as_ref().filter(|s| s.prefix(&name).is_some());
+        let ty = match (&m.quantized, sparse) {
+            (Some(q), _) if quantized => format!("{:?} int{}", q.format(), q.bits()),
+            (_, Some(s)) => format!("{:?} sparse", s.format()),
             _ => ty.to_string(),
         };
         let weight_rel_error = match base {

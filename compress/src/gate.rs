@@ -15,19 +15,19 @@ pub struct Args {
     /// (an array of reports gates every artifact in it).
     report: PathBuf,
     /// Largest mean KL divergence against the base (nats).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     max_kld: Option<String>,
     /// Largest 99th-percentile KL divergence (nats).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     max_kld_p99: Option<String>,
     /// Largest perplexity increase over the base: `5%` or `0.05`.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     max_ppl_increase: Option<String>,
     /// Smallest top-1 agreement with the base: `0.9` or `90%`.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     min_top1: Option<String>,
     /// Smallest compression ratio (base bytes / artifact bytes).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     min_compression: Option<String>,
     /// Thresholds from a TOML file (keys as the flags, `-` or `_`; top level or a
     /// `[gate]` table); flags given on the command line win.

@@ -6,6 +6,7 @@
 
 use crate::progress::Progress;
 use anyhow::{bail, Context, Result};
+use kernels::GgmlType;
 use model::calib::{calibration_samples, Imatrix};
 use model::hf_quant::{HfQuantFormat, HfQuantWriter, IntLinear, IntQuantConfig};
 use model::Model;
@@ -58,6 +59,11 @@ pub struct Args {
     /// instead of the weight-error proxy. Pass the same --imatrix the report used.
     #[arg(long, requires = "target_bpw")]
     sensitivity: Option<PathBuf>,
+    /// With --target-bpw (without --sensitivity): the types the allocator may
+    /// choose, comma-separated; a type that does not fit a tensor's rows is
+    /// replaced by llama.cpp's fallback. Default: every block type that fits.
+    #[arg(long, value_delimiter = ',', requires = "target_bpw")]
+    candidates: Vec<String>,
     /// Importance matrix (from `compress imatrix` or llama-imatrix).
     #[arg(long)]
     imatrix: Option<String>,
@@ -155,6 +161,20 @@ pub fn run(a: Args) -> Result<()> {
         .iter()
         .map(|s| Override::parse(s))
         .collect::<Result<Vec<_>>>()?;
+    let allowed = (!a.candidates.is_empty())
+        .then(|| {
+            a.candidates
+                .iter()
+                .map(|t| {
+                    GgmlType::from_name(t).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--candidates: '{t}' is not a GGUF type (e.g. Q4_0, Q4_K, Q8_0)"
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .transpose()?;
     let (imatrix, model) = open_inputs(&a)?;
     let plan: Vec<PlannedTensor> = match (a.target_bpw, mix) {
         (Some(bpw), _) if a.sensitivity.is_some() => {
@@ -183,10 +203,13 @@ pub fn run(a: Args) -> Result<()> {
         }
         (Some(bpw), _) => {
             let mut bar = Progress::new(model.tensor_names().len() as u64, "measure");
-            let mut plan =
-                bit_alloc::plan_for_target(&model, bpw, imatrix.as_ref(), &mut |d, _, n| {
-                    bar.set(d as u64, n)
-                })?;
+            let mut plan = bit_alloc::plan_for_target(
+                &model,
+                bpw,
+                imatrix.as_ref(),
+                allowed.as_deref(),
+                &mut |d, _, n| bar.set(d as u64, n),
+            )?;
             bar.finish();
             gguf_quantize::apply_overrides(&mut plan, &overrides, &model)?;
             plan

@@ -53,7 +53,7 @@ fn check_value(key: &str, v: f64, shown: &str) -> Result<()> {
     if !v.is_finite() {
         bail!("{key}: '{shown}' is not a finite number");
     }
-    match key {
+    match key.trim_start_matches('-') {
         "max-ppl-increase" | "min-top1" if !(0.0..=1.0).contains(&v) => bail!(
             "{key}: '{shown}' makes no sense: it is a fraction between 0 and 1 (or 0% to 100%)"
         ),
@@ -340,6 +340,7 @@ mod tests {
     fn values_and_nonsense() {
         assert_eq!(parse_value("max-ppl-increase", "5%").unwrap(), 0.05);
         assert_eq!(parse_value("min-top1", "0.9").unwrap(), 0.9);
+        assert!(parse_value("--min-top1", "150%").is_err());
         assert_eq!(parse_value("min-compression", "3").unwrap(), 3.0);
         for (k, v) in [
             ("max-kld", "-0.1"),
@@ -399,6 +400,13 @@ mod tests {
             e.contains("max_kdl") && e.contains("min-top1") && e.contains("g.toml"),
             "{e}"
         );
+        let example = Thresholds::from_toml(
+            include_str!("../../examples/gates.toml"),
+            "examples/gates.toml",
+        )
+        .unwrap();
+        assert_eq!(example.min_top1, Some(0.85));
+        assert_eq!(example.max_ppl_increase, Some(0.05));
         let flags = Thresholds {
             max_kld: Some(0.01),
             ..Default::default()

@@ -7,6 +7,7 @@ use crate::gguf::GgufFile;
 use crate::hf_quant::HfQuantized;
 use crate::names;
 use crate::safetensors_file::SafetensorsSet;
+use crate::sparse_ct::SparseLinears;
 use crate::tokenizer::{GgufVocab, Tokenizer};
 use anyhow::{bail, Context, Result};
 use kernels::matmul::WeightRef;
@@ -91,6 +92,9 @@ pub struct Model {
     /// The integer-quantized linears of an HF GPTQ / compressed-tensors checkpoint
     /// (read dequantized to f32); None for GGUF and unquantized safetensors.
     pub quantized: Option<HfQuantized>,
+    /// The block linears of a compressed-tensors sparse folder (read back dense);
+    /// None otherwise.
+    pub sparse: Option<SparseLinears>,
 }
 
 /// Rows of Q or K in GGUF are interleaved per head (llama.cpp's permutation for
@@ -181,6 +185,7 @@ impl Model {
             tokenizer,
             checkpoint: Checkpoint::Gguf(g),
             quantized: None,
+            sparse: None,
         })
     }
 
@@ -189,7 +194,11 @@ impl Model {
         let config_path = dir.join("config.json");
         let config = LlamaConfig::from_hf_file(&config_path)?;
         let set = SafetensorsSet::open(path)?;
-        let quantized = HfQuantized::open(&config_path, &set, &config)?;
+        let sparse = SparseLinears::open(&config_path, &set, &config)?;
+        let quantized = match sparse {
+            Some(_) => None,
+            None => HfQuantized::open(&config_path, &set, &config)?,
+        };
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tok_path)
             .with_context(|| format!("{}: cannot load the tokenizer", tok_path.display()))?;
@@ -199,6 +208,7 @@ impl Model {
             tokenizer,
             checkpoint: Checkpoint::Safetensors(set),
             quantized,
+            sparse,
         })
     }
 
@@ -260,7 +270,12 @@ impl Model {
                 Ok((info.ty, info.shape()))
             }
             Checkpoint::Safetensors(s) => {
-                if let Some(shape) = self.quantized.as_ref().and_then(|q| q.shape(name)) {
+                let stored_packed = match (&self.quantized, &self.sparse) {
+                    (Some(q), _) => q.shape(name),
+                    (_, Some(sp)) => sp.shape(name),
+                    _ => None,
+                };
+                if let Some(shape) = stored_packed {
                     return Ok((GgmlType::F32, shape));
                 }
                 let hf = names::hf_from_canonical(name)
@@ -298,9 +313,12 @@ impl Model {
                     None => Cow::Borrowed(bytes),
                 }
             }
-            Checkpoint::Safetensors(s) => match &self.quantized {
-                Some(q) if q.shape(name).is_some() => {
+            Checkpoint::Safetensors(s) => match (&self.quantized, &self.sparse) {
+                (Some(q), _) if q.shape(name).is_some() => {
                     Cow::Owned(q.dequantized_bytes(s, name)?.expect("a quantized linear"))
+                }
+                (_, Some(sp)) if sp.shape(name).is_some() => {
+                    Cow::Owned(sp.dense_bytes(s, name)?.expect("a sparse linear"))
                 }
                 _ => {
                     let hf = names::hf_from_canonical(name).expect("checked by tensor_meta");
@@ -336,7 +354,12 @@ impl Model {
                 Ok(g.tensor_data(info).len() as u64)
             }
             Checkpoint::Safetensors(s) => {
-                if let Some(prefix) = self.quantized.as_ref().and_then(|q| q.prefix(name)) {
+                let packed = match (&self.quantized, &self.sparse) {
+                    (Some(q), _) => q.prefix(name),
+                    (_, Some(sp)) => sp.prefix(name),
+                    _ => None,
+                };
+                if let Some(prefix) = packed {
                     return Ok(s.bytes_under(&format!("{prefix}.")));
                 }
                 let hf = names::hf_from_canonical(name)

@@ -12,6 +12,7 @@ pub mod io;
 pub mod llama;
 pub mod names;
 pub mod safetensors_file;
+pub mod sparse_ct;
 pub mod tokenizer;
 
 pub use checkpoint::{Model, Tensor};

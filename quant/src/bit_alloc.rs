@@ -62,12 +62,37 @@ pub fn weighted_rel_error(
     num / den.max(f64::MIN_POSITIVE)
 }
 
-/// Measures every candidate type of every 2-D tensor in `names` (1-D tensors get
-/// the single option F32).
+/// The types tried for a tensor with `cols` columns: the given list with
+/// llama.cpp's fallback for types that do not fit the rows (duplicates dropped),
+/// or every type of [`CANDIDATES`] that fits.
+pub fn types_for(cols: usize, allowed: Option<&[GgmlType]>) -> Vec<GgmlType> {
+    let mut out = Vec::new();
+    match allowed {
+        Some(list) => {
+            for &t in list {
+                let t = crate::gguf_mix::fallback(t, cols);
+                if !out.contains(&t) {
+                    out.push(t);
+                }
+            }
+        }
+        None => out.extend(
+            CANDIDATES
+                .iter()
+                .copied()
+                .filter(|t| cols.is_multiple_of(t.block_elems())),
+        ),
+    }
+    out
+}
+
+/// Measures every candidate type (see [`types_for`]) of every 2-D tensor in
+/// `names` (1-D tensors get the single option F32).
 pub fn measure(
     model: &Model,
     names: &[String],
     imatrix: Option<&Imatrix>,
+    allowed: Option<&[GgmlType]>,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<Vec<Vec<Candidate>>> {
     let mut all = Vec::with_capacity(names.len());
@@ -94,11 +119,7 @@ pub fn measure(
             .filter(|i| i.len() == cols);
         let mut opts = Vec::new();
         let mut restored = vec![0f32; values.len()];
-        for ty in CANDIDATES
-            .iter()
-            .copied()
-            .filter(|t| cols % t.block_elems() == 0)
-        {
+        for ty in types_for(cols, allowed) {
             let bytes = quantize_matrix(&values, cols, ty, imp.as_deref())?;
             kernels::quants::dequantize(ty, &bytes, &mut restored)?;
             let err = weighted_rel_error(&values, &restored, cols, imp.as_deref());
@@ -212,15 +233,17 @@ pub fn allocate(options: &[Vec<Candidate>], target_bpw: f64) -> Result<Vec<Candi
 }
 
 /// A plan for `target_bpw`: every tensor of `model` gets the allocated type.
+/// `allowed` limits the candidate types (see [`types_for`]).
 pub fn plan_for_target(
     model: &Model,
     target_bpw: f64,
     imatrix: Option<&Imatrix>,
+    allowed: Option<&[GgmlType]>,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<Vec<PlannedTensor>> {
     check_target(target_bpw)?;
     let names = model.tensor_names();
-    let options = measure(model, &names, imatrix, progress)?;
+    let options = measure(model, &names, imatrix, allowed, progress)?;
     plan_from_options(model, &options, target_bpw, "relative error")
 }
 
