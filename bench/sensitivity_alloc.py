@@ -35,6 +35,8 @@ ap.add_argument("--sens-ctx", type=int, default=256)
 ap.add_argument("--sens-chunks", type=int, default=1)
 ap.add_argument("--types", default="Q2_K,Q3_K,Q4_K,Q6_K")
 ap.add_argument("--mixes", default="Q4_K_M,Q3_K_M")
+ap.add_argument("--methods", default="fixed,sensitivity,proxy",
+                help="which rows to evaluate: fixed mixes, measured-KLD and weight-error allocations")
 ap.add_argument("--fresh", action="store_true", help="redo every step even if its output exists")
 args = ap.parse_args()
 if not binary.exists():
@@ -71,8 +73,10 @@ for mix in args.mixes.split(","):
         run([binary, "quantize", base, "--type", mix, "--imatrix", imatrix, "-o", fixed,
              "--report", fixed.with_suffix(".json")], f"quantize_{mix}_s")
     bpw = json.loads(fixed.with_suffix(".json").read_text())["bits_per_weight"]
-    artifacts.append((f"{mix} (llama.cpp's mix)", mix, "fixed", fixed))
-    for method in ("sensitivity", "proxy"):
+    methods = args.methods.split(",")
+    if "fixed" in methods:
+        artifacts.append((f"{mix} (llama.cpp's mix)", mix, "fixed", fixed))
+    for method in [m for m in ("sensitivity", "proxy") if m in methods]:
         out = work / f"{method}-{mix}-{tag}.gguf"
         if args.fresh or not out.exists():
             cmd = [binary, "quantize", base, "--target-bpw", f"{bpw:.6f}", "--imatrix", imatrix,
@@ -111,8 +115,14 @@ for r in rows:
 out_dir = root / "bench/results"
 out_dir.mkdir(parents=True, exist_ok=True)
 result_file = out_dir / "sensitivity_alloc.json"
-result_file.write_text(json.dumps({
+# One entry per sensitivity setting, so runs at several sizes sit side by side.
+runs = json.loads(result_file.read_text()).get("runs", {}) if result_file.exists() else {}
+previous = runs.get(tag, {})
+fresh = {r["artifact"] for r in rows}
+rows = [r for r in previous.get("rows", []) if r["artifact"] not in fresh] + rows
+runs[tag] = {
     "chunks": args.chunks, "sensitivity": {"ctx": args.sens_ctx, "chunks": args.sens_chunks, "types": args.types,
                                            "seconds": sens["seconds"], "scored_tokens": sens["scored_tokens"]},
-    "rows": rows, "timings": timings}, indent=2))
+    "rows": rows, "timings": {**previous.get("timings", {}), **timings}}
+result_file.write_text(json.dumps({"runs": runs}, indent=2))
 print(f"wrote {result_file}; timings {timings}")

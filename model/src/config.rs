@@ -102,10 +102,7 @@ impl LlamaConfig {
 
     /// Reads an HF `config.json` of a `LlamaForCausalLM` (or compatible) model.
     pub fn from_hf_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let v: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let v: Value = crate::io::read_json(path)?;
         Self::from_hf_json(&v).with_context(|| format!("{}: bad model config", path.display()))
     }
 

@@ -1,6 +1,7 @@
-//! Atomic file output: every artifact is written to a temporary file beside its
-//! destination, synced, and renamed into place, so a crash never leaves a
-//! half-written artifact under the final name.
+//! File I/O shared by the readers and writers. Atomic output: every artifact is
+//! written to a temporary file beside its destination, synced, and renamed into
+//! place, so a crash never leaves a half-written artifact under the final name.
+//! JSON input with errors that name the file.
 
 use anyhow::{Context, Result};
 use std::fs::File;
@@ -84,6 +85,13 @@ pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
     f.write_all(bytes)
         .with_context(|| format!("cannot write {}", dest.display()))?;
     f.commit()
+}
+
+/// Reads and parses a JSON file; errors name the file.
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
 }
 
 #[cfg(test)]

@@ -269,10 +269,7 @@ impl SafetensorsSet {
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.ends_with(".index.json"));
         let files = if is_index {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            let v: Value = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not valid JSON", path.display()))?;
+            let v: Value = crate::io::read_json(path)?;
             let map = v
                 .get("weight_map")
                 .and_then(Value::as_object)

@@ -38,10 +38,7 @@ impl SparseLinears {
         set: &SafetensorsSet,
         config: &LlamaConfig,
     ) -> Result<Option<Self>> {
-        let text = std::fs::read_to_string(config_json)
-            .with_context(|| format!("cannot read {}", config_json.display()))?;
-        let v: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not valid JSON", config_json.display()))?;
+        let v: Value = crate::io::read_json(config_json)?;
         let Some(sc) = v
             .get("quantization_config")
             .and_then(|q| q.get("sparsity_config"))
