@@ -201,10 +201,35 @@ fn bad_gate_input_exits_2_with_a_clear_error() {
         "{text}"
     );
 
+    // An artifact that cannot be a compressed form of the base (another head
+    // size; a base smaller than the artifact) is refused before any evaluation.
+    let tiny = dir.path().join("tiny.gguf");
+    write_tiny_llama(&tiny, 2, 64, 3, &|_| 1.0);
+    let (real, text) = (real_model(), eval_text());
+    for (artifact, base, needle) in [(&tiny, &real, "head size"), (&real, &tiny, "head size")] {
+        let o = compress(&[
+            "eval",
+            artifact.to_str().unwrap(),
+            "--base",
+            base.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--ctx",
+            "64",
+            "--chunks",
+            "1",
+        ]);
+        let msg = output_text(&o);
+        assert_eq!(o.status.code(), Some(2), "{msg}");
+        assert!(
+            msg.contains(needle) && msg.contains("not a compressed form"),
+            "{msg}"
+        );
+    }
+
     // An empty evaluation text is refused by eval and sensitivity alike.
     let empty = p("empty.txt");
     std::fs::write(&empty, "").unwrap();
-    let real = real_model();
     for args in [
         vec![
             "eval",

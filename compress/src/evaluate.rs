@@ -155,6 +155,52 @@ fn worst_lines(rows: &[TensorRow], n: usize) -> Vec<String> {
     out
 }
 
+/// Refuses an artifact that cannot be a compressed form of `base`: another
+/// vocabulary or head size, or any dimension larger than the base's (pruning and
+/// structured cuts only ever shrink them).
+fn check_comparable(artifact: &Model, base: &Model) -> Result<()> {
+    let (a, b) = (&artifact.config, &base.config);
+    let fail = |what: &str, x: usize, y: usize, rule: &str| {
+        anyhow::bail!(
+            "{}: {what} is {x} but the base {} has {y}; {rule}, so it is not a compressed form of the base",
+            artifact.path.display(),
+            base.path.display()
+        )
+    };
+    for (what, x, y) in [
+        ("the vocabulary", a.vocab_size, b.vocab_size),
+        ("the head size", a.head_dim, b.head_dim),
+    ] {
+        if x != y {
+            return fail(what, x, y, "compression keeps it");
+        }
+    }
+    for (what, x, y) in [
+        ("the hidden size", a.hidden_size, b.hidden_size),
+        ("the FFN size", a.intermediate_size, b.intermediate_size),
+        (
+            "the number of blocks",
+            a.num_hidden_layers,
+            b.num_hidden_layers,
+        ),
+        (
+            "the number of query heads",
+            a.num_attention_heads,
+            b.num_attention_heads,
+        ),
+        (
+            "the number of K/V heads",
+            a.num_key_value_heads,
+            b.num_key_value_heads,
+        ),
+    ] {
+        if x > y {
+            return fail(what, x, y, "compression only shrinks it");
+        }
+    }
+    Ok(())
+}
+
 /// Evaluates the models; prints a table, or JSON (one object, or an array for
 /// several models).
 pub fn run(a: &EvalArgs) -> Result<()> {
@@ -182,6 +228,9 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     let mut lines = Vec::new();
     match (&base_model, a.base) {
         (Some(b), Some(base_path)) => {
+            for m in &opened {
+                check_comparable(m, b)?;
+            }
             let refs: Vec<&Model> = opened.iter().collect();
             let reports = eval::compare_many(&refs, b, &tokens, &opts, &mut on_chunk)?;
             bar.finish();
