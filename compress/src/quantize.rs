@@ -62,7 +62,12 @@ pub struct Args {
     /// With --target-bpw (without --sensitivity): the types the allocator may
     /// choose, comma-separated; a type that does not fit a tensor's rows is
     /// replaced by llama.cpp's fallback. Default: every block type that fits.
-    #[arg(long, value_delimiter = ',', requires = "target_bpw")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        requires = "target_bpw",
+        conflicts_with = "sensitivity"
+    )]
     candidates: Vec<String>,
     /// Importance matrix (from `compress imatrix` or llama-imatrix).
     #[arg(long)]

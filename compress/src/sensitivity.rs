@@ -260,6 +260,14 @@ pub fn run(a: Args) -> Result<()> {
     eval::perplexity::ChunkPlan::for_model(&model, tokens.len(), &opts)
         .with_context(|| format!("--text {}", text_path.display()))?;
 
+    let mut units_spec = unit_tensors(&model, a.granularity)?;
+    if let Some(re) = &a.only {
+        let re = regex::Regex::new(re).with_context(|| format!("--only '{re}'"))?;
+        units_spec.retain(|(name, _)| re.is_match(name));
+        if units_spec.is_empty() {
+            bail!("--only '{re}' matches no unit of {}", model_path.display());
+        }
+    }
     let (imatrix, imatrix_label) = match &a.imatrix {
         Some(p) => {
             let p = crate::resolve(p)?;
@@ -290,9 +298,7 @@ pub fn run(a: Args) -> Result<()> {
                 &mut |d, _| bar.set(d as u64, ""),
             )?;
             bar.finish();
-            // Saved so that `quantize --sensitivity` can use the same weights.
             let saved = a.output.with_extension("imatrix.gguf");
-            m.save(&saved)?;
             let label = format!(
                 "{} (from {}, {chunks} × 512 tokens)",
                 saved.display(),
@@ -313,14 +319,6 @@ pub fn run(a: Args) -> Result<()> {
         base.scored_tokens()
     );
 
-    let mut units_spec = unit_tensors(&model, a.granularity)?;
-    if let Some(re) = &a.only {
-        let re = regex::Regex::new(re).with_context(|| format!("--only '{re}'"))?;
-        units_spec.retain(|(name, _)| re.is_match(name));
-        if units_spec.is_empty() {
-            bail!("--only '{re}' matches no unit of {}", model_path.display());
-        }
-    }
     let mut units = Vec::new();
     for (name, tensors) in &units_spec {
         let mut params = 0u64;
@@ -392,6 +390,10 @@ pub fn run(a: Args) -> Result<()> {
     }
     report.seconds = start.elapsed().as_secs_f64();
     write_reports(&report, &a.output, a.top)?;
+    if a.imatrix.is_none() {
+        // Saved so that `quantize --sensitivity` can use the same weights.
+        imatrix.save(&a.output.with_extension("imatrix.gguf"))?;
+    }
     println!("{}", eval::report::markdown(&report, a.top));
     eprintln!(
         "wrote {} (+ .md, .html): {} units × {} settings in {:.1}s",

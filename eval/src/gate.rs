@@ -2,6 +2,7 @@
 //! `compress eval --base`), with a verdict per threshold, JUnit XML for CI test
 //! reporters and a Markdown summary for a pull-request comment.
 
+use crate::report::esc;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use serde_json::Value;
@@ -226,14 +227,6 @@ pub fn check(report: &Value, t: &Thresholds) -> Result<Vec<Outcome>> {
     Ok(out)
 }
 
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&apos;")
-}
-
 fn describe(o: &Outcome) -> String {
     let op = if o.check.starts_with("max") {
         "≤"
@@ -269,21 +262,21 @@ pub fn junit_xml(outcomes: &[Outcome]) -> String {
         let mine: Vec<&Outcome> = outcomes.iter().filter(|o| o.artifact == a).collect();
         s += &format!(
             "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{}\">\n",
-            xml_escape(a),
+            esc(a),
             mine.len(),
             mine.iter().filter(|o| !o.pass).count()
         );
         for o in mine {
             s += &format!(
                 "    <testcase classname=\"compress.gate\" name=\"{}\">",
-                xml_escape(&o.check)
+                esc(&o.check)
             );
             if o.pass {
-                s += &format!("<system-out>{}</system-out>", xml_escape(&describe(o)));
+                s += &format!("<system-out>{}</system-out>", esc(&describe(o)));
             } else {
                 s += &format!(
                     "<failure message=\"{}\" type=\"threshold\"/>",
-                    xml_escape(&describe(o))
+                    esc(&describe(o))
                 );
             }
             s += "</testcase>\n";

@@ -494,8 +494,8 @@ const MISSING: &str = "#d4d6da";
 /// Grey of a measured cell whose KLD is not a number.
 const NOT_A_NUMBER: &str = "#9a9ca1";
 
-/// Escapes text for HTML and SVG content and attributes.
-fn esc(s: &str) -> String {
+/// Escapes text for HTML, SVG and XML content and attributes.
+pub(crate) fn esc(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
