@@ -722,8 +722,16 @@ fn one_line(s: &str, max: usize) -> String {
 }
 
 /// Lower-case hex of a digest.
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The sha256 of a file's contents, in hex.
+pub(crate) fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", path.display()))?;
+    Ok(hex(&hasher.finalize()))
 }
 
 /// A temporary folder inside the cache, removed (with its contents) on drop.

@@ -11,6 +11,8 @@ mod gate;
 mod progress;
 mod prune;
 mod quantize;
+mod recipe;
+mod runner;
 mod sensitivity;
 mod sparse_ct;
 mod structured;
@@ -116,6 +118,16 @@ enum Command {
     /// Check an evaluation report against quality thresholds: exit code 0 when
     /// all hold, 1 when one fails, 2 on bad input.
     Gate(gate::Args),
+    /// Run a recipe: every job (model × variant) through its stages, evaluated
+    /// and gated, resumable, with a manifest per job; exit code 0 when every job
+    /// passed, 1 when a gate failed, 2 when a job could not run.
+    Run(runner::RunArgs),
+    /// Check a recipe (every key, type, range, file and stage order) without
+    /// running it; all problems at once, with line numbers.
+    Validate(runner::ValidateArgs),
+    /// Merge the job manifests under an output folder (every shard's) into one
+    /// table; exit code 0 when every job finished and passed.
+    Status(runner::StatusArgs),
 }
 
 /// Element types `convert` and `prune` write.
@@ -162,6 +174,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } else {
             ExitCode::from(1)
         }),
+        Command::Run(args) => runner::run(args),
+        Command::Status(args) => runner::status(args),
         other => run_stage(other).map(|()| ExitCode::SUCCESS),
     }
 }
@@ -197,7 +211,10 @@ fn run_stage(command: Command) -> Result<()> {
         Command::Quantize(args) => quantize::run(args),
         Command::Prune(args) => prune::run(args),
         Command::Sensitivity(args) => sensitivity::run(args),
-        Command::Gate(_) => bail!("gate has its own exit codes; run it through run()"),
+        Command::Validate(args) => runner::validate(args),
+        Command::Gate(_) | Command::Run(_) | Command::Status(_) => {
+            bail!("this command has its own exit codes; run it through run()")
+        }
         Command::Imatrix {
             model,
             text,

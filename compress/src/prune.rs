@@ -341,15 +341,6 @@ fn samples_of(a: &Args, model: &Model) -> Result<Vec<Vec<u32>>> {
 /// The structured path of the command.
 fn run_structured(a: &Args, start: Instant) -> Result<()> {
     let cuts = cuts_of(a);
-    if a.sparsity.is_some() || a.nm.is_some() {
-        bail!("structured cuts (--heads/--ffn/--layers/--width) and --sparsity/--nm are separate runs: prune the smaller model again");
-    }
-    if a.format == SparseFormat::CompressedTensors {
-        bail!("--format compressed-tensors stores sparse weights; a structured cut is dense: leave --format out");
-    }
-    if a.schedule == Schedule::Owl {
-        bail!("--schedule owl spreads an unstructured sparsity; structured cuts take their sizes as given");
-    }
     let model = Model::open(&crate::resolve(&a.input)?)?;
     if a.output.canonicalize().ok() == model.path.canonicalize().ok() {
         bail!(
@@ -464,15 +455,34 @@ fn prune_layer(
     Ok(w)
 }
 
-/// Runs the command.
-pub fn run(a: Args) -> Result<()> {
-    let start = Instant::now();
-    let cuts = cuts_of(&a);
-    if cuts.heads > 0 || cuts.ffn != 0.0 || cuts.layers > 0 || cuts.width != 0.0 {
-        return run_structured(&a, start);
+/// Checks the arguments alone, reading no file: ranges and combinations (what
+/// `compress validate` can say about a recipe's stage).
+pub fn check_args(a: &Args) -> Result<()> {
+    let cuts = cuts_of(a);
+    if !(a.damp.is_finite() && (0.0..=1.0).contains(&a.damp)) {
+        bail!("--damp {} must be between 0 and 1", a.damp);
     }
-    // Everything that can be wrong with the arguments is reported before any work.
-    let pattern = pattern_of(&a)?;
+    if a.samples == 0 || a.seq == 0 {
+        bail!("--samples and --seq must be at least 1");
+    }
+    if cuts.heads > 0 || cuts.ffn != 0.0 || cuts.layers > 0 || cuts.width != 0.0 {
+        if a.sparsity.is_some() || a.nm.is_some() {
+            bail!("structured cuts (--heads/--ffn/--layers/--width) and --sparsity/--nm are separate runs: prune the smaller model again");
+        }
+        if a.format == SparseFormat::CompressedTensors {
+            bail!("--format compressed-tensors stores sparse weights; a structured cut is dense: leave --format out");
+        }
+        if a.schedule == Schedule::Owl {
+            bail!("--schedule owl spreads an unstructured sparsity; structured cuts take their sizes as given");
+        }
+        for (flag, f) in [("--ffn", cuts.ffn), ("--width", cuts.width)] {
+            if !(f.is_finite() && (0.0..1.0).contains(&f)) {
+                bail!("{flag} {f} must be a fraction in [0, 1)");
+            }
+        }
+        return Ok(());
+    }
+    let pattern = pattern_of(a)?;
     if a.schedule == Schedule::Owl {
         if !matches!(pattern, Pattern::Unstructured(_)) {
             bail!("--schedule owl spreads an unstructured sparsity; {pattern} fixes every group");
@@ -484,11 +494,7 @@ pub fn run(a: Args) -> Result<()> {
             bail!("--owl-lambda {} must be in [0, 0.5)", a.owl_lambda);
         }
     }
-    if !(a.damp.is_finite() && (0.0..=1.0).contains(&a.damp)) {
-        bail!("--damp {} must be between 0 and 1", a.damp);
-    }
-    let compressed = a.format == SparseFormat::CompressedTensors;
-    if compressed
+    if a.format == SparseFormat::CompressedTensors
         && a.output
             .extension()
             .is_some_and(|e| e == "gguf" || e == "safetensors")
@@ -498,6 +504,19 @@ pub fn run(a: Args) -> Result<()> {
             a.output.display()
         );
     }
+    Ok(())
+}
+
+/// Runs the command.
+pub fn run(a: Args) -> Result<()> {
+    let start = Instant::now();
+    check_args(&a)?;
+    let cuts = cuts_of(&a);
+    if cuts.heads > 0 || cuts.ffn != 0.0 || cuts.layers > 0 || cuts.width != 0.0 {
+        return run_structured(&a, start);
+    }
+    let pattern = pattern_of(&a)?;
+    let compressed = a.format == SparseFormat::CompressedTensors;
     let model = Model::open(&crate::resolve(&a.input)?)?;
     if a.output.canonicalize().ok() == model.path.canonicalize().ok() {
         bail!(

@@ -151,8 +151,54 @@ fn open_inputs(a: &Args) -> Result<(Option<Imatrix>, Model)> {
     Ok((imatrix, model))
 }
 
+/// Checks the arguments alone, reading no file: type names, ranges and
+/// combinations (what `compress validate` can say about a recipe's stage).
+pub fn check_args(a: &Args) -> Result<()> {
+    a.mix.as_deref().map(Mix::from_name).transpose()?;
+    for s in &a.tensor_type {
+        Override::parse(s)?;
+    }
+    for t in &a.candidates {
+        if GgmlType::from_name(t).is_none() {
+            bail!("--candidates: '{t}' is not a GGUF type (e.g. Q4_0, Q4_K, Q8_0)");
+        }
+    }
+    if let Some(bpw) = a.target_bpw {
+        if !(bpw.is_finite() && bpw > 0.0) {
+            bail!("--target-bpw {bpw} must be a positive number of bits per weight");
+        }
+    }
+    let calibrated = match a.method {
+        Some(Method::Gptq | Method::Awq) => true,
+        Some(Method::Rtn) => a.mix.is_none(),
+        None => false,
+    };
+    if calibrated {
+        if !(a.damp.is_finite() && (0.0..=1.0).contains(&a.damp)) {
+            bail!("--damp {} must be between 0 and 1", a.damp);
+        }
+        if a.target_bpw.is_some() {
+            bail!("--target-bpw is not combined with --method in this version; use --type");
+        }
+        if a.mix.is_none() && !a.tensor_type.is_empty() {
+            bail!("--tensor-type applies to GGUF output: give --type too");
+        }
+        if a.mix.is_none() && ![2, 3, 4, 8].contains(&a.bits) {
+            bail!(
+                "--bits {}: the GPTQ and compressed-tensors formats take 2, 3, 4 or 8",
+                a.bits
+            );
+        }
+        if a.samples == 0 || a.seq == 0 {
+            bail!("--samples and --seq must be at least 1");
+        }
+    }
+    Ok(())
+}
+
 /// Runs the command.
 pub fn run(a: Args) -> Result<()> {
+    check_args(&a)?;
     match a.method {
         Some(Method::Gptq | Method::Awq) => return run_calibrated(a),
         Some(Method::Rtn) if a.mix.is_none() => return run_calibrated(a),
@@ -311,21 +357,12 @@ fn run_calibrated(a: Args) -> Result<()> {
         act_order: a.act_order,
         static_groups: a.static_groups || a.mix.is_some(),
     };
-    if !(a.damp.is_finite() && (0.0..=1.0).contains(&a.damp)) {
-        bail!("--damp {} must be between 0 and 1", a.damp);
-    }
-    if a.target_bpw.is_some() {
-        bail!("--target-bpw is not combined with --method in this version; use --type");
-    }
     let mix = a.mix.as_deref().map(Mix::from_name).transpose()?;
     let overrides = a
         .tensor_type
         .iter()
         .map(|s| Override::parse(s))
         .collect::<Result<Vec<_>>>()?;
-    if mix.is_none() && !overrides.is_empty() {
-        bail!("--tensor-type applies to GGUF output: give --type too");
-    }
     let (imatrix, model) = open_inputs(&a)?;
     let blocks = model.config.num_hidden_layers;
     // Every block linear's grid is checked before any work.

@@ -1,0 +1,370 @@
+//! `compress run`, `validate` and `status`: a run killed with SIGKILL in the
+//! middle of a stage resumes and produces the same bytes as an uninterrupted run
+//! (on the real model); a finished recipe reruns as a no-op; shards I/N cover
+//! the job list exactly once and `status` merges their manifests; a bad recipe
+//! is refused with every problem and its line before any work.
+
+use e2e::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn write_recipe(dir: &Path, text: &str) -> PathBuf {
+    let p = dir.join("recipe.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Every artifact file of every job manifest under `out`: job -> [(file name, sha256)].
+fn artifact_hashes(out: &Path) -> Vec<(String, Vec<(String, String)>)> {
+    let status = compress(&["status", &s(out), "--json"]);
+    let v: Value = serde_json::from_slice(&status.stdout)
+        .unwrap_or_else(|_| panic!("status --json: {}", output_text(&status)));
+    v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let files = m["artifacts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| {
+                    let p = Path::new(f["path"].as_str().unwrap());
+                    let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                    (name, f["sha256"].as_str().unwrap().to_owned())
+                })
+                .collect();
+            (m["job"]["name"].as_str().unwrap().to_owned(), files)
+        })
+        .collect()
+}
+
+/// The real model through two variants that share an imatrix and a calibration
+/// text: a GGUF mix, and 2:4 Wanda pruning (an HF folder) quantized to Q8_0.
+fn real_recipe(dir: &Path) -> PathBuf {
+    write_recipe(
+        dir,
+        &format!(
+            r#"
+name = "resume"
+output = "{out}"
+[[model]]
+name = "smollm2"
+path = "{model}"
+[calib]
+text = "{calib}"
+samples = 4
+seq = 128
+[eval]
+text = "{eval}"
+ctx = 128
+chunks = 2
+[gate]
+max_kld = 5.0
+[[variant]]
+name = "q4_k_m"
+stages = [{{ kind = "quantize", type = "Q4_K_M", imatrix = true }}]
+[[variant]]
+name = "s24-q8"
+stages = [
+  {{ kind = "prune", method = "wanda", nm = "2:4" }},
+  {{ kind = "quantize", type = "Q8_0" }},
+]
+"#,
+            out = s(&dir.join("unused")),
+            model = s(&real_model()),
+            calib = s(&asset("calib.txt")),
+            eval = s(&eval_text()),
+        ),
+    )
+}
+
+#[test]
+fn killed_run_resumes_to_the_same_bytes_and_a_finished_run_is_a_no_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = real_recipe(dir.path());
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+
+    let first = compress(&["run", &s(&recipe), "--out", &s(&a)]);
+    assert!(first.status.success(), "{}", output_text(&first));
+    let reference = artifact_hashes(&a);
+    assert_eq!(reference.len(), 2, "{reference:?}");
+    assert!(a.join("smollm2/q4_k_m.gguf").is_file());
+    assert!(a.join("smollm2/s24-q8.gguf").is_file());
+    let junit = std::fs::read_to_string(a.join("smollm2/q4_k_m.junit.xml")).unwrap();
+    assert!(junit.contains("<testcase"), "{junit}");
+
+    // Second run into another folder, killed with SIGKILL while the GGUF
+    // quantization of the first job is a third of the way through.
+    let mut child = Command::new(bin())
+        .args(["run", &s(&recipe), "--out", &s(&b), "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut killed_at = None;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let ev: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+        if ev["event"] == "progress"
+            && ev["stage"] == "stage 1 quantize"
+            && ev["done"].as_u64().unwrap() >= 90
+        {
+            child.kill().unwrap();
+            killed_at = Some(ev["done"].as_u64().unwrap());
+            break;
+        }
+    }
+    child.wait().unwrap();
+    assert!(killed_at.is_some(), "the run ended before the kill");
+    assert!(
+        !b.join("smollm2/q4_k_m.gguf").exists(),
+        "an artifact appeared although its stage was killed"
+    );
+    let stages = b.join(".stages");
+    let names: Vec<String> = std::fs::read_dir(&stages)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names.iter().filter(|n| !n.contains(".tmp-")).count(),
+        1,
+        "only the imatrix stage had finished: {names:?}"
+    );
+
+    let resumed = compress(&["run", &s(&recipe), "--out", &s(&b)]);
+    let text = output_text(&resumed);
+    assert!(resumed.status.success(), "{text}");
+    assert!(
+        text.contains("stage 1a imatrix: done before"),
+        "the finished imatrix stage was not reused:\n{text}"
+    );
+    assert!(
+        !names
+            .iter()
+            .filter(|n| n.contains(".tmp-"))
+            .any(|n| stages.join(n).exists()),
+        "the killed stage's temporary folder was left behind"
+    );
+    assert_eq!(
+        artifact_hashes(&b),
+        reference,
+        "a resumed run wrote other bytes than an uninterrupted one"
+    );
+
+    // A finished recipe: nothing runs, nothing is rewritten.
+    let manifest = a.join("smollm2/q4_k_m.manifest.json");
+    let before = std::fs::read(&manifest).unwrap();
+    let mtime = std::fs::metadata(a.join("smollm2/q4_k_m.gguf"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let again = compress(&["run", &s(&recipe), "--out", &s(&a)]);
+    let text = output_text(&again);
+    assert!(again.status.success(), "{text}");
+    assert!(text.contains("nothing to do"), "{text}");
+    assert_eq!(std::fs::read(&manifest).unwrap(), before);
+    let mtime_after = std::fs::metadata(a.join("smollm2/q4_k_m.gguf"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(mtime, mtime_after);
+    let m: Value = serde_json::from_slice(&before).unwrap();
+    assert_eq!(m["status"], "passed");
+    assert_eq!(
+        m["inputs"][0]["files"][0]["sha256"].as_str().unwrap().len(),
+        64
+    );
+    assert!(m["recipe"]["text"].as_str().unwrap().contains("Q4_K_M"));
+    assert!(m["eval"]["kld"].as_f64().unwrap() > 0.0);
+}
+
+/// Two tiny random models × three GGUF mixes, evaluated: six quick jobs.
+fn tiny_recipe(dir: &Path) -> PathBuf {
+    for seed in [1, 2] {
+        write_tiny_llama(&dir.join(format!("tiny{seed}.gguf")), 2, 64, seed, &|_| 1.0);
+    }
+    write_recipe(
+        dir,
+        &format!(
+            r#"
+output = "{out}"
+[[model]]
+path = "{m1}"
+[[model]]
+path = "{m2}"
+[eval]
+text = "{eval}"
+ctx = 64
+chunks = 1
+[[variant]]
+name = "q8_0"
+stages = [{{ kind = "quantize", type = "Q8_0" }}]
+[[variant]]
+name = "q4_0"
+stages = [{{ kind = "quantize", type = "Q4_0" }}]
+[[variant]]
+name = "q5_1"
+stages = [{{ kind = "quantize", type = "Q5_1" }}]
+"#,
+            out = s(&dir.join("out")),
+            m1 = s(&dir.join("tiny1.gguf")),
+            m2 = s(&dir.join("tiny2.gguf")),
+            eval = s(&eval_text()),
+        ),
+    )
+}
+
+#[test]
+fn shards_cover_the_job_list_exactly_once_and_status_merges_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = tiny_recipe(dir.path());
+    let out = dir.path().join("out");
+
+    let mut listed = Vec::new();
+    for i in 1..=3 {
+        let o = compress(&[
+            "run",
+            &s(&recipe),
+            "--shard",
+            &format!("{i}/3"),
+            "--list",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", output_text(&o));
+        for line in String::from_utf8_lossy(&o.stdout).lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            listed.push((
+                i,
+                v["index"].as_u64().unwrap(),
+                v["job"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    let mut indices: Vec<u64> = listed.iter().map(|l| l.1).collect();
+    indices.sort();
+    assert_eq!(indices, (1..=6).collect::<Vec<_>>(), "{listed:?}");
+
+    for i in 1..=2 {
+        let o = compress(&["run", &s(&recipe), "--shard", &format!("{i}/3"), "--quiet"]);
+        assert!(o.status.success(), "{}", output_text(&o));
+        assert!(
+            o.stdout.is_empty() && o.stderr.is_empty(),
+            "--quiet printed:\n{}",
+            output_text(&o)
+        );
+    }
+    // Two shards done: status names the third shard's jobs as not run, exit 1.
+    let partial = compress(&["status", &s(&out), "--recipe", &s(&recipe), "--json"]);
+    assert_eq!(partial.status.code(), Some(1), "{}", output_text(&partial));
+    let v: Value = serde_json::from_slice(&partial.stdout).unwrap();
+    let mut missing: Vec<String> = v["missing"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap().to_owned())
+        .collect();
+    let mut third: Vec<String> = listed
+        .iter()
+        .filter(|l| l.0 == 3)
+        .map(|l| l.2.clone())
+        .collect();
+    missing.sort();
+    third.sort();
+    assert_eq!(missing, third);
+
+    let o = compress(&["run", &s(&recipe), "--shard", "3/3"]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    let full = compress(&["status", &s(&out), "--recipe", &s(&recipe), "--json"]);
+    assert!(full.status.success(), "{}", output_text(&full));
+    let v: Value = serde_json::from_slice(&full.stdout).unwrap();
+    let jobs = v["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 6);
+    assert!(v["missing"].as_array().unwrap().is_empty());
+    for m in jobs {
+        let name = m["job"]["name"].as_str().unwrap();
+        let shard = listed.iter().find(|l| l.2 == name).unwrap().0;
+        assert_eq!(m["shard"], format!("{shard}/3"), "{name}");
+        assert_eq!(m["status"], "done");
+        assert!(m["eval"]["ppl"].as_f64().unwrap().is_finite());
+    }
+    let table = compress(&["status", &s(&out)]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("6 manifests: 6 done"), "{text}");
+    assert!(text.contains("tiny2/q5_1"), "{text}");
+}
+
+#[test]
+fn a_bad_recipe_is_refused_with_every_problem_and_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let recipe = write_recipe(
+        dir.path(),
+        &format!(
+            r#"output = "{out}"
+[[model]]
+name = "smollm2"
+path = "{model}"
+[[model]]
+name = "missing"
+path = "{dir}/no-such-model.gguf"
+[eval]
+chunks = "ten"
+[gate]
+max_kdl = 0.1
+[[variant]]
+name = "twice"
+stages = [
+  {{ kind = "quantize", type = "Q4_K_M" }},
+  {{ kind = "quantize", type = "Q8_0" }},
+]
+[[variant]]
+name = "typo"
+stages = [{{ kind = "prune", sparsty = 0.5 }}]
+[[variant]]
+name = "later"
+stages = [{{ kind = "distill" }}]
+[[variant]]
+name = "same"
+path = "smollm2/twice.gguf"
+stages = [{{ kind = "quantize", type = "Q5_K_M" }}]
+"#,
+            out = s(&out),
+            model = s(&real_model()),
+            dir = s(dir.path()),
+        ),
+    );
+    for cmd in ["validate", "run"] {
+        let o = compress(&[cmd, &s(&recipe)]);
+        let text = output_text(&o);
+        assert_eq!(o.status.code(), Some(2), "{cmd}: {text}");
+        assert!(!text.contains("panicked"), "{text}");
+        for (line, what) in [
+            (7, "no such file"),
+            (9, "must be an integer"),
+            (11, "did you mean 'max_kld'"),
+            (16, "quantize twice"),
+            (20, "did you mean 'sparsity'"),
+            (23, "not available in this version"),
+            (26, "both write"),
+        ] {
+            let needle = format!("recipe.toml:{line}: ");
+            assert!(
+                text.lines()
+                    .any(|l| l.contains(&needle) && l.contains(what)),
+                "{cmd}: no '{what}' at line {line} in:\n{text}"
+            );
+        }
+        assert!(
+            !out.exists(),
+            "{cmd} wrote {} for a bad recipe",
+            out.display()
+        );
+    }
+}
