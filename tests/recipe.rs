@@ -368,3 +368,17 @@ stages = [{{ kind = "quantize", type = "Q5_K_M" }}]
         );
     }
 }
+
+#[test]
+fn the_example_recipes_validate() {
+    for name in ["smollm2.toml", "batch.toml"] {
+        let p = repo_root().join("examples").join(name);
+        let o = compress(&["validate", &s(&p)]);
+        assert!(o.status.success(), "{name}: {}", output_text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("valid:"),
+            "{}",
+            output_text(&o)
+        );
+    }
+}

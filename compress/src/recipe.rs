@@ -280,8 +280,8 @@ pub struct Variant {
     pub name: String,
     /// Stages, in order.
     pub stages: Vec<Stage>,
-    /// Artifact path relative to the output folder (default `MODEL/VARIANT.gguf`
-    /// or `MODEL/VARIANT/`).
+    /// Artifact path relative to the output folder, `{model}` standing for the
+    /// model's name (default `MODEL/VARIANT.gguf` or `MODEL/VARIANT/`).
     pub path: Option<String>,
     /// Line of `path` (or of the variant) in the recipe.
     pub line: usize,
@@ -370,7 +370,11 @@ impl Recipe {
                     .stages
                     .last()
                     .map_or(ArtifactKind::Folder, |s| s.writes);
-                let artifact = variant.path.clone().unwrap_or_else(|| match kind {
+                let artifact = variant
+                    .path
+                    .as_ref()
+                    .map(|p| p.replace("{model}", &model.name));
+                let artifact = artifact.unwrap_or_else(|| match kind {
                     ArtifactKind::Gguf => format!("{}/{}.gguf", model.name, variant.name),
                     ArtifactKind::Folder => format!("{}/{}", model.name, variant.name),
                 });

@@ -324,13 +324,26 @@ impl Reporter {
     }
 }
 
-/// `NAME D/N REST` (the plain-line form of [`crate::progress::Progress`]).
+/// `NAME D/N REST` (the plain-line form of [`crate::progress::Progress`];
+/// NAME may have spaces).
 fn parse_progress(line: &str) -> Option<(&str, u64, u64, &str)> {
-    let mut parts = line.splitn(3, ' ');
-    let task = parts.next()?;
-    let (d, n) = parts.next()?.split_once('/')?;
-    let (done, total) = (d.parse().ok()?, n.parse().ok()?);
-    Some((task, done, total, parts.next().unwrap_or("").trim()))
+    let mut start = 0;
+    for word in line.split(' ') {
+        let here = start;
+        start += word.len() + 1;
+        let Some((d, n)) = word.split_once('/') else {
+            continue;
+        };
+        let (Ok(done), Ok(total)) = (d.parse(), n.parse()) else {
+            continue;
+        };
+        let task = line[..here].trim_end();
+        if task.is_empty() || task.ends_with(':') {
+            return None;
+        }
+        return Some((task, done, total, line.get(start..).unwrap_or("").trim()));
+    }
+    None
 }
 
 /// One line about a finished job.
@@ -1278,8 +1291,13 @@ mod tests {
             parse_progress("quantize 12/211 blk.3.ffn_up (4.2s)"),
             Some(("quantize", 12, 211, "blk.3.ffn_up (4.2s)"))
         );
+        assert_eq!(
+            parse_progress("channel statistics 5/30  (0.5s)"),
+            Some(("channel statistics", 5, 30, "(0.5s)"))
+        );
         assert_eq!(parse_progress("wrote out.gguf (5 MB)"), None);
-        assert_eq!(parse_progress("note: x 1/2"), None);
+        assert_eq!(parse_progress("note: 1/2"), None);
+        assert_eq!(parse_progress("1/2 x"), None);
     }
 
     #[test]
