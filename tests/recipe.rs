@@ -382,3 +382,47 @@ fn the_example_recipes_validate() {
         );
     }
 }
+
+#[test]
+fn a_job_that_fails_is_recorded_and_the_others_still_run() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_llama(&dir.path().join("tiny.gguf"), 2, 64, 3, &|_| 1.0);
+    let out = dir.path().join("out");
+    let recipe = write_recipe(
+        dir.path(),
+        &format!(
+            r#"
+output = "{out}"
+[[model]]
+path = "{model}"
+[[variant]]
+name = "bad"
+stages = [{{ kind = "quantize", type = "Q8_0", tensor_type = ["no_such_tensor=Q4_0"] }}]
+[[variant]]
+name = "good"
+stages = [{{ kind = "quantize", type = "Q8_0" }}]
+"#,
+            out = s(&out),
+            model = s(&dir.path().join("tiny.gguf")),
+        ),
+    );
+    let o = compress(&["run", &s(&recipe)]);
+    let text = output_text(&o);
+    assert_eq!(o.status.code(), Some(2), "{text}");
+    assert!(text.contains("error: job tiny/bad"), "{text}");
+    assert!(out.join("tiny/good.gguf").is_file(), "{text}");
+    assert!(!out.join("tiny/bad.gguf").exists());
+    let m: Value = serde_json::from_slice(&std::fs::read(out.join("tiny/bad.manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["status"], "failed");
+    assert!(m["error"].as_str().unwrap().contains("no_such_tensor"), "{m}");
+    let st = compress(&["status", &s(&out)]);
+    assert_eq!(st.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&st.stdout).contains("1 done, 1 failed"), "{}", output_text(&st));
+    // No temporary folder of the failed stage is left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(out.join(".stages"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

@@ -1364,6 +1364,22 @@ stages = [
     }
 
     #[test]
+    fn an_artifact_onto_an_input_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("out/m/q4.gguf");
+        std::fs::create_dir_all(model.parent().unwrap()).unwrap();
+        std::fs::write(&model, b"GGUF").unwrap();
+        let text = GOOD
+            .replace("/tmp/compress-recipe-test-out", &dir.path().join("out").display().to_string())
+            .replace("asset:smollm2", &model.display().to_string());
+        let p = problems(&text);
+        assert!(
+            p.iter().any(|(_, m)| m.contains("which is the model 'm'")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
     fn shards_partition_the_jobs() {
         for n in 1..6 {
             let shards: Vec<Shard> = (1..=n)
