@@ -412,12 +412,21 @@ stages = [{{ kind = "quantize", type = "Q8_0" }}]
     assert!(text.contains("error: job tiny/bad"), "{text}");
     assert!(out.join("tiny/good.gguf").is_file(), "{text}");
     assert!(!out.join("tiny/bad.gguf").exists());
-    let m: Value = serde_json::from_slice(&std::fs::read(out.join("tiny/bad.manifest.json")).unwrap()).unwrap();
+    let m: Value =
+        serde_json::from_slice(&std::fs::read(out.join("tiny/bad.manifest.json")).unwrap())
+            .unwrap();
     assert_eq!(m["status"], "failed");
-    assert!(m["error"].as_str().unwrap().contains("no_such_tensor"), "{m}");
+    assert!(
+        m["error"].as_str().unwrap().contains("no_such_tensor"),
+        "{m}"
+    );
     let st = compress(&["status", &s(&out)]);
     assert_eq!(st.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&st.stdout).contains("1 done, 1 failed"), "{}", output_text(&st));
+    assert!(
+        String::from_utf8_lossy(&st.stdout).contains("1 done, 1 failed"),
+        "{}",
+        output_text(&st)
+    );
     // No temporary folder of the failed stage is left behind.
     let leftovers: Vec<_> = std::fs::read_dir(out.join(".stages"))
         .unwrap()

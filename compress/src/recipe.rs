@@ -1370,7 +1370,10 @@ stages = [
         std::fs::create_dir_all(model.parent().unwrap()).unwrap();
         std::fs::write(&model, b"GGUF").unwrap();
         let text = GOOD
-            .replace("/tmp/compress-recipe-test-out", &dir.path().join("out").display().to_string())
+            .replace(
+                "/tmp/compress-recipe-test-out",
+                &dir.path().join("out").display().to_string(),
+            )
             .replace("asset:smollm2", &model.display().to_string());
         let p = problems(&text);
         assert!(
