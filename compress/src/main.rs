@@ -6,6 +6,7 @@
 
 mod assets;
 mod convert;
+mod distill;
 mod evaluate;
 mod gate;
 mod progress;
@@ -118,6 +119,10 @@ enum Command {
     /// Check an evaluation report against quality thresholds: exit code 0 when
     /// all hold, 1 when one fails, 2 on bad input.
     Gate(gate::Args),
+    /// Train a pruned model to match its original on calibration text
+    /// (knowledge distillation): forward KL on the teacher's top-k logits, AdamW,
+    /// checkpoints and resume; pruned weights stay zero.
+    Distill(distill::Args),
     /// Run a recipe: every job (model × variant) through its stages, evaluated
     /// and gated, resumable, with a manifest per job; exit code 0 when every job
     /// passed, 1 when a gate failed, 2 when a job could not run.
@@ -210,6 +215,7 @@ fn run_stage(command: Command) -> Result<()> {
         }
         Command::Quantize(args) => quantize::run(args),
         Command::Prune(args) => prune::run(args),
+        Command::Distill(args) => distill::run(args),
         Command::Sensitivity(args) => sensitivity::run(args),
         Command::Validate(args) => runner::validate(args),
         Command::Gate(_) | Command::Run(_) | Command::Status(_) => {

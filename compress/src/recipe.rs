@@ -192,6 +192,8 @@ pub enum StageKind {
     Prune,
     /// `compress quantize`.
     Quantize,
+    /// `compress distill` (the job's input model is the teacher).
+    Distill,
 }
 
 impl StageKind {
@@ -200,6 +202,7 @@ impl StageKind {
         match self {
             StageKind::Prune => "prune",
             StageKind::Quantize => "quantize",
+            StageKind::Distill => "distill",
         }
     }
 
@@ -210,16 +213,26 @@ impl StageKind {
             StageKind::Quantize => {
                 crate::quantize::Args::augment_args(clap::Command::new("quantize"))
             }
+            StageKind::Distill => crate::distill::Args::augment_args(clap::Command::new("distill")),
         }
     }
 }
 
 /// Stage kinds that exist in the pipeline's plan but not in this build.
-const NOT_AVAILABLE: [&str; 1] = ["distill"];
+const NOT_AVAILABLE: [&str; 1] = ["export"];
 /// Stage kinds a recipe may use.
-const STAGE_KINDS: [&str; 2] = ["prune", "quantize"];
+const STAGE_KINDS: [&str; 3] = ["prune", "distill", "quantize"];
 /// Flags the runner sets itself (or that are not parameters).
-const RUNNER_FLAGS: [&str; 5] = ["input", "output", "report", "help", "imatrix"];
+const RUNNER_FLAGS: [&str; 8] = [
+    "input",
+    "output",
+    "report",
+    "help",
+    "imatrix",
+    "teacher",
+    "student",
+    "checkpoint_dir",
+];
 /// Stage keys the runner reads itself.
 const RUNNER_STAGE_KEYS: [&str; 3] = ["kind", "write", "imatrix"];
 
@@ -936,7 +949,12 @@ fn read_variant(r: &mut Reader, node: &Node, calib: &Calib, seed: u64) -> Option
             continue;
         };
         if let Some(prev) = stages.last().filter(|p| p.quantized) {
-            let msg = if stage.kind == StageKind::Quantize {
+            let msg = if stage.kind == StageKind::Distill {
+                format!(
+                    "{place}: distill after quantize: a quantized student is not trained in this version; put distill before quantize (line {})",
+                    prev.line
+                )
+            } else if stage.kind == StageKind::Quantize {
                 format!(
                     "{place}: quantize twice: stage {} already quantized the model (line {}); give one quantize stage per variant",
                     i, prev.line
@@ -1003,6 +1021,7 @@ fn read_stage(r: &mut Reader, node: &Node, place: &str, calib: &Calib, seed: u64
     let kind = match get(&entries, "kind").map(|n| (n, &n.value)) {
         Some((_, NodeValue::Str(k))) if k == "prune" => StageKind::Prune,
         Some((_, NodeValue::Str(k))) if k == "quantize" => StageKind::Quantize,
+        Some((_, NodeValue::Str(k))) if k == "distill" => StageKind::Distill,
         Some((n, NodeValue::Str(k))) if NOT_AVAILABLE.contains(&k.as_str()) => {
             r.problem(
                 n.line,
@@ -1035,7 +1054,7 @@ fn read_stage(r: &mut Reader, node: &Node, place: &str, calib: &Calib, seed: u64
         None => {
             r.problem(
                 node.line,
-                format!("{place}: needs kind = \"prune\" or \"quantize\""),
+                format!("{place}: needs kind = \"prune\", \"distill\" or \"quantize\""),
             );
             return None;
         }
@@ -1081,7 +1100,7 @@ fn read_stage(r: &mut Reader, node: &Node, place: &str, calib: &Calib, seed: u64
                 }
                 continue;
             }
-            "write" if kind == StageKind::Prune => {
+            "write" if kind != StageKind::Quantize => {
                 match &v.value {
                     NodeValue::Str(s) if s == "gguf" || s == "safetensors" => {
                         write = Some((s.clone(), v.line))
@@ -1150,7 +1169,7 @@ fn read_stage(r: &mut Reader, node: &Node, place: &str, calib: &Calib, seed: u64
                 ),
             },
         }
-        if long == "calib" || long == "sensitivity" {
+        if long == "calib" || long == "sensitivity" || long == "text" {
             if let NodeValue::Str(p) = &v.value {
                 check_path(r, v, k, p);
             }
@@ -1159,12 +1178,13 @@ fn read_stage(r: &mut Reader, node: &Node, place: &str, calib: &Calib, seed: u64
     // Recipe-wide defaults for what the stage did not set.
     let defaults = [
         ("calib", calib.text.clone()),
+        ("text", calib.text.clone()),
         ("samples", calib.samples.to_string()),
         ("seq", calib.seq.to_string()),
         ("seed", seed.to_string()),
     ];
     // A GGUF mix without --method reads no calibration text (its imatrix stage does).
-    let calibrates = kind == StageKind::Prune || given.iter().any(|g| g == "method");
+    let calibrates = kind != StageKind::Quantize || given.iter().any(|g| g == "method");
     for (k, v) in defaults {
         if calibrates
             && !given.iter().any(|g| g == k)
@@ -1174,7 +1194,7 @@ fn read_stage(r: &mut Reader, node: &Node, place: &str, calib: &Calib, seed: u64
             args.push(v);
         }
     }
-    for f in ["calib", "sensitivity"] {
+    for f in ["calib", "sensitivity", "text"] {
         if let Some(i) = args.iter().position(|a| *a == format!("--{f}")) {
             file_args.push(args[i + 1].clone());
         }
@@ -1191,7 +1211,7 @@ fn read_stage(r: &mut Reader, node: &Node, place: &str, calib: &Calib, seed: u64
                 ArtifactKind::Gguf
             }
         }
-        StageKind::Prune => match write {
+        StageKind::Prune | StageKind::Distill => match write {
             Some((w, line)) if w == "gguf" => {
                 if args
                     .windows(2)
@@ -1213,11 +1233,12 @@ fn read_stage(r: &mut Reader, node: &Node, place: &str, calib: &Calib, seed: u64
     }
     // The command's own parser checks types, choices and combinations.
     if r.problems.len() == problems_before {
-        let mut argv = vec![
-            "compress".to_owned(),
-            kind.name().to_owned(),
-            "INPUT".to_owned(),
-        ];
+        let mut argv = vec!["compress".to_owned(), kind.name().to_owned()];
+        if kind == StageKind::Distill {
+            argv.extend(["--teacher", "TEACHER", "--student", "STUDENT"].map(String::from));
+        } else {
+            argv.push("INPUT".to_owned());
+        }
         argv.extend(args.iter().cloned());
         argv.extend(["--output".to_owned(), "OUTPUT".to_owned()]);
         if imatrix != ImatrixSource::None {
@@ -1256,6 +1277,7 @@ fn stage_check(kind: StageKind, argv: &[String]) -> Result<()> {
     match crate::Cli::try_parse_from(argv).map(|c| c.command) {
         Ok(crate::Command::Prune(a)) => crate::prune::check_args(&a),
         Ok(crate::Command::Quantize(a)) => crate::quantize::check_args(&a),
+        Ok(crate::Command::Distill(a)) => crate::distill::check_args(&a),
         Ok(_) | Err(_) => anyhow::bail!("cannot check {} arguments", kind.name()),
     }
 }
@@ -1330,11 +1352,26 @@ stages = [
         );
         let p = problems(&twice);
         assert!(p.iter().any(|(_, m)| m.contains("quantize twice")), "{p:?}");
-        let distill = GOOD.replace("kind = \"prune\"", "kind = \"distill\"");
-        let p = problems(&distill);
+        let later = GOOD.replace("kind = \"prune\"", "kind = \"export\"");
+        let p = problems(&later);
         assert!(
             p.iter()
                 .any(|(_, m)| m.contains("not available in this version")),
+            "{p:?}"
+        );
+        let typo = GOOD.replace("kind = \"prune\"", "kind = \"distil\"");
+        let p = problems(&typo);
+        assert!(
+            p.iter().any(|(_, m)| m.contains("did you mean 'distill'")),
+            "{p:?}"
+        );
+        let after = GOOD.replace(
+            "{ kind = \"prune\", nm = \"2:4\", method = \"wanda\" },\n  { kind = \"quantize\", method = \"gptq\", bits = 4 },",
+            "{ kind = \"quantize\", method = \"gptq\", bits = 4 },\n  { kind = \"distill\", tokens = 1000 },",
+        );
+        let p = problems(&after);
+        assert!(
+            p.iter().any(|(_, m)| m.contains("distill after quantize")),
             "{p:?}"
         );
     }

@@ -17,7 +17,7 @@
 //! artifact file with size and sha256, the evaluation and the gate results.
 
 use crate::assets::sha256_file;
-use crate::recipe::{self, ImatrixSource, Job, Recipe, Shard};
+use crate::recipe::{self, ImatrixSource, Job, Recipe, Shard, StageKind};
 use anyhow::{bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
@@ -494,7 +494,7 @@ impl Runner {
         job: &str,
         label: &str,
         key_material: Value,
-        build: impl FnOnce(&Path) -> Vec<String>,
+        build: impl FnOnce(&Path, &Path) -> Vec<String>,
         stdout_file: Option<&str>,
     ) -> Result<Done> {
         let key = sha256_hex(
@@ -536,7 +536,10 @@ impl Runner {
         }
         std::fs::create_dir_all(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
-        let args = build(&tmp);
+        // A folder beside the stage's for state that must survive a kill (the
+        // checkpoints of a training stage).
+        let keep = self.stages_dir.join(format!("{key}.keep"));
+        let args = build(&tmp, &keep);
         let start = Instant::now();
         let result = self.spawn(job, label, &args, &tmp, stdout_file);
         if let Err(e) = result {
@@ -932,10 +935,10 @@ fn run_job(
     let mut inputs = vec![
         json!({"role": "model", "path": spec.path, "resolved": model_path, "sha256": model_id, "files": model_files}),
     ];
-    let calib_used = variant
-        .stages
-        .iter()
-        .any(|s| s.imatrix == ImatrixSource::Collect || s.args.iter().any(|x| x == "--calib"));
+    let calib_used = variant.stages.iter().any(|s| {
+        s.imatrix == ImatrixSource::Collect
+            || s.args.iter().any(|x| x == "--calib" || x == "--text")
+    });
     let calib_path = if calib_used {
         let p = crate::resolve(&recipe.calib.text)?;
         let (id, files) = runner.hash_input(&p)?;
@@ -992,7 +995,7 @@ fn run_job(
                     &job.name,
                     &label,
                     json!({"kind": "imatrix", "input": cur_id, "text": calib_id, "ctx": seq, "chunks": samples}),
-                    |tmp| {
+                    |tmp, _| {
                         vec![
                             "imatrix".into(),
                             input.display().to_string(),
@@ -1022,9 +1025,22 @@ fn run_job(
         let d = runner.step(
             &job.name,
             &label,
-            json!({"kind": stage.kind.name(), "input": cur_id, "args": stage.args, "files": files, "imatrix": imatrix_id}),
-            |tmp| {
-                let mut args = vec![stage.kind.name().to_owned(), input.display().to_string()];
+            json!({"kind": stage.kind.name(), "input": cur_id, "args": stage.args, "files": files,
+                "imatrix": imatrix_id, "teacher": (stage.kind == StageKind::Distill).then_some(&model_id)}),
+            |tmp, keep| {
+                let mut args = vec![stage.kind.name().to_owned()];
+                if stage.kind == StageKind::Distill {
+                    args.extend([
+                        "--teacher".into(),
+                        model_path.display().to_string(),
+                        "--student".into(),
+                        input.display().to_string(),
+                        "--checkpoint-dir".into(),
+                        keep.display().to_string(),
+                    ]);
+                } else {
+                    args.push(input.display().to_string());
+                }
                 args.extend(stage.args.iter().cloned());
                 // The stage's own reading of a calibration file is resolved here
                 // (asset:NAME is fine, the child resolves it the same way).
@@ -1077,7 +1093,7 @@ fn run_job(
                 &job.name,
                 &label,
                 json!({"kind": "eval", "input": cur_id, "base": base_id, "text": text_id, "ctx": ctx, "chunks": chunks}),
-                |_| {
+                |_, _| {
                     let mut args = vec![
                         "eval".to_owned(),
                         artifact.display().to_string(),

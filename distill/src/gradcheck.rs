@@ -1,0 +1,232 @@
+//! The checks that make the hand-written backward trustworthy: on a tiny random
+//! model, the analytic gradient of a distillation-shaped objective (next-token
+//! cross-entropy + forward KL + reverse KL + hidden-state MSE on two blocks)
+//! against central finite differences in f64 for every element of every tensor,
+//! and the f32 path against the f64 one.
+
+use crate::float::Float;
+use crate::loss::{forward_kl, next_token_cross_entropy, reverse_kl};
+use crate::params::{Grads, Params};
+use crate::testutil::{random_params, random_vec, tiny_config};
+use crate::transformer::{backward, forward, Activations};
+use model::config::LlamaConfig;
+
+/// The fixed inputs of the objective: tokens (one repeated, so the embedding's
+/// scatter-add sees two positions on one row), teacher logits, hidden targets.
+struct Setup<T> {
+    tokens: Vec<u32>,
+    teacher: Vec<T>,
+    hidden_targets: Vec<(usize, Vec<T>)>,
+}
+
+impl Setup<f64> {
+    fn new(c: &LlamaConfig) -> Self {
+        let tokens = vec![3, 7, 1, 3, 10];
+        let n = tokens.len();
+        Setup {
+            teacher: random_vec(n * c.vocab_size, 3.0, 11),
+            hidden_targets: (0..c.num_hidden_layers)
+                .map(|l| (l, random_vec(n * c.hidden_size, 1.0, 20 + l as u64)))
+                .collect(),
+            tokens,
+        }
+    }
+
+    fn cast<T: Float>(&self) -> Setup<T> {
+        let cv = |v: &[f64]| v.iter().map(|&x| T::from_f64(x)).collect::<Vec<T>>();
+        Setup {
+            tokens: self.tokens.clone(),
+            teacher: cv(&self.teacher),
+            hidden_targets: self
+                .hidden_targets
+                .iter()
+                .map(|(l, t)| (*l, cv(t)))
+                .collect(),
+        }
+    }
+}
+
+/// The objective's value, the forward's activations, ∂L/∂logits and
+/// ∂L/∂hidden per target block.
+type Evaluated<T> = (f64, Activations<T>, Vec<T>, Vec<(usize, Vec<T>)>);
+
+/// `CE + 0.7·KL_fwd(T=2) + 0.3·KL_rev(T=1.5) + Σ_l 0.5·mean((h_l − target_l)²)`.
+fn objective<T: Float>(p: &Params<T>, s: &Setup<T>) -> Evaluated<T> {
+    let vocab = p.config.vocab_size;
+    let acts = forward(p, &s.tokens).unwrap();
+    let mut dl = vec![T::ZERO; acts.logits.len()];
+    let mut loss = next_token_cross_entropy(&acts.logits, vocab, &s.tokens, 1.0, &mut dl).unwrap();
+    loss += 0.7 * forward_kl(&acts.logits, &s.teacher, vocab, 2.0, 0.7, &mut dl).unwrap();
+    loss += 0.3 * reverse_kl(&acts.logits, &s.teacher, vocab, 1.5, 0.3, &mut dl).unwrap();
+    let mut hidden_grads = Vec::new();
+    for (l, target) in &s.hidden_targets {
+        let h = acts.hidden(*l);
+        let inv = 1.0 / h.len() as f64;
+        let mut d = vec![T::ZERO; h.len()];
+        for ((d, &h), &t) in d.iter_mut().zip(h).zip(target) {
+            let diff = h.to_f64() - t.to_f64();
+            loss += 0.5 * inv * diff * diff;
+            *d = T::from_f64(inv * diff);
+        }
+        hidden_grads.push((*l, d));
+    }
+    (loss, acts, dl, hidden_grads)
+}
+
+/// The analytic gradient of [`objective`] at `p`.
+fn analytic<T: Float>(p: &Params<T>, s: &Setup<T>) -> Grads<T> {
+    let (_, acts, dl, hidden) = objective(p, s);
+    let refs: Vec<(usize, &[T])> = hidden.iter().map(|(l, d)| (*l, &d[..])).collect();
+    let mut g = p.zeros_like();
+    backward(p, &acts, &dl, &refs, &mut g);
+    g
+}
+
+fn norm(v: impl Iterator<Item = f64>) -> f64 {
+    v.map(|x| x * x).sum::<f64>().sqrt()
+}
+
+/// Finite differences for every element of every tensor; returns the worst
+/// per-tensor relative error and panics naming every tensor that fails.
+fn check_against_finite_differences(tied: bool) -> f64 {
+    let c = tiny_config(tied);
+    let p = random_params::<f64>(&c, if tied { 1 } else { 2 });
+    let s = Setup::new(&c);
+    let g = analytic(&p, &s);
+    let step = 1e-5;
+    let mut work = p.clone();
+    let mut failures = Vec::new();
+    let mut worst = 0f64;
+    for (t, gt) in p.tensors().into_iter().zip(g.tensors()) {
+        assert_eq!(t.name, gt.name);
+        let mut fd = vec![0f64; t.data.len()];
+        for (i, fd) in fd.iter_mut().enumerate() {
+            let x = t.data[i];
+            work.get_mut(&t.name).unwrap()[i] = x + step;
+            let up = objective(&work, &s).0;
+            work.get_mut(&t.name).unwrap()[i] = x - step;
+            let down = objective(&work, &s).0;
+            work.get_mut(&t.name).unwrap()[i] = x;
+            *fd = (up - down) / (2.0 * step);
+        }
+        let (n_fd, n_g) = (norm(fd.iter().copied()), norm(gt.data.iter().copied()));
+        let n_diff = norm(fd.iter().zip(gt.data).map(|(a, b)| a - b));
+        let rel = n_diff / n_fd.max(n_g).max(1e-300);
+        // Per element: relative, with an absolute floor for elements whose
+        // gradient is at the level of the differences' rounding (~1e-11).
+        let (mut bad, mut worst_elem) = (0, 0f64);
+        for (a, b) in fd.iter().zip(gt.data) {
+            let e = (a - b).abs() / (a.abs().max(b.abs()) + 1e-8);
+            worst_elem = worst_elem.max(e);
+            if (a - b).abs() > 1e-6 * a.abs().max(b.abs()) + 1e-9 {
+                bad += 1;
+            }
+        }
+        println!(
+            "{:<24} |g| {n_g:.3e}  rel err {rel:.2e}  worst element {worst_elem:.2e}",
+            t.name
+        );
+        worst = worst.max(rel);
+        if rel.is_nan() || rel >= 1e-6 || bad > 0 || n_g == 0.0 {
+            failures.push(format!(
+                "{}: relative error {rel:e}, {bad} elements off, |g| {n_g:e}",
+                t.name
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "gradient check failed ({} head):\n{}",
+        if tied { "tied" } else { "untied" },
+        failures.join("\n")
+    );
+    worst
+}
+
+#[test]
+fn gradients_match_finite_differences_tied_head() {
+    let worst = check_against_finite_differences(true);
+    println!("tied head: worst per-tensor relative error {worst:.2e}");
+}
+
+#[test]
+fn gradients_match_finite_differences_untied_head() {
+    let worst = check_against_finite_differences(false);
+    println!("untied head: worst per-tensor relative error {worst:.2e}");
+}
+
+#[test]
+fn f32_path_agrees_with_f64() {
+    for tied in [true, false] {
+        let c = tiny_config(tied);
+        let p64 = random_params::<f64>(&c, 3);
+        let p32: Params<f32> = p64.cast();
+        let s64 = Setup::new(&c);
+        let s32 = s64.cast::<f32>();
+        let (l64, a64, ..) = objective(&p64, &s64);
+        let (l32, a32, ..) = objective(&p32, &s32);
+        let scale = a64.logits.iter().fold(0f64, |m, x| m.max(x.abs()));
+        let diff = a64
+            .logits
+            .iter()
+            .zip(&a32.logits)
+            .fold(0f64, |m, (a, b)| m.max((a - b.to_f64()).abs()));
+        println!(
+            "tied {tied}: logits max rel diff {:.2e}, loss {l64:.6} vs {l32:.6}",
+            diff / scale
+        );
+        assert!(
+            diff / scale < 1e-5,
+            "f32 logits differ by {diff:e} at scale {scale}"
+        );
+        assert!(((l64 - l32) / l64).abs() < 1e-5, "loss {l64} vs {l32}");
+        let (g64, g32) = (analytic(&p64, &s64), analytic(&p32, &s32));
+        let mut worst = 0f64;
+        for (a, b) in g64.tensors().into_iter().zip(g32.tensors()) {
+            let d = norm(a.data.iter().zip(b.data).map(|(x, y)| x - y.to_f64()));
+            let rel = d / norm(a.data.iter().copied());
+            worst = worst.max(rel);
+            assert!(
+                rel < 1e-3,
+                "{}: f32 gradient off by {rel:e} (tied {tied})",
+                a.name
+            );
+        }
+        println!("tied {tied}: f32 gradients, worst per-tensor relative error {worst:.2e}");
+    }
+}
+
+#[test]
+fn backward_accumulates_across_calls() {
+    let c = tiny_config(false);
+    let p = random_params::<f64>(&c, 4);
+    let s = Setup::new(&c);
+    let (_, acts, dl, hidden) = objective(&p, &s);
+    let refs: Vec<(usize, &[f64])> = hidden.iter().map(|(l, d)| (*l, &d[..])).collect();
+    let mut once = p.zeros_like();
+    backward(&p, &acts, &dl, &refs, &mut once);
+    let mut twice = p.zeros_like();
+    backward(&p, &acts, &dl, &refs, &mut twice);
+    backward(&p, &acts, &dl, &refs, &mut twice);
+    for (a, b) in once.tensors().into_iter().zip(twice.tensors()) {
+        for (x, y) in a.data.iter().zip(b.data) {
+            assert!(
+                (2.0 * x - y).abs() <= 1e-12 * x.abs().max(1.0),
+                "{}",
+                a.name
+            );
+        }
+    }
+}
+
+#[test]
+fn forward_rejects_bad_input() {
+    let c = tiny_config(true);
+    let mut p = random_params::<f32>(&c, 5);
+    let e = forward(&p, &[1, 11]).unwrap_err().to_string();
+    assert!(e.contains("token id 11"), "{e}");
+    assert!(forward(&p, &[]).is_err());
+    p.blocks[1].wk.pop();
+    let e = forward(&p, &[1, 2]).unwrap_err().to_string();
+    assert!(e.contains("blk.1.attn_k.weight"), "{e}");
+}
