@@ -329,7 +329,7 @@ name = "typo"
 stages = [{{ kind = "prune", sparsty = 0.5 }}]
 [[variant]]
 name = "later"
-stages = [{{ kind = "distill" }}]
+stages = [{{ kind = "distil" }}]
 [[variant]]
 name = "same"
 path = "smollm2/twice.gguf"
@@ -351,7 +351,7 @@ stages = [{{ kind = "quantize", type = "Q5_K_M" }}]
             (11, "did you mean 'max_kld'"),
             (16, "quantize twice"),
             (20, "did you mean 'sparsity'"),
-            (23, "not available in this version"),
+            (23, "did you mean 'distill'"),
             (26, "both write"),
         ] {
             let needle = format!("recipe.toml:{line}: ");
@@ -434,4 +434,83 @@ stages = [{{ kind = "quantize", type = "Q8_0" }}]
         .filter(|n| n.contains(".tmp-"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn a_distill_stage_trains_the_pruned_model_against_the_input_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    write_tiny_llama(&model, 2, 64, 4, &|_| 1.0);
+    let out = dir.path().join("out");
+    let recipe = write_recipe(
+        dir.path(),
+        &format!(
+            r#"
+output = "{out}"
+[[model]]
+path = "{model}"
+[calib]
+text = "{calib}"
+[eval]
+text = "{eval}"
+ctx = 64
+chunks = 4
+[[variant]]
+name = "pruned"
+stages = [{{ kind = "prune", method = "magnitude", sparsity = 0.5 }}]
+[[variant]]
+name = "distilled"
+stages = [
+  {{ kind = "prune", method = "magnitude", sparsity = 0.5 }},
+  {{ kind = "distill", tokens = 2048, seq = 64, batch = 2, lr = 3e-3 }},
+  {{ kind = "quantize", type = "Q8_0" }},
+]
+"#,
+            out = s(&out),
+            model = s(&model),
+            calib = s(&asset("calib.txt")),
+            eval = s(&eval_text()),
+        ),
+    );
+    let o = compress(&["run", &s(&recipe)]);
+    let text = output_text(&o);
+    assert!(o.status.success(), "{text}");
+    let read = |name: &str| -> Value {
+        serde_json::from_slice(
+            &std::fs::read(out.join(format!("tiny/{name}.manifest.json"))).unwrap(),
+        )
+        .unwrap()
+    };
+    let (pruned, distilled) = (read("pruned"), read("distilled"));
+    let stages = distilled["stages"].as_array().unwrap();
+    assert!(
+        stages[0]["cached"].as_bool().unwrap(),
+        "the shared prune stage ran twice"
+    );
+    let cmd: Vec<&str> = stages[1]["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(cmd[1], "distill");
+    assert!(
+        cmd.windows(2)
+            .any(|w| w[0] == "--teacher" && w[1] == s(&model)),
+        "{cmd:?}"
+    );
+    // The distill stage's own report: the input model was its teacher, 16 steps ran.
+    let folder = Path::new(stages[1]["folder"].as_str().unwrap());
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(folder.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["steps"], 16);
+    assert_eq!(report["teacher"], s(&model));
+    assert!(pruned["eval"]["kld"].as_f64().unwrap() > 0.0);
+    assert!(distilled["eval"]["kld"].as_f64().unwrap().is_finite());
+    let keep: Vec<_> = std::fs::read_dir(out.join(".stages"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".keep"))
+        .collect();
+    assert!(keep.is_empty(), "checkpoints left behind: {keep:?}");
 }

@@ -477,7 +477,7 @@ pub fn check_args(a: &Args) -> Result<()> {
         }
         for (flag, f) in [("--ffn", cuts.ffn), ("--width", cuts.width)] {
             if !(f.is_finite() && (0.0..1.0).contains(&f)) {
-                bail!("{flag} {f} must be a fraction in [0, 1)");
+                bail!("{flag} {f} is outside [0, 1)");
             }
         }
         return Ok(());

@@ -218,8 +218,6 @@ impl StageKind {
     }
 }
 
-/// Stage kinds that exist in the pipeline's plan but not in this build.
-const NOT_AVAILABLE: [&str; 1] = ["export"];
 /// Stage kinds a recipe may use.
 const STAGE_KINDS: [&str; 3] = ["prune", "distill", "quantize"];
 /// Flags the runner sets itself (or that are not parameters).
@@ -1022,16 +1020,6 @@ fn read_stage(r: &mut Reader, node: &Node, place: &str, calib: &Calib, seed: u64
         Some((_, NodeValue::Str(k))) if k == "prune" => StageKind::Prune,
         Some((_, NodeValue::Str(k))) if k == "quantize" => StageKind::Quantize,
         Some((_, NodeValue::Str(k))) if k == "distill" => StageKind::Distill,
-        Some((n, NodeValue::Str(k))) if NOT_AVAILABLE.contains(&k.as_str()) => {
-            r.problem(
-                n.line,
-                format!(
-                    "{place}: stage '{k}' is not available in this version of compress (stages: {})",
-                    STAGE_KINDS.join(", ")
-                ),
-            );
-            return None;
-        }
         Some((n, NodeValue::Str(k))) => {
             let hint = closest(k, STAGE_KINDS.iter().copied())
                 .map_or(String::new(), |s| format!("; did you mean '{s}'?"));
@@ -1352,13 +1340,6 @@ stages = [
         );
         let p = problems(&twice);
         assert!(p.iter().any(|(_, m)| m.contains("quantize twice")), "{p:?}");
-        let later = GOOD.replace("kind = \"prune\"", "kind = \"export\"");
-        let p = problems(&later);
-        assert!(
-            p.iter()
-                .any(|(_, m)| m.contains("not available in this version")),
-            "{p:?}"
-        );
         let typo = GOOD.replace("kind = \"prune\"", "kind = \"distil\"");
         let p = problems(&typo);
         assert!(
