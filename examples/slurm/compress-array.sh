@@ -6,7 +6,7 @@
 #   compress status out/batch --recipe examples/batch.toml
 #
 # Submit from the repository (or any folder holding the recipe) with:
-#   sbatch --array=0-5 examples/slurm/compress-array.sh examples/batch.toml
+#   sbatch --array=0-6 examples/slurm/compress-array.sh examples/batch.toml
 # A failed or preempted task resumes from its last finished stage when resubmitted:
 #   sbatch --array=3 examples/slurm/compress-array.sh examples/batch.toml
 #SBATCH --job-name=compress
