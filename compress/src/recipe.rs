@@ -943,13 +943,21 @@ fn read_variant(r: &mut Reader, node: &Node, calib: &Calib, seed: u64) -> Option
             i + 1,
             name.as_deref().unwrap_or("?")
         );
-        let Some(stage) = read_stage(r, s, &place, calib, seed) else {
+        let Some(mut stage) = read_stage(r, s, &place, calib, seed) else {
             continue;
         };
-        if let Some(prev) = stages.last().filter(|p| p.quantized) {
+        let prev_gguf = stages
+            .last()
+            .is_some_and(|p| p.quantized && p.writes == ArtifactKind::Gguf);
+        if stage.kind == StageKind::Distill && prev_gguf {
+            // A GGUF-quantized student trains through its codecs and is written
+            // back in its types: still a quantized GGUF.
+            stage.writes = ArtifactKind::Gguf;
+            stage.quantized = true;
+        } else if let Some(prev) = stages.last().filter(|p| p.quantized) {
             let msg = if stage.kind == StageKind::Distill {
                 format!(
-                    "{place}: distill after quantize: a quantized student is not trained in this version; put distill before quantize (line {})",
+                    "{place}: distill after quantize to an integer (GPTQ / AWQ) folder: such students are not trained in this version; quantize to GGUF types (`type = ...`), which distill trains through, or put distill before quantize (line {})",
                     prev.line
                 )
             } else if stage.kind == StageKind::Quantize {
@@ -1354,6 +1362,16 @@ stages = [
         assert!(
             p.iter().any(|(_, m)| m.contains("distill after quantize")),
             "{p:?}"
+        );
+        let after_gguf = GOOD.replace(
+            "{ kind = \"prune\", nm = \"2:4\", method = \"wanda\" },\n  { kind = \"quantize\", method = \"gptq\", bits = 4 },",
+            "{ kind = \"quantize\", type = \"Q4_K_M\" },\n  { kind = \"distill\", tokens = 1000 },",
+        );
+        assert_ne!(after_gguf, GOOD);
+        assert!(
+            problems(&after_gguf).is_empty(),
+            "{:?}",
+            problems(&after_gguf)
         );
     }
 

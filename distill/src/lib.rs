@@ -30,6 +30,7 @@ mod load;
 pub mod loss;
 pub mod ops;
 pub mod params;
+pub mod student;
 pub mod train;
 pub mod transformer;
 
@@ -40,4 +41,5 @@ mod testutil;
 
 pub use float::Float;
 pub use params::{BlockParams, Grads, Params, TensorMut, TensorRef};
+pub use student::{Method, Student};
 pub use transformer::{backward, forward, Activations, BlockActs};

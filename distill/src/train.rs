@@ -3,7 +3,7 @@
 //! the choice of which tensors train, and masks that keep a pruned student's
 //! removed weights exactly zero after every step.
 
-use crate::params::{Grads, Params};
+use crate::params::Params;
 use rayon::prelude::*;
 
 /// Which parameters train.
@@ -56,17 +56,14 @@ impl Schedule {
     }
 }
 
-/// The L2 norm of every gradient of the trainable tensors together. Partial sums
-/// over fixed chunks, added in order, so the norm (which scales the clipped
-/// update) is the same bits on every run.
-pub fn global_norm(grads: &Grads<f32>, trainable: Trainable) -> f64 {
+/// The L2 norm of `grads` together. Partial sums over fixed chunks, added in
+/// order, so the norm (which scales the clipped update) is the same bits on
+/// every run and any number of threads.
+pub fn global_norm(grads: &[&[f32]]) -> f64 {
     grads
-        .tensors()
         .iter()
-        .filter(|t| trainable.includes(t.name.as_str()))
-        .flat_map(|t| {
-            t.data
-                .par_chunks(1 << 14)
+        .flat_map(|g| {
+            g.par_chunks(1 << 14)
                 .map(|c| c.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>())
                 .collect::<Vec<f64>>()
         })
@@ -74,24 +71,21 @@ pub fn global_norm(grads: &Grads<f32>, trainable: Trainable) -> f64 {
         .sqrt()
 }
 
-/// Scales the gradients down so their global norm is at most `max_norm` (no
-/// clipping when `max_norm` is 0); returns the norm before clipping.
-pub fn clip(grads: &mut Grads<f32>, trainable: Trainable, max_norm: f64) -> f64 {
-    let norm = global_norm(grads, trainable);
+/// The factor that brings a gradient of global norm `norm` down to at most
+/// `max_norm` (1 when `max_norm` is 0, no clipping).
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
     if max_norm > 0.0 && norm > max_norm {
-        let s = (max_norm / norm) as f32;
-        for t in grads.tensors_mut() {
-            t.data.par_iter_mut().for_each(|g| *g *= s);
-        }
+        max_norm / norm
+    } else {
+        1.0
     }
-    norm
 }
 
 /// The exact zeros of a pruned student's block linears, kept zero through
 /// training (a bit per weight, for the tensors that have any).
 pub struct Masks {
-    /// Per tensor in [`Params::tensors`] order: a bitset of the zeros, or none.
-    zeros: Vec<Option<Vec<u64>>>,
+    /// Tensor name and a bitset of its zeros.
+    zeros: Vec<(String, Vec<u64>)>,
     /// Weights held at zero.
     pub count: usize,
 }
@@ -105,7 +99,7 @@ impl Masks {
         let zeros = params
             .tensors()
             .iter()
-            .map(|t| {
+            .filter_map(|t| {
                 if t.shape.len() != 2 || !t.name.starts_with("blk.") {
                     return None;
                 }
@@ -120,33 +114,42 @@ impl Masks {
                         bits[i / 64] |= 1 << (i % 64);
                     }
                 }
-                Some(bits)
+                Some((t.name.clone(), bits))
             })
             .collect();
         Masks { zeros, count }
     }
 
-    /// Sets the masked weights of `params` back to zero.
-    pub fn apply(&self, params: &mut Params<f32>) {
-        for (t, mask) in params.tensors_mut().into_iter().zip(&self.zeros) {
-            if let Some(bits) = mask {
-                t.data.par_chunks_mut(64).zip(bits).for_each(|(w, &b)| {
-                    if b != 0 {
-                        for (i, x) in w.iter_mut().enumerate() {
-                            if b >> i & 1 == 1 {
-                                *x = 0.0;
-                            }
-                        }
+    /// Sets the masked weights of tensor `name` (laid out as in the model) back
+    /// to zero; tensors without a mask are left as they are.
+    pub fn apply(&self, name: &str, data: &mut [f32]) {
+        let Some((_, bits)) = self.zeros.iter().find(|(n, _)| n == name) else {
+            return;
+        };
+        data.par_chunks_mut(64).zip(bits).for_each(|(w, &b)| {
+            if b != 0 {
+                for (i, x) in w.iter_mut().enumerate() {
+                    if b >> i & 1 == 1 {
+                        *x = 0.0;
                     }
-                });
+                }
             }
+        });
+    }
+
+    /// [`Masks::apply`] to every tensor of `params`.
+    pub fn apply_all(&self, params: &mut Params<f32>) {
+        for t in params.tensors_mut() {
+            self.apply(&t.name, t.data);
         }
     }
 }
 
 /// AdamW (Loshchilov & Hutter): Adam's moment estimates with bias correction,
 /// and weight decay applied to the weights directly rather than through the
-/// gradient, only to 2-D tensors (not to norm gains).
+/// gradient. It updates a fixed list of variables (whole tensors, quantized
+/// tensors' float masters, or adapter matrices), given in the same order at
+/// every step.
 pub struct AdamW {
     /// First-moment decay.
     pub beta1: f64,
@@ -156,59 +159,71 @@ pub struct AdamW {
     pub eps: f64,
     /// Decoupled weight decay per unit learning rate.
     pub weight_decay: f64,
-    /// First moments.
-    pub m: Params<f32>,
-    /// Second moments.
-    pub v: Params<f32>,
+    /// First moments, one vector per variable.
+    pub m: Vec<Vec<f32>>,
+    /// Second moments, one vector per variable.
+    pub v: Vec<Vec<f32>>,
     /// Steps taken.
     pub step: u64,
 }
 
 impl AdamW {
-    /// Zero moments shaped like `params`.
-    pub fn new(params: &Params<f32>, weight_decay: f64) -> AdamW {
+    /// Zero moments for variables of `sizes` elements.
+    pub fn new(sizes: &[usize], weight_decay: f64) -> AdamW {
         AdamW {
             beta1: 0.9,
             beta2: 0.95,
             eps: 1e-8,
             weight_decay,
-            m: params.zeros_like(),
-            v: params.zeros_like(),
+            m: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+            v: sizes.iter().map(|&n| vec![0.0; n]).collect(),
             step: 0,
         }
     }
 
-    /// One update of the trainable tensors with learning rate `lr`.
+    /// One update with learning rate `lr` of every variable in `vars` by its
+    /// gradient in `grads` times `grad_scale` (the clipping factor). `decay[i]`
+    /// says whether variable `i` takes weight decay (matrices do, norm gains
+    /// do not).
+    ///
+    /// # Panics
+    /// When the lists' lengths or a variable's size differ from [`AdamW::new`]'s.
     pub fn update(
         &mut self,
-        params: &mut Params<f32>,
-        grads: &Grads<f32>,
+        vars: Vec<&mut [f32]>,
+        grads: &[&[f32]],
+        decay: &[bool],
         lr: f64,
-        trainable: Trainable,
+        grad_scale: f64,
     ) {
+        assert!(
+            vars.len() == self.m.len() && grads.len() == vars.len() && decay.len() == vars.len(),
+            "AdamW: {} variables, {} gradients, {} moments",
+            vars.len(),
+            grads.len(),
+            self.m.len()
+        );
         self.step += 1;
         let t = self.step as i32;
         let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
         let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-        let tensors = params.tensors_mut();
-        let g = grads.tensors();
-        let m = self.m.tensors_mut();
-        let v = self.v.tensors_mut();
-        for (((p, g), m), v) in tensors.into_iter().zip(&g).zip(m).zip(v) {
-            if !trainable.includes(p.name.as_str()) {
-                continue;
-            }
-            let decay = if p.shape.len() == 2 {
-                lr * self.weight_decay
-            } else {
-                0.0
-            };
-            p.data
-                .par_iter_mut()
-                .zip(g.data.par_iter())
-                .zip(m.data.par_iter_mut().zip(v.data.par_iter_mut()))
+        for ((((w, g), m), v), &d) in vars
+            .into_iter()
+            .zip(grads)
+            .zip(&mut self.m)
+            .zip(&mut self.v)
+            .zip(decay)
+        {
+            assert!(
+                w.len() == g.len() && w.len() == m.len(),
+                "AdamW: size changed"
+            );
+            let decay = if d { lr * self.weight_decay } else { 0.0 };
+            w.par_iter_mut()
+                .zip(g.par_iter())
+                .zip(m.par_iter_mut().zip(v.par_iter_mut()))
                 .for_each(|((w, &g), (m, v))| {
-                    let g = g as f64;
+                    let g = g as f64 * grad_scale;
                     let m1 = b1 * *m as f64 + (1.0 - b1) * g;
                     let v1 = b2 * *v as f64 + (1.0 - b2) * g * g;
                     *m = m1 as f32;
@@ -243,13 +258,17 @@ mod tests {
 
     #[test]
     fn first_adam_step_moves_each_weight_by_the_learning_rate() {
-        // With bias correction the first step is lr · g / |g| for every weight.
+        // With bias correction the first step is lr · g / |g| for every weight,
+        // whatever the gradient's scale.
         let c = tiny_config(false);
         let mut p: Params<f32> = random_params(&c, 1);
         let before = p.clone();
         let g: Params<f32> = random_params(&c, 2);
-        let mut opt = AdamW::new(&p, 0.0);
-        opt.update(&mut p, &g, 1e-2, Trainable::All);
+        let sizes: Vec<usize> = p.tensors().iter().map(|t| t.data.len()).collect();
+        let mut opt = AdamW::new(&sizes, 0.0);
+        let grads: Vec<&[f32]> = g.tensors().into_iter().map(|t| t.data).collect();
+        let vars: Vec<&mut [f32]> = p.tensors_mut().into_iter().map(|t| t.data).collect();
+        opt.update(vars, &grads, &vec![true; sizes.len()], 1e-2, 0.25);
         for ((a, b), gt) in p.tensors().iter().zip(before.tensors()).zip(g.tensors()) {
             for ((x, y), gg) in a.data.iter().zip(b.data).zip(gt.data) {
                 if *gg != 0.0 {
@@ -261,42 +280,20 @@ mod tests {
     }
 
     #[test]
-    fn only_the_chosen_tensors_train_and_masked_zeros_stay_zero() {
-        let c = tiny_config(true);
-        let mut p: Params<f32> = random_params(&c, 3);
-        // Prune half of one layer.
-        let wq = p.get_mut("blk.0.attn_q.weight").unwrap();
-        for x in wq.iter_mut().step_by(2) {
-            *x = 0.0;
-        }
-        let masks = Masks::of_zeros(&p, 0.1);
-        assert_eq!(masks.count, p.get("blk.0.attn_q.weight").unwrap().len() / 2);
-        let before = p.clone();
-        let g: Params<f32> = random_params(&c, 4);
-        let mut opt = AdamW::new(&p, 0.1);
-        for _ in 0..3 {
-            opt.update(&mut p, &g, 1e-2, Trainable::Norms);
-            masks.apply(&mut p);
-        }
-        for (a, b) in p.tensors().iter().zip(before.tensors()) {
-            let changed = a.data != b.data;
-            assert_eq!(changed, a.name.ends_with("_norm.weight"), "{}", a.name);
-        }
-        for _ in 0..3 {
-            opt.update(&mut p, &g, 1e-2, Trainable::All);
-            masks.apply(&mut p);
-        }
-        let wq = p.get("blk.0.attn_q.weight").unwrap();
-        assert!(wq.iter().step_by(2).all(|&x| x == 0.0));
-        assert!(wq.iter().skip(1).step_by(2).all(|&x| x != 0.0));
-    }
-
-    #[test]
     fn clipping_bounds_the_global_norm() {
         let c = tiny_config(false);
-        let mut g: Params<f32> = random_params(&c, 5);
-        let before = clip(&mut g, Trainable::All, 0.5);
-        assert!(before > 0.5);
-        assert!((global_norm(&g, Trainable::All) - 0.5).abs() < 1e-4);
+        let g: Params<f32> = random_params(&c, 5);
+        let grads: Vec<&[f32]> = g.tensors().into_iter().map(|t| t.data).collect();
+        let norm = global_norm(&grads);
+        let direct: f64 = grads
+            .iter()
+            .flat_map(|g| g.iter())
+            .map(|&x| (x as f64).powi(2))
+            .sum();
+        assert!((norm - direct.sqrt()).abs() < 1e-9 * norm);
+        assert!(norm > 0.5);
+        assert!((clip_scale(norm, 0.5) * norm - 0.5).abs() < 1e-12);
+        assert_eq!(clip_scale(norm, 0.0), 1.0);
+        assert_eq!(clip_scale(norm, 2.0 * norm), 1.0);
     }
 }

@@ -248,6 +248,26 @@ impl Imatrix {
     }
 }
 
+/// The splitmix64 generator: no dependency, the same stream on every platform,
+/// for seeded choices (sample order, initial values) that must be reproducible.
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    /// A stream starting from `seed`.
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
 /// Calibration samples: `count` windows of `len` tokens of `tokens`, chosen
 /// without overlap by a seeded shuffle of the text's whole windows (the same
 /// seed gives the same samples). When the model adds a BOS token it replaces the
@@ -271,18 +291,10 @@ pub fn calibration_samples(
             (count * len) as f64 / tokens.len().max(1) as f64
         );
     }
-    // Fisher–Yates with splitmix64: no dependency, stable across platforms.
-    let mut state = seed;
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut rng = SplitMix64::new(seed);
     let mut order: Vec<usize> = (0..windows).collect();
     for i in (1..windows).rev() {
-        order.swap(i, (next() % (i as u64 + 1)) as usize);
+        order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
     }
     Ok(order[..count]
         .iter()
