@@ -9,8 +9,13 @@ the base on the evaluation text (ctx 512, --chunks chunks) before and after
 evaluation text), with the training throughput and peak RSS from its report.
 Prints a table and writes bench/results/distill_recovery.json.
 
+A fourth student, `q3_k_m` (the base quantized to Q3_K_M, no imatrix), is run
+only when named in --only: it trains through its codecs (straight-through) and is
+written back as Q3_K_M.
+
 Usage: bench/distill_recovery.py [--tokens 16384] [--lr 1e-4] [--batch 2] [--seq 256]
-                                 [--chunks 20] [--train all] [--only NAME,...]
+                                 [--chunks 20] [--train all|blocks|norms|lora]
+                                 [--hidden 0] [--lora-rank 16] [--only NAME,...]
 """
 import argparse
 import json
@@ -32,6 +37,7 @@ STUDENTS = {
     "sparsegpt-2:4": ("sparsegpt-2-4", ["--method", "sparsegpt", "--nm", "2:4"]),
     "ffn-25%": ("ffn-25", ["--ffn", "0.25"]),
     "blocks-4of30": ("blocks-4", ["--layers", "4"]),
+    "q3_k_m": ("q3_k_m.gguf", None),
 }
 
 ap = argparse.ArgumentParser()
@@ -41,11 +47,13 @@ ap.add_argument("--batch", type=int, default=2)
 ap.add_argument("--seq", type=int, default=256)
 ap.add_argument("--chunks", type=int, default=20)
 ap.add_argument("--train", default="all")
+ap.add_argument("--hidden", type=float, default=0.0)
+ap.add_argument("--lora-rank", type=int, default=16)
 ap.add_argument("--only", help="comma-separated student names")
 args = ap.parse_args()
 if not binary.exists():
     sys.exit(f"{binary} is missing: run `cargo build --release -p compress`")
-names = args.only.split(",") if args.only else list(STUDENTS)
+names = args.only.split(",") if args.only else [n for n in STUDENTS if n != "q3_k_m"]
 work.mkdir(parents=True, exist_ok=True)
 
 
@@ -71,15 +79,25 @@ for name in names:
     student = students / folder
     if not student.exists():
         students.mkdir(parents=True, exist_ok=True)
-        run([binary, "prune", base, "--samples", "64", "--seq", "512", *prune_args, "-o", student])
+        if prune_args is None:
+            run([binary, "quantize", base, "--type", "Q3_K_M", "-o", student])
+        else:
+            run([binary, "prune", base, "--samples", "64", "--seq", "512", *prune_args, "-o", student])
     tag = f"{folder}-{args.tokens}-{args.lr:g}-{args.train}"
-    out = work / tag
+    extra = []
+    if args.train == "lora":
+        tag += f"{args.lora_rank}"
+        extra += ["--lora-rank", str(args.lora_rank)]
+    if args.hidden > 0:
+        tag += f"-hidden{args.hidden:g}"
+        extra += ["--hidden", str(args.hidden)]
+    out = work / (tag + ".gguf" if prune_args is None else tag)
     report = work / f"{tag}.json"
     before = evaluate(student)
     t0 = time.time()
     run([binary, "distill", "--teacher", base, "--student", student, "--text", "asset:calib",
          "--tokens", str(args.tokens), "--lr", str(args.lr), "--batch", str(args.batch),
-         "--seq", str(args.seq), "--train", args.train, "-o", out, "--report", report])
+         "--seq", str(args.seq), "--train", args.train, *extra, "-o", out, "--report", report])
     seconds = time.time() - t0
     after = evaluate(out)
     r = json.loads(report.read_text())
@@ -105,7 +123,12 @@ for name, r in rows.items():
 results = root / "bench/results/distill_recovery.json"
 results.parent.mkdir(parents=True, exist_ok=True)
 prev = json.loads(results.read_text()) if results.exists() else {"runs": {}}
-prev["runs"][f"{args.tokens}-{args.lr:g}-{args.train}-{args.batch}x{args.seq}-c{args.chunks}"] = {
+key = f"{args.tokens}-{args.lr:g}-{args.train}-{args.batch}x{args.seq}-c{args.chunks}"
+if args.train == "lora":
+    key += f"-r{args.lora_rank}"
+if args.hidden > 0:
+    key += f"-hidden{args.hidden:g}"
+prev["runs"][key] = {
     "args": vars(args), "base": base_eval, "students": rows}
 results.write_text(json.dumps(prev, indent=2) + "\n")
 print(f"wrote {results}")

@@ -113,6 +113,15 @@ fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, ta: bool, tb: bool
     c
 }
 
+/// Every tensor of `params`, writable, by name.
+fn by_name(params: &mut Params<f32>) -> HashMap<String, &mut [f32]> {
+    params
+        .tensors_mut()
+        .into_iter()
+        .map(|t| (t.name, t.data))
+        .collect()
+}
+
 impl Student {
     /// Sets up `params` to train by `method`. `types` gives each tensor's stored
     /// type (a float type, or a quantized one whose tensors then train through
@@ -250,12 +259,7 @@ impl Student {
     /// The variables, writable, in [`Student::state`] order. Call
     /// [`Student::sync`] after changing them.
     pub fn state_mut(&mut self) -> Vec<&mut [f32]> {
-        let mut tensors: HashMap<String, &mut [f32]> = self
-            .params
-            .tensors_mut()
-            .into_iter()
-            .map(|t| (t.name, t.data))
-            .collect();
+        let mut tensors = by_name(&mut self.params);
         let mut out: Vec<&mut [f32]> = Vec::new();
         for v in &mut self.vars {
             match &mut v.kind {
@@ -310,12 +314,7 @@ impl Student {
     /// adapters merged.
     pub fn sync(&mut self) -> Result<()> {
         let masks = &self.masks;
-        let mut tensors: HashMap<String, &mut [f32]> = self
-            .params
-            .tensors_mut()
-            .into_iter()
-            .map(|t| (t.name, t.data))
-            .collect();
+        let mut tensors = by_name(&mut self.params);
         for v in &mut self.vars {
             let w = tensors.get_mut(&v.name).expect("a parameter");
             match &mut v.kind {
