@@ -7,7 +7,7 @@
 use e2e::*;
 use model::hf_quant::{HfQuantFormat, HfQuantWriter, IntLinear, IntQuantConfig};
 use model::safetensors_file::{Dtype, SafetensorsFile, SafetensorsWriter};
-use model::{names, Model};
+use model::Model;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -126,7 +126,7 @@ fn run(case: &Case, dir: &Path) -> String {
     for name in &order {
         let t = model.tensor(name).unwrap();
         let w = t.to_f32().unwrap();
-        if model::hf_quant::is_block_linear(name) {
+        if model::hf_quant::is_block_linear(model.config.arch, name) {
             let (out, inp) = (t.shape[0], t.shape[1]);
             let gs = if case.cfg.per_channel {
                 inp
@@ -165,7 +165,7 @@ fn run(case: &Case, dir: &Path) -> String {
     let decl: Vec<_> = linears
         .iter()
         .map(|(n, q)| {
-            let hf = names::hf_from_canonical(n).unwrap();
+            let hf = model.config.arch.hf_from_canonical(n).unwrap();
             (hf, Dtype::F32, vec![q.out_features, q.in_features])
         })
         .collect();

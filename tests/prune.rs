@@ -5,7 +5,6 @@
 //! refused before any output.
 
 use e2e::*;
-use model::hf_quant::BLOCK_LINEARS;
 use model::{names, Model};
 use std::path::{Path, PathBuf};
 
@@ -44,7 +43,7 @@ fn prune(extra: &[&str], out: &Path) {
 /// Every block linear of `model` as f32.
 fn linears(model: &Model) -> Vec<(String, usize, Vec<f32>)> {
     (0..model.config.num_hidden_layers)
-        .flat_map(|l| BLOCK_LINEARS.iter().map(move |s| names::block(l, s)))
+        .flat_map(|l| model.config.arch.linears().map(move |s| names::block(l, s)))
         .map(|n| {
             let t = model.tensor(&n).unwrap();
             let cols = t.shape[1];

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use half::{bf16, f16};
 use kernels::GgmlType;
 use model::safetensors_file::{Dtype, SafetensorsWriter};
-use model::{names, Model};
+use model::Model;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -82,10 +82,18 @@ pub fn convert(input: &Path, output: &Path, dtype: GgmlType) -> Result<()> {
         );
     }
     let st_dtype = Dtype::from_ggml(dtype).expect("convert writes float types");
-    let names = model.tensor_names();
+    // The config computes what HF stores no tensor for (RoPE factors); its
+    // writer refuses what it cannot express.
+    let config = serde_json::to_string_pretty(&model.config.to_hf_json(torch_dtype(dtype))?)?;
+    let arch = model.config.arch;
+    let names: Vec<String> = model
+        .tensor_names()
+        .into_iter()
+        .filter(|n| arch.hf_from_canonical(n).is_some())
+        .collect();
     let mut decl = Vec::with_capacity(names.len());
     for n in &names {
-        let hf = names::hf_from_canonical(n).with_context(|| format!("no HF name for '{n}'"))?;
+        let hf = arch.hf_from_canonical(n).expect("filtered");
         decl.push((hf, st_dtype, model.tensor_meta(n)?.1));
     }
     let mut meta = BTreeMap::new();
@@ -99,7 +107,6 @@ pub fn convert(input: &Path, output: &Path, dtype: GgmlType) -> Result<()> {
     }
     writer.finish()?;
     bar.finish();
-    let config = serde_json::to_string_pretty(&model.config.to_hf_json(torch_dtype(dtype)))?;
     model::io::write_atomic(&out_dir.join("config.json"), config.as_bytes())?;
     model.tokenizer.save(&out_dir)?;
     eprintln!(

@@ -16,9 +16,9 @@ use model::calib::calibration_samples;
 use model::checkpoint::permute_qk_rows;
 use model::gguf::{GgufWriter, MetaValue};
 use model::gguf_export;
-use model::hf_quant::{is_block_linear, write_order, BLOCK_LINEARS};
+use model::hf_quant::{is_block_linear, write_order};
 use model::safetensors_file::{Dtype, SafetensorsWriter};
-use model::{names, LlamaConfig, Model, Tensor};
+use model::{names, Model, ModelConfig, Tensor};
 use prune::{schedule, score, sparsegpt, Pattern};
 use quant::calibrated::{self, f32_tensor, finite_weights, LayerInput, Timings};
 use quant::gptq::{self, GptqOptions};
@@ -166,7 +166,7 @@ struct PruneReport {
 /// Dense output: the tensors in a declared order, as safetensors or GGUF, for a
 /// model with `config` (the input's, or a structured cut's smaller one).
 pub(crate) struct DenseWriter {
-    config: LlamaConfig,
+    config: ModelConfig,
     dtype: GgmlType,
     out: DenseOut,
 }
@@ -180,7 +180,7 @@ enum DenseOut {
 }
 
 /// The `llama.*` GGUF keys that follow from the shapes, set from `c`.
-fn set_shape_keys(kv: &mut Vec<(String, MetaValue)>, c: &LlamaConfig) {
+fn set_shape_keys(kv: &mut Vec<(String, MetaValue)>, c: &ModelConfig) {
     let keys = [
         ("llama.embedding_length", c.hidden_size),
         ("llama.block_count", c.num_hidden_layers),
@@ -201,7 +201,7 @@ impl DenseWriter {
     /// Declares `tensors` (canonical name, shape) of a model with `config`.
     pub(crate) fn create(
         model: &Model,
-        config: &LlamaConfig,
+        config: &ModelConfig,
         tensors: &[(String, Vec<usize>)],
         output: &Path,
         dtype: GgmlType,
@@ -250,14 +250,13 @@ impl DenseWriter {
             );
         }
         let st = Dtype::from_ggml(dtype).expect("a float type");
+        // Checked before anything is written: the config must be expressible.
+        config.to_hf_json(torch_dtype(dtype))?;
+        // HF stores no tensor for what its config computes (RoPE factors).
         let decl = tensors
             .iter()
-            .map(|(n, shape)| {
-                let hf =
-                    names::hf_from_canonical(n).with_context(|| format!("no HF name for '{n}'"))?;
-                Ok((hf, st, shape.clone()))
-            })
-            .collect::<Result<Vec<_>>>()?;
+            .filter_map(|(n, shape)| Some((config.arch.hf_from_canonical(n)?, st, shape.clone())))
+            .collect::<Vec<_>>();
         let mut meta = BTreeMap::new();
         meta.insert("format".to_owned(), "pt".to_owned());
         Ok(DenseWriter {
@@ -274,9 +273,10 @@ impl DenseWriter {
     pub(crate) fn write(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<()> {
         match &mut self.out {
             DenseOut::Safetensors { writer, .. } => {
-                let hf = names::hf_from_canonical(name)
-                    .with_context(|| format!("no HF name for '{name}'"))?;
-                writer.write(&hf, &encode_floats(values, self.dtype))
+                match self.config.arch.hf_from_canonical(name) {
+                    Some(hf) => writer.write(&hf, &encode_floats(values, self.dtype)),
+                    None => Ok(()),
+                }
             }
             DenseOut::Gguf(writer) => {
                 let ty = if shape.len() == 1 {
@@ -286,12 +286,9 @@ impl DenseWriter {
                 };
                 let bytes = encode_floats(values, ty);
                 let c = &self.config;
-                let bytes = if name.ends_with("attn_q.weight") {
-                    permute_qk_rows(&bytes, shape[0], c.num_attention_heads)
-                } else if name.ends_with("attn_k.weight") {
-                    permute_qk_rows(&bytes, shape[0], c.num_key_value_heads)
-                } else {
-                    bytes
+                let bytes = match c.arch.gguf_permuted_heads(name, c) {
+                    Some(heads) => permute_qk_rows(&bytes, shape[0], heads),
+                    None => bytes,
                 };
                 writer.write_tensor(name, &bytes)
             }
@@ -304,8 +301,9 @@ impl DenseWriter {
         match self.out {
             DenseOut::Safetensors { writer, dir } => {
                 writer.finish()?;
-                let config =
-                    serde_json::to_string_pretty(&self.config.to_hf_json(torch_dtype(self.dtype)))?;
+                let config = serde_json::to_string_pretty(
+                    &self.config.to_hf_json(torch_dtype(self.dtype))?,
+                )?;
                 model::io::write_atomic(&dir.join("config.json"), config.as_bytes())?;
                 model.tokenizer.save(&dir)
             }
@@ -526,7 +524,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let blocks = model.config.num_hidden_layers;
     for l in 0..blocks {
-        for s in BLOCK_LINEARS {
+        for s in model.config.arch.linears() {
             let name = names::block(l, s);
             pattern.check(model.tensor_meta(&name)?.1[1], &name)?;
         }
@@ -614,7 +612,7 @@ pub fn run(a: Args) -> Result<()> {
             let name = &order[*next];
             let t = model.tensor(name)?;
             let mut values = finite_weights(&model, name, &t)?;
-            if is_block_linear(name) {
+            if is_block_linear(model.config.arch, name) {
                 let target = targets[names::block_index(name).unwrap_or(0)];
                 values = prune_layer(a.method, pattern, target, &values, t.shape[1], None)?;
                 layers.push(LayerPrune {

@@ -10,7 +10,7 @@ use kernels::GgmlType;
 use model::calib::{calibration_samples, Imatrix};
 use model::hf_quant::{HfQuantFormat, HfQuantWriter, IntLinear, IntQuantConfig};
 use model::Model;
-use quant::calibrated::{self, Calibrated, Item, LayerReport, Timings, BLOCK_LINEARS};
+use quant::calibrated::{self, Calibrated, Item, LayerReport, Timings};
 use quant::gguf_quantize::{self, PlannedTensor};
 use quant::gptq::{self, GptqOptions, Grid, QuantizedMatrix, Stored};
 use quant::{bit_alloc, gguf_mix, Mix, Override};
@@ -375,7 +375,7 @@ fn run_calibrated(a: Args) -> Result<()> {
     if mix.is_none() {
         let mut partial = std::collections::BTreeSet::new();
         for l in 0..blocks {
-            for s in BLOCK_LINEARS {
+            for s in model.config.arch.linears() {
                 let name = model::names::block(l, s);
                 let cols = model.tensor_meta(&name)?.1[1];
                 int_grid(cols).check(cols, &name)?;
@@ -566,7 +566,7 @@ fn write_hf(
             while *next < order.len() && Some(order[*next].as_str()) != upto {
                 let name = &order[*next];
                 let values = model.tensor(name)?.to_f32()?;
-                if model::hf_quant::is_block_linear(name) {
+                if model::hf_quant::is_block_linear(model.config.arch, name) {
                     let cols = model.tensor_meta(name)?.1[1];
                     let q = gptq::rtn(&values, cols, &grid_of(name), None);
                     writer.write_linear(name, &int_linear(q, cfg.bits, group_of(name)))?;

@@ -9,11 +9,11 @@
 //! shaped `rows × cols/2`, and no row offsets. Other tensors stay dense.
 
 use crate::convert::{encode_floats, torch_dtype};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use kernels::GgmlType;
 use model::hf_quant::{is_block_linear, write_order};
 use model::safetensors_file::{Dtype, SafetensorsWriter};
-use model::{names, Model};
+use model::Model;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -87,14 +87,19 @@ pub fn write(
     sparsity: f64,
 ) -> Result<()> {
     let c = &pruned.config;
-    let order = write_order(c);
+    let mut config = c.to_hf_json(torch_dtype(dtype))?;
+    // HF stores no tensor for what its config computes (RoPE factors).
+    let order: Vec<String> = write_order(c)
+        .into_iter()
+        .filter(|n| c.arch.hf_from_canonical(n).is_some())
+        .collect();
     let st = Dtype::from_ggml(dtype).expect("a float type");
     // The compressed sizes depend on each matrix's non-zeros: a first pass counts them.
     let mut decl = Vec::new();
     for n in &order {
-        let hf = names::hf_from_canonical(n).with_context(|| format!("no HF name for '{n}'"))?;
+        let hf = c.arch.hf_from_canonical(n).expect("filtered");
         let shape = pruned.tensor_meta(n)?.1;
-        if !is_block_linear(n) {
+        if !is_block_linear(c.arch, n) {
             decl.push((hf, st, shape));
             continue;
         }
@@ -133,10 +138,10 @@ pub fn write(
     meta.insert("format".to_owned(), "pt".to_owned());
     let mut writer = SafetensorsWriter::create(&dir.join("model.safetensors"), &decl, &meta)?;
     for n in &order {
-        let hf = names::hf_from_canonical(n).with_context(|| format!("no HF name for '{n}'"))?;
+        let hf = c.arch.hf_from_canonical(n).expect("filtered");
         let t = pruned.tensor(n)?;
         let values = t.to_f32()?;
-        if !is_block_linear(n) {
+        if !is_block_linear(c.arch, n) {
             writer.write(&hf, &encode_floats(&values, dtype))?;
             continue;
         }
@@ -161,7 +166,6 @@ pub fn write(
         Layout::Bitmask => ("sparse-bitmask", "unstructured"),
         Layout::TwoFour => ("sparse-24-bitmask", "2:4"),
     };
-    let mut config = c.to_hf_json(torch_dtype(dtype));
     config["quantization_config"] = json!({
         "quant_method": "compressed-tensors",
         "format": "dense",

@@ -8,7 +8,7 @@
 use crate::prune::DenseWriter;
 use anyhow::{bail, Result};
 use kernels::GgmlType;
-use model::{names, LlamaConfig, Model, Tensor};
+use model::{names, Model, ModelConfig, Tensor};
 use prune::structured::{
     blocks_to_keep, heads_to_keep, input_channel_scores, keep_highest, mean_row_cosine,
 };
@@ -58,7 +58,7 @@ fn kept(n: usize, fraction: f64, align: usize, what: &str) -> Result<usize> {
 }
 
 /// The smaller config, checked against the model before any work.
-pub fn plan_config(c: &LlamaConfig, cuts: &Cuts) -> Result<LlamaConfig> {
+pub fn plan_config(c: &ModelConfig, cuts: &Cuts) -> Result<ModelConfig> {
     let mut n = c.clone();
     if cuts.heads > 0 {
         heads_to_keep(
@@ -146,7 +146,7 @@ pub struct Shape {
     num_key_value_heads: usize,
 }
 
-fn shape_of(c: &LlamaConfig) -> Shape {
+fn shape_of(c: &ModelConfig) -> Shape {
     Shape {
         hidden_size: c.hidden_size,
         intermediate_size: c.intermediate_size,

@@ -9,7 +9,7 @@ use crate::loss::{forward_kl, next_token_cross_entropy, reverse_kl};
 use crate::params::{Grads, Params};
 use crate::testutil::{random_params, random_vec, tiny_config};
 use crate::transformer::{backward, forward, Activations};
-use model::config::LlamaConfig;
+use model::config::ModelConfig;
 
 /// The fixed inputs of the objective: tokens (one repeated, so the embedding's
 /// scatter-add sees two positions on one row), teacher logits, hidden targets.
@@ -20,7 +20,7 @@ struct Setup<T> {
 }
 
 impl Setup<f64> {
-    fn new(c: &LlamaConfig) -> Self {
+    fn new(c: &ModelConfig) -> Self {
         let tokens = vec![3, 7, 1, 3, 10];
         let n = tokens.len();
         Setup {

@@ -145,7 +145,9 @@ pub fn rms_norm_backward<T: Float>(
 // RoPE, HF "rotate half" layout: element i of a head pairs with i + d/2
 
 /// Rotary tables for positions `0..n`: `cos[p·d/2 + i]` and `sin[…]` of the angle
-/// `p·θ^(−2i/d)`, computed in f64 and rounded once (as `model::llama::rope_tables`).
+/// `p·f_i` for the pair frequencies `f_i` (`θ^(−2i/d)` divided by any rope
+/// scaling, [`model::ModelConfig::rope_frequencies`]), computed in f64 and rounded
+/// once (as `model::llama::rope_tables`).
 #[derive(Debug, Clone)]
 pub struct RopeTables<T> {
     /// Cosines, `[n, head_dim/2]`.
@@ -157,14 +159,14 @@ pub struct RopeTables<T> {
 }
 
 impl<T: Float> RopeTables<T> {
-    /// Tables for `n` positions, heads of `head_dim`, base frequency `theta`.
-    pub fn new(n: usize, head_dim: usize, theta: f64) -> Self {
-        let half = head_dim / 2;
+    /// Tables for `n` positions and the frequencies `freqs` (one per pair).
+    pub fn new(n: usize, freqs: &[f64]) -> Self {
+        let half = freqs.len();
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
         for p in 0..n {
-            for i in 0..half {
-                let angle = p as f64 * theta.powf(-2.0 * i as f64 / head_dim as f64);
+            for &f in freqs {
+                let angle = p as f64 * f;
                 cos.push(T::from_f64(angle.cos()));
                 sin.push(T::from_f64(angle.sin()));
             }
@@ -507,8 +509,11 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(2);
         let (n, heads, d, theta) = (9, 3, 16, 100000.0);
         let x = rand_vec(&mut rng, n * heads * d);
-        let (cos, sin) = llama::rope_tables(n, d, theta);
-        let t = RopeTables::<f32>::new(n, d, theta);
+        let freqs: Vec<f64> = (0..d / 2)
+            .map(|i| f64::powf(theta, -2.0 * i as f64 / d as f64))
+            .collect();
+        let (cos, sin) = llama::rope_tables(n, &freqs);
+        let t = RopeTables::<f32>::new(n, &freqs);
         assert_eq!((&t.cos, &t.sin), (&cos, &sin));
         let mut want = x.clone();
         llama::apply_rope(&mut want, heads, d, &cos, &sin);

@@ -5,7 +5,7 @@
 //! name without knowing the architecture.
 
 use crate::float::Float;
-use model::config::LlamaConfig;
+use model::config::ModelConfig;
 use model::names;
 
 /// The weights of one decoder block.
@@ -36,7 +36,7 @@ pub struct BlockParams<T> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Params<T> {
     /// The hyperparameters the shapes follow.
-    pub config: LlamaConfig,
+    pub config: ModelConfig,
     /// Token embedding `[vocab, hidden]`.
     pub token_embd: Vec<T>,
     /// Decoder blocks, in order.
@@ -76,7 +76,7 @@ pub struct TensorMut<'a, T> {
 
 /// The per-block tensor slots in [`model::names::BLOCK_TENSORS`] order, with their
 /// shapes for a config.
-fn block_shapes(c: &LlamaConfig) -> [(&'static str, Vec<usize>); 9] {
+fn block_shapes(c: &ModelConfig) -> [(&'static str, Vec<usize>); 9] {
     let (h, f) = (c.hidden_size, c.intermediate_size);
     [
         ("attn_norm.weight", vec![h]),
@@ -126,7 +126,7 @@ impl<T> BlockParams<T> {
 impl<T: Float> Params<T> {
     /// All-zero parameters (or gradients) shaped by `config`; the output head
     /// exists only when the config does not tie it to the embedding.
-    pub fn zeros(config: &LlamaConfig) -> Self {
+    pub fn zeros(config: &ModelConfig) -> Self {
         let z = |shape: &[usize]| vec![T::ZERO; shape.iter().product()];
         let bs = block_shapes(config);
         let block = BlockParams {
@@ -279,7 +279,7 @@ mod tests {
             let c = tiny_config(tied);
             let p = Params::<f32>::zeros(&c);
             let names: Vec<String> = p.tensors().into_iter().map(|t| t.name).collect();
-            assert_eq!(names, model::names::all(c.num_hidden_layers, tied));
+            assert_eq!(names, model::names::all(&c));
             for t in p.tensors() {
                 assert_eq!(
                     t.data.len(),

@@ -4,13 +4,15 @@
 
 use crate::float::Float;
 use crate::params::Params;
-use model::config::LlamaConfig;
+use model::config::ModelConfig;
 use rand::{Rng, SeedableRng};
 
 /// Vocabulary 11, hidden 8, two query heads of 4 sharing one kv head, FFN 12,
 /// two blocks.
-pub fn tiny_config(tied: bool) -> LlamaConfig {
-    let c = LlamaConfig {
+pub fn tiny_config(tied: bool) -> ModelConfig {
+    let c = ModelConfig {
+        arch: &model::arch::LLAMA,
+        rope_scaling: None,
         vocab_size: 11,
         hidden_size: 8,
         intermediate_size: 12,
@@ -32,7 +34,7 @@ pub fn tiny_config(tied: bool) -> LlamaConfig {
 /// Random parameters: matrices uniform in ±1.5/√(in features) (activations stay
 /// of order one through the blocks), norm gains 1 ± 0.3, embedding uniform ±1.
 /// Drawn in f64 and rounded, so `random_params::<f32>` is the cast of the f64 one.
-pub fn random_params<T: Float>(config: &LlamaConfig, seed: u64) -> Params<T> {
+pub fn random_params<T: Float>(config: &ModelConfig, seed: u64) -> Params<T> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut p = Params::<f64>::zeros(config);
     for t in p.tensors_mut() {

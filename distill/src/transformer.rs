@@ -139,7 +139,7 @@ pub fn forward<T: Float>(p: &Params<T>, tokens: &[u32]) -> Result<Activations<T>
         kv_heads: c.num_key_value_heads,
         head_dim: c.head_dim,
     };
-    let rope = RopeTables::new(n, c.head_dim, c.rope_theta);
+    let rope = RopeTables::new(n, &c.rope_frequencies());
 
     let mut x = ops::embedding_forward(&p.token_embd, h, tokens)?;
     let mut residual = Vec::with_capacity(c.num_hidden_layers + 1);

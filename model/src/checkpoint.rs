@@ -2,7 +2,8 @@
 //! canonical tensor names, HF row layout for Q/K, shapes checked against the
 //! config, and tensors read lazily (a tensor's bytes are touched only when asked for).
 
-use crate::config::LlamaConfig;
+use crate::arch::Role;
+use crate::config::ModelConfig;
 use crate::gguf::GgufFile;
 use crate::hf_quant::HfQuantized;
 use crate::names;
@@ -84,7 +85,7 @@ pub struct Model {
     /// Where it was read from (the GGUF file, or the safetensors file / index).
     pub path: PathBuf,
     /// Hyperparameters.
-    pub config: LlamaConfig,
+    pub config: ModelConfig,
     /// Tokenizer.
     pub tokenizer: Tokenizer,
     /// The underlying files.
@@ -175,7 +176,7 @@ impl Model {
 
     fn open_gguf(path: &Path) -> Result<Self> {
         let g = GgufFile::open(path)?;
-        let config = LlamaConfig::from_gguf(&g)?;
+        let config = ModelConfig::from_gguf(&g)?;
         let vocab = gguf_vocab(&g)?;
         let tokenizer = Tokenizer::from_gguf(&vocab)
             .with_context(|| format!("{}: cannot build the tokenizer", path.display()))?;
@@ -192,7 +193,7 @@ impl Model {
     fn open_safetensors(path: &Path) -> Result<Self> {
         let dir = path.parent().unwrap_or(Path::new("."));
         let config_path = dir.join("config.json");
-        let config = LlamaConfig::from_hf_file(&config_path)?;
+        let config = ModelConfig::from_hf_file(&config_path)?;
         let set = SafetensorsSet::open(path)?;
         let sparse = SparseLinears::open(&config_path, &set, &config)?;
         let quantized = match sparse {
@@ -214,30 +215,18 @@ impl Model {
 
     /// Canonical names of the tensors the forward pass uses, in order.
     pub fn tensor_names(&self) -> Vec<String> {
-        names::all(
-            self.config.num_hidden_layers,
-            self.config.tie_word_embeddings,
-        )
+        names::all(&self.config)
     }
 
     /// The shape the config implies for a canonical tensor name.
     pub fn expected_shape(&self, name: &str) -> Option<Vec<usize>> {
-        let c = &self.config;
-        let (h, v, i) = (c.hidden_size, c.vocab_size, c.intermediate_size);
-        let suffix = match name.strip_prefix("blk.") {
-            Some(rest) => rest.split_once('.')?.1,
-            None => name,
-        };
-        Some(match suffix {
-            "token_embd.weight" | "output.weight" => vec![v, h],
-            "output_norm.weight" | "attn_norm.weight" | "ffn_norm.weight" => vec![h],
-            "attn_q.weight" => vec![c.q_dim(), h],
-            "attn_k.weight" | "attn_v.weight" => vec![c.kv_dim(), h],
-            "attn_output.weight" => vec![h, c.q_dim()],
-            "ffn_gate.weight" | "ffn_up.weight" => vec![i, h],
-            "ffn_down.weight" => vec![h, i],
-            _ => return None,
-        })
+        let spec = self.config.arch.spec(name)?;
+        Some(spec.shape.iter().map(|d| d.size(&self.config)).collect())
+    }
+
+    /// The role the architecture gives a canonical tensor name.
+    pub fn role(&self, name: &str) -> Option<Role> {
+        self.config.arch.role(name)
     }
 
     fn check_shapes(&self) -> Result<()> {
@@ -252,12 +241,79 @@ impl Model {
             }
             if shape.len() == 1 && !ty.is_float() {
                 bail!(
-                    "{}: norm tensor '{name}' is {ty}, expected a float type",
+                    "{}: 1-D tensor '{name}' is {ty}, expected a float type",
                     self.path.display()
                 );
             }
         }
+        self.check_no_unknown_tensors()
+    }
+
+    /// Refuses a checkpoint holding a tensor its architecture's description does
+    /// not know: computing without it would silently give another model.
+    fn check_no_unknown_tensors(&self) -> Result<()> {
+        let known: std::collections::HashSet<String> = self.tensor_names().into_iter().collect();
+        let arch = self.config.arch;
+        let unknown = match &self.checkpoint {
+            Checkpoint::Gguf(g) => g
+                .tensors
+                .iter()
+                .map(|t| t.name.clone())
+                .filter(|n| !known.contains(n))
+                .filter(|n| !(n == "output.weight" && self.config.tie_word_embeddings))
+                .collect::<Vec<_>>(),
+            // Packed folders hold their own part names; their readers check them.
+            Checkpoint::Safetensors(_) if self.quantized.is_some() || self.sparse.is_some() => {
+                Vec::new()
+            }
+            Checkpoint::Safetensors(s) => s
+                .names()
+                .filter(|hf| !names::ignorable_hf(hf))
+                .filter(|hf| match arch.canonical_from_hf(hf) {
+                    Some(c) => {
+                        !(known.contains(&c)
+                            || c == "output.weight" && self.config.tie_word_embeddings)
+                    }
+                    None => true,
+                })
+                .map(str::to_owned)
+                .collect(),
+        };
+        if let Some(first) = unknown.first() {
+            bail!(
+                "{}: tensor '{first}' is not part of a '{}' model as described ({} unknown tensor{} in all); refusing rather than ignoring it",
+                self.path.display(),
+                arch.gguf_name,
+                unknown.len(),
+                if unknown.len() == 1 { "" } else { "s" }
+            );
+        }
         Ok(())
+    }
+
+    /// The HF name of a canonical tensor, or an error naming it.
+    fn hf_name(&self, name: &str) -> Result<String> {
+        self.config.arch.hf_from_canonical(name).with_context(|| {
+            format!(
+                "no HF name for tensor '{name}' of a '{}' model",
+                self.config.arch.gguf_name
+            )
+        })
+    }
+
+    /// RoPE frequency factors an HF checkpoint implies (GGUF stores them as
+    /// `rope_freqs.weight`), when `name` is that tensor.
+    fn implied_rope_freqs(&self, name: &str) -> Option<Vec<f32>> {
+        if self.config.arch.role(name) != Some(Role::RopeFreqs) {
+            return None;
+        }
+        let s = self.config.rope_scaling.as_ref()?;
+        Some(
+            s.divisors(self.config.head_dim, self.config.rope_theta)
+                .into_iter()
+                .map(|v| v as f32)
+                .collect(),
+        )
     }
 
     /// Storage type and HF-order shape of a tensor, without touching its data.
@@ -278,8 +334,10 @@ impl Model {
                 if let Some(shape) = stored_packed {
                     return Ok((GgmlType::F32, shape));
                 }
-                let hf = names::hf_from_canonical(name)
-                    .with_context(|| format!("no HF name for tensor '{name}'"))?;
+                if let Some(f) = self.implied_rope_freqs(name) {
+                    return Ok((GgmlType::F32, vec![f.len()]));
+                }
+                let hf = self.hf_name(name)?;
                 let (e, _) = s.get(&hf).with_context(|| {
                     format!("{}: tensor '{hf}' is missing", self.path.display())
                 })?;
@@ -301,14 +359,7 @@ impl Model {
         let data: Cow<'_, [u8]> = match &self.checkpoint {
             Checkpoint::Gguf(g) => {
                 let bytes = g.tensor_data(g.tensor(name).expect("checked by tensor_meta"));
-                let n_head = if name.ends_with("attn_q.weight") {
-                    Some(self.config.num_attention_heads)
-                } else if name.ends_with("attn_k.weight") {
-                    Some(self.config.num_key_value_heads)
-                } else {
-                    None
-                };
-                match n_head {
+                match self.config.arch.gguf_permuted_heads(name, &self.config) {
                     Some(n) => Cow::Owned(unpermute_qk_rows(bytes, shape[0], n)),
                     None => Cow::Borrowed(bytes),
                 }
@@ -320,10 +371,13 @@ impl Model {
                 (_, Some(sp)) if sp.shape(name).is_some() => {
                     Cow::Owned(sp.dense_bytes(s, name)?.expect("a sparse linear"))
                 }
-                _ => {
-                    let hf = names::hf_from_canonical(name).expect("checked by tensor_meta");
-                    Cow::Borrowed(s.get(&hf).expect("checked by tensor_meta").1)
-                }
+                _ => match self.implied_rope_freqs(name) {
+                    Some(f) => Cow::Owned(f.iter().flat_map(|v| v.to_le_bytes()).collect()),
+                    None => {
+                        let hf = self.hf_name(name)?;
+                        Cow::Borrowed(s.get(&hf).expect("checked by tensor_meta").1)
+                    }
+                },
             },
         };
         Ok(Tensor {
@@ -362,8 +416,10 @@ impl Model {
                 if let Some(prefix) = packed {
                     return Ok(s.bytes_under(&format!("{prefix}.")));
                 }
-                let hf = names::hf_from_canonical(name)
-                    .with_context(|| format!("no HF name for tensor '{name}'"))?;
+                if self.implied_rope_freqs(name).is_some() {
+                    return Ok(0);
+                }
+                let hf = self.hf_name(name)?;
                 let (e, _) = s.get(&hf).with_context(|| {
                     format!("{}: tensor '{hf}' is missing", self.path.display())
                 })?;

@@ -1,14 +1,135 @@
-//! The Llama-family hyperparameters, read from GGUF metadata or HF `config.json`
-//! and written back as an HF `config.json`.
+//! The hyperparameters of a decoder, read from GGUF metadata (`{arch}.*` keys as
+//! llama.cpp's `convert_hf_to_gguf.py` writes them) or HF `config.json` (the
+//! transformers 4 layout and the transformers 5 one, which moves the RoPE settings
+//! into `rope_parameters`), and written back as an HF `config.json`. What differs
+//! between architectures comes from their description ([`crate::arch`]).
 
+use crate::arch::Arch;
 use crate::gguf::GgufFile;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::Path;
 
-/// Hyperparameters of a Llama-family decoder.
+/// How RoPE frequencies are stretched for long contexts.
 #[derive(Debug, Clone, PartialEq)]
-pub struct LlamaConfig {
+pub enum RopeScaling {
+    /// Llama 3.x (`rope_type: "llama3"`): low frequencies divided by `factor`,
+    /// high ones kept, a smooth blend between.
+    Llama3 {
+        /// Divisor of the low frequencies.
+        factor: f64,
+        /// Wavelengths above `original / low_freq_factor` are fully scaled.
+        low_freq_factor: f64,
+        /// Wavelengths below `original / high_freq_factor` are kept.
+        high_freq_factor: f64,
+        /// The context length the model was pretrained with.
+        original_max_position_embeddings: f64,
+    },
+    /// Linear position interpolation: every frequency divided by `factor`.
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+    /// One divisor per frequency, as GGUF stores Llama 3 scaling
+    /// (`rope_freqs.weight`; llama.cpp's converter keeps only these).
+    FreqFactors(Vec<f64>),
+}
+
+impl RopeScaling {
+    /// Reads an HF `rope_scaling` / `rope_parameters` object; `None` for the
+    /// default (unscaled) RoPE. An unknown type is an error naming it.
+    fn from_hf(v: &Value) -> Result<Option<Self>> {
+        let ty = v
+            .get("rope_type")
+            .or_else(|| v.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let num = |k: &str| -> Result<f64> {
+            v.get(k)
+                .and_then(Value::as_f64)
+                .ok_or_else(|| anyhow!("rope scaling '{ty}' needs a number '{k}' (got {v})"))
+        };
+        Ok(match ty {
+            "default" => None,
+            "llama3" => Some(RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position_embeddings: num("original_max_position_embeddings")?,
+            }),
+            "linear" => Some(RopeScaling::Linear {
+                factor: num("factor")?,
+            }),
+            other => bail!(
+                "rope scaling type '{other}' is not supported (supported: default, llama3, linear)"
+            ),
+        })
+    }
+
+    /// The HF `rope_scaling` object (transformers 4 layout).
+    fn to_hf(&self) -> Result<Value> {
+        Ok(match self {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => json!({"rope_type": "llama3", "factor": factor,
+                        "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
+                        "original_max_position_embeddings": *original_max_position_embeddings as u64}),
+            RopeScaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
+            RopeScaling::FreqFactors(_) => bail!(
+                "this model's RoPE scaling came from a GGUF 'rope_freqs.weight' tensor, which \
+                 HF's config cannot express (llama.cpp's converter keeps only the per-frequency \
+                 factors); write a GGUF, or start from the HF checkpoint"
+            ),
+        })
+    }
+
+    /// Whether GGUF stores this scaling as per-frequency factors
+    /// (`rope_freqs.weight`) rather than as `rope.scaling.*` keys.
+    pub fn is_per_frequency(&self) -> bool {
+        matches!(
+            self,
+            RopeScaling::Llama3 { .. } | RopeScaling::FreqFactors(_)
+        )
+    }
+
+    /// The divisor of each of the `head_dim / 2` frequencies `θ^(−2i/d)`.
+    pub fn divisors(&self, head_dim: usize, theta: f64) -> Vec<f64> {
+        let half = head_dim / 2;
+        match self {
+            RopeScaling::Linear { factor } => vec![*factor; half],
+            RopeScaling::FreqFactors(f) => f.clone(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => (0..half)
+                .map(|i| {
+                    let freq = theta.powf(-2.0 * i as f64 / head_dim as f64);
+                    let wavelen = 2.0 * std::f64::consts::PI / freq;
+                    if wavelen < old / high_freq_factor {
+                        1.0
+                    } else if wavelen > old / low_freq_factor {
+                        *factor
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        1.0 / ((1.0 - smooth) / factor + smooth)
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Hyperparameters of a decoder of any described architecture.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// The architecture's description.
+    pub arch: &'static Arch,
     /// Tokens in the vocabulary (rows of the embedding).
     pub vocab_size: usize,
     /// Width of the residual stream.
@@ -27,6 +148,8 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     /// RoPE base frequency.
     pub rope_theta: f64,
+    /// RoPE scaling, if any.
+    pub rope_scaling: Option<RopeScaling>,
     /// Training context length.
     pub max_position_embeddings: usize,
     /// Whether the output head reuses the token embedding.
@@ -37,34 +160,48 @@ pub struct LlamaConfig {
     pub eos_token_id: Option<u32>,
 }
 
-impl LlamaConfig {
-    /// Reads the `llama.*` hyperparameters of a GGUF file.
+impl ModelConfig {
+    /// Reads the `{arch}.*` hyperparameters of a GGUF file (and, for Llama 3 rope
+    /// scaling, its `rope_freqs.weight` tensor).
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
-        let arch = g
+        let path = g.path().display();
+        let name = g
             .require("general.architecture")?
             .as_str()
-            .unwrap_or_default()
+            .with_context(|| format!("{path}: general.architecture is not a string"))?
             .to_owned();
-        if arch != "llama" {
-            bail!(
-                "{}: general.architecture is '{arch}', only 'llama' is supported",
-                g.path().display()
-            );
-        }
-        let key = |k: &str| format!("llama.{k}");
+        let arch = Arch::from_gguf_name(&name).with_context(|| {
+            format!(
+                "{path}: general.architecture is '{name}', which is not supported (supported: {})",
+                Arch::supported()
+            )
+        })?;
+        let key = |k: &str| format!("{name}.{k}");
+        let opt_u64 = |k: &str| -> Result<Option<u64>> {
+            Ok(match g.get(&key(k)) {
+                Some(_) => Some(g.require_u64(&key(k))?),
+                None => None,
+            })
+        };
         let n_heads = g.require_u64(&key("attention.head_count"))? as usize;
         let hidden = g.require_u64(&key("embedding_length"))? as usize;
-        let n_kv = match g.get(&key("attention.head_count_kv")) {
-            Some(_) => g.require_u64(&key("attention.head_count_kv"))? as usize,
-            None => n_heads,
+        let n_kv = opt_u64("attention.head_count_kv")?.map_or(n_heads, |v| v as usize);
+        let head_dim = match opt_u64("attention.key_length")? {
+            Some(v) => v as usize,
+            None => hidden.checked_div(n_heads).unwrap_or(0),
         };
-        let head_dim = match g.get(&key("attention.key_length")) {
-            Some(_) => g.require_u64(&key("attention.key_length"))? as usize,
-            None if n_heads > 0 => hidden / n_heads,
-            None => 0,
-        };
-        let vocab_size = match g.get(&key("vocab_size")) {
-            Some(_) => g.require_u64(&key("vocab_size"))? as usize,
+        if let Some(v) = opt_u64("attention.value_length")? {
+            if v as usize != head_dim {
+                bail!("{path}: {name}.attention.value_length is {v}, but key_length (head width) is {head_dim}; heads of two widths are not supported");
+            }
+        }
+        if let Some(rot) = opt_u64("rope.dimension_count")? {
+            if rot as usize != head_dim {
+                bail!("{path}: {name}.rope.dimension_count is {rot} but the head width is {head_dim}; partial rotary embeddings are not supported");
+            }
+        }
+        let vocab_size = match opt_u64("vocab_size")? {
+            Some(v) => v as usize,
             None => g
                 .tensor("token_embd.weight")
                 .map(|t| t.dims.get(1).copied().unwrap_or(0) as usize)
@@ -76,7 +213,47 @@ impl LlamaConfig {
                 None => None,
             })
         };
-        let cfg = LlamaConfig {
+        let rope_theta = match g.get(&key("rope.freq_base")) {
+            Some(_) => g.require_f64(&key("rope.freq_base"))?,
+            None => 10000.0,
+        };
+        let scaling_type = g.get(&key("rope.scaling.type")).and_then(|v| v.as_str());
+        let mut rope_scaling = match scaling_type {
+            None | Some("none") => None,
+            Some("linear") => Some(RopeScaling::Linear {
+                factor: g.require_f64(&key("rope.scaling.factor"))?,
+            }),
+            Some(other) => bail!(
+                "{path}: {name}.rope.scaling.type is '{other}', which is not supported (supported: none, linear, and llama3 as rope_freqs.weight)"
+            ),
+        };
+        if let Some(info) = g.tensor("rope_freqs.weight") {
+            if arch.global("rope_freqs.weight").is_none() {
+                bail!("{path}: tensor 'rope_freqs.weight' is not part of a '{name}' model");
+            }
+            if rope_scaling.is_some() {
+                bail!("{path}: both {name}.rope.scaling.type and rope_freqs.weight are set");
+            }
+            if info.ty != kernels::GgmlType::F32 || info.shape() != [head_dim / 2] {
+                bail!(
+                    "{path}: tensor 'rope_freqs.weight' is {} {:?}, expected F32 [{}] (one factor per RoPE frequency)",
+                    info.ty,
+                    info.shape(),
+                    head_dim / 2
+                );
+            }
+            let factors: Vec<f64> = g
+                .tensor_data(info)
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
+                .collect();
+            if factors.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
+                bail!("{path}: tensor 'rope_freqs.weight' holds a factor that is not a positive number");
+            }
+            rope_scaling = Some(RopeScaling::FreqFactors(factors));
+        }
+        let cfg = ModelConfig {
+            arch,
             vocab_size,
             hidden_size: hidden,
             intermediate_size: g.require_u64(&key("feed_forward_length"))? as usize,
@@ -85,53 +262,56 @@ impl LlamaConfig {
             num_key_value_heads: n_kv,
             head_dim,
             rms_norm_eps: g.require_f64(&key("attention.layer_norm_rms_epsilon"))?,
-            rope_theta: match g.get(&key("rope.freq_base")) {
-                Some(_) => g.require_f64(&key("rope.freq_base"))?,
-                None => 10000.0,
-            },
+            rope_theta,
+            rope_scaling,
             max_position_embeddings: g.require_u64(&key("context_length"))? as usize,
             tie_word_embeddings: g.tensor("output.weight").is_none(),
             bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
             eos_token_id: token_id("tokenizer.ggml.eos_token_id")?,
         };
-        cfg.validate().with_context(|| {
-            format!("{}: inconsistent llama hyperparameters", g.path().display())
-        })?;
+        cfg.validate()
+            .with_context(|| format!("{path}: inconsistent {name} hyperparameters"))?;
         Ok(cfg)
     }
 
-    /// Reads an HF `config.json` of a `LlamaForCausalLM` (or compatible) model.
+    /// Reads an HF `config.json`.
     pub fn from_hf_file(path: &Path) -> Result<Self> {
         let v: Value = crate::io::read_json(path)?;
         Self::from_hf_json(&v).with_context(|| format!("{}: bad model config", path.display()))
     }
 
-    /// Reads the hyperparameters from a parsed HF config.
+    /// Reads the hyperparameters from a parsed HF config (transformers 4 or 5
+    /// layout).
     pub fn from_hf_json(v: &Value) -> Result<Self> {
-        if let Some(mt) = v.get("model_type").and_then(Value::as_str) {
-            if !matches!(mt, "llama" | "mistral") {
-                bail!("model_type is '{mt}', only 'llama' is supported");
+        let arch = match v.get("model_type") {
+            None | Some(Value::Null) => &crate::arch::LLAMA,
+            Some(mt) => {
+                let mt = mt
+                    .as_str()
+                    .with_context(|| format!("field 'model_type' is {mt}, expected a string"))?;
+                Arch::from_hf_model_type(mt).with_context(|| {
+                    format!(
+                        "model_type is '{mt}', which is not supported (supported: {})",
+                        Arch::supported()
+                    )
+                })?
             }
-        }
-        if let Some(rs) = v.get("rope_scaling") {
-            if !rs.is_null() {
-                bail!("rope_scaling {rs} is not supported");
-            }
-        }
+        };
         let req = |k: &str| -> Result<u64> {
             match v.get(k) {
                 None => bail!("field '{k}' is missing"),
-                Some(x) => x.as_u64().ok_or_else(|| {
-                    anyhow::anyhow!("field '{k}' is {x}, expected a non-negative integer")
-                }),
+                Some(x) => x
+                    .as_u64()
+                    .ok_or_else(|| anyhow!("field '{k}' is {x}, expected a non-negative integer")),
             }
         };
         let opt_u64 = |k: &str| -> Result<Option<u64>> {
             match v.get(k) {
                 None | Some(Value::Null) => Ok(None),
-                Some(x) => x.as_u64().map(Some).ok_or_else(|| {
-                    anyhow::anyhow!("field '{k}' is {x}, expected a non-negative integer")
-                }),
+                Some(x) => x
+                    .as_u64()
+                    .map(Some)
+                    .ok_or_else(|| anyhow!("field '{k}' is {x}, expected a non-negative integer")),
             }
         };
         let opt_f64 = |k: &str| -> Result<Option<f64>> {
@@ -140,8 +320,74 @@ impl LlamaConfig {
                 Some(x) => x
                     .as_f64()
                     .map(Some)
-                    .ok_or_else(|| anyhow::anyhow!("field '{k}' is {x}, expected a number")),
+                    .ok_or_else(|| anyhow!("field '{k}' is {x}, expected a number")),
             }
+        };
+        let flag = |k: &str| -> Result<bool> {
+            match v.get(k) {
+                None | Some(Value::Null) => Ok(false),
+                Some(x) => x
+                    .as_bool()
+                    .ok_or_else(|| anyhow!("field '{k}' is {x}, expected true or false")),
+            }
+        };
+        // What these descriptions cannot compute is refused, never ignored.
+        if let Some(act) = v.get("hidden_act").and_then(Value::as_str) {
+            if act != "silu" {
+                bail!("hidden_act is '{act}', this architecture's MLP is SwiGLU ('silu')");
+            }
+        }
+        if arch.slot(crate::arch::Slot::QBias).is_none() && flag("attention_bias")? {
+            bail!(
+                "attention_bias is true, but a '{}' model has no attention biases",
+                arch.gguf_name
+            );
+        }
+        if flag("mlp_bias")? {
+            bail!("mlp_bias is true: MLP biases are not supported");
+        }
+        if let Some(f) = opt_f64("partial_rotary_factor")? {
+            if f != 1.0 {
+                bail!("partial_rotary_factor is {f}: partial rotary embeddings are not supported");
+            }
+        }
+        let window = opt_u64("sliding_window")?;
+        let use_window = match v.get("use_sliding_window") {
+            None | Some(Value::Null) => window.is_some(),
+            Some(_) => flag("use_sliding_window")?,
+        };
+        if use_window {
+            bail!(
+                "sliding_window is {}: sliding-window attention is not supported for '{}' yet",
+                window.map_or("set".to_owned(), |w| w.to_string()),
+                arch.gguf_name
+            );
+        }
+        // transformers 5 keeps theta and scaling in `rope_parameters`; 4 keeps
+        // `rope_theta` at the top and the scaling in `rope_scaling`.
+        let (rope_theta, rope_scaling) = match v.get("rope_parameters") {
+            Some(p) if !p.is_null() => {
+                if !p.is_object() {
+                    bail!("field 'rope_parameters' is {p}, expected an object");
+                }
+                let theta = match p.get("rope_theta") {
+                    None | Some(Value::Null) => opt_f64("rope_theta")?,
+                    Some(t) => Some(t.as_f64().ok_or_else(|| {
+                        anyhow!("field 'rope_parameters.rope_theta' is {t}, expected a number")
+                    })?),
+                };
+                (
+                    theta,
+                    RopeScaling::from_hf(p).context("field 'rope_parameters'")?,
+                )
+            }
+            _ => (
+                opt_f64("rope_theta")?,
+                match v.get("rope_scaling") {
+                    None | Some(Value::Null) => None,
+                    Some(s) => RopeScaling::from_hf(s).context("field 'rope_scaling'")?,
+                },
+            ),
         };
         // eos_token_id may be a list in newer configs; the first entry is the one.
         let eos = match v.get("eos_token_id") {
@@ -150,7 +396,8 @@ impl LlamaConfig {
         };
         let hidden = req("hidden_size")? as usize;
         let n_heads = req("num_attention_heads")? as usize;
-        let cfg = LlamaConfig {
+        let cfg = ModelConfig {
+            arch,
             vocab_size: req("vocab_size")? as usize,
             hidden_size: hidden,
             intermediate_size: req("intermediate_size")? as usize,
@@ -161,14 +408,10 @@ impl LlamaConfig {
                 .map(|x| x as usize)
                 .unwrap_or(hidden.checked_div(n_heads).unwrap_or(0)),
             rms_norm_eps: opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
-            rope_theta: opt_f64("rope_theta")?.unwrap_or(10000.0),
+            rope_theta: rope_theta.unwrap_or(10000.0),
+            rope_scaling,
             max_position_embeddings: opt_u64("max_position_embeddings")?.unwrap_or(2048) as usize,
-            tie_word_embeddings: match v.get("tie_word_embeddings") {
-                None | Some(Value::Null) => false,
-                Some(x) => x.as_bool().ok_or_else(|| {
-                    anyhow::anyhow!("field 'tie_word_embeddings' is {x}, expected true or false")
-                })?,
-            },
+            tie_word_embeddings: flag("tie_word_embeddings")?,
             bos_token_id: opt_u64("bos_token_id")?.map(|x| x as u32),
             eos_token_id: eos.map(|x| x as u32),
         };
@@ -216,6 +459,16 @@ impl LlamaConfig {
                 bail!("{msg} ({self:?})");
             }
         }
+        if let Some(RopeScaling::FreqFactors(f)) = &self.rope_scaling {
+            if f.len() != self.head_dim / 2 {
+                bail!(
+                    "rope_freqs.weight has {} factors, head_dim {} needs {}",
+                    f.len(),
+                    self.head_dim,
+                    self.head_dim / 2
+                );
+            }
+        }
         Ok(())
     }
 
@@ -229,14 +482,34 @@ impl LlamaConfig {
         self.num_key_value_heads * self.head_dim
     }
 
-    /// The HF `config.json` of this model as a `LlamaForCausalLM`.
-    pub fn to_hf_json(&self, torch_dtype: &str) -> Value {
-        json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "attention_bias": false,
+    /// The angular frequency of each of the `head_dim / 2` RoPE pairs:
+    /// `θ^(−2i/d)`, divided by the rope scaling's divisor.
+    pub fn rope_frequencies(&self) -> Vec<f64> {
+        let d = self.head_dim;
+        let divisors = self
+            .rope_scaling
+            .as_ref()
+            .map(|s| s.divisors(d, self.rope_theta));
+        (0..d / 2)
+            .map(|i| {
+                let f = self.rope_theta.powf(-2.0 * i as f64 / d as f64);
+                divisors.as_ref().map_or(f, |dv| f / dv[i])
+            })
+            .collect()
+    }
+
+    /// The HF `config.json` of this model (transformers 4 layout, which
+    /// transformers 5 and vLLM read too); refused when the RoPE scaling cannot be
+    /// expressed there.
+    pub fn to_hf_json(&self, torch_dtype: &str) -> Result<Value> {
+        let rope_scaling = match &self.rope_scaling {
+            None => Value::Null,
+            Some(s) => s.to_hf()?,
+        };
+        let mut v = json!({
+            "architectures": [self.arch.hf_class],
+            "model_type": self.arch.hf_model_type(),
             "attention_dropout": 0.0,
-            "mlp_bias": false,
             "hidden_act": "silu",
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -246,20 +519,22 @@ impl LlamaConfig {
             "head_dim": self.head_dim,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_scaling": null,
+            "rope_scaling": rope_scaling,
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "vocab_size": self.vocab_size,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "initializer_range": 0.02,
-            "pretraining_tp": 1,
             "use_cache": true,
             "torch_dtype": torch_dtype,
-        })
+        });
+        if let Some(obj) = v.as_object_mut() {
+            obj.extend((self.arch.hf_extra)(self));
+        }
+        Ok(v)
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,10 +549,10 @@ mod tests {
 
     #[test]
     fn hf_json_round_trips() {
-        let c = LlamaConfig::from_hf_json(&smol()).unwrap();
+        let c = ModelConfig::from_hf_json(&smol()).unwrap();
         assert_eq!(c.head_dim, 64);
         assert_eq!(c.kv_dim(), 192);
-        let back = LlamaConfig::from_hf_json(&c.to_hf_json("float32")).unwrap();
+        let back = ModelConfig::from_hf_json(&c.to_hf_json("float32").unwrap()).unwrap();
         assert_eq!(c, back);
     }
 
@@ -285,7 +560,7 @@ mod tests {
     fn missing_field_is_named() {
         let mut v = smol();
         v.as_object_mut().unwrap().remove("intermediate_size");
-        let err = format!("{:#}", LlamaConfig::from_hf_json(&v).unwrap_err());
+        let err = format!("{:#}", ModelConfig::from_hf_json(&v).unwrap_err());
         assert!(err.contains("'intermediate_size' is missing"), "{err}");
     }
 
@@ -293,7 +568,65 @@ mod tests {
     fn inconsistent_heads_are_rejected() {
         let mut v = smol();
         v["num_key_value_heads"] = json!(4);
-        let err = format!("{:#}", LlamaConfig::from_hf_json(&v).unwrap_err());
+        let err = format!("{:#}", ModelConfig::from_hf_json(&v).unwrap_err());
         assert!(err.contains("multiple of num_key_value_heads"), "{err}");
+    }
+
+    #[test]
+    fn llama3_rope_is_read_from_both_layouts() {
+        let scaling = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
+        let mut v4 = smol();
+        v4["rope_theta"] = json!(500000.0);
+        v4["rope_scaling"] = scaling.clone();
+        let mut v5 = smol();
+        v5.as_object_mut().unwrap().remove("rope_theta");
+        let mut params = scaling.clone();
+        params["rope_theta"] = json!(500000.0);
+        v5["rope_parameters"] = params;
+        let a = ModelConfig::from_hf_json(&v4).unwrap();
+        let b = ModelConfig::from_hf_json(&v5).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.rope_theta, 500000.0);
+        let f = a.rope_frequencies();
+        // The highest frequency is kept, the lowest divided by the factor.
+        assert_eq!(f[0], 1.0);
+        let plain = 500000f64.powf(-2.0 * 31.0 / 64.0);
+        assert!((f[31] - plain / 8.0).abs() < 1e-15 * plain);
+        let back = ModelConfig::from_hf_json(&a.to_hf_json("float32").unwrap()).unwrap();
+        assert_eq!(a, back);
+    }
+
+    #[test]
+    fn unknown_rope_scaling_and_architectures_are_refused() {
+        let mut v = smol();
+        v["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
+        let err = format!("{:#}", ModelConfig::from_hf_json(&v).unwrap_err());
+        assert!(err.contains("'yarn' is not supported"), "{err}");
+        let mut v = smol();
+        v["model_type"] = json!("gemma3");
+        let err = format!("{:#}", ModelConfig::from_hf_json(&v).unwrap_err());
+        assert!(
+            err.contains("'gemma3'") && err.contains("llama, qwen2, qwen3"),
+            "{err}"
+        );
+        let mut v = smol();
+        v["model_type"] = json!("mistral");
+        v["sliding_window"] = json!(4096);
+        let err = format!("{:#}", ModelConfig::from_hf_json(&v).unwrap_err());
+        assert!(err.contains("sliding-window"), "{err}");
+    }
+
+    #[test]
+    fn qwen_configs_name_their_architecture() {
+        let mut v = smol();
+        v["model_type"] = json!("qwen2");
+        v["use_sliding_window"] = json!(false);
+        v["sliding_window"] = json!(32768);
+        let c = ModelConfig::from_hf_json(&v).unwrap();
+        assert_eq!(c.arch.gguf_name, "qwen2");
+        let out = c.to_hf_json("bfloat16").unwrap();
+        assert_eq!(out["architectures"][0], "Qwen2ForCausalLM");
+        assert_eq!(ModelConfig::from_hf_json(&out).unwrap(), c);
     }
 }

@@ -3,6 +3,7 @@
 //! shapes and row layout of each tensor.
 
 use crate::checkpoint::{permute_qk_rows, Checkpoint, Model};
+use crate::config::RopeScaling;
 use crate::gguf::{MetaValue, TensorDecl};
 use anyhow::Result;
 use kernels::GgmlType;
@@ -31,6 +32,8 @@ pub fn metadata(model: &Model, file_type: u32) -> Result<Vec<(String, MetaValue)
             .collect(),
         Checkpoint::Safetensors(_) => {
             let c = &model.config;
+            let arch = c.arch.gguf_name;
+            let key = |k: &str| format!("{arch}.{k}");
             let name = model
                 .path
                 .parent()
@@ -40,57 +43,55 @@ pub fn metadata(model: &Model, file_type: u32) -> Result<Vec<(String, MetaValue)
             let mut kv = vec![
                 (
                     "general.architecture".to_owned(),
-                    MetaValue::String("llama".into()),
+                    MetaValue::String(arch.into()),
                 ),
                 ("general.name".to_owned(), MetaValue::String(name)),
                 (
-                    "llama.context_length".to_owned(),
+                    key("context_length"),
                     MetaValue::U32(c.max_position_embeddings as u32),
                 ),
                 (
-                    "llama.embedding_length".to_owned(),
+                    key("embedding_length"),
                     MetaValue::U32(c.hidden_size as u32),
                 ),
                 (
-                    "llama.block_count".to_owned(),
+                    key("block_count"),
                     MetaValue::U32(c.num_hidden_layers as u32),
                 ),
                 (
-                    "llama.feed_forward_length".to_owned(),
+                    key("feed_forward_length"),
                     MetaValue::U32(c.intermediate_size as u32),
                 ),
                 (
-                    "llama.rope.dimension_count".to_owned(),
+                    key("rope.dimension_count"),
                     MetaValue::U32(c.head_dim as u32),
                 ),
                 (
-                    "llama.attention.head_count".to_owned(),
+                    key("attention.head_count"),
                     MetaValue::U32(c.num_attention_heads as u32),
                 ),
                 (
-                    "llama.attention.head_count_kv".to_owned(),
+                    key("attention.head_count_kv"),
                     MetaValue::U32(c.num_key_value_heads as u32),
                 ),
                 (
-                    "llama.attention.layer_norm_rms_epsilon".to_owned(),
+                    key("attention.layer_norm_rms_epsilon"),
                     MetaValue::F32(c.rms_norm_eps as f32),
                 ),
-                (
-                    "llama.rope.freq_base".to_owned(),
-                    MetaValue::F32(c.rope_theta as f32),
-                ),
-                (
-                    "llama.vocab_size".to_owned(),
-                    MetaValue::U32(c.vocab_size as u32),
-                ),
+                (key("rope.freq_base"), MetaValue::F32(c.rope_theta as f32)),
+                (key("vocab_size"), MetaValue::U32(c.vocab_size as u32)),
             ];
+            if let Some(RopeScaling::Linear { factor }) = &c.rope_scaling {
+                kv.push((key("rope.scaling.type"), MetaValue::String("linear".into())));
+                kv.push((key("rope.scaling.factor"), MetaValue::F32(*factor as f32)));
+            }
             if c.head_dim * c.num_attention_heads != c.hidden_size {
                 kv.push((
-                    "llama.attention.key_length".to_owned(),
+                    key("attention.key_length"),
                     MetaValue::U32(c.head_dim as u32),
                 ));
                 kv.push((
-                    "llama.attention.value_length".to_owned(),
+                    key("attention.value_length"),
                     MetaValue::U32(c.head_dim as u32),
                 ));
             }
@@ -158,14 +159,19 @@ pub fn tensor_decl(name: &str, shape: &[usize], ty: GgmlType) -> TensorDecl {
     }
 }
 
-/// Rows of an HF-layout matrix (any storage, whole rows) in GGUF order: Q and K
-/// are permuted for llama.cpp's interleaved RoPE, everything else is unchanged.
+/// Rows of an HF-layout tensor (any storage, whole rows; a vector's rows are its
+/// elements) in GGUF order: where the architecture says so (llama's Q and K),
+/// permuted for llama.cpp's interleaved RoPE; everything else is unchanged.
 pub fn to_gguf_rows(model: &Model, name: &str, rows: usize, data: Vec<u8>) -> Vec<u8> {
-    if name.ends_with("attn_q.weight") {
-        permute_qk_rows(&data, rows, model.config.num_attention_heads)
-    } else if name.ends_with("attn_k.weight") {
-        permute_qk_rows(&data, rows, model.config.num_key_value_heads)
-    } else {
-        data
+    match model.config.arch.gguf_permuted_heads(name, &model.config) {
+        Some(heads) => {
+            // A bias is permuted element by element.
+            let rows = match model.expected_shape(name).as_deref() {
+                Some(&[n]) => n,
+                _ => rows,
+            };
+            permute_qk_rows(&data, rows, heads)
+        }
+        None => data,
     }
 }

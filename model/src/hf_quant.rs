@@ -25,8 +25,9 @@
 //!   changed its 3-bit packing in 0.18 (10 values per word before, 32 values in 3
 //!   words after) with nothing in the checkpoint telling the two apart.
 
+use crate::arch::{Arch, Role};
 use crate::checkpoint::Model;
-use crate::config::LlamaConfig;
+use crate::config::ModelConfig;
 use crate::names;
 use crate::safetensors_file::{Dtype, SafetensorsSet, SafetensorsWriter};
 use crate::tokenizer::Tokenizer;
@@ -36,45 +37,44 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-/// GGUF suffixes of the block linears written quantized, in write order.
-pub const BLOCK_LINEARS: [&str; 7] = [
-    "attn_q.weight",
-    "attn_k.weight",
-    "attn_v.weight",
-    "attn_output.weight",
-    "ffn_gate.weight",
-    "ffn_up.weight",
-    "ffn_down.weight",
-];
-
 /// Tensor names in the order the block-streaming writers receive them: the
-/// embedding, per block its two norms then its linears in [`BLOCK_LINEARS`]
-/// order (GPTQ's), the final norm and the untied head.
-pub fn write_order(c: &crate::LlamaConfig) -> Vec<String> {
-    let mut order = vec!["token_embd.weight".to_owned()];
-    for l in 0..c.num_hidden_layers {
-        for s in ["attn_norm.weight", "ffn_norm.weight"]
-            .into_iter()
-            .chain(BLOCK_LINEARS)
-        {
-            order.push(names::block(l, s));
+/// embedding, per block its norms, then its other float tensors (biases,
+/// per-head norms), then its linears in the description's order (GPTQ's), the
+/// final norm, the untied head and any other global tensor.
+pub fn write_order(c: &crate::ModelConfig) -> Vec<String> {
+    let all = names::all(c);
+    let rank = |name: &str| match c.arch.role(name) {
+        Some(Role::Norm) => 0,
+        Some(Role::Linear) => 2,
+        _ => 1,
+    };
+    // A stable sort inside each block keeps the description's order per rank.
+    let mut order = Vec::with_capacity(all.len());
+    let mut i = 0;
+    while i < all.len() {
+        match names::block_index(&all[i]) {
+            None => {
+                order.push(all[i].clone());
+                i += 1;
+            }
+            Some(l) => {
+                let end = all[i..]
+                    .iter()
+                    .position(|n| names::block_index(n) != Some(l))
+                    .map_or(all.len(), |p| i + p);
+                let mut block: Vec<&String> = all[i..end].iter().collect();
+                block.sort_by_key(|n| rank(n));
+                order.extend(block.into_iter().cloned());
+                i = end;
+            }
         }
-    }
-    order.push("output_norm.weight".to_owned());
-    if !c.tie_word_embeddings {
-        order.push("output.weight".to_owned());
     }
     order
 }
 
-/// Whether a canonical name is one of the block linears ([`BLOCK_LINEARS`]).
-pub fn is_block_linear(canonical: &str) -> bool {
-    canonical
-        .strip_prefix("blk.")
-        .and_then(|rest| rest.split_once('.'))
-        .is_some_and(|(layer, suffix)| {
-            layer.parse::<usize>().is_ok() && BLOCK_LINEARS.contains(&suffix)
-        })
+/// Whether a canonical name is one of the block linears of architecture `arch`.
+pub fn is_block_linear(arch: &Arch, canonical: &str) -> bool {
+    names::block_index(canonical).is_some() && arch.role(canonical) == Some(Role::Linear)
 }
 
 /// One linear layer quantized to integers with per-group scales (GPTQ, AWQ, RTN).
@@ -771,16 +771,26 @@ fn words_bytes(words: &[u32]) -> Vec<u8> {
     words.iter().flat_map(|w| w.to_le_bytes()).collect()
 }
 
+/// The HF name of a canonical tensor name.
+fn hf_name(arch: &Arch, canonical: &str) -> Result<String> {
+    arch.hf_from_canonical(canonical).with_context(|| {
+        format!(
+            "no HF name for tensor '{canonical}' of a '{}' model",
+            arch.gguf_name
+        )
+    })
+}
+
 /// The HF prefix of a canonical linear name (`blk.0.attn_q.weight` →
 /// `model.layers.0.self_attn.q_proj`).
-fn hf_prefix(canonical: &str) -> Result<String> {
-    let hf = names::hf_from_canonical(canonical)
-        .with_context(|| format!("no HF name for tensor '{canonical}'"))?;
+fn hf_prefix(arch: &Arch, canonical: &str) -> Result<String> {
+    let hf = hf_name(arch, canonical)?;
     Ok(hf.strip_suffix(".weight").unwrap_or(&hf).to_owned())
 }
 
 /// Streams an HF-style folder: config.json (model config + quantization_config), model.safetensors, tokenizer files.
 pub struct HfQuantWriter {
+    arch: &'static Arch,
     dir: PathBuf,
     scheme: Scheme,
     permuted_groups: bool,
@@ -823,15 +833,20 @@ impl HfQuantWriter {
             }
         }
         let scheme = Scheme::from_config(format, cfg);
-        let order = write_order(&model.config);
+        let arch = model.config.arch;
+        // HF has no tensor for what its config computes (RoPE factors).
+        let order: Vec<String> = write_order(&model.config)
+            .into_iter()
+            .filter(|n| arch.hf_from_canonical(n).is_some())
+            .collect();
         let mut shapes = Vec::with_capacity(order.len());
         let mut decl = Vec::new();
         for name in &order {
             let shape = model
                 .expected_shape(name)
                 .with_context(|| format!("no shape for tensor '{name}'"))?;
-            let prefix = hf_prefix(name)?;
-            if is_block_linear(name) {
+            if is_block_linear(arch, name) {
+                let prefix = hf_prefix(arch, name)?;
                 let (out, inp) = (shape[0], shape[1]);
                 scheme.check_dims(out, inp).with_context(|| {
                     format!("cannot write '{name}' ({out} × {inp}) as {}", format.name())
@@ -840,7 +855,7 @@ impl HfQuantWriter {
                     decl.push((format!("{prefix}.{suffix}"), dtype, s));
                 }
             } else {
-                decl.push((format!("{prefix}.weight"), Dtype::F16, shape.clone()));
+                decl.push((hf_name(arch, name)?, Dtype::F16, shape.clone()));
             }
             shapes.push(shape);
         }
@@ -857,7 +872,7 @@ impl HfQuantWriter {
             cfg.true_sequential.to_string(),
         );
         let out = SafetensorsWriter::create(&dir.join("model.safetensors"), &decl, &meta)?;
-        let mut config = model.config.to_hf_json("float16");
+        let mut config = model.config.to_hf_json("float16")?;
         config["quantization_config"] = quantization_config(format, cfg);
         Ok(HfQuantWriter {
             dir: dir.to_path_buf(),
@@ -869,6 +884,7 @@ impl HfQuantWriter {
             out,
             config,
             tokenizer: model.tokenizer.clone(),
+            arch,
         })
     }
 
@@ -893,7 +909,7 @@ impl HfQuantWriter {
     /// without static groups.
     pub fn write_linear(&mut self, canonical: &str, q: &IntLinear) -> Result<()> {
         let shape = self.expect_next(canonical)?;
-        if !is_block_linear(canonical) {
+        if !is_block_linear(self.arch, canonical) {
             bail!("tensor '{canonical}' is not a block linear: write it with write_dense");
         }
         if [q.out_features, q.in_features] != shape {
@@ -906,7 +922,7 @@ impl HfQuantWriter {
         self.scheme
             .check_linear(q, self.permuted_groups)
             .with_context(|| format!("tensor '{canonical}'"))?;
-        let prefix = hf_prefix(canonical)?;
+        let prefix = hf_prefix(self.arch, canonical)?;
         let parts = self.scheme.parts(q.out_features, q.in_features);
         for ((suffix, _, _), bytes) in parts.iter().zip(self.scheme.encode(q)) {
             self.out.write(&format!("{prefix}.{suffix}"), &bytes)?;
@@ -918,7 +934,7 @@ impl HfQuantWriter {
     /// Writes the next tensor, anything but a block linear, as f16 (round to nearest even).
     pub fn write_dense(&mut self, canonical: &str, values: &[f32]) -> Result<()> {
         let shape = self.expect_next(canonical)?;
-        if is_block_linear(canonical) {
+        if is_block_linear(self.arch, canonical) {
             bail!("tensor '{canonical}' is a quantized linear: write it with write_linear");
         }
         let n: usize = shape.iter().product();
@@ -932,7 +948,7 @@ impl HfQuantWriter {
             .iter()
             .flat_map(|&v| f16::from_f32(v).to_le_bytes())
             .collect();
-        let hf = format!("{}.weight", hf_prefix(canonical)?);
+        let hf = hf_name(self.arch, canonical)?;
         self.out.write(&hf, &bytes)?;
         self.next += 1;
         Ok(())
@@ -1033,16 +1049,16 @@ impl HfQuantized {
     pub fn open(
         config_json: &Path,
         set: &SafetensorsSet,
-        config: &LlamaConfig,
+        config: &ModelConfig,
     ) -> Result<Option<Self>> {
         let v: Value = crate::io::read_json(config_json)?;
         let Some(qc) = v.get("quantization_config").filter(|v| !v.is_null()) else {
             return Ok(None);
         };
-        let names = names::all(config.num_hidden_layers, config.tie_word_embeddings);
+        let names = names::all(config);
         let scheme = match parse_scheme(qc) {
             Ok(s) => s,
-            Err(_) if all_dense(set, &names) => return Ok(None),
+            Err(_) if all_dense(config.arch, set, &names) => return Ok(None),
             Err(e) => {
                 return Err(e).with_context(|| {
                     format!("{}: unsupported quantization_config", config_json.display())
@@ -1056,7 +1072,10 @@ impl HfQuantized {
         };
         let mut layers = HashMap::new();
         for name in names {
-            let prefix = hf_prefix(&name)?;
+            if !is_block_linear(config.arch, &name) {
+                continue;
+            }
+            let prefix = hf_prefix(config.arch, &name)?;
             if set.get(&format!("{prefix}.{marker}")).is_none() {
                 continue;
             }
@@ -1121,9 +1140,9 @@ impl HfQuantized {
 
 /// Whether every tensor in `names` (canonical) is stored as a float tensor under its
 /// HF name.
-fn all_dense(set: &SafetensorsSet, names: &[String]) -> bool {
+fn all_dense(arch: &Arch, set: &SafetensorsSet, names: &[String]) -> bool {
     names.iter().all(|n| {
-        names::hf_from_canonical(n)
+        arch.hf_from_canonical(n)
             .and_then(|hf| set.get(&hf))
             .is_some_and(|(e, _)| e.dtype.as_ggml().is_some())
     })

@@ -2,6 +2,7 @@
 //! tokenizer, and the Llama-family forward pass, all behind one in-memory view
 //! ([`Model`]) whatever file the weights came from.
 
+pub mod arch;
 pub mod calib;
 pub mod checkpoint;
 pub mod config;
@@ -16,4 +17,4 @@ pub mod sparse_ct;
 pub mod tokenizer;
 
 pub use checkpoint::{Model, Tensor};
-pub use config::LlamaConfig;
+pub use config::ModelConfig;

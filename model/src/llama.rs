@@ -1,8 +1,12 @@
-//! The Llama-family forward pass on the CPU, f32 activations:
+//! The decoder block graph that the described architectures share, on the CPU
+//! with f32 activations (what differs between them is data in [`crate::arch`]:
+//! optional q/k/v biases, optional per-head q/k norms, the RoPE frequencies):
 //!
 //! ```text
 //! x   = embed(tokens)
-//! per block:  h = rmsnorm(x)·g₁;  q,k,v = h·Wq,k,vᵀ;  q,k = rope(q,k)
+//! per block:  h = rmsnorm(x)·g₁;  q,k,v = h·Wq,k,vᵀ (+ b_q,k,v)
+//!             q,k = rmsnorm_per_head(q,k)·g_q,k   (qwen3)
+//!             q,k = rope(q,k)  with θ^(−2i/d) / scaling_i
 //!             a = softmax(q·kᵀ/√d + causal)·v   (grouped: kv head = q head / group)
 //!             x = x + a·Woᵀ
 //!             h = rmsnorm(x)·g₂;  x = x + (silu(h·Wgᵀ) ⊙ h·Wuᵀ)·Wdᵀ
@@ -12,10 +16,40 @@
 //! Weights stay in their stored format and go through the dequantizing matmul; a
 //! block's weights are read only while that block runs.
 
+use crate::arch::Slot;
 use crate::checkpoint::{Model, Tensor};
 use anyhow::{bail, Context, Result};
 use kernels::matmul::{gemm, matmul, MatRef};
 use rayon::prelude::*;
+
+/// The optional attention parts of a block: biases and per-head norms.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AttnExtras {
+    /// Query bias `[q_dim]`.
+    pub q_bias: Option<Vec<f32>>,
+    /// Key bias `[kv_dim]`.
+    pub k_bias: Option<Vec<f32>>,
+    /// Value bias `[kv_dim]`.
+    pub v_bias: Option<Vec<f32>>,
+    /// Per-head query RMSNorm gain `[head_dim]`, before RoPE.
+    pub q_norm: Option<Vec<f32>>,
+    /// Per-head key RMSNorm gain `[head_dim]`, before RoPE.
+    pub k_norm: Option<Vec<f32>>,
+}
+
+impl AttnExtras {
+    /// The extra of `slot`, if this is one of them.
+    pub fn get_mut(&mut self, slot: Slot) -> Option<&mut Option<Vec<f32>>> {
+        Some(match slot {
+            Slot::QBias => &mut self.q_bias,
+            Slot::KBias => &mut self.k_bias,
+            Slot::VBias => &mut self.v_bias,
+            Slot::QNorm => &mut self.q_norm,
+            Slot::KNorm => &mut self.k_norm,
+            _ => return None,
+        })
+    }
+}
 
 /// The weights of one decoder block, in their stored format.
 pub struct BlockWeights<'a> {
@@ -37,6 +71,51 @@ pub struct BlockWeights<'a> {
     pub up: Tensor<'a>,
     /// Down projection `[hidden, ffn]`.
     pub down: Tensor<'a>,
+    /// Biases and per-head norms of the attention, where the architecture has them.
+    pub extras: AttnExtras,
+}
+
+impl<'a> BlockWeights<'a> {
+    /// The linear in `slot`.
+    pub fn linear_mut(&mut self, slot: Slot) -> Option<&mut Tensor<'a>> {
+        Some(match slot {
+            Slot::Q => &mut self.q,
+            Slot::K => &mut self.k,
+            Slot::V => &mut self.v,
+            Slot::O => &mut self.o,
+            Slot::Gate => &mut self.gate,
+            Slot::Up => &mut self.up,
+            Slot::Down => &mut self.down,
+            _ => return None,
+        })
+    }
+
+    /// The float vector in `slot` (norm gains, biases, per-head norms).
+    pub fn vector_mut(&mut self, slot: Slot) -> Option<&mut Option<Vec<f32>>> {
+        self.extras.get_mut(slot)
+    }
+
+    /// Replaces the tensor in `slot` with `t` (vectors are read as f32).
+    pub fn replace(&mut self, slot: Slot, t: Tensor<'a>) -> Result<()> {
+        match slot {
+            Slot::AttnNorm => self.attn_norm = t.to_f32()?,
+            Slot::FfnNorm => self.ffn_norm = t.to_f32()?,
+            _ => {
+                if let Some(v) = self.extras.get_mut(slot) {
+                    *v = Some(t.to_f32()?);
+                } else if let Some(l) = self.linear_mut(slot) {
+                    *l = t;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Adds `bias` to every row of `x`.
+pub fn add_bias(x: &mut [f32], bias: &[f32]) {
+    x.par_chunks_mut(bias.len())
+        .for_each(|row| row.iter_mut().zip(bias).for_each(|(x, b)| *x += b));
 }
 
 /// `out = x · wᵀ` for `n` rows of `x`, allocating the output.
@@ -80,15 +159,15 @@ pub fn rms_norm(x: &[f32], gain: &[f32], eps: f64, out: &mut [f32]) {
         });
 }
 
-/// Rotary tables: `cos[p·d/2 + i]`, `sin[…]` for positions `0..n` and frequency
-/// `θ^(−2i/d)`.
-pub fn rope_tables(n: usize, head_dim: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
-    let half = head_dim / 2;
+/// Rotary tables: `cos[p·d/2 + i]`, `sin[…]` for positions `0..n` and the
+/// frequencies `freqs` (one per pair, [`crate::ModelConfig::rope_frequencies`]).
+pub fn rope_tables(n: usize, freqs: &[f64]) -> (Vec<f32>, Vec<f32>) {
+    let half = freqs.len();
     let mut cos = Vec::with_capacity(n * half);
     let mut sin = Vec::with_capacity(n * half);
     for p in 0..n {
-        for i in 0..half {
-            let angle = p as f64 * theta.powf(-2.0 * i as f64 / head_dim as f64);
+        for &f in freqs {
+            let angle = p as f64 * f;
             cos.push(angle.cos() as f32);
             sin.push(angle.sin() as f32);
         }
@@ -181,19 +260,42 @@ pub fn attention(
 }
 
 impl Model {
-    /// Reads the weights of block `layer`.
+    /// Reads the weights of block `layer`, each slot from the tensor the
+    /// architecture's description puts there.
     pub fn block_weights(&self, layer: usize) -> Result<BlockWeights<'_>> {
-        let t = |s: &str| self.tensor(&crate::names::block(layer, s));
+        let arch = self.config.arch;
+        let t = |slot: Slot| -> Result<Tensor<'_>> {
+            let spec = arch
+                .slot(slot)
+                .with_context(|| format!("a '{}' block has no {slot:?} tensor", arch.gguf_name))?;
+            self.tensor(&crate::names::block(layer, spec.gguf))
+        };
+        let vector = |slot: Slot| -> Result<Option<Vec<f32>>> {
+            match arch.slot(slot) {
+                None => Ok(None),
+                Some(spec) => Ok(Some(
+                    self.tensor(&crate::names::block(layer, spec.gguf))?
+                        .to_f32()?,
+                )),
+            }
+        };
         Ok(BlockWeights {
-            attn_norm: t("attn_norm.weight")?.to_f32()?,
-            q: t("attn_q.weight")?,
-            k: t("attn_k.weight")?,
-            v: t("attn_v.weight")?,
-            o: t("attn_output.weight")?,
-            ffn_norm: t("ffn_norm.weight")?.to_f32()?,
-            gate: t("ffn_gate.weight")?,
-            up: t("ffn_up.weight")?,
-            down: t("ffn_down.weight")?,
+            attn_norm: t(Slot::AttnNorm)?.to_f32()?,
+            q: t(Slot::Q)?,
+            k: t(Slot::K)?,
+            v: t(Slot::V)?,
+            o: t(Slot::O)?,
+            ffn_norm: t(Slot::FfnNorm)?.to_f32()?,
+            gate: t(Slot::Gate)?,
+            up: t(Slot::Up)?,
+            down: t(Slot::Down)?,
+            extras: AttnExtras {
+                q_bias: vector(Slot::QBias)?,
+                k_bias: vector(Slot::KBias)?,
+                v_bias: vector(Slot::VBias)?,
+                q_norm: vector(Slot::QNorm)?,
+                k_norm: vector(Slot::KNorm)?,
+            },
         })
     }
 
@@ -242,7 +344,7 @@ impl Model {
         for name in ["attn_q.weight", "attn_k.weight", "attn_v.weight"] {
             observe(name, &h);
         }
-        let a = self.attention_mix(&w.q, &w.k, &w.v, &h, n)?;
+        let a = self.attention_mix(&w.q, &w.k, &w.v, &w.extras, &h, n)?;
         observe("attn_output.weight", &a);
         add_linear(x, &a, n, &w.o)?;
 
@@ -255,22 +357,36 @@ impl Model {
     }
 
     /// The attention mixer of a block on its normalised input `h` (`n` positions
-    /// from 0): q, k, v projections, RoPE, causal grouped-query attention; the
-    /// input of the output projection, `n × q_dim`.
+    /// from 0): q, k, v projections (with their biases), per-head q/k norms, RoPE,
+    /// causal grouped-query attention; the input of the output projection,
+    /// `n × q_dim`.
     pub fn attention_mix(
         &self,
         wq: &Tensor,
         wk: &Tensor,
         wv: &Tensor,
+        extras: &AttnExtras,
         h: &[f32],
         n: usize,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
         let (hd, heads, kv_heads) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
-        let mut q = linear(h, n, wq)?;
-        let mut k = linear(h, n, wk)?;
-        let v = linear(h, n, wv)?;
-        let (cos, sin) = rope_tables(n, hd, c.rope_theta);
+        let project = |w: &Tensor, bias: &Option<Vec<f32>>, norm: &Option<Vec<f32>>| {
+            let mut y = linear(h, n, w)?;
+            if let Some(b) = bias {
+                add_bias(&mut y, b);
+            }
+            if let Some(g) = norm {
+                let mut normed = vec![0f32; y.len()];
+                rms_norm(&y, g, c.rms_norm_eps, &mut normed);
+                y = normed;
+            }
+            Ok::<_, anyhow::Error>(y)
+        };
+        let mut q = project(wq, &extras.q_bias, &extras.q_norm)?;
+        let mut k = project(wk, &extras.k_bias, &extras.k_norm)?;
+        let v = project(wv, &extras.v_bias, &None)?;
+        let (cos, sin) = rope_tables(n, &c.rope_frequencies());
         apply_rope(&mut q, heads, hd, &cos, &sin);
         apply_rope(&mut k, kv_heads, hd, &cos, &sin);
         Ok(attention(&q, &k, &v, n, heads, kv_heads, hd))
@@ -323,7 +439,10 @@ mod tests {
 
     #[test]
     fn rope_rotates_pairs_by_position() {
-        let (cos, sin) = rope_tables(3, 4, 10000.0);
+        let freqs: Vec<f64> = (0..2)
+            .map(|i| 10000f64.powf(-2.0 * i as f64 / 4.0))
+            .collect();
+        let (cos, sin) = rope_tables(3, &freqs);
         // One head of dim 4 at position 2: pairs (0,2) and (1,3).
         let mut x = vec![0.0; 8];
         x.extend([1.0, 0.0, 0.0, 0.0]);

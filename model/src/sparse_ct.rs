@@ -6,7 +6,7 @@
 //! `sparse-bitmask` adds `PREFIX.row_offsets`, and `sparse-24-bitmask` keeps
 //! exactly two values in every group of four (`compressed` is `rows × cols/2`).
 
-use crate::config::LlamaConfig;
+use crate::config::ModelConfig;
 use crate::names;
 use crate::safetensors_file::{Dtype, SafetensorsSet};
 use anyhow::{bail, Context, Result};
@@ -36,7 +36,7 @@ impl SparseLinears {
     pub fn open(
         config_json: &Path,
         set: &SafetensorsSet,
-        config: &LlamaConfig,
+        config: &ModelConfig,
     ) -> Result<Option<Self>> {
         let v: Value = crate::io::read_json(config_json)?;
         let Some(sc) = v
@@ -57,8 +57,8 @@ impl SparseLinears {
             ),
         };
         let mut layers = HashMap::new();
-        for name in names::all(config.num_hidden_layers, config.tie_word_embeddings) {
-            let Some(hf) = names::hf_from_canonical(&name) else {
+        for name in names::all(config) {
+            let Some(hf) = config.arch.hf_from_canonical(&name) else {
                 continue;
             };
             let prefix = hf.strip_suffix(".weight").unwrap_or(&hf).to_owned();

@@ -172,6 +172,9 @@ pub fn fold(w: &BlockWeights, s: &BlockScales) -> Result<BlockWeights<'static>> 
         gate: m(&w.gate, scale_columns(&w.gate.to_f32()?, &s.ffn)),
         up: m(&w.up, divide_rows(&up, &s.down)),
         down: m(&w.down, scale_columns(&w.down.to_f32()?, &s.down)),
+        // Biases and per-head norms act on the projections' outputs, which the
+        // input-side scales leave unchanged.
+        extras: w.extras.clone(),
     })
 }
 

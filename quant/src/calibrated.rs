@@ -22,7 +22,7 @@ use model::calib::Hessian;
 use model::calib::Imatrix;
 use model::gguf::GgufWriter;
 use model::gguf_export;
-pub use model::hf_quant::{write_order, BLOCK_LINEARS};
+pub use model::hf_quant::write_order;
 use model::llama::{add_linear, rms_norm, swiglu, BlockWeights};
 use model::{names, Model, Tensor};
 use serde::Serialize;
@@ -266,7 +266,7 @@ pub fn sequential_blocks(
         // Stage 2: the output projection's input, the attention mix.
         let mut h_o = new_hessian(c.q_dim());
         let mut mixes = observe_each(&xs, &mut h_o, &mut t, &|x| {
-            model.attention_mix(wq, wk, wv, &norm(x, &w.attn_norm), n)
+            model.attention_mix(wq, wk, wv, &w.extras, &norm(x, &w.attn_norm), n)
         })?;
         let h_o = finish(h_o, &mut t);
         let o = run("attn_output.weight", &w.o, &h_o, &mut t)?;
@@ -325,6 +325,7 @@ pub fn sequential_blocks(
                     gate,
                     up,
                     down,
+                    extras: w.extras.clone(),
                 };
                 for x in xs.iter_mut() {
                     timed(&mut t.forward_seconds, &mut || {
@@ -445,7 +446,7 @@ pub fn run_model(
 /// inputs, scales are searched for q/k/v, gate/up and down ([`awq::search_scales`])
 /// and folded ([`awq::fold`]), every linear is rounded on its grid, and the
 /// quantized block produces the next block's inputs. `sink` receives per block
-/// the two folded norms, then the linears in [`BLOCK_LINEARS`] order.
+/// the two folded norms, then the linears in the description's order.
 pub fn awq_model(
     model: &Model,
     samples: &[Vec<u32>],
@@ -496,7 +497,8 @@ pub fn awq_model(
             .iter()
             .map(|t| t.to_f32())
             .collect::<Result<_>>()?;
-        let grids: Vec<Grid> = BLOCK_LINEARS.iter().map(|s| grid_of(&name(s))).collect();
+        let linears: Vec<&str> = c.arch.linears().collect();
+        let grids: Vec<Grid> = linears.iter().map(|s| grid_of(&name(s))).collect();
         let clock = Instant::now();
         let s_attn = awq::search_scales(
             &[&originals[0], &originals[1], &originals[2]],
@@ -542,7 +544,7 @@ pub fn awq_model(
         ];
         let mut quantized = Vec::with_capacity(7);
         for (i, (ft, h, col_s, row_s)) in plan.into_iter().enumerate() {
-            let lname = name(BLOCK_LINEARS[i]);
+            let lname = name(linears[i]);
             let (rows, cols) = (ft.shape[0], ft.shape[1]);
             let grid = grids[i];
             grid.check(cols, &lname)?;
@@ -590,6 +592,7 @@ pub fn awq_model(
             gate: next(),
             up: next(),
             down: next(),
+            extras: folded.extras.clone(),
         };
         let clock = Instant::now();
         for x in xs.iter_mut() {
@@ -626,7 +629,7 @@ pub fn calibrated_to_gguf(
             .with_context(|| format!("tensor '{n}' is missing from the plan"))
     };
     for l in 0..model.config.num_hidden_layers {
-        for s in BLOCK_LINEARS {
+        for s in model.config.arch.linears() {
             let t = planned(&names::block(l, s))?;
             if gptq::Grid::Gguf(t.ty).check(t.shape[1], &t.name).is_err() {
                 bail!(

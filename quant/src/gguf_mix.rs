@@ -6,7 +6,7 @@
 
 use anyhow::{bail, Result};
 use kernels::GgmlType;
-use model::LlamaConfig;
+use model::ModelConfig;
 use regex::Regex;
 
 /// A named quantization mix.
@@ -164,7 +164,7 @@ fn use_more_bits(layer: usize, n_layers: usize) -> bool {
 }
 
 /// The type llama.cpp would choose before checking the row length.
-fn mix_type(mix: Mix, name: &str, cfg: &LlamaConfig, has_imatrix: bool) -> GgmlType {
+fn mix_type(mix: Mix, name: &str, cfg: &ModelConfig, has_imatrix: bool) -> GgmlType {
     let base = mix.base_type();
     if mix.is_float() {
         return base;
@@ -339,7 +339,7 @@ pub fn choose(
     mix: Mix,
     name: &str,
     shape: &[usize],
-    cfg: &LlamaConfig,
+    cfg: &ModelConfig,
     has_imatrix: bool,
     overrides: &[Override],
 ) -> Choice {
@@ -376,8 +376,10 @@ pub fn choose(
 mod tests {
     use super::*;
 
-    fn smol() -> LlamaConfig {
-        LlamaConfig {
+    fn smol() -> ModelConfig {
+        ModelConfig {
+            arch: &model::arch::LLAMA,
+            rope_scaling: None,
             vocab_size: 49152,
             hidden_size: 576,
             intermediate_size: 1536,

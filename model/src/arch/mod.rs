@@ -1,0 +1,480 @@
+//! One description per architecture: what a decoder-only model of that family
+//! is made of, as data every stage reads instead of matching on names.
+//!
+//! A description ([`Arch`]) says how the architecture is called in GGUF
+//! (`general.architecture`, the prefix of its `{arch}.*` keys) and in HF
+//! (`model_type`, the `*ForCausalLM` class), which tensors a block holds
+//! ([`TensorSpec`]: GGUF suffix, HF suffix, [`Role`], shape in terms of the
+//! config, and the [`Slot`] it fills in the shared block graph of
+//! [`crate::llama`]), which tensors sit outside the blocks, and whether GGUF
+//! stores Q and K rows permuted for llama.cpp's interleaved RoPE.
+//!
+//! Adding an architecture is one file here with its `pub static` and one line in
+//! [`ARCHES`]. Stages ask [`Arch::linears`] which tensors to quantize or prune,
+//! [`Role::kept_float`] which to leave alone, and [`Arch::block_tensor`] what a
+//! name means.
+
+mod llama;
+mod qwen2;
+mod qwen3;
+
+pub use llama::LLAMA;
+pub use qwen2::QWEN2;
+pub use qwen3::QWEN3;
+
+use crate::config::ModelConfig;
+
+/// Every supported architecture (the registration table).
+pub static ARCHES: &[&Arch] = &[&LLAMA, &QWEN2, &QWEN3];
+
+/// What a tensor is for: decides whether stages may change it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Token embedding table `[vocab, hidden]`.
+    Embedding,
+    /// An RMSNorm gain over the residual stream.
+    Norm,
+    /// A linear layer's weight `[out, in]`: quantized and pruned.
+    Linear,
+    /// A linear layer's bias `[out]`.
+    Bias,
+    /// An RMSNorm gain over each query or key head (`[head_dim]`).
+    QkNorm,
+    /// The output head `[vocab, hidden]` (absent when tied to the embedding).
+    Head,
+    /// RoPE frequency divisors (`rope_freqs.weight`, GGUF only: HF computes them
+    /// from `rope_scaling`).
+    RopeFreqs,
+}
+
+impl Role {
+    /// Whether stages keep this tensor in float (never quantized or pruned), and
+    /// why, for reports.
+    pub fn kept_float(self) -> Option<&'static str> {
+        match self {
+            Role::Norm | Role::QkNorm => Some("norm gain"),
+            Role::Bias => Some("bias"),
+            Role::RopeFreqs => Some("RoPE frequency factors"),
+            Role::Embedding | Role::Linear | Role::Head => None,
+        }
+    }
+}
+
+/// Where a block tensor goes in the shared decoder block graph
+/// ([`crate::llama::BlockWeights`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Slot {
+    /// Pre-attention norm gain.
+    AttnNorm,
+    /// Query projection.
+    Q,
+    /// Key projection.
+    K,
+    /// Value projection.
+    V,
+    /// Attention output projection.
+    O,
+    /// Pre-MLP norm gain.
+    FfnNorm,
+    /// MLP gate projection.
+    Gate,
+    /// MLP up projection.
+    Up,
+    /// MLP down projection.
+    Down,
+    /// Query bias.
+    QBias,
+    /// Key bias.
+    KBias,
+    /// Value bias.
+    VBias,
+    /// Per-head query norm gain.
+    QNorm,
+    /// Per-head key norm gain.
+    KNorm,
+}
+
+/// One dimension of a tensor, in terms of the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dim {
+    /// `hidden_size`.
+    Hidden,
+    /// `intermediate_size`.
+    Ffn,
+    /// `vocab_size`.
+    Vocab,
+    /// `num_attention_heads × head_dim`.
+    QDim,
+    /// `num_key_value_heads × head_dim`.
+    KvDim,
+    /// `head_dim`.
+    HeadDim,
+    /// `head_dim / 2` (one RoPE frequency per pair).
+    HalfHeadDim,
+}
+
+impl Dim {
+    /// The size of this dimension for `c`.
+    pub fn size(self, c: &ModelConfig) -> usize {
+        match self {
+            Dim::Hidden => c.hidden_size,
+            Dim::Ffn => c.intermediate_size,
+            Dim::Vocab => c.vocab_size,
+            Dim::QDim => c.q_dim(),
+            Dim::KvDim => c.kv_dim(),
+            Dim::HeadDim => c.head_dim,
+            Dim::HalfHeadDim => c.head_dim / 2,
+        }
+    }
+}
+
+/// One tensor of the architecture.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TensorSpec {
+    /// GGUF name (block tensors: the suffix after `blk.N.`).
+    pub gguf: &'static str,
+    /// HF name (block tensors: the suffix after `model.layers.N.`); empty when HF
+    /// has no such tensor.
+    pub hf: &'static str,
+    /// What it is for.
+    pub role: Role,
+    /// Shape, outermost first.
+    pub shape: &'static [Dim],
+    /// Its place in the block graph (block tensors only).
+    pub slot: Option<Slot>,
+}
+
+/// The pre-attention norm, q/k/v/o, the pre-MLP norm and the SwiGLU MLP that
+/// every Llama-family block has, in forward order.
+pub(crate) const LLAMA_BLOCK: [TensorSpec; 9] = [
+    block_spec(
+        "attn_norm.weight",
+        "input_layernorm.weight",
+        Role::Norm,
+        &[Dim::Hidden],
+        Slot::AttnNorm,
+    ),
+    block_spec(
+        "attn_q.weight",
+        "self_attn.q_proj.weight",
+        Role::Linear,
+        &[Dim::QDim, Dim::Hidden],
+        Slot::Q,
+    ),
+    block_spec(
+        "attn_k.weight",
+        "self_attn.k_proj.weight",
+        Role::Linear,
+        &[Dim::KvDim, Dim::Hidden],
+        Slot::K,
+    ),
+    block_spec(
+        "attn_v.weight",
+        "self_attn.v_proj.weight",
+        Role::Linear,
+        &[Dim::KvDim, Dim::Hidden],
+        Slot::V,
+    ),
+    block_spec(
+        "attn_output.weight",
+        "self_attn.o_proj.weight",
+        Role::Linear,
+        &[Dim::Hidden, Dim::QDim],
+        Slot::O,
+    ),
+    block_spec(
+        "ffn_norm.weight",
+        "post_attention_layernorm.weight",
+        Role::Norm,
+        &[Dim::Hidden],
+        Slot::FfnNorm,
+    ),
+    block_spec(
+        "ffn_gate.weight",
+        "mlp.gate_proj.weight",
+        Role::Linear,
+        &[Dim::Ffn, Dim::Hidden],
+        Slot::Gate,
+    ),
+    block_spec(
+        "ffn_up.weight",
+        "mlp.up_proj.weight",
+        Role::Linear,
+        &[Dim::Ffn, Dim::Hidden],
+        Slot::Up,
+    ),
+    block_spec(
+        "ffn_down.weight",
+        "mlp.down_proj.weight",
+        Role::Linear,
+        &[Dim::Hidden, Dim::Ffn],
+        Slot::Down,
+    ),
+];
+
+/// The tensors outside the blocks of a Llama-family model.
+pub(crate) const LLAMA_GLOBALS: [TensorSpec; 3] = [
+    global_spec(
+        "token_embd.weight",
+        "model.embed_tokens.weight",
+        Role::Embedding,
+        &[Dim::Vocab, Dim::Hidden],
+    ),
+    global_spec(
+        "output_norm.weight",
+        "model.norm.weight",
+        Role::Norm,
+        &[Dim::Hidden],
+    ),
+    global_spec(
+        "output.weight",
+        "lm_head.weight",
+        Role::Head,
+        &[Dim::Vocab, Dim::Hidden],
+    ),
+];
+
+/// A block tensor of the table.
+pub(crate) const fn block_spec(
+    gguf: &'static str,
+    hf: &'static str,
+    role: Role,
+    shape: &'static [Dim],
+    slot: Slot,
+) -> TensorSpec {
+    TensorSpec {
+        gguf,
+        hf,
+        role,
+        shape,
+        slot: Some(slot),
+    }
+}
+
+/// A tensor outside the blocks.
+pub(crate) const fn global_spec(
+    gguf: &'static str,
+    hf: &'static str,
+    role: Role,
+    shape: &'static [Dim],
+) -> TensorSpec {
+    TensorSpec {
+        gguf,
+        hf,
+        role,
+        shape,
+        slot: None,
+    }
+}
+
+/// Everything the pipeline knows about one architecture.
+#[derive(Debug)]
+pub struct Arch {
+    /// `general.architecture` in GGUF and the prefix of its hyperparameter keys.
+    pub gguf_name: &'static str,
+    /// HF `model_type` values read as this architecture; the first is written.
+    pub hf_model_types: &'static [&'static str],
+    /// HF class written in `architectures`.
+    pub hf_class: &'static str,
+    /// Block tensors that every block must have, in forward order.
+    pub block: &'static [TensorSpec],
+    /// Tensors outside the blocks (the head is optional: absent when tied).
+    pub globals: &'static [TensorSpec],
+    /// Whether GGUF stores the Q and K rows (and their biases) permuted per head
+    /// for llama.cpp's interleaved ("normal") RoPE; HF never does.
+    pub gguf_permutes_qk: bool,
+    /// What HF's config says about this family that ours does not carry, written
+    /// into `config.json` (for example `"attention_bias": true`).
+    pub hf_extra: fn(&ModelConfig) -> serde_json::Map<String, serde_json::Value>,
+}
+
+/// Architectures are registered statics, one per name.
+impl PartialEq for Arch {
+    fn eq(&self, other: &Self) -> bool {
+        self.gguf_name == other.gguf_name
+    }
+}
+
+impl Arch {
+    /// The architecture whose GGUF name is `name`.
+    pub fn from_gguf_name(name: &str) -> Option<&'static Arch> {
+        ARCHES.iter().copied().find(|a| a.gguf_name == name)
+    }
+
+    /// The architecture whose HF `model_type` is `model_type`.
+    pub fn from_hf_model_type(model_type: &str) -> Option<&'static Arch> {
+        ARCHES
+            .iter()
+            .copied()
+            .find(|a| a.hf_model_types.contains(&model_type))
+    }
+
+    /// The supported names, for error messages.
+    pub fn supported() -> String {
+        ARCHES
+            .iter()
+            .map(|a| a.gguf_name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The HF `model_type` this architecture writes.
+    pub fn hf_model_type(&self) -> &'static str {
+        self.hf_model_types[0]
+    }
+
+    /// GGUF suffixes of the block linears, in forward order (GPTQ's order).
+    pub fn linears(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.block
+            .iter()
+            .filter(|s| s.role == Role::Linear)
+            .map(|s| s.gguf)
+    }
+
+    /// The spec of block tensor `suffix` (GGUF suffix after `blk.N.`).
+    pub fn block_tensor(&self, suffix: &str) -> Option<&'static TensorSpec> {
+        self.block.iter().find(|s| s.gguf == suffix)
+    }
+
+    /// The spec of the block tensor that fills `slot`, if this architecture has one.
+    pub fn slot(&self, slot: Slot) -> Option<&'static TensorSpec> {
+        self.block.iter().find(|s| s.slot == Some(slot))
+    }
+
+    /// The spec of a global tensor by GGUF name.
+    pub fn global(&self, name: &str) -> Option<&'static TensorSpec> {
+        self.globals.iter().find(|s| s.gguf == name)
+    }
+
+    /// The spec of any canonical (GGUF) tensor name, block or global.
+    pub fn spec(&self, canonical: &str) -> Option<&'static TensorSpec> {
+        match split_block(canonical) {
+            Some((_, suffix)) => self.block_tensor(suffix),
+            None => self.global(canonical),
+        }
+    }
+
+    /// The role of a canonical tensor name, if this architecture knows it.
+    pub fn role(&self, canonical: &str) -> Option<Role> {
+        self.spec(canonical).map(|s| s.role)
+    }
+
+    /// Canonical (GGUF) name of an HF tensor name, if this architecture knows it.
+    pub fn canonical_from_hf(&self, hf: &str) -> Option<String> {
+        if let Some(g) = self.globals.iter().find(|s| !s.hf.is_empty() && s.hf == hf) {
+            return Some(g.gguf.to_owned());
+        }
+        let rest = hf.strip_prefix("model.layers.")?;
+        let (layer, suffix) = rest.split_once('.')?;
+        let layer: usize = layer.parse().ok()?;
+        let spec = self.block.iter().find(|s| s.hf == suffix)?;
+        Some(crate::names::block(layer, spec.gguf))
+    }
+
+    /// HF name of a canonical (GGUF) tensor name, if HF has such a tensor.
+    pub fn hf_from_canonical(&self, name: &str) -> Option<String> {
+        match split_block(name) {
+            Some((layer, suffix)) => {
+                let spec = self.block_tensor(suffix)?;
+                Some(format!("model.layers.{layer}.{}", spec.hf))
+            }
+            None => {
+                let spec = self.global(name)?;
+                (!spec.hf.is_empty()).then(|| spec.hf.to_owned())
+            }
+        }
+    }
+
+    /// Whether GGUF stores the rows of this canonical tensor permuted per head
+    /// (llama's Q and K weights and biases), and with how many heads.
+    pub fn gguf_permuted_heads(&self, canonical: &str, c: &ModelConfig) -> Option<usize> {
+        if !self.gguf_permutes_qk {
+            return None;
+        }
+        let (_, suffix) = split_block(canonical)?;
+        match self.block_tensor(suffix)?.slot? {
+            Slot::Q | Slot::QBias => Some(c.num_attention_heads),
+            Slot::K | Slot::KBias => Some(c.num_key_value_heads),
+            _ => None,
+        }
+    }
+}
+
+/// `blk.N.suffix` as (N, suffix).
+pub fn split_block(name: &str) -> Option<(usize, &str)> {
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, suffix) = rest.split_once('.')?;
+    Some((layer.parse().ok()?, suffix))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_both_ways_for_every_architecture() {
+        for arch in ARCHES {
+            for spec in arch.block {
+                let name = crate::names::block(3, spec.gguf);
+                let hf = arch.hf_from_canonical(&name).unwrap();
+                assert_eq!(arch.canonical_from_hf(&hf).as_deref(), Some(name.as_str()));
+            }
+            for spec in arch.globals.iter().filter(|s| !s.hf.is_empty()) {
+                let hf = arch.hf_from_canonical(spec.gguf).unwrap();
+                assert_eq!(arch.canonical_from_hf(&hf).as_deref(), Some(spec.gguf));
+            }
+            assert_eq!(arch.canonical_from_hf("model.rotary_emb.inv_freq"), None);
+            assert_eq!(Arch::from_gguf_name(arch.gguf_name), Some(*arch));
+            assert_eq!(Arch::from_hf_model_type(arch.hf_model_type()), Some(*arch));
+            assert_eq!(
+                arch.linears().collect::<Vec<_>>(),
+                [
+                    "attn_q.weight",
+                    "attn_k.weight",
+                    "attn_v.weight",
+                    "attn_output.weight",
+                    "ffn_gate.weight",
+                    "ffn_up.weight",
+                    "ffn_down.weight"
+                ]
+            );
+        }
+        assert_eq!(
+            QWEN2.canonical_from_hf("model.layers.12.self_attn.k_proj.bias"),
+            Some("blk.12.attn_k.bias".to_owned())
+        );
+        assert_eq!(
+            LLAMA.canonical_from_hf("model.layers.12.self_attn.k_proj.bias"),
+            None
+        );
+        assert_eq!(
+            QWEN3
+                .hf_from_canonical("blk.0.attn_q_norm.weight")
+                .as_deref(),
+            Some("model.layers.0.self_attn.q_norm.weight")
+        );
+    }
+
+    #[test]
+    fn every_block_has_the_shared_graph() {
+        for arch in ARCHES {
+            for slot in [
+                Slot::AttnNorm,
+                Slot::Q,
+                Slot::K,
+                Slot::V,
+                Slot::O,
+                Slot::FfnNorm,
+                Slot::Gate,
+                Slot::Up,
+                Slot::Down,
+            ] {
+                assert!(
+                    arch.slot(slot).is_some(),
+                    "{} lacks {slot:?}",
+                    arch.gguf_name
+                );
+            }
+        }
+    }
+}

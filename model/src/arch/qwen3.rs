@@ -1,0 +1,50 @@
+//! `qwen3`: Qwen3 dense models. A Llama block with an RMSNorm over each query and
+//! key head before RoPE (`q_norm`, `k_norm`, one gain of `head_dim` shared by all
+//! heads), no biases, a head width set on its own (`head_dim`, GGUF
+//! `attention.key_length`); GGUF keeps HF's row order.
+
+use super::{block_spec, Arch, Dim, Role, Slot, TensorSpec, LLAMA_BLOCK, LLAMA_GLOBALS};
+use crate::config::ModelConfig;
+use serde_json::{json, Map, Value};
+
+static BLOCK: [TensorSpec; 11] = [
+    LLAMA_BLOCK[0],
+    LLAMA_BLOCK[1],
+    LLAMA_BLOCK[2],
+    LLAMA_BLOCK[3],
+    LLAMA_BLOCK[4],
+    LLAMA_BLOCK[5],
+    LLAMA_BLOCK[6],
+    LLAMA_BLOCK[7],
+    LLAMA_BLOCK[8],
+    block_spec(
+        "attn_q_norm.weight",
+        "self_attn.q_norm.weight",
+        Role::QkNorm,
+        &[Dim::HeadDim],
+        Slot::QNorm,
+    ),
+    block_spec(
+        "attn_k_norm.weight",
+        "self_attn.k_norm.weight",
+        Role::QkNorm,
+        &[Dim::HeadDim],
+        Slot::KNorm,
+    ),
+];
+
+fn hf_extra(_: &ModelConfig) -> Map<String, Value> {
+    let v = json!({"attention_bias": false, "use_sliding_window": false, "sliding_window": null});
+    v.as_object().cloned().unwrap_or_default()
+}
+
+/// The `qwen3` architecture.
+pub static QWEN3: Arch = Arch {
+    gguf_name: "qwen3",
+    hf_model_types: &["qwen3"],
+    hf_class: "Qwen3ForCausalLM",
+    block: &BLOCK,
+    globals: &LLAMA_GLOBALS,
+    gguf_permutes_qk: false,
+    hf_extra,
+};
