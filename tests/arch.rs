@@ -164,3 +164,280 @@ fn unknown_rope_scaling_unknown_tensors_and_architectures_are_refused() {
         "{e}"
     );
 }
+
+fn run_ok(args: &[&str]) -> String {
+    let o = compress(args);
+    let text = output_text(&o);
+    assert!(o.status.success(), "{args:?} failed:\n{text}");
+    text
+}
+
+/// `compress eval ARTIFACT --base BASE` on the fixture's context: (PPL, KLD).
+fn eval_against(artifact: &Path, base: &Path) -> (f64, f64) {
+    let text = e2e::eval_text();
+    let out = run_ok(&[
+        "eval",
+        artifact.to_str().unwrap(),
+        "--base",
+        base.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--ctx",
+        "64",
+        "--chunks",
+        "4",
+        "--json",
+    ]);
+    let start = out.find('{').expect("a JSON report");
+    let v: serde_json::Value = serde_json::Deserializer::from_str(&out[start..])
+        .into_iter()
+        .next()
+        .unwrap()
+        .unwrap();
+    let v = if v.is_array() { v[0].clone() } else { v };
+    let ppl = v["perplexity"]["perplexity"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no perplexity in {v}"));
+    let kld = v["kld"]["mean"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no kld in {v}"));
+    assert!(ppl.is_finite() && kld.is_finite() && kld >= 0.0, "{v}");
+    (ppl, kld)
+}
+
+/// Every 1-D tensor the description keeps in float is F32 in a written GGUF.
+fn assert_kept_float(path: &Path) {
+    let m = Model::open(path).unwrap();
+    for name in m.tensor_names() {
+        let role = m.role(&name).unwrap();
+        if role.kept_float().is_some() {
+            let (ty, _) = m.tensor_meta(&name).unwrap();
+            assert_eq!(ty, kernels::GgmlType::F32, "{}: {name}", path.display());
+        }
+    }
+}
+
+/// Each stage on each architecture: quantize (mixes, target bpw, GPTQ/AWQ/RTN
+/// folders and GGUF grids), prune (unstructured, N:M, structured), sensitivity,
+/// convert; every artifact opens and evaluates against its base.
+#[test]
+fn every_stage_runs_on_every_architecture() {
+    let calib = e2e::asset("calib.txt");
+    let calib = calib.to_str().unwrap();
+    let eval = e2e::eval_text();
+    for name in ARCHES {
+        let dir = tempfile::tempdir().unwrap();
+        let out = |f: &str| dir.path().join(f);
+        let base = fixture(name);
+        let b = base.to_str().unwrap();
+        let cal = ["--calib", calib, "--samples", "4", "--seq", "64"];
+
+        // Our GGUF writer: the HF folder written as F32 GGUF reads back to the
+        // reference logits (Q/K layout, rope factors and metadata as llama.cpp's).
+        let f32_gguf = out("f32.gguf");
+        run_ok(&[
+            "quantize",
+            b,
+            "--type",
+            "F32",
+            "-o",
+            f32_gguf.to_str().unwrap(),
+        ]);
+        assert!(logits_error(&f32_gguf, name) < 1e-4, "{name}");
+        // And the llama.cpp GGUF converted to HF reads back the same.
+        let conv = out("conv");
+        let src_gguf = base.join("model.gguf");
+        let conv_out = run_ok_or_refused(&[
+            "convert",
+            src_gguf.to_str().unwrap(),
+            "-o",
+            conv.to_str().unwrap(),
+        ]);
+        match conv_out {
+            Ok(_) => assert!(logits_error(&conv, name) < 1e-4, "{name}"),
+            Err(e) => {
+                assert_eq!(name, "llama3", "{e}");
+                assert!(e.contains("rope_freqs.weight"), "{e}");
+            }
+        }
+
+        let imatrix = out("im.gguf");
+        run_ok(&[
+            "imatrix",
+            b,
+            "--text",
+            calib,
+            "--ctx",
+            "64",
+            "--chunks",
+            "4",
+            "-o",
+            imatrix.to_str().unwrap(),
+        ]);
+        let q4 = out("q4km.gguf");
+        let said = run_ok(&[
+            "quantize",
+            b,
+            "--type",
+            "Q4_K_M",
+            "--imatrix",
+            imatrix.to_str().unwrap(),
+            "-o",
+            q4.to_str().unwrap(),
+        ]);
+        assert!(said.contains("kept in F32, never quantized"), "{said}");
+        assert_kept_float(&q4);
+        let extra = match name {
+            "qwen2" => "blk.1.attn_k.bias",
+            "qwen3" => "blk.1.attn_q_norm.weight",
+            _ => "rope_freqs.weight",
+        };
+        e2e::check_gguf_with_gguf_py(
+            &q4,
+            &["blk.0.attn_q.weight", "blk.1.ffn_down.weight", extra],
+            &out("dump"),
+        );
+        let (_, kld_q4) = eval_against(&q4, &base);
+        assert!(kld_q4 > 0.0, "{name}");
+        let bpw = out("bpw.gguf");
+        run_ok(&[
+            "quantize",
+            b,
+            "--target-bpw",
+            "5",
+            "-o",
+            bpw.to_str().unwrap(),
+        ]);
+        eval_against(&bpw, &base);
+
+        // Calibrated integer quantization: GPTQ beats round-to-nearest.
+        let rtn = out("rtn");
+        let gptq = out("gptq");
+        let int4 = ["--bits", "4", "--group", "32"];
+        let mut args = vec![
+            "quantize",
+            b,
+            "--method",
+            "rtn",
+            "-o",
+            rtn.to_str().unwrap(),
+        ];
+        args.extend(int4);
+        run_ok(&args);
+        let mut args = vec![
+            "quantize",
+            b,
+            "--method",
+            "gptq",
+            "-o",
+            gptq.to_str().unwrap(),
+        ];
+        args.extend(int4);
+        args.extend(cal);
+        run_ok(&args);
+        let (_, kld_rtn) = eval_against(&rtn, &base);
+        let (_, kld_gptq) = eval_against(&gptq, &base);
+        assert!(
+            kld_gptq < kld_rtn,
+            "{name}: GPTQ {kld_gptq} vs RTN {kld_rtn}"
+        );
+        for (method, format) in [("awq", "gptq"), ("gptq", "compressed-tensors")] {
+            let o = out(&format!("{method}-{format}"));
+            let mut args = vec![
+                "quantize",
+                b,
+                "--method",
+                method,
+                "--format",
+                format,
+                "-o",
+                o.to_str().unwrap(),
+            ];
+            args.extend(int4);
+            args.extend(cal);
+            run_ok(&args);
+            eval_against(&o, &base);
+        }
+        let grid = out("gptq-q4_0.gguf");
+        let mut args = vec![
+            "quantize",
+            b,
+            "--method",
+            "gptq",
+            "--type",
+            "Q4_0",
+            "-o",
+            grid.to_str().unwrap(),
+        ];
+        args.extend(cal);
+        run_ok(&args);
+        assert_kept_float(&grid);
+        eval_against(&grid, &base);
+
+        // Pruning: unstructured and N:M into folders and GGUF, then structured cuts.
+        for (i, extra) in [
+            vec!["--method", "magnitude", "--sparsity", "0.5"],
+            vec!["--method", "wanda", "--sparsity", "0.5"],
+            vec!["--method", "sparsegpt", "--nm", "2:4"],
+            vec![
+                "--method",
+                "wanda",
+                "--nm",
+                "2:4",
+                "--format",
+                "compressed-tensors",
+            ],
+            vec!["--heads", "2"],
+            vec!["--ffn", "0.25"],
+            vec!["--layers", "1"],
+            vec!["--width", "0.25"],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let o = if i == 2 {
+                out("p2.gguf")
+            } else {
+                out(&format!("p{i}"))
+            };
+            let mut args = vec!["prune", b, "-o", o.to_str().unwrap()];
+            args.extend(extra.iter());
+            args.extend(cal);
+            run_ok(&args);
+            let pruned = Model::open(&o).unwrap();
+            assert_eq!(pruned.config.arch, Model::open(&base).unwrap().config.arch);
+            eval_against(&o, &base);
+        }
+
+        // Sensitivity: one tensor at a time.
+        let report = out("sens.json");
+        run_ok(&[
+            "sensitivity",
+            b,
+            "--calib",
+            calib,
+            "--text",
+            eval.to_str().unwrap(),
+            "--types",
+            "Q4_0,Q8_0",
+            "--sparsity",
+            "0.5",
+            "--ctx",
+            "64",
+            "-o",
+            report.to_str().unwrap(),
+        ]);
+        assert!(report.exists());
+    }
+}
+
+/// Runs `compress`; Ok(output) on success, Err(output) on exit code 2.
+fn run_ok_or_refused(args: &[&str]) -> Result<String, String> {
+    let o = compress(args);
+    let text = output_text(&o);
+    match o.status.code() {
+        Some(0) => Ok(text),
+        Some(2) => Err(text),
+        _ => panic!("{args:?}:\n{text}"),
+    }
+}

@@ -278,14 +278,26 @@ pub fn run(a: Args) -> Result<()> {
         (None, None) => unreachable!(),
     };
     let mut counts = BTreeMap::new();
+    let mut kept = BTreeMap::new();
     for t in &plan {
         *counts.entry(t.ty).or_insert(0usize) += 1;
         if let Some(note) = t.note.as_ref().filter(|n| n.contains("falls back")) {
             eprintln!("{}: {note}", t.name);
         }
+        if let Some(why) = t
+            .note
+            .as_ref()
+            .and_then(|n| n.strip_prefix("kept in F32: "))
+        {
+            *kept.entry(why.to_owned()).or_insert(0usize) += 1;
+        }
     }
     let summary: Vec<String> = counts.iter().map(|(t, n)| format!("{n} × {t}")).collect();
     eprintln!("{label}: {} tensors: {}", plan.len(), summary.join(", "));
+    if !kept.is_empty() {
+        let kept: Vec<String> = kept.iter().map(|(why, n)| format!("{n} × {why}")).collect();
+        eprintln!("kept in F32, never quantized: {}", kept.join(", "));
+    }
     let mut bar = Progress::new(plan.len() as u64, "quantize");
     let r = gguf_quantize::quantize_to_gguf(
         &model,

@@ -6,8 +6,9 @@
 //! runs the result as a smaller dense model.
 
 use crate::prune::DenseWriter;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
+use model::arch::Dim;
 use model::{names, Model, ModelConfig, Tensor};
 use prune::structured::{
     blocks_to_keep, heads_to_keep, input_channel_scores, keep_highest, mean_row_cosine,
@@ -314,85 +315,43 @@ pub fn run(
         keep.ffn.push(ffn);
     }
 
-    // Every tensor of the result and where it comes from.
+    // Every tensor of the result and where it comes from: each dimension the
+    // description gives a tensor is cut the way that dimension is cut.
     let width = (cuts.width > 0.0).then(|| keep.width.clone());
-    let mut slices = vec![Slice {
-        name: "token_embd.weight".into(),
-        shape: vec![c.vocab_size, new.hidden_size],
-        source: "token_embd.weight".into(),
-        rows: None,
-        cols: width.clone(),
-    }];
-    for (nl, &l) in keep.blocks.iter().enumerate() {
-        let head_rows: Vec<usize> = keep.heads[nl]
-            .iter()
-            .flat_map(|&h| h * hd..(h + 1) * hd)
-            .collect();
-        let heads = (cuts.heads > 0).then_some(head_rows);
-        let ffn = (cuts.ffn > 0.0).then(|| keep.ffn[nl].clone());
-        let (q_dim, kv_dim) = (new.q_dim(), new.kv_dim());
-        let mut add = |suffix: &str,
-                       shape: Vec<usize>,
-                       rows: Option<Vec<usize>>,
-                       cols: Option<Vec<usize>>| {
-            slices.push(Slice {
-                name: names::block(nl, suffix),
-                shape,
-                source: names::block(l, suffix),
-                rows,
-                cols,
-            })
+    let select = |d: Dim, nl: Option<usize>| -> Option<Vec<usize>> {
+        match (d, nl) {
+            (Dim::Hidden, _) => width.clone(),
+            (Dim::Ffn, Some(nl)) if cuts.ffn > 0.0 => Some(keep.ffn[nl].clone()),
+            (Dim::QDim, Some(nl)) if cuts.heads > 0 => Some(
+                keep.heads[nl]
+                    .iter()
+                    .flat_map(|&h| h * hd..(h + 1) * hd)
+                    .collect(),
+            ),
+            _ => None,
+        }
+    };
+    let mut slices = Vec::new();
+    for name in model::names::all(&new) {
+        let spec = c
+            .arch
+            .spec(&name)
+            .with_context(|| format!("'{name}' is not described"))?;
+        let (source, nl) = match model::arch::split_block(&name) {
+            Some((nl, suffix)) => (names::block(keep.blocks[nl], suffix), Some(nl)),
+            None => (name.clone(), None),
         };
-        let h = new.hidden_size;
-        add("attn_norm.weight", vec![h], None, width.clone());
-        add("ffn_norm.weight", vec![h], None, width.clone());
-        add(
-            "attn_q.weight",
-            vec![q_dim, h],
-            heads.clone(),
-            width.clone(),
-        );
-        add("attn_k.weight", vec![kv_dim, h], None, width.clone());
-        add("attn_v.weight", vec![kv_dim, h], None, width.clone());
-        add(
-            "attn_output.weight",
-            vec![h, q_dim],
-            width.clone(),
-            heads.clone(),
-        );
-        add(
-            "ffn_gate.weight",
-            vec![new.intermediate_size, h],
-            ffn.clone(),
-            width.clone(),
-        );
-        add(
-            "ffn_up.weight",
-            vec![new.intermediate_size, h],
-            ffn.clone(),
-            width.clone(),
-        );
-        add(
-            "ffn_down.weight",
-            vec![h, new.intermediate_size],
-            width.clone(),
-            ffn.clone(),
-        );
-    }
-    slices.push(Slice {
-        name: "output_norm.weight".into(),
-        shape: vec![new.hidden_size],
-        source: "output_norm.weight".into(),
-        rows: None,
-        cols: width.clone(),
-    });
-    if !c.tie_word_embeddings {
+        let (rows, cols) = match spec.shape {
+            [d] => (None, select(*d, nl)),
+            [r, k] => (select(*r, nl), select(*k, nl)),
+            other => bail!("'{name}' has {} dimensions; cuts know 1 or 2", other.len()),
+        };
         slices.push(Slice {
-            name: "output.weight".into(),
-            shape: vec![c.vocab_size, new.hidden_size],
-            source: "output.weight".into(),
-            rows: None,
-            cols: width.clone(),
+            shape: spec.shape.iter().map(|d| d.size(&new)).collect(),
+            name,
+            source,
+            rows,
+            cols,
         });
     }
 

@@ -132,7 +132,7 @@ impl BaseRun {
             };
             for layer in start..layers {
                 let mut w = model.block_weights(layer)?;
-                replace_in_block(&mut w, replaced, layer)?;
+                replace_in_block(model, &mut w, replaced, layer)?;
                 model
                     .forward_block(&w, &mut x, toks.len())
                     .with_context(|| format!("block {layer}"))?;
@@ -159,8 +159,10 @@ impl BaseRun {
     }
 }
 
-/// Swaps the replacements that belong to block `layer` into its weights.
+/// Swaps the replacements that belong to block `layer` into its weights, each
+/// into the slot its architecture's description gives it.
 fn replace_in_block<'a>(
+    model: &Model,
     w: &mut BlockWeights<'a>,
     replaced: &'a [Tensor],
     layer: usize,
@@ -169,19 +171,13 @@ fn replace_in_block<'a>(
         if model::names::block_index(&t.name) != Some(layer) {
             continue;
         }
-        let suffix = t.name.splitn(3, '.').nth(2).unwrap_or("");
-        match suffix {
-            "attn_q.weight" => w.q = t.borrowed(),
-            "attn_k.weight" => w.k = t.borrowed(),
-            "attn_v.weight" => w.v = t.borrowed(),
-            "attn_output.weight" => w.o = t.borrowed(),
-            "ffn_gate.weight" => w.gate = t.borrowed(),
-            "ffn_up.weight" => w.up = t.borrowed(),
-            "ffn_down.weight" => w.down = t.borrowed(),
-            "attn_norm.weight" => w.attn_norm = t.to_f32()?,
-            "ffn_norm.weight" => w.ffn_norm = t.to_f32()?,
-            _ => bail!("'{}' is not a tensor of a decoder block", t.name),
-        }
+        let slot = model
+            .config
+            .arch
+            .spec(&t.name)
+            .and_then(|s| s.slot)
+            .with_context(|| format!("'{}' is not a tensor of a decoder block", t.name))?;
+        w.replace(slot, t.borrowed())?;
     }
     Ok(())
 }

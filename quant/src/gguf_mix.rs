@@ -6,6 +6,7 @@
 
 use anyhow::{bail, Result};
 use kernels::GgmlType;
+use model::arch::Role;
 use model::ModelConfig;
 use regex::Regex;
 
@@ -343,6 +344,12 @@ pub fn choose(
     has_imatrix: bool,
     overrides: &[Override],
 ) -> Choice {
+    if let Some(why) = cfg.arch.role(name).and_then(Role::kept_float) {
+        return Choice {
+            ty: GgmlType::F32,
+            note: Some(format!("kept in F32: {why}")),
+        };
+    }
     if shape.len() < 2 {
         return Choice {
             ty: GgmlType::F32,
