@@ -1,15 +1,24 @@
 //! AWQ's folding leaves the float model unchanged: with per-channel scales
 //! folded into every block of the real SmolLM2 (norm gains divided, q/k/v,
 //! gate/up and down columns multiplied, up's rows divided), the logits equal the
-//! original model's to 1e-5 relative.
+//! original model's to 1e-5 relative. The same on the Llama 3, Qwen2 (q/k/v
+//! biases) and Qwen3 (per-head q/k norms) fixtures: the scales act on the
+//! projections' inputs, so biases and per-head norms on their outputs stay exact.
 
-use e2e::real_model;
+use e2e::{real_model, repo_root};
 use model::Model;
 use quant::awq::{fold, BlockScales};
 
 #[test]
 fn folded_scales_give_the_same_logits() {
-    let model = Model::open(&real_model()).unwrap();
+    folding_keeps_logits(&real_model());
+    for arch in ["llama3", "qwen2", "qwen3"] {
+        folding_keeps_logits(&repo_root().join("tests/fixtures/arch").join(arch));
+    }
+}
+
+fn folding_keeps_logits(path: &std::path::Path) {
+    let model = Model::open(path).unwrap();
     let c = &model.config;
     let text = "The jury said it did find that many of Georgia's registration and election laws are outmoded.";
     let tokens = model.tokenizer.encode(text).unwrap();
@@ -41,6 +50,7 @@ fn folded_scales_give_the_same_logits() {
         .fold(0f32, f32::max);
     assert!(
         worst < 1e-5,
-        "largest difference {worst} of the largest logit"
+        "{}: largest difference {worst} of the largest logit",
+        path.display()
     );
 }

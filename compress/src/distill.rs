@@ -36,9 +36,10 @@ use std::time::Instant;
 pub enum TrainArg {
     /// Every tensor.
     All,
-    /// Every block tensor and the final norm (not the embedding or head).
+    /// Every block tensor (biases and per-head q/k norms included) and the
+    /// final norm (not the embedding or head).
     Blocks,
-    /// The RMSNorm gains only.
+    /// The RMSNorm gains only (per-head q/k norms included).
     Norms,
     /// A low-rank adapter on every block linear (--lora-rank, --lora-alpha),
     /// merged into the weights when written.
@@ -977,9 +978,16 @@ pub fn run(a: Args) -> Result<()> {
             a.dtype.ggml(),
         )?;
         for (name, shape) in &declared {
-            let values = student
-                .values(name)
-                .with_context(|| format!("the trained model has no tensor '{name}'"))?;
+            // `rope_freqs.weight` (Llama 3 rope scaling) is no parameter: copied.
+            let copied;
+            let values = match student.values(name) {
+                Some(v) => v,
+                None if student_model.role(name) == Some(model::arch::Role::RopeFreqs) => {
+                    copied = student_model.tensor(name)?.to_f32()?;
+                    &copied[..]
+                }
+                None => bail!("the trained model has no tensor '{name}'"),
+            };
             writer.write(name, shape, values)?;
         }
         writer.finish(&student_model)?;

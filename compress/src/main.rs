@@ -1,8 +1,9 @@
 //! `compress`: the command-line front of the pipeline. Subcommands fetch the
 //! real assets, convert checkpoints between formats, and evaluate models.
 //!
-//! Any path argument may be `asset:NAME` (`asset:smollm2`, `asset:eval`,
-//! `asset:calib`, `asset:brown`): the asset is fetched into the cache if needed.
+//! Any path argument may be `asset:NAME` (`asset:smollm2`, `asset:qwen2.5-0.5b`,
+//! `asset:eval`, `asset:calib`, `asset:brown`): the asset is fetched into the
+//! cache if needed.
 
 mod assets;
 mod convert;
@@ -36,7 +37,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Download and verify the real model and text into the cache folder
+    /// Download and verify the real models and text into the cache folder
     /// ($COMPRESS_CACHE, else $XDG_CACHE_HOME/compress, else ~/.cache/compress).
     Fetch {
         /// Print the cached paths as JSON.
@@ -194,7 +195,7 @@ fn run_stage(command: Command) -> Result<()> {
             if json {
                 let v = serde_json::json!({
                     "cache": cache, "model": paths.model, "brown": paths.brown,
-                    "calib": paths.calib, "eval": paths.eval,
+                    "calib": paths.calib, "eval": paths.eval, "qwen": paths.qwen,
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -202,6 +203,7 @@ fn run_stage(command: Command) -> Result<()> {
                 println!("brown  {}", paths.brown.display());
                 println!("calib  {}", paths.calib.display());
                 println!("eval   {}", paths.eval.display());
+                println!("qwen   {}", paths.qwen.display());
             }
             Ok(())
         }

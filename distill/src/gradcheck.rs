@@ -2,12 +2,16 @@
 //! model, the analytic gradient of a distillation-shaped objective (next-token
 //! cross-entropy + forward KL + reverse KL + hidden-state MSE on two blocks)
 //! against central finite differences in f64 for every element of every tensor,
-//! and the f32 path against the f64 one.
+//! and the f32 path against the f64 one. Every check runs on a tiny llama, a
+//! tiny qwen2 (q/k/v biases) and a tiny qwen3 (per-head q/k norms, heads wider
+//! than `hidden / heads`).
 
 use crate::float::Float;
 use crate::loss::{forward_kl, next_token_cross_entropy, reverse_kl};
 use crate::params::{Grads, Params};
-use crate::testutil::{random_params, random_vec, tiny_config};
+use crate::testutil::{
+    all_tiny_configs, random_params, random_vec, tiny_config, tiny_qwen2_config, tiny_qwen3_config,
+};
 use crate::transformer::{backward, forward, Activations};
 use model::config::ModelConfig;
 
@@ -86,10 +90,12 @@ fn norm(v: impl Iterator<Item = f64>) -> f64 {
     v.map(|x| x * x).sum::<f64>().sqrt()
 }
 
-/// Finite differences for every element of every tensor; returns the worst
-/// per-tensor relative error and panics naming every tensor that fails.
-fn check_against_finite_differences(tied: bool) -> f64 {
-    let c = tiny_config(tied);
+/// Finite differences for every element of every tensor of a model of config
+/// `c`; returns the worst per-tensor relative error and panics naming every
+/// tensor that fails.
+fn check_against_finite_differences(c: &ModelConfig) -> f64 {
+    let c = c.clone();
+    let tied = c.tie_word_embeddings;
     let p = random_params::<f64>(&c, if tied { 1 } else { 2 });
     let s = Setup::new(&c);
     let g = analytic(&p, &s);
@@ -136,7 +142,8 @@ fn check_against_finite_differences(tied: bool) -> f64 {
     }
     assert!(
         failures.is_empty(),
-        "gradient check failed ({} head):\n{}",
+        "gradient check failed ({}, {} head):\n{}",
+        c.arch.gguf_name,
         if tied { "tied" } else { "untied" },
         failures.join("\n")
     );
@@ -145,20 +152,36 @@ fn check_against_finite_differences(tied: bool) -> f64 {
 
 #[test]
 fn gradients_match_finite_differences_tied_head() {
-    let worst = check_against_finite_differences(true);
-    println!("tied head: worst per-tensor relative error {worst:.2e}");
+    let worst = check_against_finite_differences(&tiny_config(true));
+    println!("llama, tied head: worst per-tensor relative error {worst:.2e}");
 }
 
 #[test]
 fn gradients_match_finite_differences_untied_head() {
-    let worst = check_against_finite_differences(false);
-    println!("untied head: worst per-tensor relative error {worst:.2e}");
+    let worst = check_against_finite_differences(&tiny_config(false));
+    println!("llama, untied head: worst per-tensor relative error {worst:.2e}");
+}
+
+#[test]
+fn gradients_match_finite_differences_qwen2_biases() {
+    for tied in [true, false] {
+        let worst = check_against_finite_differences(&tiny_qwen2_config(tied));
+        println!("qwen2, tied {tied}: worst per-tensor relative error {worst:.2e}");
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences_qwen3_qk_norms() {
+    for tied in [true, false] {
+        let worst = check_against_finite_differences(&tiny_qwen3_config(tied));
+        println!("qwen3, tied {tied}: worst per-tensor relative error {worst:.2e}");
+    }
 }
 
 #[test]
 fn f32_path_agrees_with_f64() {
-    for tied in [true, false] {
-        let c = tiny_config(tied);
+    for c in all_tiny_configs() {
+        let (tied, arch) = (c.tie_word_embeddings, c.arch.gguf_name);
         let p64 = random_params::<f64>(&c, 3);
         let p32: Params<f32> = p64.cast();
         let s64 = Setup::new(&c);
@@ -172,7 +195,7 @@ fn f32_path_agrees_with_f64() {
             .zip(&a32.logits)
             .fold(0f64, |m, (a, b)| m.max((a - b.to_f64()).abs()));
         println!(
-            "tied {tied}: logits max rel diff {:.2e}, loss {l64:.6} vs {l32:.6}",
+            "{arch}, tied {tied}: logits max rel diff {:.2e}, loss {l64:.6} vs {l32:.6}",
             diff / scale
         );
         assert!(
@@ -188,33 +211,38 @@ fn f32_path_agrees_with_f64() {
             worst = worst.max(rel);
             assert!(
                 rel < 1e-3,
-                "{}: f32 gradient off by {rel:e} (tied {tied})",
+                "{}: f32 gradient off by {rel:e} ({arch}, tied {tied})",
                 a.name
             );
         }
-        println!("tied {tied}: f32 gradients, worst per-tensor relative error {worst:.2e}");
+        println!("{arch}, tied {tied}: f32 gradients, worst per-tensor relative error {worst:.2e}");
     }
 }
 
 #[test]
 fn backward_accumulates_across_calls() {
-    let c = tiny_config(false);
-    let p = random_params::<f64>(&c, 4);
-    let s = Setup::new(&c);
-    let (_, acts, dl, hidden) = objective(&p, &s);
-    let refs: Vec<(usize, &[f64])> = hidden.iter().map(|(l, d)| (*l, &d[..])).collect();
-    let mut once = p.zeros_like();
-    backward(&p, &acts, &dl, &refs, &mut once);
-    let mut twice = p.zeros_like();
-    backward(&p, &acts, &dl, &refs, &mut twice);
-    backward(&p, &acts, &dl, &refs, &mut twice);
-    for (a, b) in once.tensors().into_iter().zip(twice.tensors()) {
-        for (x, y) in a.data.iter().zip(b.data) {
-            assert!(
-                (2.0 * x - y).abs() <= 1e-12 * x.abs().max(1.0),
-                "{}",
-                a.name
-            );
+    for c in [
+        tiny_config(false),
+        tiny_qwen2_config(false),
+        tiny_qwen3_config(false),
+    ] {
+        let p = random_params::<f64>(&c, 4);
+        let s = Setup::new(&c);
+        let (_, acts, dl, hidden) = objective(&p, &s);
+        let refs: Vec<(usize, &[f64])> = hidden.iter().map(|(l, d)| (*l, &d[..])).collect();
+        let mut once = p.zeros_like();
+        backward(&p, &acts, &dl, &refs, &mut once);
+        let mut twice = p.zeros_like();
+        backward(&p, &acts, &dl, &refs, &mut twice);
+        backward(&p, &acts, &dl, &refs, &mut twice);
+        for (a, b) in once.tensors().into_iter().zip(twice.tensors()) {
+            for (x, y) in a.data.iter().zip(b.data) {
+                assert!(
+                    (2.0 * x - y).abs() <= 1e-12 * x.abs().max(1.0),
+                    "{}",
+                    a.name
+                );
+            }
         }
     }
 }
@@ -229,4 +257,14 @@ fn forward_rejects_bad_input() {
     p.blocks[1].wk.pop();
     let e = forward(&p, &[1, 2]).unwrap_err().to_string();
     assert!(e.contains("blk.1.attn_k.weight"), "{e}");
+    // A tensor the architecture lacks, or an optional one of the wrong size.
+    let mut p = random_params::<f32>(&c, 5);
+    p.blocks[0].bq = vec![0.0; c.q_dim()];
+    let e = forward(&p, &[1, 2]).unwrap_err().to_string();
+    assert!(e.contains("QBias") && e.contains("llama"), "{e}");
+    let c = tiny_qwen3_config(true);
+    let mut p = random_params::<f32>(&c, 5);
+    p.blocks[1].k_norm.pop();
+    let e = forward(&p, &[1, 2]).unwrap_err().to_string();
+    assert!(e.contains("blk.1.attn_k_norm.weight"), "{e}");
 }

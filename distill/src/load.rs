@@ -1,6 +1,7 @@
 //! Reading a checkpoint into trainable f32 parameters: every tensor of a
-//! [`model::Model`] (GGUF of any supported block type, or safetensors),
-//! dequantized whole. The reader already returns Q/K rows in HF order, the order
+//! [`model::Model`] (GGUF of any supported block type, or safetensors, of any
+//! described architecture: the biases and per-head norms of qwen2 / qwen3 come
+//! with the rest), dequantized whole. The reader already returns Q/K rows in HF order, the order
 //! [`crate::ops::rope_forward`] pairs elements in, so the rows are copied as they are.
 
 use crate::params::Params;
@@ -59,6 +60,43 @@ mod tests {
             .or_else(|| nonempty("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("compress")))
             .or_else(|| nonempty("HOME").map(|h| PathBuf::from(h).join(".cache/compress")))?;
         Some(dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")).filter(|p| p.exists())
+    }
+
+    /// The largest logit difference relative to the largest |logit|.
+    fn relative_logit_diff(got: &[f32], want: &[f32]) -> f32 {
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
+        let diff = got
+            .iter()
+            .zip(want)
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        diff / scale
+    }
+
+    #[test]
+    fn fixture_logits_match_the_inference_path_for_every_architecture() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/arch");
+        let tokens: Vec<u32> = (1..=20).collect();
+        for (name, arch) in [
+            ("qwen2", &model::arch::QWEN2),
+            ("qwen3", &model::arch::QWEN3),
+            ("llama3", &model::arch::LLAMA),
+        ] {
+            for file in ["", "model.gguf"] {
+                let path = root.join(name).join(file);
+                let m = Model::open(&path).unwrap();
+                assert_eq!(m.config.arch, arch, "{}", path.display());
+                let p = Params::from_model(&m).unwrap();
+                let want = m.logits(&tokens, 0).unwrap();
+                let got = forward(&p, &tokens).unwrap().logits;
+                let rel = relative_logit_diff(&got, &want);
+                println!(
+                    "{name} {}: max |Δlogit| / max |logit| = {rel:.2e}",
+                    if file.is_empty() { "HF" } else { file }
+                );
+                assert!(rel < 1e-5, "{}: logits differ by {rel:e}", path.display());
+            }
+        }
     }
 
     #[test]

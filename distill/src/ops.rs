@@ -1,4 +1,4 @@
-//! The operations of a Llama block, each forward next to its backward so the pair
+//! The operations of a Llama-family block, each forward next to its backward so the pair
 //! can be read against the math (llm.c style). Conventions shared by every op:
 //!
 //! * activations are row-major `[n, width]`, one row per position;
@@ -72,6 +72,36 @@ fn linear_dims<T>(x: &[T], w: &[T], n: usize) -> (usize, usize) {
         w.len()
     );
     (d_in, w.len() / d_in)
+}
+
+// ---------------------------------------------------------------------------
+// Bias: y = x + b on every row
+
+/// Adds `bias` to every row of `y` (`[n, bias.len()]`), in place.
+pub fn bias_forward<T: Float>(y: &mut [T], bias: &[T]) {
+    assert!(
+        !bias.is_empty() && y.len().is_multiple_of(bias.len()),
+        "bias: {} values for a bias of {}",
+        y.len(),
+        bias.len()
+    );
+    y.par_chunks_mut(bias.len())
+        .for_each(|row| row.iter_mut().zip(bias).for_each(|(y, &b)| *y += b));
+}
+
+/// Backward of [`bias_forward`]: the bias is shared by every row, so
+/// `∂L/∂b_j = Σ_rows dy_j`, added into `dbias`. (The gradient of the input is
+/// `dy` itself.)
+pub fn bias_backward<T: Float>(dy: &[T], dbias: &mut [T]) {
+    assert!(
+        !dbias.is_empty() && dy.len().is_multiple_of(dbias.len()),
+        "bias backward: {} values for a bias of {}",
+        dy.len(),
+        dbias.len()
+    );
+    for row in dy.chunks(dbias.len()) {
+        dbias.iter_mut().zip(row).for_each(|(d, &g)| *d += g);
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -568,6 +598,25 @@ mod tests {
         let got = swiglu_forward(&g, &linear_forward(&x, &wu, n));
         let err = max_rel(&got, &want);
         assert!(err < 1e-6, "swiglu rel err {err:e}");
+    }
+
+    #[test]
+    fn bias_matches_inference_and_its_gradient_sums_the_rows() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let (n, d) = (4, 6);
+        let x = rand_vec(&mut rng, n * d);
+        let b = rand_vec(&mut rng, d);
+        let mut want = x.clone();
+        llama::add_bias(&mut want, &b);
+        let mut got = x.clone();
+        bias_forward(&mut got, &b);
+        assert_eq!(got, want);
+        let mut db = vec![1.0f32; d];
+        bias_backward(&x, &mut db);
+        for (j, &g) in db.iter().enumerate() {
+            let sum: f32 = (0..n).map(|i| x[i * d + j]).sum();
+            assert!((g - 1.0 - sum).abs() < 1e-6);
+        }
     }
 
     #[test]

@@ -3,12 +3,20 @@
 //! layer is `y = W·x`), Q/K rows in HF order, tensors named the GGUF way
 //! (`blk.N.attn_q.weight`) so an optimizer, a mask or a writer can walk them by
 //! name without knowing the architecture.
+//!
+//! Which block tensors exist is the architecture's description
+//! (`config.arch.block`, [`model::arch`]): every block has the nine Llama tensors;
+//! qwen2 adds q/k/v biases, qwen3 per-head q/k norm gains. A [`BlockParams`] has
+//! a field for each of them; those the architecture lacks are empty vectors and
+//! are not listed by [`Params::tensors`].
 
 use crate::float::Float;
+use model::arch::Slot;
 use model::config::ModelConfig;
 use model::names;
 
-/// The weights of one decoder block.
+/// The weights of one decoder block. The optional attention tensors (`bq`, `bk`,
+/// `bv`, `q_norm`, `k_norm`) are empty when the architecture has no such tensor.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockParams<T> {
     /// Pre-attention RMSNorm gain `[hidden]`.
@@ -29,6 +37,18 @@ pub struct BlockParams<T> {
     pub w_up: Vec<T>,
     /// MLP down projection `[hidden, ffn]`.
     pub w_down: Vec<T>,
+    /// Query bias `[n_heads·head_dim]` (qwen2), added after the projection;
+    /// empty when the architecture has none.
+    pub bq: Vec<T>,
+    /// Key bias `[n_kv·head_dim]` (qwen2); empty when none.
+    pub bk: Vec<T>,
+    /// Value bias `[n_kv·head_dim]` (qwen2); empty when none.
+    pub bv: Vec<T>,
+    /// Per-head query RMSNorm gain `[head_dim]` (qwen3), applied to each head's
+    /// query after the projection and before RoPE; empty when none.
+    pub q_norm: Vec<T>,
+    /// Per-head key RMSNorm gain `[head_dim]` (qwen3); empty when none.
+    pub k_norm: Vec<T>,
 }
 
 /// All weights of a model. The gradients of a model have the same layout and use
@@ -74,72 +94,129 @@ pub struct TensorMut<'a, T> {
     pub data: &'a mut [T],
 }
 
-/// The per-block tensor slots in [`model::names::BLOCK_TENSORS`] order, with their
-/// shapes for a config.
-fn block_shapes(c: &ModelConfig) -> [(&'static str, Vec<usize>); 9] {
-    let (h, f) = (c.hidden_size, c.intermediate_size);
-    [
-        ("attn_norm.weight", vec![h]),
-        ("attn_q.weight", vec![c.q_dim(), h]),
-        ("attn_k.weight", vec![c.kv_dim(), h]),
-        ("attn_v.weight", vec![c.kv_dim(), h]),
-        ("attn_output.weight", vec![h, c.q_dim()]),
-        ("ffn_norm.weight", vec![h]),
-        ("ffn_gate.weight", vec![f, h]),
-        ("ffn_up.weight", vec![f, h]),
-        ("ffn_down.weight", vec![h, f]),
-    ]
+/// The block tensors of `c`'s architecture in its description's (file) order:
+/// slot, GGUF suffix and shape.
+fn block_specs(c: &ModelConfig) -> Vec<(Slot, &'static str, Vec<usize>)> {
+    c.arch
+        .block
+        .iter()
+        .map(|s| {
+            let slot = s
+                .slot
+                .expect("every block tensor of a description has a slot");
+            (slot, s.gguf, s.shape.iter().map(|d| d.size(c)).collect())
+        })
+        .collect()
 }
 
 impl<T> BlockParams<T> {
-    /// The nine tensors in [`model::names::BLOCK_TENSORS`] order.
-    fn slots(&self) -> [&Vec<T>; 9] {
+    /// A block with every field empty.
+    fn empty() -> Self {
+        BlockParams {
+            attn_norm: Vec::new(),
+            wq: Vec::new(),
+            wk: Vec::new(),
+            wv: Vec::new(),
+            wo: Vec::new(),
+            ffn_norm: Vec::new(),
+            w_gate: Vec::new(),
+            w_up: Vec::new(),
+            w_down: Vec::new(),
+            bq: Vec::new(),
+            bk: Vec::new(),
+            bv: Vec::new(),
+            q_norm: Vec::new(),
+            k_norm: Vec::new(),
+        }
+    }
+
+    /// Every field with the slot of the block graph it fills.
+    fn fields_mut(&mut self) -> [(Slot, &mut Vec<T>); 14] {
         [
-            &self.attn_norm,
-            &self.wq,
-            &self.wk,
-            &self.wv,
-            &self.wo,
-            &self.ffn_norm,
-            &self.w_gate,
-            &self.w_up,
-            &self.w_down,
+            (Slot::AttnNorm, &mut self.attn_norm),
+            (Slot::Q, &mut self.wq),
+            (Slot::K, &mut self.wk),
+            (Slot::V, &mut self.wv),
+            (Slot::O, &mut self.wo),
+            (Slot::FfnNorm, &mut self.ffn_norm),
+            (Slot::Gate, &mut self.w_gate),
+            (Slot::Up, &mut self.w_up),
+            (Slot::Down, &mut self.w_down),
+            (Slot::QBias, &mut self.bq),
+            (Slot::KBias, &mut self.bk),
+            (Slot::VBias, &mut self.bv),
+            (Slot::QNorm, &mut self.q_norm),
+            (Slot::KNorm, &mut self.k_norm),
         ]
     }
 
-    /// [`BlockParams::slots`], writable.
-    fn slots_mut(&mut self) -> [&mut Vec<T>; 9] {
-        [
-            &mut self.attn_norm,
-            &mut self.wq,
-            &mut self.wk,
-            &mut self.wv,
-            &mut self.wo,
-            &mut self.ffn_norm,
-            &mut self.w_gate,
-            &mut self.w_up,
-            &mut self.w_down,
-        ]
+    /// The field that holds the tensor of `slot`.
+    pub fn slot(&self, slot: Slot) -> &Vec<T> {
+        match slot {
+            Slot::AttnNorm => &self.attn_norm,
+            Slot::Q => &self.wq,
+            Slot::K => &self.wk,
+            Slot::V => &self.wv,
+            Slot::O => &self.wo,
+            Slot::FfnNorm => &self.ffn_norm,
+            Slot::Gate => &self.w_gate,
+            Slot::Up => &self.w_up,
+            Slot::Down => &self.w_down,
+            Slot::QBias => &self.bq,
+            Slot::KBias => &self.bk,
+            Slot::VBias => &self.bv,
+            Slot::QNorm => &self.q_norm,
+            Slot::KNorm => &self.k_norm,
+        }
+    }
+
+    /// [`BlockParams::slot`], writable.
+    pub fn slot_mut(&mut self, slot: Slot) -> &mut Vec<T> {
+        match slot {
+            Slot::AttnNorm => &mut self.attn_norm,
+            Slot::Q => &mut self.wq,
+            Slot::K => &mut self.wk,
+            Slot::V => &mut self.wv,
+            Slot::O => &mut self.wo,
+            Slot::FfnNorm => &mut self.ffn_norm,
+            Slot::Gate => &mut self.w_gate,
+            Slot::Up => &mut self.w_up,
+            Slot::Down => &mut self.w_down,
+            Slot::QBias => &mut self.bq,
+            Slot::KBias => &mut self.bk,
+            Slot::VBias => &mut self.bv,
+            Slot::QNorm => &mut self.q_norm,
+            Slot::KNorm => &mut self.k_norm,
+        }
+    }
+
+    /// The fields of `slots`, writable, in that order (each slot at most once).
+    fn slots_mut(&mut self, slots: impl Iterator<Item = Slot>) -> Vec<&mut Vec<T>> {
+        let mut fields: Vec<Option<(Slot, &mut Vec<T>)>> =
+            self.fields_mut().into_iter().map(Some).collect();
+        slots
+            .map(|slot| {
+                let f = fields
+                    .iter_mut()
+                    .find(|f| f.as_ref().is_some_and(|(s, _)| *s == slot))
+                    .and_then(Option::take)
+                    .unwrap_or_else(|| panic!("block slot {slot:?} listed twice"));
+                f.1
+            })
+            .collect()
     }
 }
 
 impl<T: Float> Params<T> {
-    /// All-zero parameters (or gradients) shaped by `config`; the output head
+    /// All-zero parameters (or gradients) shaped by `config`: the block tensors
+    /// its architecture describes (the others stay empty); the output head
     /// exists only when the config does not tie it to the embedding.
     pub fn zeros(config: &ModelConfig) -> Self {
         let z = |shape: &[usize]| vec![T::ZERO; shape.iter().product()];
-        let bs = block_shapes(config);
-        let block = BlockParams {
-            attn_norm: z(&bs[0].1),
-            wq: z(&bs[1].1),
-            wk: z(&bs[2].1),
-            wv: z(&bs[3].1),
-            wo: z(&bs[4].1),
-            ffn_norm: z(&bs[5].1),
-            w_gate: z(&bs[6].1),
-            w_up: z(&bs[7].1),
-            w_down: z(&bs[8].1),
-        };
+        let mut block = BlockParams::empty();
+        for (slot, _, shape) in block_specs(config) {
+            *block.slot_mut(slot) = z(&shape);
+        }
         let (v, h) = (config.vocab_size, config.hidden_size);
         Params {
             config: config.clone(),
@@ -168,7 +245,10 @@ impl<T: Float> Params<T> {
     }
 
     /// Every tensor with its GGUF name and shape, in file order: embedding, the
-    /// blocks, final norm, then the output head when it is not tied.
+    /// blocks (each in its architecture's description order), final norm, then
+    /// the output head when it is not tied. This is [`model::names::all`] less
+    /// `rope_freqs.weight`, which is not a parameter (Llama 3 rope scaling, read
+    /// from the config).
     pub fn tensors(&self) -> Vec<TensorRef<'_, T>> {
         let c = &self.config;
         let (v, h) = (c.vocab_size, c.hidden_size);
@@ -177,12 +257,13 @@ impl<T: Float> Params<T> {
             shape: vec![v, h],
             data: &self.token_embd[..],
         }];
+        let specs = block_specs(c);
         for (l, b) in self.blocks.iter().enumerate() {
-            for ((suffix, shape), data) in block_shapes(c).into_iter().zip(b.slots()) {
+            for (slot, suffix, shape) in &specs {
                 out.push(TensorRef {
                     name: names::block(l, suffix),
-                    shape,
-                    data,
+                    shape: shape.clone(),
+                    data: b.slot(*slot),
                 });
             }
         }
@@ -205,14 +286,15 @@ impl<T: Float> Params<T> {
     pub fn tensors_mut(&mut self) -> Vec<TensorMut<'_, T>> {
         let c = &self.config;
         let (v, h) = (c.vocab_size, c.hidden_size);
-        let shapes = block_shapes(c);
+        let specs = block_specs(c);
         let mut out = vec![TensorMut {
             name: "token_embd.weight".into(),
             shape: vec![v, h],
             data: &mut self.token_embd[..],
         }];
         for (l, b) in self.blocks.iter_mut().enumerate() {
-            for ((suffix, shape), data) in shapes.iter().zip(b.slots_mut()) {
+            let fields = b.slots_mut(specs.iter().map(|s| s.0));
+            for ((_, suffix, shape), data) in specs.iter().zip(fields) {
                 out.push(TensorMut {
                     name: names::block(l, suffix),
                     shape: shape.clone(),
@@ -271,15 +353,15 @@ impl<T: Float> Params<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::tiny_config;
+    use crate::testutil::{all_tiny_configs, tiny_arch_config, tiny_config};
 
     #[test]
     fn names_and_shapes_follow_the_gguf_layout() {
-        for tied in [true, false] {
-            let c = tiny_config(tied);
+        for c in all_tiny_configs() {
+            let tied = c.tie_word_embeddings;
             let p = Params::<f32>::zeros(&c);
             let names: Vec<String> = p.tensors().into_iter().map(|t| t.name).collect();
-            assert_eq!(names, model::names::all(&c));
+            assert_eq!(names, model::names::all(&c), "{}", c.arch.gguf_name);
             for t in p.tensors() {
                 assert_eq!(
                     t.data.len(),
@@ -287,10 +369,46 @@ mod tests {
                     "{}",
                     t.name
                 );
+                let spec = c.arch.spec(&t.name).expect("a described tensor");
+                let want: Vec<usize> = spec.shape.iter().map(|d| d.size(&c)).collect();
+                assert_eq!(t.shape, want, "{}", t.name);
             }
             assert_eq!(p.get("blk.1.attn_k.weight").unwrap().len(), c.kv_dim() * 8);
             assert_eq!(p.get("output.weight").is_some(), !tied);
+            let qwen2 = c.arch == &model::arch::QWEN2;
+            let qwen3 = c.arch == &model::arch::QWEN3;
+            for b in &p.blocks {
+                assert_eq!(b.bq.len(), if qwen2 { c.q_dim() } else { 0 });
+                assert_eq!(b.bv.len(), if qwen2 { c.kv_dim() } else { 0 });
+                assert_eq!(b.k_norm.len(), if qwen3 { c.head_dim } else { 0 });
+            }
         }
+        // Llama 3 rope scaling stored as `rope_freqs.weight` is named by the file
+        // layout but is no parameter.
+        let mut c = tiny_config(true);
+        c.rope_scaling = Some(model::config::RopeScaling::FreqFactors(vec![1.0, 4.0]));
+        c.validate().unwrap();
+        let names: Vec<String> = Params::<f32>::zeros(&c)
+            .tensors()
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        let mut want = model::names::all(&c);
+        assert_eq!(want.pop().as_deref(), Some("rope_freqs.weight"));
+        assert_eq!(names, want);
+    }
+
+    #[test]
+    fn optional_tensors_are_reached_by_name() {
+        let mut p = Params::<f64>::zeros(&tiny_arch_config(&model::arch::QWEN2, true, 4));
+        p.get_mut("blk.1.attn_v.bias").unwrap()[2] = 1.5;
+        assert_eq!(p.blocks[1].bv[2], 1.5);
+        assert!(p.get("blk.1.attn_q_norm.weight").is_none());
+        let mut p = Params::<f64>::zeros(&tiny_arch_config(&model::arch::QWEN3, false, 6));
+        p.get_mut("blk.0.attn_k_norm.weight").unwrap()[5] = -2.0;
+        assert_eq!(p.blocks[0].k_norm[5], -2.0);
+        assert!(p.get("blk.0.attn_q.bias").is_none() && p.blocks[0].bq.is_empty());
+        assert_eq!(p.cast::<f32>().blocks[0].k_norm[5], -2.0f32);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::params::{Grads, Params};
 use crate::train::{Masks, Trainable};
 use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
+use model::arch::Role;
 use std::borrow::Cow;
 use std::collections::HashMap;
 
@@ -132,13 +133,14 @@ impl Student {
         method: Method,
     ) -> Result<Student> {
         let masks = Masks::of_zeros(&params, 0.1);
+        let arch = params.config.arch;
         let mut vars = Vec::new();
         for (i, t) in params.tensors().into_iter().enumerate() {
             let ty = types.get(&t.name).copied().unwrap_or(GgmlType::F32);
             let quantized = !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
             let matrix = t.shape.len() == 2;
             let kind = match method {
-                Method::Full(trainable) if trainable.includes(&t.name) => {
+                Method::Full(trainable) if trainable.includes(arch, &t.name) => {
                     if quantized {
                         Kind::Quantized {
                             ty,
@@ -149,7 +151,7 @@ impl Student {
                         Kind::Param
                     }
                 }
-                Method::Lora { rank, alpha, seed } if matrix && t.name.starts_with("blk.") => {
+                Method::Lora { rank, alpha, seed } if arch.role(&t.name) == Some(Role::Linear) => {
                     if quantized {
                         bail!(
                             "tensor '{}' is {ty}: adapters on a quantized student are not supported (train it with --train blocks or all, through its codec)",
@@ -392,6 +394,55 @@ mod tests {
         let wq = s.params.get("blk.0.attn_q.weight").unwrap();
         assert!(wq.iter().step_by(2).all(|&x| x == 0.0));
         assert!(wq.iter().skip(1).step_by(2).all(|&x| x != 0.0));
+    }
+
+    #[test]
+    fn biases_and_qk_norms_train_with_their_groups() {
+        use crate::testutil::{tiny_qwen2_config, tiny_qwen3_config};
+        for c in [tiny_qwen2_config(true), tiny_qwen3_config(false)] {
+            let p: Params<f32> = random_params(&c, 9);
+            let trained = |method| {
+                let s = Student::new(p.clone(), &HashMap::new(), method).unwrap();
+                let names: Vec<String> = p
+                    .tensors()
+                    .iter()
+                    .filter(|t| s.trains(&t.name))
+                    .map(|t| t.name.clone())
+                    .collect();
+                (names, s.sizes().len())
+            };
+            let (norms, _) = trained(Method::Full(Trainable::Norms));
+            let (blocks, _) = trained(Method::Full(Trainable::Blocks));
+            let (all, _) = trained(Method::Full(Trainable::All));
+            let lora = Method::Lora {
+                rank: 2,
+                alpha: 4.0,
+                seed: 1,
+            };
+            let (adapted, n_vars) = trained(lora);
+            for t in p.tensors() {
+                let role = c.arch.role(&t.name).unwrap();
+                let has = |v: &[String]| v.contains(&t.name);
+                assert_eq!(
+                    has(&norms),
+                    matches!(role, Role::Norm | Role::QkNorm),
+                    "{}",
+                    t.name
+                );
+                let in_blocks = t.name.starts_with("blk.") || t.name == "output_norm.weight";
+                assert_eq!(has(&blocks), in_blocks, "{}", t.name);
+                assert!(has(&all), "{}", t.name);
+                assert_eq!(has(&adapted), role == Role::Linear, "{}", t.name);
+            }
+            assert_eq!(n_vars, 2 * 7 * c.num_hidden_layers);
+            let extras = [
+                "attn_q.bias",
+                "attn_v.bias",
+                "attn_q_norm.weight",
+                "attn_k_norm.weight",
+            ];
+            assert!(blocks.iter().any(|n| extras.iter().any(|e| n.ends_with(e))));
+        }
     }
 
     #[test]

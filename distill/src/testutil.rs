@@ -1,17 +1,43 @@
-//! Shared pieces of the unit tests: a tiny configuration that still has every
-//! feature of the real one (grouped-query attention, two blocks, tied or untied
-//! head) and random parameters for it.
+//! Shared pieces of the unit tests: tiny configurations that still have every
+//! feature of the real ones (grouped-query attention, two blocks, tied or untied
+//! head; q/k/v biases for qwen2, per-head q/k norms and a head width of its own
+//! for qwen3) and random parameters for them.
 
 use crate::float::Float;
 use crate::params::Params;
+use model::arch::{Arch, Role};
 use model::config::ModelConfig;
 use rand::{Rng, SeedableRng};
 
-/// Vocabulary 11, hidden 8, two query heads of 4 sharing one kv head, FFN 12,
-/// two blocks.
+/// Llama: vocabulary 11, hidden 8, two query heads of 4 sharing one kv head,
+/// FFN 12, two blocks.
 pub fn tiny_config(tied: bool) -> ModelConfig {
+    tiny_arch_config(&model::arch::LLAMA, tied, 4)
+}
+
+/// A tiny qwen2 (q/k/v biases), otherwise [`tiny_config`].
+pub fn tiny_qwen2_config(tied: bool) -> ModelConfig {
+    tiny_arch_config(&model::arch::QWEN2, tied, 4)
+}
+
+/// A tiny qwen3 (per-head q/k norms) whose heads are 6 wide, so
+/// `heads·head_dim = 12` differs from the hidden size 8.
+pub fn tiny_qwen3_config(tied: bool) -> ModelConfig {
+    tiny_arch_config(&model::arch::QWEN3, tied, 6)
+}
+
+/// Every tiny configuration: llama, qwen2, qwen3, each tied and untied.
+pub fn all_tiny_configs() -> Vec<ModelConfig> {
+    [tiny_config, tiny_qwen2_config, tiny_qwen3_config]
+        .into_iter()
+        .flat_map(|f| [f(true), f(false)])
+        .collect()
+}
+
+/// [`tiny_config`]'s sizes for architecture `arch` with heads of `head_dim`.
+pub fn tiny_arch_config(arch: &'static Arch, tied: bool, head_dim: usize) -> ModelConfig {
     let c = ModelConfig {
-        arch: &model::arch::LLAMA,
+        arch,
         rope_scaling: None,
         vocab_size: 11,
         hidden_size: 8,
@@ -19,7 +45,7 @@ pub fn tiny_config(tied: bool) -> ModelConfig {
         num_hidden_layers: 2,
         num_attention_heads: 2,
         num_key_value_heads: 1,
-        head_dim: 4,
+        head_dim,
         rms_norm_eps: 1e-5,
         rope_theta: 10000.0,
         max_position_embeddings: 64,
@@ -32,13 +58,16 @@ pub fn tiny_config(tied: bool) -> ModelConfig {
 }
 
 /// Random parameters: matrices uniform in ±1.5/√(in features) (activations stay
-/// of order one through the blocks), norm gains 1 ± 0.3, embedding uniform ±1.
+/// of order one through the blocks), norm gains 1 ± 0.3, biases uniform ±0.5,
+/// embedding uniform ±1.
 /// Drawn in f64 and rounded, so `random_params::<f32>` is the cast of the f64 one.
 pub fn random_params<T: Float>(config: &ModelConfig, seed: u64) -> Params<T> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut p = Params::<f64>::zeros(config);
     for t in p.tensors_mut() {
-        let bound = if t.shape.len() == 1 {
+        let bound = if config.arch.role(&t.name) == Some(Role::Bias) {
+            Some(0.5)
+        } else if t.shape.len() == 1 {
             None
         } else if t.name == "token_embd.weight" {
             Some(1.0)

@@ -4,6 +4,7 @@
 //! removed weights exactly zero after every step.
 
 use crate::params::Params;
+use model::arch::{Arch, Role};
 use rayon::prelude::*;
 
 /// Which parameters train.
@@ -11,20 +12,26 @@ use rayon::prelude::*;
 pub enum Trainable {
     /// Every tensor.
     All,
-    /// The RMSNorm gains only (a cheap recalibration of a pruned model's scales).
+    /// The RMSNorm gains only, per-head q/k norms included (a cheap
+    /// recalibration of a pruned model's scales).
     Norms,
     /// Every tensor but the token embedding and the output head (the largest
-    /// tensors, whose update costs the most and helps the least).
+    /// tensors, whose update costs the most and helps the least): the block
+    /// tensors (biases and q/k norms included) and the final norm.
     Blocks,
 }
 
 impl Trainable {
-    /// Whether tensor `name` trains.
-    pub fn includes(self, name: &str) -> bool {
+    /// Whether tensor `name` of a model of architecture `arch` trains (decided
+    /// by the role the description gives it).
+    pub fn includes(self, arch: &Arch, name: &str) -> bool {
+        let role = arch.role(name);
         match self {
             Trainable::All => true,
-            Trainable::Norms => name.ends_with("_norm.weight"),
-            Trainable::Blocks => name.starts_with("blk.") || name == "output_norm.weight",
+            Trainable::Norms => matches!(role, Some(Role::Norm | Role::QkNorm)),
+            Trainable::Blocks => {
+                model::names::block_index(name).is_some() || role == Some(Role::Norm)
+            }
         }
     }
 }

@@ -6,7 +6,9 @@
 //! ```text
 //! x₀ = E[tokens]
 //! block l:  h  = rmsnorm(x)·g_attn
-//!           q, k, v = h·Wqᵀ, h·Wkᵀ, h·Wvᵀ;   q, k = rope(q), rope(k)
+//!           q, k, v = h·Wqᵀ (+ b_q), h·Wkᵀ (+ b_k), h·Wvᵀ (+ b_v)   (biases: qwen2)
+//!           q, k = rmsnorm_per_head(q)·g_q, rmsnorm_per_head(k)·g_k  (qwen3)
+//!           q, k = rope(q), rope(k)
 //!           a  = causal_gqa_softmax_attention(q, k, v)
 //!           x' = x + a·Woᵀ
 //!           h' = rmsnorm(x')·g_ffn
@@ -22,6 +24,7 @@ use crate::float::Float;
 use crate::ops::{self, AttnShape, RopeTables};
 use crate::params::{Grads, Params};
 use anyhow::{bail, Result};
+use model::arch::Slot;
 
 /// The values of one block's forward that its backward reads.
 #[derive(Debug, Clone)]
@@ -30,6 +33,17 @@ pub struct BlockActs<T> {
     pub rstd_attn: Vec<T>,
     /// Normalised block input, the input of Q/K/V `[n, hidden]`.
     pub h_attn: Vec<T>,
+    /// Queries after the projection and bias, before the per-head norm
+    /// `[n, heads·d]`; empty when the architecture has no query norm.
+    pub q_pre: Vec<T>,
+    /// `1/√(mean(q²)+ε)` of each head of `q_pre`, `[n·heads]`; empty without
+    /// a query norm.
+    pub rstd_q: Vec<T>,
+    /// Keys before the per-head norm `[n, kv·d]`; empty without a key norm.
+    pub k_pre: Vec<T>,
+    /// `1/√(mean(k²)+ε)` of each head of `k_pre`, `[n·kv]`; empty without a
+    /// key norm.
+    pub rstd_k: Vec<T>,
     /// Queries after RoPE `[n, heads·d]`.
     pub q: Vec<T>,
     /// Keys after RoPE `[n, kv·d]`.
@@ -107,6 +121,22 @@ fn check_shapes<T: Float>(p: &Params<T>) -> Result<()> {
             p.config.tie_word_embeddings
         );
     }
+    for (l, b) in p.blocks.iter().enumerate() {
+        for slot in [
+            Slot::QBias,
+            Slot::KBias,
+            Slot::VBias,
+            Slot::QNorm,
+            Slot::KNorm,
+        ] {
+            if p.config.arch.slot(slot).is_none() && !b.slot(slot).is_empty() {
+                bail!(
+                    "block {l} has a {slot:?} tensor, which a '{}' model does not have",
+                    p.config.arch.gguf_name
+                );
+            }
+        }
+    }
     for t in p.tensors() {
         let want: usize = t.shape.iter().product();
         if t.data.len() != want {
@@ -123,8 +153,9 @@ fn check_shapes<T: Float>(p: &Params<T>) -> Result<()> {
 
 /// Runs the model on one sequence of `tokens` (positions `0..n`) and keeps what
 /// [`backward`] needs. Memory: per block about
-/// `n·(4·hidden + 2·q_dim + 2·kv_dim + 3·ffn) + heads·n²` values, plus `n·vocab`
-/// logits (SmolLM2-135M, 256 tokens, f32: about 0.4 GB).
+/// `n·(4·hidden + 2·q_dim + 2·kv_dim + 3·ffn) + heads·n²` values (plus
+/// `n·(q_dim + kv_dim)` with per-head q/k norms), plus `n·vocab` logits
+/// (SmolLM2-135M, 256 tokens, f32: about 0.4 GB).
 pub fn forward<T: Float>(p: &Params<T>, tokens: &[u32]) -> Result<Activations<T>> {
     check_shapes(p)?;
     let c = &p.config;
@@ -148,9 +179,9 @@ pub fn forward<T: Float>(p: &Params<T>, tokens: &[u32]) -> Result<Activations<T>
         let mut rstd_attn = vec![T::ZERO; n];
         let mut h_attn = vec![T::ZERO; n * h];
         ops::rms_norm_forward(&x, &b.attn_norm, eps, &mut h_attn, &mut rstd_attn);
-        let mut q = ops::linear_forward(&h_attn, &b.wq, n);
-        let mut k = ops::linear_forward(&h_attn, &b.wk, n);
-        let v = ops::linear_forward(&h_attn, &b.wv, n);
+        let (mut q, q_pre, rstd_q) = project_forward(&h_attn, &b.wq, &b.bq, &b.q_norm, n, eps);
+        let (mut k, k_pre, rstd_k) = project_forward(&h_attn, &b.wk, &b.bk, &b.k_norm, n, eps);
+        let (v, ..) = project_forward(&h_attn, &b.wv, &b.bv, &[], n, eps);
         ops::rope_forward(&mut q, shape.heads, &rope);
         ops::rope_forward(&mut k, shape.kv_heads, &rope);
         let mut probs = vec![T::ZERO; shape.heads * n * n];
@@ -172,6 +203,10 @@ pub fn forward<T: Float>(p: &Params<T>, tokens: &[u32]) -> Result<Activations<T>
         blocks.push(BlockActs {
             rstd_attn,
             h_attn,
+            q_pre,
+            rstd_q,
+            k_pre,
+            rstd_k,
             q,
             k,
             v,
@@ -305,13 +340,26 @@ pub fn backward<T: Float>(
             shape, &datt, &a.q, &a.k, &a.v, &a.probs, &mut dq, &mut dk, &mut dv,
         );
         // The saved q, k are rotated; their gradients rotate back before the
-        // projections see them.
+        // per-head norms and the projections see them.
         ops::rope_backward(&mut dq, shape.heads, &acts.rope);
         ops::rope_backward(&mut dk, shape.kv_heads, &acts.rope);
         dh.fill(T::ZERO);
-        ops::linear_backward(&dq, &a.h_attn, &b.wq, n, &mut dh, &mut g.wq);
-        ops::linear_backward(&dk, &a.h_attn, &b.wk, n, &mut dh, &mut g.wk);
-        ops::linear_backward(&dv, &a.h_attn, &b.wv, n, &mut dh, &mut g.wv);
+        let h_attn = &a.h_attn;
+        let q_norm = (!b.q_norm.is_empty()).then_some(PerHeadNorm {
+            gain: &b.q_norm,
+            pre: &a.q_pre,
+            rstd: &a.rstd_q,
+            dgain: &mut g.q_norm,
+        });
+        project_backward(dq, h_attn, &b.wq, q_norm, n, &mut dh, &mut g.wq, &mut g.bq);
+        let k_norm = (!b.k_norm.is_empty()).then_some(PerHeadNorm {
+            gain: &b.k_norm,
+            pre: &a.k_pre,
+            rstd: &a.rstd_k,
+            dgain: &mut g.k_norm,
+        });
+        project_backward(dk, h_attn, &b.wk, k_norm, n, &mut dh, &mut g.wk, &mut g.bk);
+        project_backward(dv, h_attn, &b.wv, None, n, &mut dh, &mut g.wv, &mut g.bv);
         ops::rms_norm_backward(
             &dh,
             &acts.residual[l],
@@ -322,4 +370,73 @@ pub fn backward<T: Float>(
         );
     }
     ops::embedding_backward(&dx, h, &acts.tokens, &mut grads.token_embd);
+}
+
+/// One attention projection before RoPE: `y = h·Wᵀ (+ bias)`, then, when `norm`
+/// (the per-head gain, `[head_dim]`) is not empty, the RMSNorm of each head of
+/// each row (the `[n·heads, head_dim]` view of `y`) times `norm`. Returns the
+/// output, and for the backward the values before the norm and their per-head
+/// `rstd` (both empty without a norm). An empty `bias` adds nothing.
+fn project_forward<T: Float>(
+    h: &[T],
+    w: &[T],
+    bias: &[T],
+    norm: &[T],
+    n: usize,
+    eps: f64,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let mut y = ops::linear_forward(h, w, n);
+    if !bias.is_empty() {
+        ops::bias_forward(&mut y, bias);
+    }
+    if norm.is_empty() {
+        return (y, Vec::new(), Vec::new());
+    }
+    let mut out = vec![T::ZERO; y.len()];
+    let mut rstd = vec![T::ZERO; y.len() / norm.len()];
+    ops::rms_norm_forward(&y, norm, eps, &mut out, &mut rstd);
+    (out, y, rstd)
+}
+
+/// The per-head norm of a projection as its backward reads it.
+struct PerHeadNorm<'a, T> {
+    /// The gain `[head_dim]`.
+    gain: &'a [T],
+    /// The saved values before the norm `[n, heads·head_dim]`.
+    pre: &'a [T],
+    /// Their `rstd`, one per position and head.
+    rstd: &'a [T],
+    /// The gain's gradient, added into.
+    dgain: &'a mut [T],
+}
+
+/// Backward of [`project_forward`] from `dy`, the gradient of its output (for
+/// q and k: already rotated back through RoPE). Through the per-head norm when
+/// there is one (its gain's gradient added into `norm.dgain`), then
+/// the bias (`dbias` += column sums, when the bias exists, i.e. `dbias` is not
+/// empty), then the projection: `dh` and `dw` are added into.
+#[allow(clippy::too_many_arguments)]
+fn project_backward<T: Float>(
+    dy: Vec<T>,
+    h: &[T],
+    w: &[T],
+    norm: Option<PerHeadNorm<'_, T>>,
+    n: usize,
+    dh: &mut [T],
+    dw: &mut [T],
+    dbias: &mut [T],
+) {
+    let dy = match norm {
+        None => dy,
+        Some(nm) => {
+            // rms_norm_backward adds into dx, so it starts from zero.
+            let mut dpre = vec![T::ZERO; dy.len()];
+            ops::rms_norm_backward(&dy, nm.pre, nm.gain, nm.rstd, &mut dpre, nm.dgain);
+            dpre
+        }
+    };
+    if !dbias.is_empty() {
+        ops::bias_backward(&dy, dbias);
+    }
+    ops::linear_backward(&dy, h, w, n, dh, dw);
 }
