@@ -27,7 +27,11 @@ fn qwen_is_read_as_qwen2_and_matches_llama_cpp_perplexity() {
     let m = Model::open(&qwen()).unwrap();
     assert_eq!(m.config.arch.gguf_name, "qwen2");
     assert_eq!(
-        (m.config.num_hidden_layers, m.config.hidden_size, m.config.vocab_size),
+        (
+            m.config.num_hidden_layers,
+            m.config.hidden_size,
+            m.config.vocab_size
+        ),
         (24, 896, 151936)
     );
     assert!(m.tensor_names().contains(&"blk.23.attn_v.bias".to_owned()));
@@ -46,7 +50,10 @@ fn qwen_is_read_as_qwen2_and_matches_llama_cpp_perplexity() {
     let ppl = v["perplexity"]["perplexity"].as_f64().unwrap();
     let rel = (ppl - LLAMA_CPP_PPL_2_CHUNKS).abs() / LLAMA_CPP_PPL_2_CHUNKS;
     eprintln!("Qwen2.5 2 chunks: ours {ppl:.4}, llama.cpp {LLAMA_CPP_PPL_2_CHUNKS}");
-    assert!(rel < 0.005, "ours {ppl} vs llama.cpp {LLAMA_CPP_PPL_2_CHUNKS}");
+    assert!(
+        rel < 0.005,
+        "ours {ppl} vs llama.cpp {LLAMA_CPP_PPL_2_CHUNKS}"
+    );
 }
 
 #[test]
