@@ -145,7 +145,7 @@ def convert_main(llama_dir: str, model_dir: str, outfile: str) -> None:
     a hash of how the tokenizer splits a test string and refuses unknown hashes. Our
     tokenizer is GPT-2's byte-level scheme (GPT-2 regex, no prefix space) with its own
     small vocabulary, so its hash is unknown; get_vocab_base_pre is patched to answer
-    "gpt2", the name llama.cpp gives that scheme.
+    "gpt-2", the name llama.cpp's loader gives that scheme (it refuses "gpt2").
     """
     sys.path.insert(0, str(Path(llama_dir) / "gguf-py"))
     sys.path.insert(1, llama_dir)
@@ -155,7 +155,7 @@ def convert_main(llama_dir: str, model_dir: str, outfile: str) -> None:
     import convert_hf_to_gguf
     from conversion.base import TextModel
 
-    TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt2"
+    TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
     sys.argv = ["convert_hf_to_gguf.py", model_dir, "--outfile", outfile, "--outtype", "f32"]
     convert_hf_to_gguf.main()
 
@@ -375,9 +375,9 @@ def check_gguf(name: str, folder: Path, config, state: dict) -> dict:
     arch = keys.get("general.architecture")
     if arch != GGUF_ARCH[name]:
         sys.exit(f"{name}: general.architecture = {arch!r}, want {GGUF_ARCH[name]!r}")
-    if keys.get("tokenizer.ggml.pre") != "gpt2" or keys.get("tokenizer.ggml.model") != "gpt2":
+    if keys.get("tokenizer.ggml.pre") != "gpt-2" or keys.get("tokenizer.ggml.model") != "gpt2":
         sys.exit(f"{name}: tokenizer.ggml.model/pre = {keys.get('tokenizer.ggml.model')!r}/"
-                 f"{keys.get('tokenizer.ggml.pre')!r}, want 'gpt2'/'gpt2'")
+                 f"{keys.get('tokenizer.ggml.pre')!r}, want 'gpt2'/'gpt-2'")
     tensors = {t.name: t for t in r.tensors}
     for t in r.tensors:
         if t.tensor_type.name != "F32":

@@ -115,7 +115,7 @@ pub const GGUF_CONFIG_KEY: &str = "gguf";
 /// The `pre` values [`Tokenizer::to_gguf_vocab`] recognises in a foreign
 /// byte-level BPE `tokenizer.json`.
 const RECOGNISED_PRE: &str = "smollm (Digits one by one, then ByteLevel with its regex), \
-     gpt2 (ByteLevel with the GPT-2 regex), llama-bpe (Llama-3's split regex, then \
+     gpt-2 (ByteLevel with the GPT-2 regex), llama-bpe (Llama-3's split regex, then \
      ByteLevel), qwen2 (Qwen-2's split regex, then ByteLevel), default (llama.cpp's \
      fallback regexes, then ByteLevel)";
 
@@ -674,8 +674,9 @@ fn recognise_pre(pre_tokenizer: &Value) -> Result<&'static str> {
         {
             Some("smollm")
         }
-        [b] if byte_level(b, true) => Some("gpt2"),
-        [s, b] if byte_level(b, false) && split(s, GPT2_REGEX) => Some("gpt2"),
+        // llama.cpp's loader knows this scheme as "gpt-2" (and refuses "gpt2").
+        [b] if byte_level(b, true) => Some("gpt-2"),
+        [s, b] if byte_level(b, false) && split(s, GPT2_REGEX) => Some("gpt-2"),
         [s, b] if byte_level(b, false) && split(s, LLAMA3_REGEX) => Some("llama-bpe"),
         [s, b] if byte_level(b, false) && split(s, QWEN2_REGEX) => Some("qwen2"),
         [r0, r1, r2, r3, b]
@@ -1778,7 +1779,7 @@ mod tests {
         for (pre, want) in [
             ("smollm", "smollm"),
             ("starcoder", "smollm"),
-            ("gpt-2", "gpt2"),
+            ("gpt-2", "gpt-2"),
             ("llama-bpe", "llama-bpe"),
             ("llama3", "llama-bpe"),
             ("qwen2", "qwen2"),
