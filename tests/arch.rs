@@ -218,8 +218,8 @@ fn assert_kept_float(path: &Path) {
 }
 
 /// Each stage on each architecture: quantize (mixes, target bpw, GPTQ/AWQ/RTN
-/// folders and GGUF grids), prune (unstructured, N:M, structured), sensitivity,
-/// convert; every artifact opens and evaluates against its base.
+/// folders and GGUF grids), prune (unstructured, N:M, structured), distill,
+/// sensitivity, convert; every artifact opens and evaluates against its base.
 #[test]
 fn every_stage_runs_on_every_architecture() {
     let calib = e2e::asset("calib.txt");
@@ -408,6 +408,34 @@ fn every_stage_runs_on_every_architecture() {
             assert_eq!(pruned.config.arch, Model::open(&base).unwrap().config.arch);
             eval_against(&o, &base);
         }
+
+        // Distillation lowers the magnitude-pruned student's KLD (forward and
+        // backward through biases, q/k norms and scaled RoPE).
+        let pruned = out("p0");
+        let (_, kld_pruned) = eval_against(&pruned, &base);
+        let distilled = out("distilled");
+        run_ok(&[
+            "distill",
+            "--teacher",
+            b,
+            "--student",
+            pruned.to_str().unwrap(),
+            "--text",
+            calib,
+            "--tokens",
+            "4096",
+            "--seq",
+            "64",
+            "--lr",
+            "2e-3",
+            "-o",
+            distilled.to_str().unwrap(),
+        ]);
+        let (_, kld_distilled) = eval_against(&distilled, &base);
+        assert!(
+            kld_distilled < 0.9 * kld_pruned,
+            "{name}: distilled {kld_distilled} vs pruned {kld_pruned}"
+        );
 
         // Sensitivity: one tensor at a time.
         let report = out("sens.json");
