@@ -18,6 +18,7 @@
 use crate::gptq::{output_error, rtn, Grid};
 use anyhow::Result;
 use kernels::GgmlType;
+use model::arch::Slot;
 use model::llama::BlockWeights;
 use model::Tensor;
 use std::borrow::Cow;
@@ -138,6 +139,14 @@ fn f32_matrix(name: &str, shape: &[usize], values: &[f32]) -> Tensor<'static> {
         data: Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
     }
 }
+
+/// The folds [`fold`] makes: (producer, the linears reading its output), as the
+/// architecture descriptions list them in `scale_folds`.
+pub const FOLDS: [(Slot, &[Slot]); 3] = [
+    (Slot::AttnNorm, &[Slot::Q, Slot::K, Slot::V]),
+    (Slot::FfnNorm, &[Slot::Gate, Slot::Up]),
+    (Slot::Up, &[Slot::Down]),
+];
 
 /// The scales of one block: q/k/v inputs (folded into the attention norm),
 /// gate/up inputs (into the MLP norm) and down inputs (into up's rows).

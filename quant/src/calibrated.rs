@@ -455,6 +455,17 @@ pub fn awq_model(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Vec<LayerReport>, Timings)> {
     let c = &model.config;
+    // The three folds this walk makes must be exact for the architecture.
+    for (from, to) in awq::FOLDS {
+        if !c.arch.scale_folds.contains(&(from, to)) {
+            bail!(
+                "AWQ: a '{}' model does not describe folding a scale from {from:?} into {to:?}; \
+                 its description lists {:?}",
+                c.arch.gguf_name,
+                c.arch.scale_folds
+            );
+        }
+    }
     let n = samples.first().map_or(0, Vec::len);
     let mut t = Timings::default();
     let mut reports = Vec::new();

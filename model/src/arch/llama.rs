@@ -3,7 +3,7 @@
 //! llama.cpp's interleaved RoPE; Llama 3.x rope scaling is a `rope_freqs.weight`
 //! tensor in GGUF and `rope_scaling` / `rope_parameters` in HF.
 
-use super::{global_spec, Arch, Dim, Role, TensorSpec, LLAMA_BLOCK, LLAMA_GLOBALS};
+use super::{global_spec, Arch, Dim, Role, TensorSpec, LLAMA_BLOCK, LLAMA_FOLDS, LLAMA_GLOBALS};
 use crate::config::ModelConfig;
 use serde_json::{json, Map, Value};
 
@@ -33,4 +33,5 @@ pub static LLAMA: Arch = Arch {
     globals: &GLOBALS,
     gguf_permutes_qk: true,
     hf_extra,
+    scale_folds: LLAMA_FOLDS,
 };

@@ -286,7 +286,22 @@ pub struct Arch {
     /// What HF's config says about this family that ours does not carry, written
     /// into `config.json` (for example `"attention_bias": true`).
     pub hf_extra: fn(&ModelConfig) -> serde_json::Map<String, serde_json::Value>,
+    /// Where a per-channel scale of some linears' input can be folded exactly:
+    /// (producer of that input, the linears that read it). A norm gain or the
+    /// rows of a linear divided by `s` and the readers' columns multiplied by `s`
+    /// compute the same function. AWQ folds only what is listed (llm-compressor
+    /// keeps the same mappings per architecture).
+    pub scale_folds: &'static [(Slot, &'static [Slot])],
 }
+
+/// The exact folds of a pre-norm Llama block: the attention norm into q/k/v
+/// (biases and per-head norms act after the projections, so they stay exact),
+/// the MLP norm into gate/up, and up's rows into down's columns.
+pub(crate) const LLAMA_FOLDS: &[(Slot, &[Slot])] = &[
+    (Slot::AttnNorm, &[Slot::Q, Slot::K, Slot::V]),
+    (Slot::FfnNorm, &[Slot::Gate, Slot::Up]),
+    (Slot::Up, &[Slot::Down]),
+];
 
 /// Architectures are registered statics, one per name.
 impl PartialEq for Arch {

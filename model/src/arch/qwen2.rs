@@ -1,7 +1,9 @@
 //! `qwen2`: Qwen2 and Qwen2.5. A Llama block with biases on the q, k and v
 //! projections; GGUF keeps HF's row order (NEOX RoPE, no permutation).
 
-use super::{block_spec, Arch, Dim, Role, Slot, TensorSpec, LLAMA_BLOCK, LLAMA_GLOBALS};
+use super::{
+    block_spec, Arch, Dim, Role, Slot, TensorSpec, LLAMA_BLOCK, LLAMA_FOLDS, LLAMA_GLOBALS,
+};
 use crate::config::ModelConfig;
 use serde_json::{json, Map, Value};
 
@@ -53,4 +55,5 @@ pub static QWEN2: Arch = Arch {
     globals: &LLAMA_GLOBALS,
     gguf_permutes_qk: false,
     hf_extra,
+    scale_folds: LLAMA_FOLDS,
 };

@@ -3,7 +3,9 @@
 //! heads), no biases, a head width set on its own (`head_dim`, GGUF
 //! `attention.key_length`); GGUF keeps HF's row order.
 
-use super::{block_spec, Arch, Dim, Role, Slot, TensorSpec, LLAMA_BLOCK, LLAMA_GLOBALS};
+use super::{
+    block_spec, Arch, Dim, Role, Slot, TensorSpec, LLAMA_BLOCK, LLAMA_FOLDS, LLAMA_GLOBALS,
+};
 use crate::config::ModelConfig;
 use serde_json::{json, Map, Value};
 
@@ -47,4 +49,5 @@ pub static QWEN3: Arch = Arch {
     globals: &LLAMA_GLOBALS,
     gguf_permutes_qk: false,
     hf_extra,
+    scale_folds: LLAMA_FOLDS,
 };
