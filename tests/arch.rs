@@ -219,7 +219,7 @@ fn assert_kept_float(path: &Path) {
 
 /// Each stage on each architecture: quantize (mixes, target bpw, GPTQ/AWQ/RTN
 /// folders and GGUF grids), prune (unstructured, N:M, structured), distill,
-/// sensitivity, convert; every artifact opens and evaluates against its base.
+/// sensitivity and the allocation from it, convert; every artifact opens and evaluates against its base.
 #[test]
 fn every_stage_runs_on_every_architecture() {
     let calib = e2e::asset("calib.txt");
@@ -456,6 +456,20 @@ fn every_stage_runs_on_every_architecture() {
             report.to_str().unwrap(),
         ]);
         assert!(report.exists());
+        // ... and the measured-KLD allocation from it.
+        let alloc = out("alloc.gguf");
+        run_ok(&[
+            "quantize",
+            b,
+            "--sensitivity",
+            report.to_str().unwrap(),
+            "--target-bpw",
+            "6",
+            "-o",
+            alloc.to_str().unwrap(),
+        ]);
+        assert_kept_float(&alloc);
+        eval_against(&alloc, &base);
     }
 }
 
