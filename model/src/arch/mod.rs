@@ -212,6 +212,25 @@ pub(crate) const LLAMA_BLOCK: [TensorSpec; 9] = [
     ),
 ];
 
+/// A Llama block table followed by an architecture's extra tensors.
+macro_rules! llama_block_with {
+    ($($extra:expr),* $(,)?) => {
+        [
+            $crate::arch::LLAMA_BLOCK[0],
+            $crate::arch::LLAMA_BLOCK[1],
+            $crate::arch::LLAMA_BLOCK[2],
+            $crate::arch::LLAMA_BLOCK[3],
+            $crate::arch::LLAMA_BLOCK[4],
+            $crate::arch::LLAMA_BLOCK[5],
+            $crate::arch::LLAMA_BLOCK[6],
+            $crate::arch::LLAMA_BLOCK[7],
+            $crate::arch::LLAMA_BLOCK[8],
+            $($extra),*
+        ]
+    };
+}
+pub(crate) use llama_block_with;
+
 /// The tensors outside the blocks of a Llama-family model.
 pub(crate) const LLAMA_GLOBALS: [TensorSpec; 3] = [
     global_spec(

@@ -2,21 +2,12 @@
 //! projections; GGUF keeps HF's row order (NEOX RoPE, no permutation).
 
 use super::{
-    block_spec, Arch, Dim, Role, Slot, TensorSpec, LLAMA_BLOCK, LLAMA_FOLDS, LLAMA_GLOBALS,
+    block_spec, llama_block_with, Arch, Dim, Role, Slot, TensorSpec, LLAMA_FOLDS, LLAMA_GLOBALS,
 };
 use crate::config::ModelConfig;
 use serde_json::{json, Map, Value};
 
-static BLOCK: [TensorSpec; 12] = [
-    LLAMA_BLOCK[0],
-    LLAMA_BLOCK[1],
-    LLAMA_BLOCK[2],
-    LLAMA_BLOCK[3],
-    LLAMA_BLOCK[4],
-    LLAMA_BLOCK[5],
-    LLAMA_BLOCK[6],
-    LLAMA_BLOCK[7],
-    LLAMA_BLOCK[8],
+static BLOCK: [TensorSpec; 12] = llama_block_with![
     block_spec(
         "attn_q.bias",
         "self_attn.q_proj.bias",

@@ -4,21 +4,12 @@
 //! `attention.key_length`); GGUF keeps HF's row order.
 
 use super::{
-    block_spec, Arch, Dim, Role, Slot, TensorSpec, LLAMA_BLOCK, LLAMA_FOLDS, LLAMA_GLOBALS,
+    block_spec, llama_block_with, Arch, Dim, Role, Slot, TensorSpec, LLAMA_FOLDS, LLAMA_GLOBALS,
 };
 use crate::config::ModelConfig;
 use serde_json::{json, Map, Value};
 
-static BLOCK: [TensorSpec; 11] = [
-    LLAMA_BLOCK[0],
-    LLAMA_BLOCK[1],
-    LLAMA_BLOCK[2],
-    LLAMA_BLOCK[3],
-    LLAMA_BLOCK[4],
-    LLAMA_BLOCK[5],
-    LLAMA_BLOCK[6],
-    LLAMA_BLOCK[7],
-    LLAMA_BLOCK[8],
+static BLOCK: [TensorSpec; 11] = llama_block_with![
     block_spec(
         "attn_q_norm.weight",
         "self_attn.q_norm.weight",
