@@ -252,7 +252,19 @@ impl Model {
     /// Refuses a checkpoint holding a tensor its architecture's description does
     /// not know: computing without it would silently give another model.
     fn check_no_unknown_tensors(&self) -> Result<()> {
-        let known: std::collections::HashSet<String> = self.tensor_names().into_iter().collect();
+        let mut known: std::collections::HashSet<String> =
+            self.tensor_names().into_iter().collect();
+        // A tied model's file may still hold the head; the embedding serves it.
+        if self.config.tie_word_embeddings {
+            known.extend(
+                self.config
+                    .arch
+                    .globals
+                    .iter()
+                    .filter(|s| s.role == Role::Head)
+                    .map(|s| s.gguf.to_owned()),
+            );
+        }
         let arch = self.config.arch;
         let unknown = match &self.checkpoint {
             Checkpoint::Gguf(g) => g
@@ -260,7 +272,6 @@ impl Model {
                 .iter()
                 .map(|t| t.name.clone())
                 .filter(|n| !known.contains(n))
-                .filter(|n| !(n == "output.weight" && self.config.tie_word_embeddings))
                 .collect::<Vec<_>>(),
             // Packed folders hold their own part names; their readers check them.
             Checkpoint::Safetensors(_) if self.quantized.is_some() || self.sparse.is_some() => {
@@ -269,12 +280,9 @@ impl Model {
             Checkpoint::Safetensors(s) => s
                 .names()
                 .filter(|hf| !names::ignorable_hf(hf))
-                .filter(|hf| match arch.canonical_from_hf(hf) {
-                    Some(c) => {
-                        !(known.contains(&c)
-                            || c == "output.weight" && self.config.tie_word_embeddings)
-                    }
-                    None => true,
+                .filter(|hf| {
+                    arch.canonical_from_hf(hf)
+                        .is_none_or(|c| !known.contains(&c))
                 })
                 .map(str::to_owned)
                 .collect(),
@@ -289,16 +297,6 @@ impl Model {
             );
         }
         Ok(())
-    }
-
-    /// The HF name of a canonical tensor, or an error naming it.
-    fn hf_name(&self, name: &str) -> Result<String> {
-        self.config.arch.hf_from_canonical(name).with_context(|| {
-            format!(
-                "no HF name for tensor '{name}' of a '{}' model",
-                self.config.arch.gguf_name
-            )
-        })
     }
 
     /// RoPE frequency factors an HF checkpoint implies (GGUF stores them as
@@ -337,7 +335,7 @@ impl Model {
                 if let Some(f) = self.implied_rope_freqs(name) {
                     return Ok((GgmlType::F32, vec![f.len()]));
                 }
-                let hf = self.hf_name(name)?;
+                let hf = self.config.arch.hf_name(name)?;
                 let (e, _) = s.get(&hf).with_context(|| {
                     format!("{}: tensor '{hf}' is missing", self.path.display())
                 })?;
@@ -374,7 +372,7 @@ impl Model {
                 _ => match self.implied_rope_freqs(name) {
                     Some(f) => Cow::Owned(f.iter().flat_map(|v| v.to_le_bytes()).collect()),
                     None => {
-                        let hf = self.hf_name(name)?;
+                        let hf = self.config.arch.hf_name(name)?;
                         Cow::Borrowed(s.get(&hf).expect("checked by tensor_meta").1)
                     }
                 },
@@ -419,7 +417,7 @@ impl Model {
                 if self.implied_rope_freqs(name).is_some() {
                     return Ok(0);
                 }
-                let hf = self.hf_name(name)?;
+                let hf = self.config.arch.hf_name(name)?;
                 let (e, _) = s.get(&hf).with_context(|| {
                     format!("{}: tensor '{hf}' is missing", self.path.display())
                 })?;

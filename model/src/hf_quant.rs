@@ -771,20 +771,10 @@ fn words_bytes(words: &[u32]) -> Vec<u8> {
     words.iter().flat_map(|w| w.to_le_bytes()).collect()
 }
 
-/// The HF name of a canonical tensor name.
-fn hf_name(arch: &Arch, canonical: &str) -> Result<String> {
-    arch.hf_from_canonical(canonical).with_context(|| {
-        format!(
-            "no HF name for tensor '{canonical}' of a '{}' model",
-            arch.gguf_name
-        )
-    })
-}
-
 /// The HF prefix of a canonical linear name (`blk.0.attn_q.weight` →
 /// `model.layers.0.self_attn.q_proj`).
 fn hf_prefix(arch: &Arch, canonical: &str) -> Result<String> {
-    let hf = hf_name(arch, canonical)?;
+    let hf = arch.hf_name(canonical)?;
     Ok(hf.strip_suffix(".weight").unwrap_or(&hf).to_owned())
 }
 
@@ -855,7 +845,7 @@ impl HfQuantWriter {
                     decl.push((format!("{prefix}.{suffix}"), dtype, s));
                 }
             } else {
-                decl.push((hf_name(arch, name)?, Dtype::F16, shape.clone()));
+                decl.push((arch.hf_name(name)?, Dtype::F16, shape.clone()));
             }
             shapes.push(shape);
         }
@@ -948,7 +938,7 @@ impl HfQuantWriter {
             .iter()
             .flat_map(|&v| f16::from_f32(v).to_le_bytes())
             .collect();
-        let hf = hf_name(self.arch, canonical)?;
+        let hf = self.arch.hf_name(canonical)?;
         self.out.write(&hf, &bytes)?;
         self.next += 1;
         Ok(())

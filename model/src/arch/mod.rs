@@ -419,6 +419,16 @@ impl Arch {
         }
     }
 
+    /// [`Arch::hf_from_canonical`], or an error naming the tensor.
+    pub fn hf_name(&self, canonical: &str) -> anyhow::Result<String> {
+        self.hf_from_canonical(canonical).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no HF name for tensor '{canonical}' of a '{}' model",
+                self.gguf_name
+            )
+        })
+    }
+
     /// Whether GGUF stores the rows of this canonical tensor permuted per head
     /// (llama's Q and K weights and biases), and with how many heads.
     pub fn gguf_permuted_heads(&self, canonical: &str, c: &ModelConfig) -> Option<usize> {
