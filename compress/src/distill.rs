@@ -14,16 +14,16 @@
 //! moments and the step, and a rerun of the same command resumes from the last
 //! one.
 
-use crate::progress::Progress;
-use crate::prune::DenseWriter;
 use anyhow::{bail, Context, Result};
 use distill::loss::{self, TopK};
 use distill::train::{clip_scale, global_norm, AdamW, Schedule, Trainable};
 use distill::{backward, forward, Method, Params, Student};
 use kernels::GgmlType;
+use model::dense::DenseWriter;
 use model::gguf::GgufWriter;
 use model::gguf_export;
 use model::io::{read_json, write_atomic, AtomicFile};
+use model::progress::Progress;
 use model::Model;
 use serde_json::{json, Value};
 use std::collections::HashMap;

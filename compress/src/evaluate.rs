@@ -5,11 +5,11 @@
 //! error against the base's, and with `--calib` each linear's output error and
 //! cosine on the base's activations.
 
-use crate::progress::Progress;
 use crate::sensitivity::model_sha256;
 use anyhow::{Context, Result};
 use eval::fidelity::LayerFidelity;
 use eval::{PerplexityOptions, PerplexityReport};
+use model::progress::Progress;
 use model::Model;
 use serde::Serialize;
 use serde_json::{json, Value};

@@ -6,17 +6,14 @@
 //! cache if needed.
 
 mod assets;
-mod convert;
 mod distill;
 mod evaluate;
 mod gate;
-mod progress;
 mod prune;
 mod quantize;
 mod recipe;
 mod runner;
 mod sensitivity;
-mod sparse_ct;
 mod structured;
 
 use anyhow::{bail, Context, Result};
@@ -213,7 +210,7 @@ fn run_stage(command: Command) -> Result<()> {
             dtype,
         } => {
             let input = resolve(&input)?;
-            convert::convert(&input, &output, dtype.ggml())
+            model::dense::convert(&input, &output, dtype.ggml())
         }
         Command::Quantize(args) => quantize::run(args),
         Command::Prune(args) => prune::run(args),
@@ -239,7 +236,7 @@ fn run_stage(command: Command) -> Result<()> {
                 .encode(&text)
                 .with_context(|| format!("cannot tokenize {}", text_path.display()))?;
             let total = chunks.unwrap_or(tokens.len() / ctx.max(1));
-            let mut bar = progress::Progress::new(total as u64, "imatrix");
+            let mut bar = model::progress::Progress::new(total as u64, "imatrix");
             let start = std::time::Instant::now();
             let m = model::calib::Imatrix::collect(
                 &model,

@@ -6,25 +6,20 @@
 //! an HF-style folder (safetensors, config.json, tokenizer) or a GGUF file, which
 //! `compress quantize --method gptq` takes as it is (keeping the zeros).
 
-use crate::convert::{encode_floats, output_file, torch_dtype};
-use crate::progress::Progress;
 use crate::structured::Cuts;
 use crate::DtypeArg;
 use anyhow::{bail, Context, Result};
-use kernels::GgmlType;
 use model::calib::calibration_samples;
-use model::checkpoint::permute_qk_rows;
-use model::gguf::{GgufWriter, MetaValue};
-use model::gguf_export;
+use model::dense::{output_file, DenseWriter};
 use model::hf_quant::{is_block_linear, write_order};
-use model::safetensors_file::{Dtype, SafetensorsWriter};
-use model::{names, Model, ModelConfig, Tensor};
+use model::progress::Progress;
+use model::{names, Model, Tensor};
 use prune::{schedule, score, sparsegpt, Pattern};
 use quant::calibrated::{self, f32_tensor, finite_weights, LayerInput, Timings};
 use quant::gptq::{self, GptqOptions};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// How weights are scored.
@@ -161,155 +156,6 @@ struct PruneReport {
     seconds: f64,
     timings: Timings,
     layers: Vec<LayerPrune>,
-}
-
-/// Dense output: the tensors in a declared order, as safetensors or GGUF, for a
-/// model with `config` (the input's, or a structured cut's smaller one).
-pub(crate) struct DenseWriter {
-    config: ModelConfig,
-    dtype: GgmlType,
-    out: DenseOut,
-}
-
-enum DenseOut {
-    Safetensors {
-        writer: SafetensorsWriter,
-        dir: PathBuf,
-    },
-    Gguf(GgufWriter),
-}
-
-/// The `llama.*` GGUF keys that follow from the shapes, set from `c`.
-fn set_shape_keys(kv: &mut Vec<(String, MetaValue)>, c: &ModelConfig) {
-    let keys = [
-        ("llama.embedding_length", c.hidden_size),
-        ("llama.block_count", c.num_hidden_layers),
-        ("llama.feed_forward_length", c.intermediate_size),
-        ("llama.attention.head_count", c.num_attention_heads),
-        ("llama.attention.head_count_kv", c.num_key_value_heads),
-        ("llama.attention.key_length", c.head_dim),
-        ("llama.attention.value_length", c.head_dim),
-    ];
-    kv.retain(|(k, _)| !keys.iter().any(|(name, _)| name == k));
-    kv.extend(
-        keys.iter()
-            .map(|(k, v)| (k.to_string(), MetaValue::U32(*v as u32))),
-    );
-}
-
-impl DenseWriter {
-    /// Declares `tensors` (canonical name, shape) of a model with `config`.
-    pub(crate) fn create(
-        model: &Model,
-        config: &ModelConfig,
-        tensors: &[(String, Vec<usize>)],
-        output: &Path,
-        dtype: GgmlType,
-    ) -> Result<Self> {
-        if output.extension().is_some_and(|e| e == "gguf") {
-            let file_type = match dtype {
-                GgmlType::F16 => 1,
-                GgmlType::BF16 => 32,
-                _ => 0,
-            };
-            let mut metadata = gguf_export::metadata(model, file_type)?;
-            set_shape_keys(&mut metadata, config);
-            let decls: Vec<_> = tensors
-                .iter()
-                .map(|(n, shape)| {
-                    let ty = if shape.len() == 1 {
-                        GgmlType::F32
-                    } else {
-                        dtype
-                    };
-                    gguf_export::tensor_decl(n, shape, ty)
-                })
-                .collect();
-            return Ok(DenseWriter {
-                config: config.clone(),
-                dtype,
-                out: DenseOut::Gguf(GgufWriter::create(output, &metadata, &decls)?),
-            });
-        }
-        let file = output_file(output)?;
-        let dir = file
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
-        let in_dir = model
-            .path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
-        if !matches!(model.checkpoint, model::checkpoint::Checkpoint::Gguf(_))
-            && dir.canonicalize().ok() == in_dir.canonicalize().ok()
-        {
-            bail!(
-                "output folder {} is the input's folder: writing would replace the input's config.json and tokenizer.json",
-                dir.display()
-            );
-        }
-        let st = Dtype::from_ggml(dtype).expect("a float type");
-        // Checked before anything is written: the config must be expressible.
-        config.to_hf_json(torch_dtype(dtype))?;
-        // HF stores no tensor for what its config computes (RoPE factors).
-        let decl = tensors
-            .iter()
-            .filter_map(|(n, shape)| Some((config.arch.hf_from_canonical(n)?, st, shape.clone())))
-            .collect::<Vec<_>>();
-        let mut meta = BTreeMap::new();
-        meta.insert("format".to_owned(), "pt".to_owned());
-        Ok(DenseWriter {
-            config: config.clone(),
-            dtype,
-            out: DenseOut::Safetensors {
-                writer: SafetensorsWriter::create(&file, &decl, &meta)?,
-                dir,
-            },
-        })
-    }
-
-    /// Writes the next declared tensor (HF row order).
-    pub(crate) fn write(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<()> {
-        match &mut self.out {
-            DenseOut::Safetensors { writer, .. } => {
-                match self.config.arch.hf_from_canonical(name) {
-                    Some(hf) => writer.write(&hf, &encode_floats(values, self.dtype)),
-                    None => Ok(()),
-                }
-            }
-            DenseOut::Gguf(writer) => {
-                let ty = if shape.len() == 1 {
-                    GgmlType::F32
-                } else {
-                    self.dtype
-                };
-                let bytes = encode_floats(values, ty);
-                let c = &self.config;
-                let bytes = match c.arch.gguf_permuted_heads(name, c) {
-                    Some(heads) => permute_qk_rows(&bytes, shape[0], heads),
-                    None => bytes,
-                };
-                writer.write_tensor(name, &bytes)
-            }
-        }
-    }
-
-    /// Checks every tensor was written and moves the files into place (with
-    /// config.json and the tokenizer beside a safetensors file).
-    pub(crate) fn finish(self, model: &Model) -> Result<()> {
-        match self.out {
-            DenseOut::Safetensors { writer, dir } => {
-                writer.finish()?;
-                let config = serde_json::to_string_pretty(
-                    &self.config.to_hf_json(torch_dtype(self.dtype))?,
-                )?;
-                model::io::write_atomic(&dir.join("config.json"), config.as_bytes())?;
-                model.tokenizer.save(&dir)
-            }
-            DenseOut::Gguf(writer) => writer.finish(),
-        }
-    }
 }
 
 /// The structured cuts the arguments ask for.
@@ -698,10 +544,10 @@ pub fn run(a: Args) -> Result<()> {
     };
     if let Some(staging) = staging {
         let layout = match pattern {
-            Pattern::NM { n: 2, m: 4 } => crate::sparse_ct::Layout::TwoFour,
-            _ => crate::sparse_ct::Layout::Bitmask,
+            Pattern::NM { n: 2, m: 4 } => model::sparse_ct::SparseFormat::TwoFour,
+            _ => model::sparse_ct::SparseFormat::Bitmask,
         };
-        crate::sparse_ct::write(
+        model::sparse_ct::write(
             &Model::open(staging.path())?,
             &a.output,
             layout,

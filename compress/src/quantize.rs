@@ -4,11 +4,11 @@
 //! rounding) into GPTQ / compressed-tensors safetensors folders or onto the grids
 //! of the GGUF types.
 
-use crate::progress::Progress;
 use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
 use model::calib::{calibration_samples, Imatrix};
 use model::hf_quant::{HfQuantFormat, HfQuantWriter, IntLinear, IntQuantConfig};
+use model::progress::Progress;
 use model::Model;
 use quant::calibrated::{self, Calibrated, Item, LayerReport, Timings};
 use quant::gguf_quantize::{self, PlannedTensor};

@@ -324,7 +324,7 @@ impl Reporter {
     }
 }
 
-/// `NAME D/N REST` (the plain-line form of [`crate::progress::Progress`];
+/// `NAME D/N REST` (the plain-line form of [`model::progress::Progress`];
 /// NAME may have spaces).
 fn parse_progress(line: &str) -> Option<(&str, u64, u64, &str)> {
     let mut start = 0;

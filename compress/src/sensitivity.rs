@@ -5,13 +5,13 @@
 //! (JSON, Markdown, HTML) ranks the units and feeds `compress quantize
 //! --sensitivity R.json --target-bpw X`.
 
-use crate::progress::Progress;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use eval::sensitivity::{BaseRun, Cell, MixPoint, SensitivityReport, Setting, SettingKind, Unit};
 use eval::PerplexityOptions;
 use kernels::GgmlType;
 use model::calib::Imatrix;
+use model::progress::Progress;
 use model::{Model, Tensor};
 use prune::pattern::Pattern;
 use quant::bit_alloc::{self, Candidate};

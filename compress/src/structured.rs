@@ -5,10 +5,10 @@
 //! tensor is sliced and written with a rewritten config, so any Llama loader
 //! runs the result as a smaller dense model.
 
-use crate::prune::DenseWriter;
 use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
 use model::arch::Dim;
+use model::dense::DenseWriter;
 use model::{names, Model, ModelConfig, Tensor};
 use prune::structured::{
     blocks_to_keep, heads_to_keep, input_channel_scores, keep_highest, mean_row_cosine,

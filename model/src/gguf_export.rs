@@ -3,7 +3,7 @@
 //! shapes and row layout of each tensor.
 
 use crate::checkpoint::{permute_qk_rows, Checkpoint, Model};
-use crate::config::RopeScaling;
+use crate::config::{ModelConfig, RopeScaling};
 use crate::gguf::{MetaValue, TensorDecl};
 use anyhow::Result;
 use kernels::GgmlType;
@@ -147,6 +147,27 @@ pub fn metadata(model: &Model, file_type: u32) -> Result<Vec<(String, MetaValue)
     kv.push(("general.quantization_version".to_owned(), MetaValue::U32(2)));
     kv.push(("general.file_type".to_owned(), MetaValue::U32(file_type)));
     Ok(kv)
+}
+
+/// Sets the `{arch}.*` keys that follow from the shapes to `c`'s values, replacing
+/// the source's (a structured cut changes them).
+pub fn set_shape_keys(kv: &mut Vec<(String, MetaValue)>, c: &ModelConfig) {
+    let arch = c.arch.gguf_name;
+    let keys = [
+        ("embedding_length", c.hidden_size),
+        ("block_count", c.num_hidden_layers),
+        ("feed_forward_length", c.intermediate_size),
+        ("attention.head_count", c.num_attention_heads),
+        ("attention.head_count_kv", c.num_key_value_heads),
+        ("attention.key_length", c.head_dim),
+        ("attention.value_length", c.head_dim),
+    ]
+    .map(|(k, v)| (format!("{arch}.{k}"), v));
+    kv.retain(|(k, _)| !keys.iter().any(|(name, _)| name == k));
+    kv.extend(
+        keys.iter()
+            .map(|(k, v)| (k.clone(), MetaValue::U32(*v as u32))),
+    );
 }
 
 /// The GGUF declaration of canonical tensor `name` (HF shape outermost first)

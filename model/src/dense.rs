@@ -1,0 +1,254 @@
+//! Dense float artifacts: `compress convert` (any readable checkpoint to HF-layout
+//! safetensors, streamed one tensor at a time, with `config.json` and
+//! `tokenizer.json` beside it) and [`DenseWriter`], the writer every stage that
+//! changes weights in float (pruning, structured cuts, distillation) streams its
+//! tensors through, as safetensors or GGUF.
+
+use crate::checkpoint::{permute_qk_rows, Checkpoint};
+use crate::gguf::GgufWriter;
+use crate::gguf_export;
+use crate::progress::Progress;
+use crate::safetensors_file::{Dtype, SafetensorsWriter};
+use crate::{Model, ModelConfig};
+use anyhow::{bail, Context, Result};
+use half::{bf16, f16};
+use kernels::GgmlType;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The HF `torch_dtype` name of a float type.
+pub fn torch_dtype(t: GgmlType) -> &'static str {
+    match t {
+        GgmlType::F16 => "float16",
+        GgmlType::BF16 => "bfloat16",
+        _ => "float32",
+    }
+}
+
+/// f32 values to the little-endian bytes of `t` (F32, F16 or BF16; round to nearest even).
+pub fn encode_floats(values: &[f32], t: GgmlType) -> Vec<u8> {
+    match t {
+        GgmlType::F16 => values
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect(),
+        GgmlType::BF16 => values
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+            .collect(),
+        _ => values.iter().flat_map(|&v| v.to_le_bytes()).collect(),
+    }
+}
+
+/// Where `-o` puts the safetensors file: the path itself when it ends in
+/// `.safetensors`, else `model.safetensors` inside that folder.
+pub fn output_file(output: &Path) -> Result<PathBuf> {
+    if output.extension().is_some_and(|e| e == "safetensors") {
+        if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        Ok(output.to_path_buf())
+    } else {
+        std::fs::create_dir_all(output)
+            .with_context(|| format!("cannot create {}", output.display()))?;
+        Ok(output.join("model.safetensors"))
+    }
+}
+
+/// Converts `input` to safetensors at `output` with weights of type `dtype`.
+pub fn convert(input: &Path, output: &Path, dtype: GgmlType) -> Result<()> {
+    let model = Model::open(input)?;
+    let out_file = output_file(output)?;
+    let out_dir = out_file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let in_dir = model
+        .path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same(&model.path, &out_file) {
+        bail!(
+            "output {} is the input; inputs are never modified",
+            out_file.display()
+        );
+    }
+    if !matches!(model.checkpoint, Checkpoint::Gguf(_)) && same(&in_dir, &out_dir) {
+        bail!(
+            "output folder {} is the input's folder: writing would replace the input's config.json and tokenizer.json",
+            out_dir.display()
+        );
+    }
+    let st_dtype = Dtype::from_ggml(dtype).expect("convert writes float types");
+    // The config computes what HF stores no tensor for (RoPE factors); its
+    // writer refuses what it cannot express.
+    let config = serde_json::to_string_pretty(&model.config.to_hf_json(torch_dtype(dtype))?)?;
+    let arch = model.config.arch;
+    let names: Vec<String> = model
+        .tensor_names()
+        .into_iter()
+        .filter(|n| arch.hf_from_canonical(n).is_some())
+        .collect();
+    let mut decl = Vec::with_capacity(names.len());
+    for n in &names {
+        let hf = arch.hf_from_canonical(n).expect("filtered");
+        decl.push((hf, st_dtype, model.tensor_meta(n)?.1));
+    }
+    let mut meta = BTreeMap::new();
+    meta.insert("format".to_owned(), "pt".to_owned());
+    let mut writer = SafetensorsWriter::create(&out_file, &decl, &meta)?;
+    let mut bar = Progress::new(names.len() as u64, "convert");
+    for (i, (n, (hf, _, _))) in names.iter().zip(&decl).enumerate() {
+        let values = model.tensor(n)?.to_f32()?;
+        writer.write(hf, &encode_floats(&values, dtype))?;
+        bar.set(i as u64 + 1, n);
+    }
+    writer.finish()?;
+    bar.finish();
+    crate::io::write_atomic(&out_dir.join("config.json"), config.as_bytes())?;
+    model.tokenizer.save(&out_dir)?;
+    eprintln!(
+        "wrote {} ({} tensors, {}) with config.json and tokenizer.json",
+        out_file.display(),
+        names.len(),
+        dtype
+    );
+    Ok(())
+}
+
+/// Dense output: the tensors in a declared order, as safetensors or GGUF, for a
+/// model with `config` (the input's, or a structured cut's smaller one).
+pub struct DenseWriter {
+    config: ModelConfig,
+    dtype: GgmlType,
+    out: DenseOut,
+}
+
+enum DenseOut {
+    Safetensors {
+        writer: SafetensorsWriter,
+        dir: PathBuf,
+    },
+    Gguf(GgufWriter),
+}
+
+impl DenseWriter {
+    /// Declares `tensors` (canonical name, shape) of a model with `config`.
+    pub fn create(
+        model: &Model,
+        config: &ModelConfig,
+        tensors: &[(String, Vec<usize>)],
+        output: &Path,
+        dtype: GgmlType,
+    ) -> Result<Self> {
+        if output.extension().is_some_and(|e| e == "gguf") {
+            let file_type = match dtype {
+                GgmlType::F16 => 1,
+                GgmlType::BF16 => 32,
+                _ => 0,
+            };
+            let mut metadata = gguf_export::metadata(model, file_type)?;
+            gguf_export::set_shape_keys(&mut metadata, config);
+            let decls: Vec<_> = tensors
+                .iter()
+                .map(|(n, shape)| {
+                    let ty = if shape.len() == 1 {
+                        GgmlType::F32
+                    } else {
+                        dtype
+                    };
+                    gguf_export::tensor_decl(n, shape, ty)
+                })
+                .collect();
+            return Ok(DenseWriter {
+                config: config.clone(),
+                dtype,
+                out: DenseOut::Gguf(GgufWriter::create(output, &metadata, &decls)?),
+            });
+        }
+        let file = output_file(output)?;
+        let dir = file
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let in_dir = model
+            .path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        if !matches!(model.checkpoint, Checkpoint::Gguf(_))
+            && dir.canonicalize().ok() == in_dir.canonicalize().ok()
+        {
+            bail!(
+                "output folder {} is the input's folder: writing would replace the input's config.json and tokenizer.json",
+                dir.display()
+            );
+        }
+        let st = Dtype::from_ggml(dtype).expect("a float type");
+        // Checked before anything is written: the config must be expressible.
+        config.to_hf_json(torch_dtype(dtype))?;
+        // HF stores no tensor for what its config computes (RoPE factors).
+        let decl = tensors
+            .iter()
+            .filter_map(|(n, shape)| Some((config.arch.hf_from_canonical(n)?, st, shape.clone())))
+            .collect::<Vec<_>>();
+        let mut meta = BTreeMap::new();
+        meta.insert("format".to_owned(), "pt".to_owned());
+        Ok(DenseWriter {
+            config: config.clone(),
+            dtype,
+            out: DenseOut::Safetensors {
+                writer: SafetensorsWriter::create(&file, &decl, &meta)?,
+                dir,
+            },
+        })
+    }
+
+    /// Writes the next declared tensor (HF row order).
+    pub fn write(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<()> {
+        match &mut self.out {
+            DenseOut::Safetensors { writer, .. } => {
+                match self.config.arch.hf_from_canonical(name) {
+                    Some(hf) => writer.write(&hf, &encode_floats(values, self.dtype)),
+                    None => Ok(()),
+                }
+            }
+            DenseOut::Gguf(writer) => {
+                let ty = if shape.len() == 1 {
+                    GgmlType::F32
+                } else {
+                    self.dtype
+                };
+                let bytes = encode_floats(values, ty);
+                let c = &self.config;
+                let bytes = match c.arch.gguf_permuted_heads(name, c) {
+                    Some(heads) => permute_qk_rows(&bytes, shape[0], heads),
+                    None => bytes,
+                };
+                writer.write_tensor(name, &bytes)
+            }
+        }
+    }
+
+    /// Checks every tensor was written and moves the files into place (with
+    /// config.json and the tokenizer beside a safetensors file).
+    pub fn finish(self, model: &Model) -> Result<()> {
+        match self.out {
+            DenseOut::Safetensors { writer, dir } => {
+                writer.finish()?;
+                let config = serde_json::to_string_pretty(
+                    &self.config.to_hf_json(torch_dtype(self.dtype))?,
+                )?;
+                crate::io::write_atomic(&dir.join("config.json"), config.as_bytes())?;
+                model.tokenizer.save(&dir)
+            }
+            DenseOut::Gguf(writer) => writer.finish(),
+        }
+    }
+}
