@@ -1,13 +1,14 @@
 //! AWQ's folding leaves the float model unchanged: with per-channel scales
-//! folded into every block of the real SmolLM2 (norm gains divided, q/k/v,
-//! gate/up and down columns multiplied, up's rows divided), the logits equal the
+//! folded into every block of the real SmolLM2 at every fold its architecture
+//! description lists (norm gains divided, q/k/v, gate/up and down columns
+//! multiplied, up's rows divided), the logits equal the
 //! original model's to 1e-5 relative. The same on the Llama 3, Qwen2 (q/k/v
 //! biases) and Qwen3 (per-head q/k norms) fixtures: the scales act on the
 //! projections' inputs, so biases and per-head norms on their outputs stay exact.
 
 use e2e::{real_model, repo_root};
 use model::Model;
-use quant::awq::{fold, BlockScales};
+use quant::awq::{fold, Fold};
 
 #[test]
 fn folded_scales_give_the_same_logits() {
@@ -32,12 +33,29 @@ fn folding_keeps_logits(path: &std::path::Path) {
     let mut x = model.embed(&tokens).unwrap();
     for l in 0..c.num_hidden_layers {
         let w = model.block_weights(l).unwrap();
-        let s = BlockScales {
-            attn: scales(c.hidden_size, 3 * l),
-            ffn: scales(c.hidden_size, 3 * l + 1),
-            down: scales(c.intermediate_size, 3 * l + 2),
-        };
-        let folded = fold(&w, &s).unwrap();
+        let per_fold: Vec<Vec<f32>> = c
+            .arch
+            .scale_folds
+            .iter()
+            .enumerate()
+            .map(|(i, (_, to))| {
+                let consumer = w.linear(to[0]).unwrap();
+                scales(consumer.shape[1], 3 * l + i)
+            })
+            .collect();
+        let plan: Vec<Fold> = c
+            .arch
+            .scale_folds
+            .iter()
+            .zip(&per_fold)
+            .map(|(&(from, to), s)| Fold {
+                from,
+                to,
+                scales: s,
+            })
+            .collect();
+        assert_eq!(plan.len(), 3, "a Llama-family block has three exact folds");
+        let folded = fold(&w, &plan).unwrap();
         model.forward_block(&folded, &mut x, n).unwrap();
     }
     let got = model.head_logits(&x, 0).unwrap();

@@ -10,13 +10,14 @@ use crate::structured::Cuts;
 use crate::DtypeArg;
 use anyhow::{bail, Context, Result};
 use model::calib::calibration_samples;
+use model::calib::factor::output_error;
+use model::calib::factor::FactorOptions;
+use model::calib::walk::{self, f32_tensor, finite_weights, LayerInput, Timings};
 use model::dense::{output_file, DenseWriter};
 use model::hf_quant::{is_block_linear, write_order};
 use model::progress::Progress;
 use model::{names, Model, Tensor};
 use prune::{schedule, score, sparsegpt, Pattern};
-use quant::calibrated::{self, f32_tensor, finite_weights, LayerInput, Timings};
-use quant::gptq::{self, GptqOptions};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -380,9 +381,9 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         samples_of(&a, &model)?
     };
-    let opts = GptqOptions {
+    let opts = FactorOptions {
         damp_percent: a.damp,
-        ..GptqOptions::default()
+        ..FactorOptions::default()
     };
     let dtype = a.dtype.ggml();
 
@@ -391,7 +392,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.schedule == Schedule::Owl {
         let mut counts = vec![(0u64, 0u64); blocks];
         let mut bar = Progress::new(blocks as u64, "owl outliers");
-        calibrated::sequential_blocks(
+        walk::sequential_blocks(
             &model,
             &samples,
             &opts,
@@ -503,8 +504,8 @@ pub fn run(a: Args) -> Result<()> {
             let rel_error = (a.method == Method::Sparsegpt).then(|| {
                 let clock = Instant::now();
                 let hf: Vec<f32> = input.hessian.iter().map(|&v| v as f32).collect();
-                let energy = gptq::output_error(&values, None, &hf, cols).max(f64::MIN_POSITIVE);
-                let e = gptq::output_error(&values, Some(&pruned), &hf, cols) / energy;
+                let energy = output_error(&values, None, &hf, cols).max(f64::MIN_POSITIVE);
+                let e = output_error(&values, Some(&pruned), &hf, cols) / energy;
                 t.report_seconds += clock.elapsed().as_secs_f64();
                 e
             });
@@ -518,7 +519,7 @@ pub fn run(a: Args) -> Result<()> {
             next += 1;
             Ok(f32_tensor(name, rows, cols, &pruned))
         };
-        let t = calibrated::sequential_blocks(
+        let t = walk::sequential_blocks(
             &model,
             &samples,
             &opts,

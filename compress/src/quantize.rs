@@ -6,11 +6,12 @@
 
 use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
+use model::calib::walk::Timings;
 use model::calib::{calibration_samples, Imatrix};
 use model::hf_quant::{HfQuantFormat, HfQuantWriter, IntLinear, IntQuantConfig};
 use model::progress::Progress;
 use model::Model;
-use quant::calibrated::{self, Calibrated, Item, LayerReport, Timings};
+use quant::calibrated::{self, Calibrated, Item, LayerReport};
 use quant::gguf_quantize::{self, PlannedTensor};
 use quant::gptq::{self, GptqOptions, Grid, QuantizedMatrix, Stored};
 use quant::{bit_alloc, gguf_mix, Mix, Override};

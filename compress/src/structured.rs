@@ -8,13 +8,13 @@
 use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
 use model::arch::Dim;
+use model::calib::factor::FactorOptions;
+use model::calib::walk::{self, f32_tensor, finite_weights, LayerInput, Timings};
 use model::dense::DenseWriter;
 use model::{names, Model, ModelConfig, Tensor};
 use prune::structured::{
     blocks_to_keep, heads_to_keep, input_channel_scores, keep_highest, mean_row_cosine,
 };
-use quant::calibrated::{self, f32_tensor, finite_weights, LayerInput, Timings};
-use quant::gptq::GptqOptions;
 use serde::Serialize;
 use std::path::Path;
 
@@ -172,10 +172,10 @@ fn channel_stats(
     let mut o_in = vec![Vec::new(); blocks];
     let mut down_in = vec![Vec::new(); blocks];
     let mut width = vec![0f64; c.hidden_size];
-    calibrated::sequential_blocks(
+    walk::sequential_blocks(
         model,
         samples,
-        &GptqOptions::default(),
+        &FactorOptions::default(),
         true,
         true,
         &mut |name: &str, w: &Tensor, input: &LayerInput, _t: &mut Timings| {

@@ -77,6 +77,51 @@ pub struct BlockWeights<'a> {
 
 impl<'a> BlockWeights<'a> {
     /// The linear in `slot`.
+    pub fn linear(&self, slot: Slot) -> Option<&Tensor<'a>> {
+        Some(match slot {
+            Slot::Q => &self.q,
+            Slot::K => &self.k,
+            Slot::V => &self.v,
+            Slot::O => &self.o,
+            Slot::Gate => &self.gate,
+            Slot::Up => &self.up,
+            Slot::Down => &self.down,
+            _ => return None,
+        })
+    }
+
+    /// A copy whose linears borrow this block's (norm gains and extras copied).
+    pub fn borrowed(&self) -> BlockWeights<'_> {
+        BlockWeights {
+            attn_norm: self.attn_norm.clone(),
+            q: self.q.borrowed(),
+            k: self.k.borrowed(),
+            v: self.v.borrowed(),
+            o: self.o.borrowed(),
+            ffn_norm: self.ffn_norm.clone(),
+            gate: self.gate.borrowed(),
+            up: self.up.borrowed(),
+            down: self.down.borrowed(),
+            extras: self.extras.clone(),
+        }
+    }
+
+    /// The float vector in `slot` (norm gains, biases, per-head norms), if the
+    /// block has one there.
+    pub fn vector(&self, slot: Slot) -> Option<&[f32]> {
+        match slot {
+            Slot::AttnNorm => Some(&self.attn_norm),
+            Slot::FfnNorm => Some(&self.ffn_norm),
+            Slot::QBias => self.extras.q_bias.as_deref(),
+            Slot::KBias => self.extras.k_bias.as_deref(),
+            Slot::VBias => self.extras.v_bias.as_deref(),
+            Slot::QNorm => self.extras.q_norm.as_deref(),
+            Slot::KNorm => self.extras.k_norm.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The linear in `slot`, to change it.
     pub fn linear_mut(&mut self, slot: Slot) -> Option<&mut Tensor<'a>> {
         Some(match slot {
             Slot::Q => &mut self.q,
@@ -88,6 +133,15 @@ impl<'a> BlockWeights<'a> {
             Slot::Down => &mut self.down,
             _ => return None,
         })
+    }
+
+    /// The residual-stream norm gain in `slot`, to change it.
+    pub fn gain_mut(&mut self, slot: Slot) -> Option<&mut Vec<f32>> {
+        match slot {
+            Slot::AttnNorm => Some(&mut self.attn_norm),
+            Slot::FfnNorm => Some(&mut self.ffn_norm),
+            _ => None,
+        }
     }
 
     /// The float vector in `slot` (norm gains, biases, per-head norms).
@@ -259,6 +313,45 @@ pub fn attention(
     out
 }
 
+/// The block's linear layers grouped by the input they read, in the order the
+/// forward pass reaches them: the layers of a group all read the same input, and
+/// a group's input depends on every group before it. Calibration walks the
+/// groups in this order (see [`BlockCursor`]).
+pub const LINEAR_GROUPS: [&[Slot]; 4] = [
+    &[Slot::Q, Slot::K, Slot::V],
+    &[Slot::O],
+    &[Slot::Gate, Slot::Up],
+    &[Slot::Down],
+];
+
+/// One sequence part way through a decoder block, stopped at the input of a
+/// linear group ([`LINEAR_GROUPS`]). A caller holding one cursor per sequence
+/// sees each group's input for all of them, may change that group's weights,
+/// and then moves them all on ([`Model::block_step`]): the calibration walk's
+/// one forward pass per block.
+pub struct BlockCursor {
+    /// The residual stream, `n × hidden`.
+    x: Vec<f32>,
+    /// The input of the group the cursor stands at.
+    input: Vec<f32>,
+    /// Index of that group in [`LINEAR_GROUPS`] (its length once done).
+    group: usize,
+    /// Positions.
+    n: usize,
+}
+
+impl BlockCursor {
+    /// The input of the linear group the cursor stands at (`n × in_features`).
+    pub fn input(&self) -> &[f32] {
+        &self.input
+    }
+
+    /// The residual stream: the block's output once every group has run.
+    pub fn into_residual(self) -> Vec<f32> {
+        self.x
+    }
+}
+
 impl Model {
     /// Reads the weights of block `layer`, each slot from the tensor the
     /// architecture's description puts there.
@@ -328,9 +421,9 @@ impl Model {
     }
 
     /// [`Model::forward_block`], showing `observe` the input of every linear layer
-    /// (`n × in_features`, row-major) with the GGUF suffix of its weight
-    /// (`"attn_q.weight"`, …), before the layer runs. Layers that share an input are
-    /// each shown it. Used to collect calibration statistics.
+    /// (`n × in_features`, row-major) with the GGUF suffix of its weight as the
+    /// architecture's description names it, before the layer runs. Layers that
+    /// share an input are each shown it. Used to collect calibration statistics.
     pub fn forward_block_observed(
         &self,
         w: &BlockWeights,
@@ -338,22 +431,55 @@ impl Model {
         n: usize,
         observe: &mut dyn FnMut(&'static str, &[f32]),
     ) -> Result<()> {
-        let c = &self.config;
-        let mut h = vec![0f32; x.len()];
-        rms_norm(x, &w.attn_norm, c.rms_norm_eps, &mut h);
-        for name in ["attn_q.weight", "attn_k.weight", "attn_v.weight"] {
-            observe(name, &h);
+        let arch = self.config.arch;
+        let mut cursor = self.block_start(w, x.to_vec(), n);
+        for group in LINEAR_GROUPS {
+            for spec in group.iter().filter_map(|&slot| arch.slot(slot)) {
+                observe(spec.gguf, cursor.input());
+            }
+            self.block_step(w, &mut cursor)?;
         }
-        let a = self.attention_mix(&w.q, &w.k, &w.v, &w.extras, &h, n)?;
-        observe("attn_output.weight", &a);
-        add_linear(x, &a, n, &w.o)?;
+        x.copy_from_slice(&cursor.x);
+        Ok(())
+    }
 
-        rms_norm(x, &w.ffn_norm, c.rms_norm_eps, &mut h);
-        observe("ffn_gate.weight", &h);
-        observe("ffn_up.weight", &h);
-        let g = swiglu(&h, n, &w.gate, &w.up)?;
-        observe("ffn_down.weight", &g);
-        add_linear(x, &g, n, &w.down)
+    /// Starts one sequence's pass through a block: the cursor stands at the
+    /// first linear group's input (the attention norm's output).
+    pub fn block_start(&self, w: &BlockWeights, x: Vec<f32>, n: usize) -> BlockCursor {
+        let mut input = vec![0f32; x.len()];
+        rms_norm(&x, &w.attn_norm, self.config.rms_norm_eps, &mut input);
+        BlockCursor {
+            x,
+            input,
+            group: 0,
+            n,
+        }
+    }
+
+    /// Runs the linear group the cursor stands at with `w`'s weights and moves
+    /// the cursor to the next group's input (or to the block's output after the
+    /// last group).
+    pub fn block_step(&self, w: &BlockWeights, cursor: &mut BlockCursor) -> Result<()> {
+        let n = cursor.n;
+        match cursor.group {
+            0 => {
+                cursor.input = self.attention_mix(&w.q, &w.k, &w.v, &w.extras, &cursor.input, n)?;
+            }
+            1 => {
+                add_linear(&mut cursor.x, &cursor.input, n, &w.o)?;
+                let mut h = vec![0f32; cursor.x.len()];
+                rms_norm(&cursor.x, &w.ffn_norm, self.config.rms_norm_eps, &mut h);
+                cursor.input = h;
+            }
+            2 => cursor.input = swiglu(&cursor.input, n, &w.gate, &w.up)?,
+            3 => {
+                add_linear(&mut cursor.x, &cursor.input, n, &w.down)?;
+                cursor.input = Vec::new();
+            }
+            _ => bail!("the block's pass is already complete"),
+        }
+        cursor.group += 1;
+        Ok(())
     }
 
     /// The attention mixer of a block on its normalised input `h` (`n` positions

@@ -14,11 +14,16 @@
 //! extra forward passes. `α = 0` is plain rounding, so the chosen scales never do
 //! worse than RTN on this measure. Clipping is the grid's own per-group search
 //! ([`Grid::Int`]'s `clip`).
+//!
+//! Where a scale may be folded is architecture knowledge: the description lists
+//! its exact folds (`Arch::scale_folds`, the norm → linears table llm-compressor
+//! keeps per architecture), and [`fold`] makes exactly those.
 
-use crate::gptq::{output_error, rtn, Grid};
-use anyhow::Result;
+use crate::gptq::{rtn, Grid};
+use anyhow::{Context, Result};
 use kernels::GgmlType;
 use model::arch::Slot;
+use model::calib::factor::output_error;
 use model::llama::BlockWeights;
 use model::Tensor;
 use std::borrow::Cow;
@@ -140,51 +145,60 @@ fn f32_matrix(name: &str, shape: &[usize], values: &[f32]) -> Tensor<'static> {
     }
 }
 
-/// The folds [`fold`] makes: (producer, the linears reading its output), as the
-/// architecture descriptions list them in `scale_folds`.
-pub const FOLDS: [(Slot, &[Slot]); 3] = [
-    (Slot::AttnNorm, &[Slot::Q, Slot::K, Slot::V]),
-    (Slot::FfnNorm, &[Slot::Gate, Slot::Up]),
-    (Slot::Up, &[Slot::Down]),
-];
-
-/// The scales of one block: q/k/v inputs (folded into the attention norm),
-/// gate/up inputs (into the MLP norm) and down inputs (into up's rows).
-#[derive(Debug, Clone)]
-pub struct BlockScales {
-    /// Per hidden channel, for q, k, v.
-    pub attn: Vec<f32>,
-    /// Per hidden channel, for gate and up.
-    pub ffn: Vec<f32>,
-    /// Per intermediate channel, for down.
-    pub down: Vec<f32>,
+/// One fold with its scales: the producer of an input (a norm gain, or a
+/// linear's rows), the linears reading that input, and the per-channel scales.
+pub struct Fold<'s> {
+    /// The producer: its gain (or its rows) is divided by the scales.
+    pub from: Slot,
+    /// The consumers: their weight columns are multiplied by the scales.
+    pub to: &'static [Slot],
+    /// One scale per channel of the shared input.
+    pub scales: &'s [f32],
 }
 
-/// Folds `s` into a block: weight columns times the scale, the producer of
-/// their input (norm gain, or up's rows) divided by it. The float block computes
-/// the same function, up to rounding. Returns f32 weights.
-pub fn fold(w: &BlockWeights, s: &BlockScales) -> Result<BlockWeights<'static>> {
-    let m = |t: &Tensor, values: Vec<f32>| f32_matrix(&t.name, &t.shape, &values);
-    let up = scale_columns(&w.up.to_f32()?, &s.ffn);
-    Ok(BlockWeights {
-        attn_norm: w
-            .attn_norm
-            .iter()
-            .zip(&s.attn)
-            .map(|(g, s)| g / s)
-            .collect(),
-        q: m(&w.q, scale_columns(&w.q.to_f32()?, &s.attn)),
-        k: m(&w.k, scale_columns(&w.k.to_f32()?, &s.attn)),
-        v: m(&w.v, scale_columns(&w.v.to_f32()?, &s.attn)),
-        o: m(&w.o, w.o.to_f32()?),
-        ffn_norm: w.ffn_norm.iter().zip(&s.ffn).map(|(g, s)| g / s).collect(),
-        gate: m(&w.gate, scale_columns(&w.gate.to_f32()?, &s.ffn)),
-        up: m(&w.up, divide_rows(&up, &s.down)),
-        down: m(&w.down, scale_columns(&w.down.to_f32()?, &s.down)),
-        // Biases and per-head norms act on the projections' outputs, which the
-        // input-side scales leave unchanged.
+/// Folds scales into a block, each fold as the architecture's description lists
+/// it (`scale_folds`): weight columns times the scale, the producer of their
+/// input divided by it. The float block computes the same function, up to
+/// rounding. Returns f32 weights.
+pub fn fold(w: &BlockWeights, folds: &[Fold]) -> Result<BlockWeights<'static>> {
+    let m =
+        |t: &Tensor| -> Result<Tensor<'static>> { Ok(f32_matrix(&t.name, &t.shape, &t.to_f32()?)) };
+    // Biases and per-head norms act on the projections' outputs, which the
+    // input-side scales leave unchanged.
+    let mut out = BlockWeights {
+        attn_norm: w.attn_norm.clone(),
+        q: m(&w.q)?,
+        k: m(&w.k)?,
+        v: m(&w.v)?,
+        o: m(&w.o)?,
+        ffn_norm: w.ffn_norm.clone(),
+        gate: m(&w.gate)?,
+        up: m(&w.up)?,
+        down: m(&w.down)?,
         extras: w.extras.clone(),
-    })
+    };
+    for f in folds {
+        for &slot in f.to {
+            let t = out
+                .linear_mut(slot)
+                .with_context(|| format!("AWQ folds scales into {slot:?}, which is no linear"))?;
+            *t = f32_matrix(&t.name, &t.shape, &scale_columns(&t.to_f32()?, f.scales));
+        }
+        if let Some(t) = out.linear_mut(f.from) {
+            *t = f32_matrix(&t.name, &t.shape, &divide_rows(&t.to_f32()?, f.scales));
+        } else {
+            let gain = out.gain_mut(f.from).with_context(|| {
+                format!(
+                    "AWQ folds scales out of {:?}, which is no norm or linear",
+                    f.from
+                )
+            })?;
+            for (g, s) in gain.iter_mut().zip(f.scales) {
+                *g /= s;
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

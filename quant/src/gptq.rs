@@ -26,12 +26,13 @@
 //! RTN is the same loop without feedback (`U = I`).
 
 use anyhow::{bail, Result};
-use faer::linalg::solvers::DenseSolveCore;
-use faer::{Mat, Side};
 use half::f16;
 use kernels::matmul::{gemm, MatRef};
 use kernels::quants::grid::{block_levels, grid_shape, set_codes};
 use kernels::GgmlType;
+#[cfg(test)]
+use model::calib::factor::output_error;
+pub use model::calib::factor::{FactorOptions, Factored};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -110,6 +111,16 @@ pub struct GptqOptions {
     /// With act-order, keep groups as natural column ranges (static groups)
     /// rather than consecutive act-order positions. Always on for GGUF grids.
     pub static_groups: bool,
+}
+
+impl GptqOptions {
+    /// How the Hessian is factored for these settings.
+    pub fn factor_options(&self) -> FactorOptions {
+        FactorOptions {
+            damp_percent: self.damp_percent,
+            act_order: self.act_order,
+        }
+    }
 }
 
 impl Default for GptqOptions {
@@ -338,106 +349,6 @@ fn nearest(levels: &[f32], x: f32) -> (u8, f32) {
     (best as u8, levels[best])
 }
 
-/// `upper(H⁻¹)`: the upper Cholesky factor of the inverse of `h` (n × n) plus
-/// `damp` on the diagonal, in f32; `None` if either factorisation fails.
-fn inverse_cholesky_upper(h: &[f64], n: usize, damp: f64) -> Option<Vec<f32>> {
-    let m = Mat::<f64>::from_fn(n, n, |i, j| h[i * n + j] + if i == j { damp } else { 0.0 });
-    let inv = m.llt(Side::Lower).ok()?.inverse();
-    let l = inv.llt(Side::Lower).ok()?;
-    let l = l.L();
-    let mut u = vec![0f32; n * n];
-    for i in 0..n {
-        for j in i..n {
-            u[i * n + j] = l[(j, i)] as f32;
-        }
-    }
-    if u.iter().any(|v| !v.is_finite()) {
-        return None;
-    }
-    Some(u)
-}
-
-/// A Hessian made ready for GPTQ: dead inputs marked, columns ordered, and the
-/// upper Cholesky factor of the damped inverse. Layers sharing an input share one.
-pub struct Factored {
-    cols: usize,
-    dead: Vec<usize>,
-    perm: Vec<usize>,
-    diag: Vec<f32>,
-    u: Option<Vec<f32>>,
-    damp: f64,
-    seconds: f64,
-}
-
-impl Factored {
-    /// Factors `h` (`cols × cols`, `2XᵀX/n`) for `opts`' act-order and dampening.
-    pub fn new(h: &[f64], cols: usize, opts: &GptqOptions) -> Self {
-        assert_eq!(h.len(), cols * cols, "Hessian size");
-        let start = std::time::Instant::now();
-        let mut h = h.to_vec();
-        // Dead inputs: no information, so their weights are zeroed and the
-        // diagonal set to 1 (as the reference does) to keep H invertible.
-        let mut dead = Vec::new();
-        for j in 0..cols {
-            if h[j * cols + j] == 0.0 {
-                h[j * cols + j] = 1.0;
-                dead.push(j);
-            }
-        }
-        let perm: Vec<usize> = if opts.act_order {
-            let mut p: Vec<usize> = (0..cols).collect();
-            p.sort_by(|&a, &b| h[b * cols + b].total_cmp(&h[a * cols + a]));
-            p
-        } else {
-            (0..cols).collect()
-        };
-        let hp: Vec<f64> = (0..cols * cols)
-            .map(|k| h[perm[k / cols] * cols + perm[k % cols]])
-            .collect();
-        let mean_diag = (0..cols).map(|i| hp[i * cols + i]).sum::<f64>() / cols as f64;
-        let mut damp = opts.damp_percent;
-        let mut u = None;
-        while damp <= 1.0 + 1e-9 {
-            u = inverse_cholesky_upper(&hp, cols, damp * mean_diag);
-            if u.is_some() {
-                break;
-            }
-            damp += 0.0025;
-        }
-        Factored {
-            cols,
-            dead,
-            perm,
-            diag: (0..cols).map(|j| h[j * cols + j] as f32).collect(),
-            damp: if u.is_some() { damp } else { 0.0 },
-            u,
-            seconds: start.elapsed().as_secs_f64(),
-        }
-    }
-
-    /// Seconds the factorisation took.
-    pub fn seconds(&self) -> f64 {
-        self.seconds
-    }
-
-    /// The upper Cholesky factor of the damped inverse Hessian (`cols × cols`,
-    /// row-major, in the processing order: natural unless act-order), or `None`
-    /// when the Hessian stayed singular.
-    pub fn upper(&self) -> Option<&[f32]> {
-        self.u.as_deref()
-    }
-
-    /// Input features that were never active.
-    pub fn dead(&self) -> &[usize] {
-        &self.dead
-    }
-
-    /// The dampening fraction that let it factor (0 when it did not).
-    pub fn damp_percent(&self) -> f64 {
-        self.damp
-    }
-}
-
 /// Quantizes `w` (`rows × cols`, row-major) on `grid` by GPTQ with the input
 /// Hessian `h` (`cols × cols`, `2XᵀX/n`).
 pub fn gptq(
@@ -447,7 +358,12 @@ pub fn gptq(
     grid: &Grid,
     opts: &GptqOptions,
 ) -> Result<(QuantizedMatrix, GptqStats)> {
-    gptq_factored(w, &Factored::new(h, cols, opts), grid, opts)
+    gptq_factored(
+        w,
+        &Factored::new(h, cols, &opts.factor_options()),
+        grid,
+        opts,
+    )
 }
 
 /// [`gptq`] with the Hessian already factored (its factoring time is reported
@@ -458,10 +374,10 @@ pub fn gptq_factored(
     grid: &Grid,
     opts: &GptqOptions,
 ) -> Result<(QuantizedMatrix, GptqStats)> {
-    let cols = f.cols;
+    let cols = f.cols();
     let mut w = w.to_vec();
     let rows = w.len() / cols;
-    for &j in &f.dead {
+    for &j in f.dead() {
         for r in 0..rows {
             w[r * cols + j] = 0.0;
         }
@@ -474,18 +390,18 @@ pub fn gptq_factored(
         &w,
         cols,
         grid,
-        &f.perm,
-        f.u.as_deref(),
-        &f.diag,
+        f.order(),
+        f.upper(),
+        f.diagonal(),
         opts.block_size,
         dynamic,
         keep_zeros,
     );
     let stats = GptqStats {
-        damp_percent: f.damp,
-        dead_columns: f.dead.len(),
-        fell_back_to_rtn: f.u.is_none(),
-        factor_seconds: f.seconds,
+        damp_percent: f.damp_percent(),
+        dead_columns: f.dead().len(),
+        fell_back_to_rtn: f.upper().is_none(),
+        factor_seconds: f.seconds(),
         loop_seconds: start.elapsed().as_secs_f64(),
         kept_zeros: if keep_zeros { zeros } else { 0 },
         zeros_lost,
@@ -719,41 +635,6 @@ fn run_rows(
         .map(|f| f.expect("every group is reached"))
         .collect();
     (codes, values, fixed, zeros_lost)
-}
-
-/// `Σ_rows (a − b) H (a − b)ᵀ`: the summed squared output error of replacing
-/// weights `a` by `b` on inputs with Hessian `h` (f32, `cols × cols`), up to the
-/// factor `n / 2`. With `b = 0` it is the output energy.
-pub fn output_error(a: &[f32], b: Option<&[f32]>, h: &[f32], cols: usize) -> f64 {
-    let rows = a.len() / cols;
-    let per_task = rows.div_ceil(2 * rayon::current_num_threads()).max(8);
-    (0..rows)
-        .collect::<Vec<_>>()
-        .par_chunks(per_task)
-        .map(|rs| {
-            let (r0, n) = (rs[0], rs.len());
-            let diff: Vec<f32> = match b {
-                Some(b) => a[r0 * cols..(r0 + n) * cols]
-                    .iter()
-                    .zip(&b[r0 * cols..(r0 + n) * cols])
-                    .map(|(x, y)| x - y)
-                    .collect(),
-                None => a[r0 * cols..(r0 + n) * cols].to_vec(),
-            };
-            let mut dh = vec![0f32; n * cols];
-            gemm(
-                MatRef::row_major(&diff, n, cols, cols),
-                MatRef::row_major(h, cols, cols, cols),
-                &mut dh,
-                cols,
-                false,
-            );
-            diff.iter()
-                .zip(&dh)
-                .map(|(&x, &y)| x as f64 * y as f64)
-                .sum::<f64>()
-        })
-        .sum()
 }
 
 #[cfg(test)]

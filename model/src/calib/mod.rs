@@ -3,6 +3,13 @@
 //! the sum of squared activations per input column and the number of tokens are
 //! accumulated (what `llama-imatrix` computes). Stored as llama.cpp's imatrix
 //! GGUF (`<weight>.in_sum2`, `<weight>.counts`), so files go both ways.
+//!
+//! Also what the calibrated stages share below them: the calibration samples,
+//! the input [`Hessian`] of a linear layer, its damped inverse factor
+//! ([`factor`]) and the block-by-block walk ([`walk`]).
+
+pub mod factor;
+pub mod walk;
 
 use crate::gguf::{GgufFile, GgufWriter, MetaValue, TensorDecl};
 use crate::names;
