@@ -14,7 +14,6 @@ mod quantize;
 mod recipe;
 mod runner;
 mod sensitivity;
-mod structured;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};

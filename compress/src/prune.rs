@@ -1,23 +1,21 @@
-//! `compress prune`: removes weights from every block linear of a model with
-//! magnitude, Wanda or SparseGPT scores (unstructured or N:M), walking the model
-//! block by block over calibration samples (`quant::calibrated::sequential_blocks`)
-//! so each layer is pruned on the inputs the already pruned layers before it
-//! produce. The result is a dense model whose removed weights are exactly zero:
-//! an HF-style folder (safetensors, config.json, tokenizer) or a GGUF file, which
-//! `compress quantize --method gptq` takes as it is (keeping the zeros).
+//! `compress prune`: the flags of the pruning stages, their checks, and the
+//! report. The work is in the prune crate: `prune::stage` (magnitude, Wanda or
+//! SparseGPT, unstructured or N:M, block by block over calibration samples) and
+//! `prune::cut` (structured cuts). The result is a dense model whose removed
+//! weights are exactly zero: an HF-style folder (safetensors, config.json,
+//! tokenizer) or a GGUF file, which `compress quantize --method gptq` takes as
+//! it is (keeping the zeros).
 
-use crate::structured::Cuts;
 use crate::DtypeArg;
 use anyhow::{bail, Context, Result};
 use model::calib::calibration_samples;
-use model::calib::factor::output_error;
-use model::calib::factor::FactorOptions;
-use model::calib::walk::{self, f32_tensor, finite_weights, LayerInput, Timings};
-use model::dense::{output_file, DenseWriter};
-use model::hf_quant::{is_block_linear, write_order};
+use model::calib::walk::Timings;
+use model::dense::output_file;
 use model::progress::Progress;
-use model::{names, Model, Tensor};
-use prune::{schedule, score, sparsegpt, Pattern};
+use model::{names, Model};
+use prune::cut::{self, Cuts};
+use prune::stage::{self, LayerPrune, Owl, PruneOptions};
+use prune::Pattern;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -33,6 +31,16 @@ pub enum Method {
     Wanda,
     /// |W| over the whole matrix (no calibration).
     Magnitude,
+}
+
+impl From<Method> for stage::Method {
+    fn from(m: Method) -> Self {
+        match m {
+            Method::Sparsegpt => stage::Method::Sparsegpt,
+            Method::Wanda => stage::Method::Wanda,
+            Method::Magnitude => stage::Method::Magnitude,
+        }
+    }
 }
 
 /// How a pruned folder stores its block linears.
@@ -127,20 +135,6 @@ pub struct Args {
     report: Option<PathBuf>,
 }
 
-/// How one layer went.
-#[derive(Debug, Clone, Serialize)]
-pub struct LayerPrune {
-    /// Canonical name.
-    pub name: String,
-    /// The sparsity asked for this layer.
-    pub target: f64,
-    /// Fraction of its weights that are exactly zero afterwards.
-    pub sparsity: f64,
-    /// `‖(W − Ŵ)X‖² / ‖WX‖²` on the calibration inputs (SparseGPT only: it has
-    /// the full Hessian).
-    pub rel_error: Option<f64>,
-}
-
 /// What `--report` writes.
 #[derive(Serialize)]
 struct PruneReport {
@@ -193,7 +187,7 @@ fn run_structured(a: &Args, start: Instant) -> Result<()> {
             a.output.display()
         );
     }
-    let new = crate::structured::plan_config(&model.config, &cuts)?;
+    let new = cut::plan_config(&model.config, &cuts)?;
     let samples = samples_of(a, &model)?;
     eprintln!(
         "structured: {} samples × {} tokens of {}; hidden {} → {}, FFN {} → {}, blocks {} → {}, query heads {} → {}",
@@ -210,7 +204,7 @@ fn run_structured(a: &Args, start: Instant) -> Result<()> {
         new.num_attention_heads
     );
     let mut bars: BTreeMap<String, Progress> = BTreeMap::new();
-    let report = crate::structured::run(
+    let report = cut::run(
         &model,
         &cuts,
         &samples,
@@ -253,51 +247,6 @@ fn pattern_of(a: &Args) -> Result<Pattern> {
         (None, None) => bail!("say what to prune: --sparsity S, --nm N:M, or structured --heads/--ffn/--layers/--width"),
         _ => bail!("give one of --sparsity and --nm"),
     }
-}
-
-/// Prunes one layer's weights for `target` sparsity (the layer's share under the
-/// schedule; N:M patterns ignore it).
-fn prune_layer(
-    method: Method,
-    pattern: Pattern,
-    target: f64,
-    values: &[f32],
-    cols: usize,
-    input: Option<&LayerInput>,
-) -> Result<Vec<f32>> {
-    let pattern = match pattern {
-        Pattern::Unstructured(_) => Pattern::Unstructured(target),
-        nm => nm,
-    };
-    let mut w = values.to_vec();
-    match (method, input) {
-        (Method::Magnitude, _) => {
-            let pruned = score::mask(&score::magnitude_scores(&w), cols, pattern, false);
-            score::apply(&mut w, &pruned);
-        }
-        (Method::Wanda, Some(input)) => {
-            let norms: Vec<f32> = input.diagonal().iter().map(|d| d.max(0.0).sqrt()).collect();
-            let pruned = score::mask(&score::wanda_scores(&w, &norms), cols, pattern, true);
-            score::apply(&mut w, &pruned);
-        }
-        (Method::Sparsegpt, Some(input)) => {
-            let f = input.factored();
-            for &j in f.dead() {
-                for row in w.chunks_mut(cols) {
-                    row[j] = 0.0;
-                }
-            }
-            match f.upper() {
-                Some(u) => w = sparsegpt::sparsegpt(&w, cols, u, pattern, 128),
-                None => {
-                    eprintln!("the Hessian stayed singular after dampening up to 1.0: pruned by Wanda scores instead");
-                    return prune_layer(Method::Wanda, pattern, target, values, cols, Some(input));
-                }
-            }
-        }
-        (_, None) => bail!("{method:?} needs calibration statistics"),
-    }
-    Ok(w)
 }
 
 /// Checks the arguments alone, reading no file: ranges and combinations (what
@@ -361,7 +310,6 @@ pub fn run(a: Args) -> Result<()> {
         return run_structured(&a, start);
     }
     let pattern = pattern_of(&a)?;
-    let compressed = a.format == SparseFormat::CompressedTensors;
     let model = Model::open(&crate::resolve(&a.input)?)?;
     if a.output.canonicalize().ok() == model.path.canonicalize().ok() {
         bail!(
@@ -381,182 +329,28 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         samples_of(&a, &model)?
     };
-    let opts = FactorOptions {
-        damp_percent: a.damp,
-        ..FactorOptions::default()
+    let opts = PruneOptions {
+        method: a.method.into(),
+        pattern,
+        owl: (a.schedule == Schedule::Owl).then_some(Owl {
+            lambda: a.owl_lambda,
+            m: a.owl_m,
+        }),
+        damp: a.damp,
+        true_sequential: a.true_sequential,
+        dtype: a.dtype.ggml(),
+        compressed_tensors: a.format == SparseFormat::CompressedTensors,
     };
-    let dtype = a.dtype.ggml();
-
-    // OWL: a first pass over the unpruned model measures each block's outliers.
-    let mut targets = vec![pattern.sparsity(); blocks];
-    if a.schedule == Schedule::Owl {
-        let mut counts = vec![(0u64, 0u64); blocks];
-        let mut bar = Progress::new(blocks as u64, "owl outliers");
-        walk::sequential_blocks(
-            &model,
-            &samples,
-            &opts,
-            a.true_sequential,
-            true,
-            &mut |name: &str, w: &Tensor, input: &LayerInput, _t: &mut Timings| {
-                let values = finite_weights(&model, name, w)?;
-                let norms: Vec<f32> = input.diagonal().iter().map(|d| d.max(0.0).sqrt()).collect();
-                let (o, n) = schedule::outliers(&score::wanda_scores(&values, &norms), a.owl_m);
-                let l = names::block_index(name).unwrap_or(0);
-                counts[l].0 += o;
-                counts[l].1 += n;
-                Ok(f32_tensor(name, w.shape[0], w.shape[1], &values))
-            },
-            &mut |d, _| bar.set(d as u64, &format!("block {d}")),
-        )?;
-        bar.finish();
-        let ratios: Vec<f64> = counts
-            .iter()
-            .map(|&(o, n)| o as f64 / n.max(1) as f64)
-            .collect();
-        targets = schedule::owl(&ratios, pattern.sparsity(), a.owl_lambda);
-        eprintln!(
-            "OWL sparsities per block: {}",
-            targets
-                .iter()
-                .map(|s| format!("{s:.3}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-    }
-
-    let order = write_order(&model.config);
-    let declared = order
-        .iter()
-        .map(|n| Ok((n.clone(), model.tensor_meta(n)?.1)))
-        .collect::<Result<Vec<_>>>()?;
-    // compressed-tensors: the dense result goes to a temporary folder first (the
-    // compressed sizes depend on every matrix's non-zeros), then is compressed.
-    let staging = if compressed {
-        std::fs::create_dir_all(&a.output)
-            .with_context(|| format!("cannot create {}", a.output.display()))?;
-        Some(
-            tempfile::tempdir_in(&a.output)
-                .with_context(|| format!("cannot stage in {}", a.output.display()))?,
-        )
-    } else {
-        None
-    };
-    let dense_out = staging
-        .as_ref()
-        .map_or(a.output.clone(), |d| d.path().to_path_buf());
-    let mut writer = DenseWriter::create(&model, &model.config, &declared, &dense_out, dtype)?;
-    let mut next = 0usize;
-    let mut layers: Vec<LayerPrune> = Vec::new();
-    // Copies the tensors due before `upto` in the write order (block linears
-    // among them only when pruning without calibration).
-    let write_upto = |upto: Option<&str>,
-                      writer: &mut DenseWriter,
-                      layers: &mut Vec<LayerPrune>,
-                      next: &mut usize|
-     -> Result<()> {
-        while *next < order.len() && Some(order[*next].as_str()) != upto {
-            let name = &order[*next];
-            let t = model.tensor(name)?;
-            let mut values = finite_weights(&model, name, &t)?;
-            if is_block_linear(model.config.arch, name) {
-                let target = targets[names::block_index(name).unwrap_or(0)];
-                values = prune_layer(a.method, pattern, target, &values, t.shape[1], None)?;
-                layers.push(LayerPrune {
-                    name: name.clone(),
-                    target,
-                    sparsity: score::zero_fraction(&values),
-                    rel_error: None,
-                });
-            }
-            writer.write(name, &t.shape, &values)?;
-            *next += 1;
-        }
-        Ok(())
-    };
-    let label = format!("{:?}", a.method).to_lowercase();
-    let timings = if samples.is_empty() {
-        let mut bar = Progress::new(order.len() as u64, &label);
-        write_upto(None, &mut writer, &mut layers, &mut next)?;
-        bar.set(order.len() as u64, "done");
-        bar.finish();
-        Timings::default()
-    } else {
+    let label = opts.method.label();
+    if !samples.is_empty() {
         eprintln!(
             "{label} {pattern}: {} samples × {} tokens of {}",
             samples.len(),
             a.seq,
             a.calib
         );
-        let mut bar = Progress::new(blocks as u64, &label);
-        let mut step = |name: &str,
-                        w: &Tensor,
-                        input: &LayerInput,
-                        t: &mut Timings|
-         -> Result<Tensor<'static>> {
-            write_upto(Some(name), &mut writer, &mut layers, &mut next)?;
-            let (rows, cols) = (w.shape[0], w.shape[1]);
-            let values = finite_weights(&model, name, w)?;
-            let target = targets[names::block_index(name).unwrap_or(0)];
-            let clock = Instant::now();
-            let pruned = prune_layer(a.method, pattern, target, &values, cols, Some(input))?;
-            t.loop_seconds += clock.elapsed().as_secs_f64();
-            let rel_error = (a.method == Method::Sparsegpt).then(|| {
-                let clock = Instant::now();
-                let hf: Vec<f32> = input.hessian.iter().map(|&v| v as f32).collect();
-                let energy = output_error(&values, None, &hf, cols).max(f64::MIN_POSITIVE);
-                let e = output_error(&values, Some(&pruned), &hf, cols) / energy;
-                t.report_seconds += clock.elapsed().as_secs_f64();
-                e
-            });
-            layers.push(LayerPrune {
-                name: name.to_owned(),
-                target,
-                sparsity: score::zero_fraction(&pruned),
-                rel_error,
-            });
-            writer.write(name, &w.shape, &pruned)?;
-            next += 1;
-            Ok(f32_tensor(name, rows, cols, &pruned))
-        };
-        let t = walk::sequential_blocks(
-            &model,
-            &samples,
-            &opts,
-            a.true_sequential,
-            a.method == Method::Wanda,
-            &mut step,
-            &mut |d, _| bar.set(d as u64, &format!("block {d}")),
-        )?;
-        write_upto(None, &mut writer, &mut layers, &mut next)?;
-        bar.finish();
-        t
-    };
-    writer.finish(&model)?;
-    let overall_sparsity = {
-        let mut zeros = 0f64;
-        let mut total = 0f64;
-        for l in &layers {
-            let n = model.tensor_meta(&l.name)?.1.iter().product::<usize>() as f64;
-            zeros += l.sparsity * n;
-            total += n;
-        }
-        zeros / total.max(1.0)
-    };
-    if let Some(staging) = staging {
-        let layout = match pattern {
-            Pattern::NM { n: 2, m: 4 } => model::sparse_ct::SparseFormat::TwoFour,
-            _ => model::sparse_ct::SparseFormat::Bitmask,
-        };
-        model::sparse_ct::write(
-            &Model::open(staging.path())?,
-            &a.output,
-            layout,
-            dtype,
-            overall_sparsity,
-        )?;
     }
-
+    let outcome = stage::prune_model(&model, &samples, &opts, &a.output)?;
     let file = if a.output.extension().is_some_and(|e| e == "gguf") {
         a.output.clone()
     } else {
@@ -564,18 +358,18 @@ pub fn run(a: Args) -> Result<()> {
     };
     let file_bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
     let report = PruneReport {
-        method: label.clone(),
+        method: label.to_owned(),
         pattern: pattern.to_string(),
         schedule: format!("{:?}", a.schedule).to_lowercase(),
         output: a.output.clone(),
         file_bytes,
-        sparsity: overall_sparsity,
+        sparsity: outcome.sparsity,
         samples: samples.len(),
         seq: a.seq,
         seed: a.seed,
         seconds: start.elapsed().as_secs_f64(),
-        timings,
-        layers,
+        timings: outcome.timings,
+        layers: outcome.layers,
     };
     if let Some(path) = &a.report {
         model::io::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;

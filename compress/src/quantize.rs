@@ -8,16 +8,16 @@ use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
 use model::calib::walk::Timings;
 use model::calib::{calibration_samples, Imatrix};
-use model::hf_quant::{HfQuantFormat, HfQuantWriter, IntLinear, IntQuantConfig};
+use model::hf_quant::{HfQuantFormat, IntQuantConfig};
 use model::progress::Progress;
 use model::Model;
-use quant::calibrated::{self, Calibrated, Item, LayerReport};
+use quant::calibrated::{self, Calibrated, LayerReport};
 use quant::gguf_quantize::{self, PlannedTensor};
-use quant::gptq::{self, GptqOptions, Grid, QuantizedMatrix, Stored};
+use quant::gptq::{GptqOptions, Grid};
 use quant::{bit_alloc, gguf_mix, Mix, Override};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// Quantization method.
@@ -486,7 +486,7 @@ fn run_calibrated(a: Args) -> Result<()> {
             let grid_of = |name: &str| -> Grid {
                 int_grid(model.tensor_meta(name).map(|m| m.1[1]).unwrap_or(0))
             };
-            let (layers, timings) = write_hf(
+            let (layers, timings) = calibrated::calibrated_to_hf(
                 &model, &a.output, format, &cfg, &samples, &grid_of, calibrated,
             )?;
             let file_bytes = std::fs::metadata(a.output.join("model.safetensors"))
@@ -528,98 +528,4 @@ fn run_calibrated(a: Args) -> Result<()> {
         t.loop_seconds
     );
     Ok(())
-}
-
-/// The stored form of an integer-grid matrix as the HF writers take it.
-fn int_linear(q: QuantizedMatrix, bits: u32, group: usize) -> IntLinear {
-    let Stored::Int {
-        codes,
-        scales,
-        zeros,
-        g_idx,
-    } = q.stored
-    else {
-        unreachable!("integer grids store integers")
-    };
-    IntLinear {
-        out_features: q.rows,
-        in_features: q.cols,
-        bits,
-        group_size: group,
-        codes,
-        scales,
-        zeros,
-        g_idx,
-    }
-}
-
-/// Streams `model` into an HF folder: block linears quantized on their integer
-/// grid (GPTQ when `samples` is non-empty, else round to nearest), the rest f16.
-#[allow(clippy::too_many_arguments)]
-fn write_hf(
-    model: &Model,
-    dir: &Path,
-    format: HfQuantFormat,
-    cfg: &IntQuantConfig,
-    samples: &[Vec<u32>],
-    grid_of: &dyn Fn(&str) -> Grid,
-    method: Calibrated,
-) -> Result<(Vec<LayerReport>, Timings)> {
-    let mut writer = HfQuantWriter::create(dir, model, format, cfg)?;
-    let order = writer.order().to_vec();
-    let mut next = 0usize;
-    let group_of = |name: &str| match grid_of(name) {
-        Grid::Int { group, .. } => group,
-        Grid::Gguf(_) => unreachable!(),
-    };
-    // Writes the tensors due before `upto` in the write order: dense ones as they
-    // are, block linears (only when not running GPTQ) rounded to nearest.
-    let write_upto =
-        |upto: Option<&str>, writer: &mut HfQuantWriter, next: &mut usize| -> Result<()> {
-            while *next < order.len() && Some(order[*next].as_str()) != upto {
-                let name = &order[*next];
-                let values = model.tensor(name)?.to_f32()?;
-                if model::hf_quant::is_block_linear(model.config.arch, name) {
-                    let cols = model.tensor_meta(name)?.1[1];
-                    let q = gptq::rtn(&values, cols, &grid_of(name), None);
-                    writer.write_linear(name, &int_linear(q, cfg.bits, group_of(name)))?;
-                } else {
-                    writer.write_dense(name, &values)?;
-                }
-                *next += 1;
-            }
-            Ok(())
-        };
-    let result = if samples.is_empty() {
-        let mut bar = Progress::new(order.len() as u64, "rtn");
-        write_upto(None, &mut writer, &mut next)?;
-        bar.set(order.len() as u64, "done");
-        bar.finish();
-        (Vec::new(), Timings::default())
-    } else {
-        let mut bar = Progress::new(model.config.num_hidden_layers as u64, &cfg.method);
-        let r = calibrated::run_model(
-            model,
-            samples,
-            grid_of,
-            method,
-            &mut |name, item| {
-                write_upto(Some(name), &mut writer, &mut next)?;
-                match item {
-                    Item::Linear(q) => {
-                        writer.write_linear(name, &int_linear(q, cfg.bits, group_of(name)))?
-                    }
-                    Item::Dense(values) => writer.write_dense(name, &values)?,
-                }
-                next += 1;
-                Ok(())
-            },
-            &mut |d, _| bar.set(d as u64, &format!("block {d}")),
-        )?;
-        write_upto(None, &mut writer, &mut next)?;
-        bar.finish();
-        r
-    };
-    writer.finish()?;
-    Ok(result)
 }

@@ -7,7 +7,9 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use eval::sensitivity::{BaseRun, Cell, MixPoint, SensitivityReport, Setting, SettingKind, Unit};
+use eval::sensitivity::{
+    BaseRun, Changed, MixPoint, SensitivityReport, Setting, SettingKind, Unit,
+};
 use eval::PerplexityOptions;
 use kernels::GgmlType;
 use model::calib::Imatrix;
@@ -16,7 +18,6 @@ use model::{Model, Tensor};
 use prune::pattern::Pattern;
 use quant::bit_alloc::{self, Candidate};
 use quant::gguf_mix;
-use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -164,22 +165,22 @@ fn unit_tensors(model: &Model, granularity: Granularity) -> Result<Vec<(String, 
                     .filter(|n| model::names::block_index(n) == Some(b))
                     .cloned()
                     .collect();
-                (format!("blk.{b}"), names)
+                (model::names::block_unit(b), names)
             })
             .collect(),
     })
 }
 
-/// One tensor changed by one setting: the replacement (pruned weights as F32),
-/// what was applied, its stored bytes (the base's for pruning, which keeps the
-/// model dense) and the relative squared weight error; None when the setting
-/// does not apply (pruning the embedding).
+/// One tensor changed by one setting (quant's and prune's one-matrix
+/// operations): pruned weights as F32 with the base's stored bytes (pruning
+/// keeps the model dense); None when the setting does not apply (pruning the
+/// embedding).
 fn change_tensor(
     model: &Model,
     name: &str,
     change: Change,
     imatrix: Option<&Imatrix>,
-) -> Result<Option<(Tensor<'static>, String, u64, f64)>> {
+) -> Result<Option<Changed>> {
     let t = model.tensor(name)?;
     let shape = t.shape.clone();
     let cols = shape[1];
@@ -229,8 +230,12 @@ fn change_tensor(
         Change::Quant(_) => tensor.data.len() as u64,
         Change::Prune(_) => t.data.len() as u64,
     };
-    let err = bit_alloc::weighted_rel_error(&values, &restored, cols, None);
-    Ok(Some((tensor, applied, bytes, err)))
+    Ok(Some(Changed {
+        weight_error: bit_alloc::weighted_rel_error(&values, &restored, cols, None),
+        tensor,
+        applied,
+        bytes,
+    }))
 }
 
 /// Runs the command.
@@ -331,8 +336,7 @@ pub fn run(a: Args) -> Result<()> {
         }
         units.push(Unit {
             name: name.clone(),
-            block: model::names::block_index(name)
-                .or_else(|| name.strip_prefix("blk.").and_then(|b| b.parse().ok())),
+            block: model::names::block_index(name),
             params,
             base_bytes: bytes,
             score: 0.0,
@@ -348,16 +352,11 @@ pub fn run(a: Args) -> Result<()> {
         let done = b.1;
         b.0.set(done, msg);
     };
-    // Units run side by side: one candidate's forward pass on a few hundred
-    // tokens does not keep every core busy on its own.
-    let per_unit: Vec<Vec<Cell>> = units_spec
-        .par_iter()
-        .enumerate()
-        .map(|(u, (name, tensors))| {
-            measure_unit(u, name, tensors, &settings, &model, &imatrix, &base, &tick)
-        })
-        .collect::<Result<_>>()?;
-    let cells: Vec<Cell> = per_unit.into_iter().flatten().collect();
+    let changes: Vec<Change> = settings.iter().map(|(_, c)| *c).collect();
+    let change = |name: &str, s: usize| change_tensor(&model, name, changes[s], Some(&imatrix));
+    let setting_list: Vec<Setting> = settings.iter().map(|(s, _)| s.clone()).collect();
+    let cells =
+        eval::sensitivity::measure(&units_spec, &setting_list, &change, &model, &base, &tick)?;
     let (bar, _) = bar.into_inner().unwrap_or_else(|e| e.into_inner());
     bar.finish();
 
@@ -403,76 +402,6 @@ pub fn run(a: Args) -> Result<()> {
         report.seconds
     );
     Ok(())
-}
-
-/// Every setting of one unit: the changed tensors, and the KLD they add.
-/// Settings that land on the same types share one measurement.
-#[allow(clippy::too_many_arguments)]
-fn measure_unit(
-    u: usize,
-    unit_name: &str,
-    tensors: &[String],
-    settings: &[(Setting, Change)],
-    model: &Model,
-    imatrix: &Imatrix,
-    base: &BaseRun,
-    tick: &(dyn Fn(&str) + Sync),
-) -> Result<Vec<Cell>> {
-    let mut cells: Vec<Cell> = Vec::new();
-    let mut measured: HashMap<Vec<String>, usize> = HashMap::new();
-    for (s, (setting, change)) in settings.iter().enumerate() {
-        let mut replaced = Vec::new();
-        let mut applied = Vec::new();
-        let (mut bytes, mut params, mut err_num) = (0u64, 0u64, 0f64);
-        for t in tensors {
-            if let Some((r, ap, b, err)) = change_tensor(model, t, *change, Some(imatrix))? {
-                let n = r.n_elements() as u64;
-                bytes += b;
-                params += n;
-                err_num += err * n as f64;
-                applied.push(ap);
-                replaced.push(r);
-            }
-        }
-        if replaced.is_empty() {
-            tick(unit_name);
-            continue;
-        }
-        let key = match change {
-            Change::Quant(_) => applied.clone(),
-            Change::Prune(_) => vec![setting.name.clone()],
-        };
-        let shift = match measured.get(&key) {
-            Some(&i) => cells[i].shift,
-            None => {
-                let sh = base
-                    .shift(model, &replaced)
-                    .with_context(|| format!("{unit_name} at {}", setting.name))?;
-                measured.insert(key, cells.len());
-                sh
-            }
-        };
-        applied.dedup();
-        let applied = applied.join("+");
-        cells.push(Cell {
-            unit: u,
-            setting: s,
-            applied: if applied.is_empty() {
-                setting.name.clone()
-            } else {
-                applied
-            },
-            bytes,
-            bits_per_weight: bytes as f64 * 8.0 / params.max(1) as f64,
-            weight_error: err_num / params.max(1) as f64,
-            shift,
-        });
-        tick(&format!(
-            "{unit_name} {}: KLD {:.2e}",
-            setting.name, shift.kld
-        ));
-    }
-    Ok(cells)
 }
 
 /// Writes the JSON, Markdown and HTML reports (each atomically).

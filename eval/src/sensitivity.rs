@@ -11,10 +11,12 @@
 use crate::kld::{kl_and_top1, KldStats};
 use crate::perplexity::{ChunkPlan, PerplexityOptions};
 use anyhow::{bail, Context, Result};
+use model::arch::Role;
 use model::llama::BlockWeights;
 use model::{Model, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
 /// The base model's activations and logits on the evaluation tokens.
 pub struct BaseRun {
@@ -101,8 +103,9 @@ impl BaseRun {
                 );
             }
         }
-        let find = |name: &str| replaced.iter().find(|t| t.name == name);
-        let embd = find("token_embd.weight");
+        let arch = model.config.arch;
+        let find = |role: Role| replaced.iter().find(|t| t.name == arch.global_name(role));
+        let embd = find(Role::Embedding);
         let start = if embd.is_some() {
             0
         } else {
@@ -112,16 +115,16 @@ impl BaseRun {
                 .min()
                 .unwrap_or(layers)
         };
-        let head = match find("output.weight") {
+        let head = match find(Role::Head) {
             Some(t) => t.borrowed(),
             None if model.config.tie_word_embeddings && embd.is_some() => {
                 embd.map(Tensor::borrowed).expect("checked")
             }
             None => model.output_head()?,
         };
-        let norm = match find("output_norm.weight") {
+        let norm = match find(Role::Norm) {
             Some(t) => t.to_f32()?,
-            None => model.tensor("output_norm.weight")?.to_f32()?,
+            None => model.tensor(arch.global_name(Role::Norm))?.to_f32()?,
         };
         let mut klds = Vec::with_capacity(self.scored_tokens());
         let mut same = 0usize;
@@ -322,6 +325,115 @@ impl SensitivityReport {
             .iter()
             .find(|c| c.unit == unit && c.setting == setting)
     }
+}
+
+/// One tensor changed by one setting: the replacement, what was applied (the
+/// type after fallbacks; empty for pruning), its stored bytes and the relative
+/// squared weight error.
+pub struct Changed {
+    /// The replacement tensor.
+    pub tensor: Tensor<'static>,
+    /// What was applied, e.g. `Q4_K`.
+    pub applied: String,
+    /// Stored bytes of the changed tensor.
+    pub bytes: u64,
+    /// `‖W − Ŵ‖² / ‖W‖²`.
+    pub weight_error: f64,
+}
+
+/// How a setting changes a tensor: `change(name, setting)` gives the replacement,
+/// or `None` where the setting does not apply (pruning the embedding).
+pub type ChangeFn<'a> = dyn Fn(&str, usize) -> Result<Option<Changed>> + Sync + 'a;
+
+/// Measures every setting on every unit (a name and the tensors it changes),
+/// units side by side: one candidate's forward pass on a few hundred tokens
+/// does not keep every core busy on its own. `tick(message)` after each cell.
+pub fn measure(
+    units: &[(String, Vec<String>)],
+    settings: &[Setting],
+    change: &ChangeFn<'_>,
+    model: &Model,
+    base: &BaseRun,
+    tick: &(dyn Fn(&str) + Sync),
+) -> Result<Vec<Cell>> {
+    let per_unit: Vec<Vec<Cell>> = units
+        .par_iter()
+        .enumerate()
+        .map(|(u, (name, tensors))| {
+            measure_unit(u, name, tensors, settings, change, model, base, tick)
+        })
+        .collect::<Result<_>>()?;
+    Ok(per_unit.into_iter().flatten().collect())
+}
+
+/// Every setting of one unit: the changed tensors, and the KLD they add.
+/// Settings that land on the same types share one measurement.
+#[allow(clippy::too_many_arguments)]
+fn measure_unit(
+    u: usize,
+    unit_name: &str,
+    tensors: &[String],
+    settings: &[Setting],
+    change: &ChangeFn<'_>,
+    model: &Model,
+    base: &BaseRun,
+    tick: &(dyn Fn(&str) + Sync),
+) -> Result<Vec<Cell>> {
+    let mut cells: Vec<Cell> = Vec::new();
+    let mut measured: HashMap<Vec<String>, usize> = HashMap::new();
+    for (s, setting) in settings.iter().enumerate() {
+        let mut replaced = Vec::new();
+        let mut applied = Vec::new();
+        let (mut bytes, mut params, mut err_num) = (0u64, 0u64, 0f64);
+        for t in tensors {
+            if let Some(c) = change(t, s)? {
+                let n = c.tensor.n_elements() as u64;
+                bytes += c.bytes;
+                params += n;
+                err_num += c.weight_error * n as f64;
+                applied.push(c.applied);
+                replaced.push(c.tensor);
+            }
+        }
+        if replaced.is_empty() {
+            tick(unit_name);
+            continue;
+        }
+        let key = match setting.kind {
+            SettingKind::Quant => applied.clone(),
+            SettingKind::Sparsity => vec![setting.name.clone()],
+        };
+        let shift = match measured.get(&key) {
+            Some(&i) => cells[i].shift,
+            None => {
+                let sh = base
+                    .shift(model, &replaced)
+                    .with_context(|| format!("{unit_name} at {}", setting.name))?;
+                measured.insert(key, cells.len());
+                sh
+            }
+        };
+        applied.dedup();
+        let applied = applied.join("+");
+        cells.push(Cell {
+            unit: u,
+            setting: s,
+            applied: if applied.is_empty() {
+                setting.name.clone()
+            } else {
+                applied
+            },
+            bytes,
+            bits_per_weight: bytes as f64 * 8.0 / params.max(1) as f64,
+            weight_error: err_num / params.max(1) as f64,
+            shift,
+        });
+        tick(&format!(
+            "{unit_name} {}: KLD {:.2e}",
+            setting.name, shift.kld
+        ));
+    }
+    Ok(cells)
 }
 
 #[cfg(test)]

@@ -388,10 +388,11 @@ impl Model {
 
     /// The output head: `output.weight`, or the embedding when tied.
     pub fn output_head(&self) -> Result<Tensor<'_>> {
+        let arch = self.config.arch;
         if self.config.tie_word_embeddings {
-            self.tensor("token_embd.weight")
+            self.tensor(arch.global_name(Role::Embedding))
         } else {
-            self.tensor("output.weight")
+            self.tensor(arch.global_name(Role::Head))
         }
     }
 

@@ -394,7 +394,8 @@ impl Model {
 
     /// Token embeddings, `tokens.len() × hidden`.
     pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        self.embed_with(&self.tensor("token_embd.weight")?, tokens)
+        let name = self.config.arch.global_name(crate::arch::Role::Embedding);
+        self.embed_with(&self.tensor(name)?, tokens)
     }
 
     /// Token embeddings looked up in `emb` (`vocab × hidden`) instead of the
@@ -521,7 +522,8 @@ impl Model {
     /// Final norm and output head for the rows `from..n` of the residual stream `x`:
     /// `(n − from) × vocab` logits.
     pub fn head_logits(&self, x: &[f32], from: usize) -> Result<Vec<f32>> {
-        let gain = self.tensor("output_norm.weight")?.to_f32()?;
+        let name = self.config.arch.global_name(crate::arch::Role::Norm);
+        let gain = self.tensor(name)?.to_f32()?;
         self.head_logits_with(x, from, &gain, &self.output_head()?)
     }
 

@@ -10,9 +10,17 @@ pub fn block(layer: usize, suffix: &str) -> String {
     format!("blk.{layer}.{suffix}")
 }
 
-/// The block number of a canonical block tensor name (`blk.N.…`).
+/// The name of block `layer` as a whole (`blk.N`), as block-level reports use.
+pub fn block_unit(layer: usize) -> String {
+    format!("blk.{layer}")
+}
+
+/// The block number of a canonical block tensor name (`blk.N.…`) or of a block
+/// unit (`blk.N`).
 pub fn block_index(name: &str) -> Option<usize> {
-    crate::arch::split_block(name).map(|(l, _)| l)
+    crate::arch::split_block(name)
+        .map(|(l, _)| l)
+        .or_else(|| name.strip_prefix("blk.")?.parse().ok())
 }
 
 /// Every canonical tensor name of a model with config `c`, in file order (the
@@ -69,5 +77,6 @@ mod tests {
         assert_eq!(names.last().unwrap(), "output_norm.weight");
         assert_eq!(block_index("blk.12.ffn_down.weight"), Some(12));
         assert_eq!(block_index("blk.x.ffn_down.weight"), None);
+        assert_eq!(block_index(&block_unit(7)), Some(7));
     }
 }

@@ -6,7 +6,8 @@
 
 use anyhow::{bail, Result};
 use kernels::GgmlType;
-use model::arch::Role;
+use model::arch::{Role, Slot};
+use model::names;
 use model::ModelConfig;
 use regex::Regex;
 
@@ -172,8 +173,10 @@ fn mix_type(mix: Mix, name: &str, cfg: &ModelConfig, has_imatrix: bool) -> GgmlT
     }
     let n = cfg.num_hidden_layers;
     let gqa = cfg.num_attention_heads / cfg.num_key_value_heads.max(1);
+    let arch = cfg.arch;
+    let role = arch.role(name);
     let is_output =
-        name == "output.weight" || (cfg.tie_word_embeddings && name == "token_embd.weight");
+        role == Some(Role::Head) || (cfg.tie_word_embeddings && role == Some(Role::Embedding));
     if is_output {
         // Rows that are not whole super-blocks of the base type get Q8_0 outright.
         if !cfg.hidden_size.is_multiple_of(base.block_elems()) {
@@ -185,16 +188,15 @@ fn mix_type(mix: Mix, name: &str, cfg: &ModelConfig, has_imatrix: bool) -> GgmlT
             GgmlType::Q6_K
         };
     }
-    if name == "token_embd.weight" {
+    let (Some(layer), Some(slot)) = (
+        names::block_index(name),
+        arch.spec(name).and_then(|s| s.slot),
+    ) else {
         return base;
-    }
-    let (layer, suffix) = match name.strip_prefix("blk.").and_then(|r| r.split_once('.')) {
-        Some((l, s)) => (l.parse::<usize>().unwrap_or(0), s),
-        None => return base,
     };
     use GgmlType as T;
-    match suffix {
-        "attn_v.weight" => match mix {
+    match slot {
+        Slot::V => match mix {
             Mix::Q2_K => {
                 if gqa >= 4 {
                     T::Q4_K
@@ -215,7 +217,7 @@ fn mix_type(mix: Mix, name: &str, cfg: &ModelConfig, has_imatrix: bool) -> GgmlT
             Mix::Q4_K_S if layer < 4 => T::Q5_K,
             _ => base,
         },
-        "ffn_down.weight" => match mix {
+        Slot::Down => match mix {
             Mix::Q2_K => T::Q3_K,
             Mix::Q3_K_M => {
                 if layer < n / 16 {
@@ -233,7 +235,7 @@ fn mix_type(mix: Mix, name: &str, cfg: &ModelConfig, has_imatrix: bool) -> GgmlT
             Mix::Q5_0 if has_imatrix && layer < n / 8 => T::Q5_1,
             _ => base,
         },
-        "attn_output.weight" => match mix {
+        Slot::O => match mix {
             Mix::Q2_K => T::Q3_K,
             Mix::Q3_K_M => T::Q4_K,
             Mix::Q3_K_L => T::Q5_K,

@@ -380,6 +380,15 @@ impl Arch {
         self.globals.iter().find(|s| s.gguf == name)
     }
 
+    /// The GGUF name of the global tensor with `role`: the embedding, the final
+    /// norm ([`Role::Norm`] outside the blocks) or the output head.
+    pub fn global_name(&self, role: Role) -> &'static str {
+        self.globals
+            .iter()
+            .find(|s| s.role == role)
+            .map_or("", |s| s.gguf)
+    }
+
     /// The spec of any canonical (GGUF) tensor name, block or global.
     pub fn spec(&self, canonical: &str) -> Option<&'static TensorSpec> {
         match split_block(canonical) {

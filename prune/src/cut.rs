@@ -1,20 +1,23 @@
-//! `compress prune --heads/--ffn/--layers/--width`: structured cuts that make the
-//! model genuinely smaller. Importance comes from the original model's
-//! activations on calibration samples (one pass for the per-channel statistics,
-//! one for the blocks' input/output similarity when blocks go); then every
-//! tensor is sliced and written with a rewritten config, so any Llama loader
-//! runs the result as a smaller dense model.
+//! The structured pruning stage (`compress prune --heads/--ffn/--layers/--width`):
+//! cuts that make the model genuinely smaller. Importance comes from the
+//! original model's activations on calibration samples (one pass of the
+//! calibration walk for the per-channel statistics, one for the blocks'
+//! input/output similarity when blocks go); then every tensor is sliced the way
+//! the architecture's description says its dimensions are cut, and written
+//! with a rewritten config, so the family's loaders run the result as a
+//! smaller dense model.
 
+use crate::structured::{
+    blocks_to_keep, heads_to_keep, input_channel_scores, keep_highest, mean_row_cosine,
+};
 use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
-use model::arch::Dim;
+use model::arch::{Arch, Dim, Role, TensorSpec};
 use model::calib::factor::FactorOptions;
 use model::calib::walk::{self, f32_tensor, finite_weights, LayerInput, Timings};
 use model::dense::DenseWriter;
+use model::llama::LINEAR_GROUPS;
 use model::{names, Model, ModelConfig, Tensor};
-use prune::structured::{
-    blocks_to_keep, heads_to_keep, input_channel_scores, keep_highest, mean_row_cosine,
-};
 use serde::Serialize;
 use std::path::Path;
 
@@ -157,9 +160,19 @@ fn shape_of(c: &ModelConfig) -> Shape {
     }
 }
 
+/// The block linear whose input has dimension `d` (the attention output
+/// projection for [`Dim::QDim`], the MLP down projection for [`Dim::Ffn`]): the
+/// layer whose input channels a head or FFN cut removes.
+fn reader_of(arch: &Arch, d: Dim) -> Result<&'static TensorSpec> {
+    arch.block
+        .iter()
+        .find(|s| s.role == Role::Linear && s.shape.get(1) == Some(&d))
+        .with_context(|| format!("a '{}' block has no linear reading {d:?}", arch.gguf_name))
+}
+
 /// Sums `Σx²` per input channel of the layers the cuts score, over the samples,
-/// without changing the model: (attention output inputs, down inputs, normed
-/// block inputs) per block.
+/// without changing the model: (head-cut layer inputs, FFN-cut layer inputs,
+/// normed block inputs) per block.
 type ChannelStats = (Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<f64>);
 
 fn channel_stats(
@@ -168,7 +181,17 @@ fn channel_stats(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ChannelStats> {
     let c = &model.config;
+    let arch = c.arch;
     let blocks = c.num_hidden_layers;
+    let heads_reader = reader_of(arch, Dim::QDim)?.gguf;
+    let ffn_reader = reader_of(arch, Dim::Ffn)?.gguf;
+    // Each group of linears that reads the hidden stream counts once for width.
+    let width_readers: Vec<&str> = LINEAR_GROUPS
+        .iter()
+        .filter_map(|g| g.iter().find_map(|&s| arch.slot(s)))
+        .filter(|spec| spec.shape.get(1) == Some(&Dim::Hidden))
+        .map(|spec| spec.gguf)
+        .collect();
     let mut o_in = vec![Vec::new(); blocks];
     let mut down_in = vec![Vec::new(); blocks];
     let mut width = vec![0f64; c.hidden_size];
@@ -179,13 +202,13 @@ fn channel_stats(
         true,
         true,
         &mut |name: &str, w: &Tensor, input: &LayerInput, _t: &mut Timings| {
-            let l = names::block_index(name).unwrap_or(0);
+            let (l, suffix) = model::arch::split_block(name).unwrap_or((0, name));
             let diag = input.diagonal();
-            if name.ends_with("attn_output.weight") {
+            if suffix == heads_reader {
                 o_in[l] = diag;
-            } else if name.ends_with("ffn_down.weight") {
+            } else if suffix == ffn_reader {
                 down_in[l] = diag;
-            } else if name.ends_with("attn_q.weight") || name.ends_with("ffn_gate.weight") {
+            } else if width_readers.contains(&suffix) {
                 for (s, d) in width.iter_mut().zip(&diag) {
                     *s += d.max(0.0).sqrt() as f64;
                 }
@@ -292,7 +315,7 @@ pub fn run(
     for &l in &keep.blocks {
         let heads = if cuts.heads > 0 {
             let wo = model
-                .tensor(&names::block(l, "attn_output.weight"))?
+                .tensor(&names::block(l, reader_of(c.arch, Dim::QDim)?.gguf))?
                 .to_f32()?;
             let ch = input_channel_scores(&wo, &o_in[l]);
             let per_head: Vec<f64> = ch.chunks(hd).map(|h| h.iter().sum()).collect();
@@ -303,7 +326,7 @@ pub fn run(
         keep.heads.push(heads);
         let ffn = if cuts.ffn > 0.0 {
             let wd = model
-                .tensor(&names::block(l, "ffn_down.weight"))?
+                .tensor(&names::block(l, reader_of(c.arch, Dim::Ffn)?.gguf))?
                 .to_f32()?;
             keep_highest(
                 &input_channel_scores(&wd, &down_in[l]),
