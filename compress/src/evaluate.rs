@@ -5,24 +5,16 @@
 //! error against the base's, and with `--calib` each linear's output error and
 //! cosine on the base's activations.
 
-use crate::sensitivity::model_sha256;
 use anyhow::{Context, Result};
 use eval::fidelity::LayerFidelity;
 use eval::{PerplexityOptions, PerplexityReport};
-use model::progress::Progress;
+use model::io::model_sha256;
+use model::progress::{peak_rss_bytes, Progress};
 use model::Model;
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
-
-/// Peak resident memory of this process (Linux `VmHWM`), mapped weight pages included.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
 
 /// What `compress eval` was asked.
 pub struct EvalArgs<'a> {

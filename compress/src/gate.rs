@@ -84,9 +84,7 @@ pub fn run(a: Args) -> Result<bool> {
     let base_sha = match &a.base {
         Some(b) => {
             let path = crate::resolve(b)?;
-            Some(crate::sensitivity::model_sha256(&model::Model::open(
-                &path,
-            )?)?)
+            Some(model::io::model_sha256(&model::Model::open(&path)?)?)
         }
         None => None,
     };

@@ -13,12 +13,12 @@ use eval::sensitivity::{
 use eval::PerplexityOptions;
 use kernels::GgmlType;
 use model::calib::Imatrix;
+use model::io::model_sha256;
 use model::progress::Progress;
 use model::{Model, Tensor};
 use prune::pattern::Pattern;
 use quant::bit_alloc::{self, Candidate};
 use quant::gguf_mix;
-use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -81,21 +81,6 @@ pub struct Args {
     /// Units listed in the Markdown table and printed.
     #[arg(long, default_value_t = 20)]
     top: usize,
-}
-
-/// sha256 over a model's weight files, in order: the identity reports are tied to.
-pub fn model_sha256(model: &Model) -> Result<String> {
-    let mut hasher = Sha256::new();
-    for p in model.weight_files() {
-        let mut f =
-            std::fs::File::open(&p).with_context(|| format!("cannot read {}", p.display()))?;
-        std::io::copy(&mut f, &mut hasher).with_context(|| format!("reading {}", p.display()))?;
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
 }
 
 /// A parsed setting.

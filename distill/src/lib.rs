@@ -1,8 +1,10 @@
-//! Knowledge distillation for Llama-family models on the CPU. This first piece is
-//! the training core: the model's forward pass with a hand-written backward pass
+//! Knowledge distillation for Llama-family models on the CPU. The training
+//! core: the model's forward pass with a hand-written backward pass
 //! ([`transformer`], built from the op pairs in [`ops`]), the logit losses
 //! ([`loss`]), the parameter and gradient containers ([`params`]) and reading a
-//! checkpoint into them ([`Params::from_model`]).
+//! checkpoint into them ([`Params::from_model`]); and the stage itself
+//! ([`run`]: teacher cache, layer map, training loop, checkpoints, writing the
+//! trained model), which `compress distill` configures with [`DistillOptions`].
 //!
 //! Everything is generic over [`Float`]: the gradient checks run the same code in
 //! f64 against central finite differences, training runs it in f32.
@@ -30,6 +32,7 @@ mod load;
 pub mod loss;
 pub mod ops;
 pub mod params;
+pub mod run;
 pub mod student;
 pub mod train;
 pub mod transformer;
@@ -41,5 +44,6 @@ mod testutil;
 
 pub use float::Float;
 pub use params::{BlockParams, Grads, Params, TensorMut, TensorRef};
+pub use run::{DistillOptions, Train};
 pub use student::{Method, Student};
 pub use transformer::{backward, forward, Activations, BlockActs};

@@ -1,9 +1,11 @@
 //! File I/O shared by the readers and writers. Atomic output: every artifact is
 //! written to a temporary file beside its destination, synced, and renamed into
 //! place, so a crash never leaves a half-written artifact under the final name.
-//! JSON input with errors that name the file.
+//! JSON and text input with errors that name the file, and the sha256 of a
+//! model's weight files.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -94,6 +96,39 @@ pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
 }
 
+/// Reads `path` as UTF-8 text; an empty file or invalid UTF-8 is an error naming
+/// the file (and the byte offset of the first invalid sequence).
+pub fn read_text(path: &Path) -> Result<String> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read text file {}", path.display()))?;
+    if bytes.is_empty() {
+        bail!("text file {} is empty", path.display());
+    }
+    match String::from_utf8(bytes) {
+        Ok(s) => Ok(s),
+        Err(e) => bail!(
+            "text file {} is not UTF-8 (invalid byte sequence at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ),
+    }
+}
+
+/// sha256 over a model's weight files, in order: the identity reports are tied to.
+pub fn model_sha256(model: &crate::Model) -> Result<String> {
+    let mut hasher = Sha256::new();
+    for p in model.weight_files() {
+        let mut f =
+            std::fs::File::open(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        std::io::copy(&mut f, &mut hasher).with_context(|| format!("reading {}", p.display()))?;
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +145,21 @@ mod tests {
         write_atomic(&dest, b"whole").unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"whole");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn empty_and_non_utf8_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.txt");
+        std::fs::write(&empty, b"").unwrap();
+        let err = read_text(&empty).unwrap_err().to_string();
+        assert!(err.contains("empty.txt") && err.contains("empty"), "{err}");
+        let latin = dir.path().join("latin.txt");
+        std::fs::write(&latin, b"caf\xe9").unwrap();
+        let err = read_text(&latin).unwrap_err().to_string();
+        assert!(
+            err.contains("latin.txt") && err.contains("offset 3"),
+            "{err}"
+        );
     }
 }

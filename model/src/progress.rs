@@ -1,5 +1,6 @@
 //! Progress for long work: an indicatif bar on a terminal, plain lines otherwise
-//! (so CI logs show progress without control characters).
+//! (so CI logs show progress without control characters); and the peak memory
+//! the reports of long work give.
 
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
@@ -58,4 +59,12 @@ impl Progress {
             b.finish_and_clear();
         }
     }
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), mapped weight pages included.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

@@ -6,7 +6,7 @@
 //! `sparse-bitmask` adds `PREFIX.row_offsets`, and `sparse-24-bitmask` keeps
 //! exactly two values in every group of four (`compressed` is `rows × cols/2`).
 //!
-//! The writer ([`write`]) makes the same layouts for a pruned model, as
+//! The writer ([`write`](fn@write)) makes the same layouts for a pruned model, as
 //! llm-compressor writes them and vLLM / HF transformers read them: other tensors
 //! stay dense; a 2:4 model stores the two largest magnitudes of every group of
 //! four (a group with extra zeros stores a zero).
