@@ -11,7 +11,7 @@
 //! are not listed by [`Params::tensors`].
 
 use crate::float::Float;
-use model::arch::Slot;
+use model::arch::{Role, Slot};
 use model::config::ModelConfig;
 use model::names;
 
@@ -253,7 +253,7 @@ impl<T: Float> Params<T> {
         let c = &self.config;
         let (v, h) = (c.vocab_size, c.hidden_size);
         let mut out = vec![TensorRef {
-            name: "token_embd.weight".into(),
+            name: c.arch.global_name(Role::Embedding).into(),
             shape: vec![v, h],
             data: &self.token_embd[..],
         }];
@@ -268,13 +268,13 @@ impl<T: Float> Params<T> {
             }
         }
         out.push(TensorRef {
-            name: "output_norm.weight".into(),
+            name: c.arch.global_name(Role::Norm).into(),
             shape: vec![h],
             data: &self.output_norm,
         });
         if let Some(o) = &self.output {
             out.push(TensorRef {
-                name: "output.weight".into(),
+                name: c.arch.global_name(Role::Head).into(),
                 shape: vec![v, h],
                 data: o,
             });
@@ -288,7 +288,7 @@ impl<T: Float> Params<T> {
         let (v, h) = (c.vocab_size, c.hidden_size);
         let specs = block_specs(c);
         let mut out = vec![TensorMut {
-            name: "token_embd.weight".into(),
+            name: c.arch.global_name(Role::Embedding).into(),
             shape: vec![v, h],
             data: &mut self.token_embd[..],
         }];
@@ -303,13 +303,13 @@ impl<T: Float> Params<T> {
             }
         }
         out.push(TensorMut {
-            name: "output_norm.weight".into(),
+            name: c.arch.global_name(Role::Norm).into(),
             shape: vec![h],
             data: &mut self.output_norm,
         });
         if let Some(o) = &mut self.output {
             out.push(TensorMut {
-                name: "output.weight".into(),
+                name: c.arch.global_name(Role::Head).into(),
                 shape: vec![v, h],
                 data: o,
             });

@@ -107,7 +107,7 @@ impl Masks {
             .tensors()
             .iter()
             .filter_map(|t| {
-                if t.shape.len() != 2 || !t.name.starts_with("blk.") {
+                if t.shape.len() != 2 || model::names::block_index(&t.name).is_none() {
                     return None;
                 }
                 let n = t.data.iter().filter(|&&x| x == 0.0).count();

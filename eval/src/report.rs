@@ -205,40 +205,33 @@ fn nan_low(x: f64) -> f64 {
     }
 }
 
-/// Block index of a unit, from the field or from a `blk.N…` name.
+/// Block index of a unit, from the field or from its canonical name.
 fn block_of(u: &Unit) -> Option<usize> {
-    u.block.or_else(|| {
-        let rest = u.name.strip_prefix("blk.")?;
-        rest.split('.').next()?.parse().ok()
-    })
+    u.block.or_else(|| model::names::block_index(&u.name))
 }
 
-/// The unit's name without its `blk.N.` prefix; `block` for a whole block.
+/// The unit's name without its block prefix; `block` for a whole block.
 fn kind_of(u: &Unit) -> String {
-    if let Some(rest) = u.name.strip_prefix("blk.") {
-        let (idx, tail) = rest.split_once('.').unwrap_or((rest, ""));
-        if idx.parse::<usize>().is_ok() {
-            return if tail.is_empty() {
-                "block".to_string()
-            } else {
-                tail.to_string()
-            };
-        }
+    match model::arch::split_block(&u.name) {
+        Some((_, suffix)) => suffix.to_string(),
+        None if block_of(u).is_some() => "block".to_string(),
+        None => u.name.clone(),
     }
-    u.name.clone()
 }
 
-/// token_embd first, then blocks in order (a block's units in their order in
-/// `units`), then everything else in its order.
+/// What comes before the blocks in file order (the embedding) first, then the
+/// blocks in order (a block's units in their order in `units`), then
+/// everything else in its order.
 fn model_order(units: &[Unit]) -> Vec<usize> {
+    let first_block = units
+        .iter()
+        .position(|u| block_of(u).is_some())
+        .unwrap_or(units.len());
     let mut order: Vec<usize> = (0..units.len()).collect();
-    order.sort_by_key(|&i| {
-        let u = &units[i];
-        match block_of(u) {
-            _ if u.name.starts_with("token_embd") => (0, 0),
-            Some(b) => (1, b),
-            None => (2, 0),
-        }
+    order.sort_by_key(|&i| match block_of(&units[i]) {
+        Some(b) => (1, b),
+        None if i < first_block => (0, 0),
+        None => (2, 0),
     });
     order
 }
@@ -808,7 +801,7 @@ fn heatmap_svg(v: &View) -> String {
     };
     // Group: the block, or the unit itself outside blocks.
     let group = |u: usize| match block_of(&r.units[u]) {
-        Some(b) if !r.units[u].name.starts_with("token_embd") => (1, b),
+        Some(b) => (1, b),
         _ => (0, u),
     };
     let multi = v
@@ -842,8 +835,10 @@ fn heatmap_svg(v: &View) -> String {
                 j += 1;
             }
             let text = match (g, block_of(&r.units[v.order[i]])) {
-                ((1, _), Some(b)) if j > i || r.units[v.order[i]].name == format!("blk.{b}") => {
-                    format!("blk.{b}")
+                ((1, _), Some(b))
+                    if j > i || r.units[v.order[i]].name == model::names::block_unit(b) =>
+                {
+                    model::names::block_unit(b)
                 }
                 _ => r.units[v.order[i]].name.clone(),
             };

@@ -4,7 +4,7 @@
 //! into `rope_parameters`), and written back as an HF `config.json`. What differs
 //! between architectures comes from their description ([`crate::arch`]).
 
-use crate::arch::Arch;
+use crate::arch::{Arch, Role};
 use crate::gguf::GgufFile;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
@@ -203,7 +203,7 @@ impl ModelConfig {
         let vocab_size = match opt_u64("vocab_size")? {
             Some(v) => v as usize,
             None => g
-                .tensor("token_embd.weight")
+                .tensor(arch.global_name(Role::Embedding))
                 .map(|t| t.dims.get(1).copied().unwrap_or(0) as usize)
                 .unwrap_or(0),
         };
@@ -265,7 +265,7 @@ impl ModelConfig {
             rope_theta,
             rope_scaling,
             max_position_embeddings: g.require_u64(&key("context_length"))? as usize,
-            tie_word_embeddings: g.tensor("output.weight").is_none(),
+            tie_word_embeddings: g.tensor(arch.global_name(Role::Head)).is_none(),
             bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
             eos_token_id: token_id("tokenizer.ggml.eos_token_id")?,
         };
