@@ -219,18 +219,19 @@ fn kind_of(u: &Unit) -> String {
     }
 }
 
-/// What comes before the blocks in file order (the embedding) first, then the
-/// blocks in order (a block's units in their order in `units`), then
-/// everything else in its order.
+/// Whether a unit is the token embedding (GGUF's name for it in every
+/// architecture; the report keeps names, not the model).
+fn is_embedding(u: &Unit) -> bool {
+    u.name.starts_with("token_embd")
+}
+
+/// The embedding first, then the blocks in order (a block's units in their
+/// order in `units`), then everything else in its order.
 fn model_order(units: &[Unit]) -> Vec<usize> {
-    let first_block = units
-        .iter()
-        .position(|u| block_of(u).is_some())
-        .unwrap_or(units.len());
     let mut order: Vec<usize> = (0..units.len()).collect();
     order.sort_by_key(|&i| match block_of(&units[i]) {
+        _ if is_embedding(&units[i]) => (0, 0),
         Some(b) => (1, b),
-        None if i < first_block => (0, 0),
         None => (2, 0),
     });
     order

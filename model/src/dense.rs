@@ -56,35 +56,41 @@ pub fn output_file(output: &Path) -> Result<PathBuf> {
     }
 }
 
-/// Converts `input` to safetensors at `output` with weights of type `dtype`.
-pub fn convert(input: &Path, output: &Path, dtype: GgmlType) -> Result<()> {
-    let model = Model::open(input)?;
-    let out_file = output_file(output)?;
-    let out_dir = out_file
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let in_dir = model
-        .path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
+/// Whether two paths name the same existing file or folder.
+fn same_file(a: &Path, b: &Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
+}
+
+/// The folder of the safetensors file `out_file`, refused when it is the folder
+/// of a safetensors input (writing would replace its config.json and tokenizer).
+fn refuse_input_folder(model: &Model, out_file: &Path) -> Result<PathBuf> {
+    let folder = |p: &Path| {
+        p.parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
     };
-    if same(&model.path, &out_file) {
-        bail!(
-            "output {} is the input; inputs are never modified",
-            out_file.display()
-        );
-    }
-    if !matches!(model.checkpoint, Checkpoint::Gguf(_)) && same(&in_dir, &out_dir) {
+    let out_dir = folder(out_file);
+    if !matches!(model.checkpoint, Checkpoint::Gguf(_)) && same_file(&folder(&model.path), &out_dir)
+    {
         bail!(
             "output folder {} is the input's folder: writing would replace the input's config.json and tokenizer.json",
             out_dir.display()
         );
     }
+    Ok(out_dir)
+}
+
+/// Converts `input` to safetensors at `output` with weights of type `dtype`.
+pub fn convert(input: &Path, output: &Path, dtype: GgmlType) -> Result<()> {
+    let model = Model::open(input)?;
+    let out_file = output_file(output)?;
+    if same_file(&model.path, &out_file) {
+        bail!(
+            "output {} is the input; inputs are never modified",
+            out_file.display()
+        );
+    }
+    let out_dir = refuse_input_folder(&model, &out_file)?;
     let st_dtype = Dtype::from_ggml(dtype).expect("convert writes float types");
     // The config computes what HF stores no tensor for (RoPE factors); its
     // writer refuses what it cannot express.
@@ -173,23 +179,7 @@ impl DenseWriter {
             });
         }
         let file = output_file(output)?;
-        let dir = file
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
-        let in_dir = model
-            .path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
-        if !matches!(model.checkpoint, Checkpoint::Gguf(_))
-            && dir.canonicalize().ok() == in_dir.canonicalize().ok()
-        {
-            bail!(
-                "output folder {} is the input's folder: writing would replace the input's config.json and tokenizer.json",
-                dir.display()
-            );
-        }
+        let dir = refuse_input_folder(model, &file)?;
         let st = Dtype::from_ggml(dtype).expect("a float type");
         // Checked before anything is written: the config must be expressible.
         config.to_hf_json(torch_dtype(dtype))?;
