@@ -106,21 +106,6 @@ impl<'a> BlockWeights<'a> {
         }
     }
 
-    /// The float vector in `slot` (norm gains, biases, per-head norms), if the
-    /// block has one there.
-    pub fn vector(&self, slot: Slot) -> Option<&[f32]> {
-        match slot {
-            Slot::AttnNorm => Some(&self.attn_norm),
-            Slot::FfnNorm => Some(&self.ffn_norm),
-            Slot::QBias => self.extras.q_bias.as_deref(),
-            Slot::KBias => self.extras.k_bias.as_deref(),
-            Slot::VBias => self.extras.v_bias.as_deref(),
-            Slot::QNorm => self.extras.q_norm.as_deref(),
-            Slot::KNorm => self.extras.k_norm.as_deref(),
-            _ => None,
-        }
-    }
-
     /// The linear in `slot`, to change it.
     pub fn linear_mut(&mut self, slot: Slot) -> Option<&mut Tensor<'a>> {
         Some(match slot {
