@@ -468,7 +468,10 @@ def field_value(field):
     return v.tolist()[0] if hasattr(v, "tolist") else v
 
 
-def check_gguf(name: str, folder: Path, config, state: dict) -> dict:
+def read_fixture_gguf(name: str, folder: Path):
+    """The converted GGUF of fixture `name`: its metadata (architecture and
+    tokenizer checked), its tensors by name (all F32, checked), and a reader of one
+    tensor as a numpy array in HF shape order."""
     import numpy as np
     from gguf import GGUFReader
 
@@ -488,6 +491,14 @@ def check_gguf(name: str, folder: Path, config, state: dict) -> dict:
     def arr(tname):
         t = tensors[tname]
         return np.asarray(t.data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+
+    return keys, tensors, arr
+
+
+def check_gguf(name: str, folder: Path, config, state: dict) -> dict:
+    import numpy as np
+
+    keys, tensors, arr = read_fixture_gguf(name, folder)
 
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
     permuted = name == "llama3"
@@ -525,7 +536,7 @@ def check_gguf(name: str, folder: Path, config, state: dict) -> dict:
             sys.exit("llama3: no llama.rope.* keys")
     return {
         "keys": keys,
-        "tensors": {t.name: [int(x) for x in t.shape] for t in r.tensors},
+        "tensors": {t.name: [int(x) for x in t.shape] for t in tensors.values()},
         **extra,
     }
 
@@ -649,24 +660,9 @@ def check_gguf_new(name: str, folder: Path, config, state: dict) -> dict:
     bit-equal to HF, except Q/K rows permuted (llama, smollm3: LlamaModel.permute) and
     Gemma's norm weights stored as w + 1 (in float32)."""
     import numpy as np
-    from gguf import GGUFReader
 
-    r = GGUFReader(str(folder / "model.gguf"))
-    keys = {k: field_value(f) for k, f in r.fields.items() if not k.startswith("GGUF.")}
-    arch = keys.get("general.architecture")
-    if arch != GGUF_ARCH[name]:
-        sys.exit(f"{name}: general.architecture = {arch!r}, want {GGUF_ARCH[name]!r}")
-    if keys.get("tokenizer.ggml.pre") != "gpt-2" or keys.get("tokenizer.ggml.model") != "gpt2":
-        sys.exit(f"{name}: tokenizer.ggml.model/pre = {keys.get('tokenizer.ggml.model')!r}/"
-                 f"{keys.get('tokenizer.ggml.pre')!r}, want 'gpt2'/'gpt-2'")
-    tensors = {t.name: t for t in r.tensors}
-    for t in r.tensors:
-        if t.tensor_type.name != "F32":
-            sys.exit(f"{name}: {t.name} is {t.tensor_type.name}, want F32")
-
-    def arr(tname):
-        t = tensors[tname]
-        return np.asarray(t.data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+    keys, tensors, arr = read_fixture_gguf(name, folder)
+    arch = keys["general.architecture"]
 
     permuted = arch in ("llama", "smollm3")
     seen, transforms = set(), {}
@@ -689,7 +685,7 @@ def check_gguf_new(name: str, folder: Path, config, state: dict) -> dict:
         sys.exit(f"{name}: model.gguf has tensors not in HF: {extra}")
     return {
         "keys": keys,
-        "tensors": {t.name: [int(x) for x in t.shape] for t in r.tensors},
+        "tensors": {t.name: [int(x) for x in t.shape] for t in tensors.values()},
         "transforms": {k: len(v) for k, v in transforms.items()},
     }
 
