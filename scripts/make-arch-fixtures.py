@@ -541,15 +541,10 @@ def check_gguf(name: str, folder: Path, config, state: dict) -> dict:
     }
 
 
-def gguf_forward(path: Path, tokens):
-    """A float64 numpy forward pass read only from the GGUF, as llama.cpp computes it.
-
-    A check of the fixtures (and of what the GGUF means), not of llama.cpp: llama uses
-    rope type NORM (rotates adjacent pairs of the converter-permuted Q/K rows), qwen2
-    and qwen3 rope type NEOX (rotates dimension i with i + head_dim/2, rows as in HF);
-    pair i turns by pos * freq_base^(-2i/n_rot) / rope_freqs[i] (ggml_rope_cache_init:
-    theta/ff); qwen3 RMS-normalises each head of Q and K before the rope.
-    """
+def load_gguf_f64(path: Path):
+    """A GGUF for the numpy forward passes: the reader, its metadata, the
+    architecture, every tensor in float64 (HF shape order), and `hp(key,
+    default)` for the architecture's `{arch}.*` keys."""
     import numpy as np
     from gguf import GGUFReader
 
@@ -561,6 +556,22 @@ def gguf_forward(path: Path, tokens):
 
     def hp(key, default=None):
         return kv.get(f"{arch}.{key}", default)
+
+    return r, kv, arch, T, hp
+
+
+def gguf_forward(path: Path, tokens):
+    """A float64 numpy forward pass read only from the GGUF, as llama.cpp computes it.
+
+    A check of the fixtures (and of what the GGUF means), not of llama.cpp: llama uses
+    rope type NORM (rotates adjacent pairs of the converter-permuted Q/K rows), qwen2
+    and qwen3 rope type NEOX (rotates dimension i with i + head_dim/2, rows as in HF);
+    pair i turns by pos * freq_base^(-2i/n_rot) / rope_freqs[i] (ggml_rope_cache_init:
+    theta/ff); qwen3 RMS-normalises each head of Q and K before the rope.
+    """
+    import numpy as np
+
+    r, kv, arch, T, hp = load_gguf_f64(path)
 
     n_layer, n_embd = hp("block_count"), hp("embedding_length")
     n_head, n_kv = hp("attention.head_count"), hp("attention.head_count_kv")
@@ -720,16 +731,8 @@ def gguf_forward_new(path: Path, tokens, **opts):
     swa_base, full_base, full_freq_scale, gelu_erf, gelu_f16.
     """
     import numpy as np
-    from gguf import GGUFReader
 
-    r = GGUFReader(str(path))
-    kv = {k: field_value(f) for k, f in r.fields.items()}
-    arch = kv["general.architecture"]
-    T = {t.name: np.asarray(t.data, dtype=np.float64).reshape([int(x) for x in reversed(t.shape)])
-         for t in r.tensors}
-
-    def hp(key, default=None):
-        return kv.get(f"{arch}.{key}", default)
+    r, kv, arch, T, hp = load_gguf_f64(path)
 
     n_layer, n_embd = hp("block_count"), hp("embedding_length")
     n_head, n_kv = hp("attention.head_count"), hp("attention.head_count_kv", hp("attention.head_count"))
