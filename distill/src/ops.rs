@@ -564,7 +564,7 @@ mod tests {
             let q = rand_vec(&mut rng, n * heads * d);
             let k = rand_vec(&mut rng, n * kv * d);
             let v = rand_vec(&mut rng, n * kv * d);
-            let want = llama::attention(&q, &k, &v, n, heads, kv, d);
+            let want = llama::attention(&q, &k, &v, n, heads, kv, d, llama::AttnMask::causal(d));
             let s = AttnShape {
                 n,
                 heads,
@@ -594,7 +594,7 @@ mod tests {
         let want_lin = llama::linear(&x, n, &tg).unwrap();
         let g = linear_forward(&x, &wg, n);
         assert!(max_rel(&g, &want_lin) < 1e-6);
-        let want = llama::swiglu(&x, n, &tg, &tu).unwrap();
+        let want = llama::gated_mlp(&x, n, &tg, &tu, model::config::Activation::Silu).unwrap();
         let got = swiglu_forward(&g, &linear_forward(&x, &wu, n));
         let err = max_rel(&got, &want);
         assert!(err < 1e-6, "swiglu rel err {err:e}");

@@ -49,6 +49,12 @@ pub struct BlockParams<T> {
     pub q_norm: Vec<T>,
     /// Per-head key RMSNorm gain `[head_dim]` (qwen3); empty when none.
     pub k_norm: Vec<T>,
+    /// RMSNorm gain on the attention output before the residual add `[hidden]`
+    /// (gemma3, olmo2); empty when none.
+    pub attn_post_norm: Vec<T>,
+    /// RMSNorm gain on the MLP output before the residual add `[hidden]`;
+    /// empty when none.
+    pub ffn_post_norm: Vec<T>,
 }
 
 /// All weights of a model. The gradients of a model have the same layout and use
@@ -127,11 +133,13 @@ impl<T> BlockParams<T> {
             bv: Vec::new(),
             q_norm: Vec::new(),
             k_norm: Vec::new(),
+            attn_post_norm: Vec::new(),
+            ffn_post_norm: Vec::new(),
         }
     }
 
     /// Every field with the slot of the block graph it fills.
-    fn fields_mut(&mut self) -> [(Slot, &mut Vec<T>); 14] {
+    fn fields_mut(&mut self) -> [(Slot, &mut Vec<T>); 16] {
         [
             (Slot::AttnNorm, &mut self.attn_norm),
             (Slot::Q, &mut self.wq),
@@ -147,6 +155,8 @@ impl<T> BlockParams<T> {
             (Slot::VBias, &mut self.bv),
             (Slot::QNorm, &mut self.q_norm),
             (Slot::KNorm, &mut self.k_norm),
+            (Slot::AttnPostNorm, &mut self.attn_post_norm),
+            (Slot::FfnPostNorm, &mut self.ffn_post_norm),
         ]
     }
 
@@ -167,6 +177,8 @@ impl<T> BlockParams<T> {
             Slot::VBias => &self.bv,
             Slot::QNorm => &self.q_norm,
             Slot::KNorm => &self.k_norm,
+            Slot::AttnPostNorm => &self.attn_post_norm,
+            Slot::FfnPostNorm => &self.ffn_post_norm,
         }
     }
 
@@ -187,6 +199,8 @@ impl<T> BlockParams<T> {
             Slot::VBias => &mut self.bv,
             Slot::QNorm => &mut self.q_norm,
             Slot::KNorm => &mut self.k_norm,
+            Slot::AttnPostNorm => &mut self.attn_post_norm,
+            Slot::FfnPostNorm => &mut self.ffn_post_norm,
         }
     }
 

@@ -314,6 +314,14 @@ impl Model {
         )
     }
 
+    /// The offset HF leaves out of norm gain `name` (Gemma stores `w` for a gain
+    /// of `1 + w`), when there is one: tensors hold the gain itself.
+    fn hf_offset(&self, name: &str) -> Option<f32> {
+        let off = self.config.arch.hf_norm_offset;
+        let norm = matches!(self.config.arch.role(name), Some(Role::Norm | Role::QkNorm));
+        (norm && off != 0.0).then_some(off)
+    }
+
     /// Storage type and HF-order shape of a tensor, without touching its data.
     pub fn tensor_meta(&self, name: &str) -> Result<(GgmlType, Vec<usize>)> {
         match &self.checkpoint {
@@ -339,6 +347,10 @@ impl Model {
                 let (e, _) = s.get(&hf).with_context(|| {
                     format!("{}: tensor '{hf}' is missing", self.path.display())
                 })?;
+                if self.hf_offset(name).is_some() {
+                    // Read as f32 with the offset added (see `tensor`).
+                    return Ok((GgmlType::F32, e.shape.clone()));
+                }
                 let ty = e.dtype.as_ggml().with_context(|| {
                     format!(
                         "{}: tensor '{hf}' has dtype {}, expected F32, F16 or BF16",
@@ -373,7 +385,17 @@ impl Model {
                     Some(f) => Cow::Owned(f.iter().flat_map(|v| v.to_le_bytes()).collect()),
                     None => {
                         let hf = self.config.arch.hf_name(name)?;
-                        Cow::Borrowed(s.get(&hf).expect("checked by tensor_meta").1)
+                        let (e, bytes) = s.get(&hf).expect("checked by tensor_meta");
+                        match self.hf_offset(name) {
+                            None => Cow::Borrowed(bytes),
+                            Some(off) => {
+                                let ty = e.dtype.as_ggml().expect("checked by tensor_meta");
+                                let mut v = vec![0f32; shape.iter().product()];
+                                kernels::quants::dequantize(ty, bytes, &mut v)
+                                    .with_context(|| format!("tensor '{hf}'"))?;
+                                Cow::Owned(v.iter().flat_map(|x| (x + off).to_le_bytes()).collect())
+                            }
+                        }
                     }
                 },
             },

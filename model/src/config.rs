@@ -38,7 +38,7 @@ pub enum RopeScaling {
 impl RopeScaling {
     /// Reads an HF `rope_scaling` / `rope_parameters` object; `None` for the
     /// default (unscaled) RoPE. An unknown type is an error naming it.
-    fn from_hf(v: &Value) -> Result<Option<Self>> {
+    pub(crate) fn from_hf(v: &Value) -> Result<Option<Self>> {
         let ty = v
             .get("rope_type")
             .or_else(|| v.get("type"))
@@ -67,7 +67,7 @@ impl RopeScaling {
     }
 
     /// The HF `rope_scaling` object (transformers 4 layout).
-    fn to_hf(&self) -> Result<Value> {
+    pub(crate) fn to_hf(&self) -> Result<Value> {
         Ok(match self {
             RopeScaling::Llama3 {
                 factor,
@@ -125,6 +125,54 @@ impl RopeScaling {
     }
 }
 
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `x·σ(x)` (SwiGLU): Llama, Qwen, Mistral, OLMo 2, SmolLM3.
+    Silu,
+    /// GELU in its tanh form, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`
+    /// (GeGLU): Gemma.
+    GeluTanh,
+}
+
+impl Activation {
+    /// Reads an HF `hidden_act` / `hidden_activation` name.
+    pub fn from_hf(name: &str) -> Result<Self> {
+        Ok(match name {
+            "silu" | "swish" => Activation::Silu,
+            "gelu_pytorch_tanh" | "gelu_tanh" => Activation::GeluTanh,
+            other => bail!(
+                "the MLP activation '{other}' is not supported (supported: silu, gelu_pytorch_tanh)"
+            ),
+        })
+    }
+
+    /// The HF name.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Activation::Silu => "silu",
+            Activation::GeluTanh => "gelu_pytorch_tanh",
+        }
+    }
+}
+
+/// How one decoder layer attends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerType {
+    /// Whether the layer sees only the last `sliding_window` positions.
+    pub sliding: bool,
+    /// Whether RoPE rotates its queries and keys (false: a NoPE layer).
+    pub rope: bool,
+}
+
+impl LayerType {
+    /// Full causal attention with RoPE: every layer of a Llama.
+    pub const GLOBAL: LayerType = LayerType {
+        sliding: false,
+        rope: true,
+    };
+}
+
 /// Hyperparameters of a decoder of any described architecture.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -158,6 +206,19 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// End-of-sequence token.
     pub eos_token_id: Option<u32>,
+    /// The MLP's gate activation.
+    pub hidden_act: Activation,
+    /// Positions a sliding layer sees, itself included (query i sees keys
+    /// `i − W < j ≤ i`, as transformers and llama.cpp count).
+    pub sliding_window: Option<usize>,
+    /// Per layer: sliding or global, RoPE or none (`num_hidden_layers` long).
+    pub layer_types: Vec<LayerType>,
+    /// RoPE base of the sliding layers when it differs from `rope_theta`
+    /// (Gemma's `rope_local_base_freq`; unscaled).
+    pub rope_local_theta: Option<f64>,
+    /// Attention scores are scaled by `query_pre_attn_scalar^−½` (Gemma);
+    /// `head_dim^−½` when unset.
+    pub query_pre_attn_scalar: Option<f64>,
 }
 
 impl ModelConfig {
@@ -170,7 +231,7 @@ impl ModelConfig {
             .as_str()
             .with_context(|| format!("{path}: general.architecture is not a string"))?
             .to_owned();
-        let arch = Arch::from_gguf_name(&name).with_context(|| {
+        let arch = Arch::from_gguf(&name, g).with_context(|| {
             format!(
                 "{path}: general.architecture is '{name}', which is not supported (supported: {})",
                 Arch::supported()
@@ -252,12 +313,16 @@ impl ModelConfig {
             }
             rope_scaling = Some(RopeScaling::FreqFactors(factors));
         }
-        let cfg = ModelConfig {
+        if g.get(&key("final_logit_softcapping")).is_some() {
+            bail!("{path}: {name}.final_logit_softcapping is set: soft-capped logits are not supported");
+        }
+        let n_layers = g.require_u64(&key("block_count"))? as usize;
+        let mut cfg = ModelConfig {
             arch,
             vocab_size,
             hidden_size: hidden,
             intermediate_size: g.require_u64(&key("feed_forward_length"))? as usize,
-            num_hidden_layers: g.require_u64(&key("block_count"))? as usize,
+            num_hidden_layers: n_layers,
             num_attention_heads: n_heads,
             num_key_value_heads: n_kv,
             head_dim,
@@ -268,7 +333,13 @@ impl ModelConfig {
             tie_word_embeddings: g.tensor(arch.global_name(Role::Head)).is_none(),
             bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
             eos_token_id: token_id("tokenizer.ggml.eos_token_id")?,
+            hidden_act: Activation::Silu,
+            sliding_window: None,
+            layer_types: vec![LayerType::GLOBAL; n_layers],
+            rope_local_theta: None,
+            query_pre_attn_scalar: None,
         };
+        (arch.read_gguf)(g, &mut cfg).with_context(|| format!("{path}: {name} hyperparameters"))?;
         cfg.validate()
             .with_context(|| format!("{path}: inconsistent {name} hyperparameters"))?;
         Ok(cfg)
@@ -332,10 +403,22 @@ impl ModelConfig {
             }
         };
         // What these descriptions cannot compute is refused, never ignored.
-        if let Some(act) = v.get("hidden_act").and_then(Value::as_str) {
-            if act != "silu" {
-                bail!("hidden_act is '{act}', this architecture's MLP is SwiGLU ('silu')");
+        // Gemma names its activation `hidden_activation`.
+        let act_key = ["hidden_activation", "hidden_act"]
+            .into_iter()
+            .find(|k| v.get(k).is_some_and(|a| !a.is_null()));
+        let hidden_act = match act_key {
+            None => Activation::Silu,
+            Some(k) => {
+                let a = &v[k];
+                let name = a
+                    .as_str()
+                    .with_context(|| format!("field '{k}' is {a}, expected a string"))?;
+                Activation::from_hf(name).with_context(|| format!("field '{k}'"))?
             }
+        };
+        if let Some(c) = opt_f64("final_logit_softcapping")? {
+            bail!("final_logit_softcapping is {c}: soft-capped logits are not supported");
         }
         if arch.slot(crate::arch::Slot::QBias).is_none() && flag("attention_bias")? {
             bail!(
@@ -356,13 +439,6 @@ impl ModelConfig {
             None | Some(Value::Null) => window.is_some(),
             Some(_) => flag("use_sliding_window")?,
         };
-        if use_window {
-            bail!(
-                "sliding_window is {}: sliding-window attention is not supported for '{}' yet",
-                window.map_or("set".to_owned(), |w| w.to_string()),
-                arch.gguf_name
-            );
-        }
         // transformers 5 keeps theta and scaling in `rope_parameters`; 4 keeps
         // `rope_theta` at the top and the scaling in `rope_scaling`.
         let (rope_theta, rope_scaling) = match v.get("rope_parameters") {
@@ -396,12 +472,13 @@ impl ModelConfig {
         };
         let hidden = req("hidden_size")? as usize;
         let n_heads = req("num_attention_heads")? as usize;
-        let cfg = ModelConfig {
+        let n_layers = req("num_hidden_layers")? as usize;
+        let mut cfg = ModelConfig {
             arch,
             vocab_size: req("vocab_size")? as usize,
             hidden_size: hidden,
             intermediate_size: req("intermediate_size")? as usize,
-            num_hidden_layers: req("num_hidden_layers")? as usize,
+            num_hidden_layers: n_layers,
             num_attention_heads: n_heads,
             num_key_value_heads: opt_u64("num_key_value_heads")?.map_or(n_heads, |x| x as usize),
             head_dim: opt_u64("head_dim")?
@@ -414,7 +491,21 @@ impl ModelConfig {
             tie_word_embeddings: flag("tie_word_embeddings")?,
             bos_token_id: opt_u64("bos_token_id")?.map(|x| x as u32),
             eos_token_id: eos.map(|x| x as u32),
+            hidden_act,
+            sliding_window: None,
+            layer_types: vec![LayerType::GLOBAL; n_layers],
+            rope_local_theta: None,
+            query_pre_attn_scalar: None,
         };
+        (arch.read_hf)(v, &mut cfg)?;
+        // A window the description did not take up would be silently dropped.
+        if use_window && cfg.sliding_window.is_none() {
+            bail!(
+                "sliding_window is {}: sliding-window attention is not supported for '{}'",
+                window.map_or("set".to_owned(), |w| w.to_string()),
+                arch.name
+            );
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -459,6 +550,29 @@ impl ModelConfig {
                 bail!("{msg} ({self:?})");
             }
         }
+        if self.layer_types.len() != self.num_hidden_layers {
+            bail!(
+                "{} layer types for {} layers (num_hidden_layers)",
+                self.layer_types.len(),
+                self.num_hidden_layers
+            );
+        }
+        if self.sliding_window == Some(0) {
+            bail!("sliding_window is 0: a sliding layer must see at least its own position");
+        }
+        if self.sliding_window.is_none() && self.layer_types.iter().any(|t| t.sliding) {
+            bail!("some layers are sliding-window layers but no sliding_window is set");
+        }
+        if let Some(s) = self.query_pre_attn_scalar {
+            if !(s > 0.0 && s.is_finite()) {
+                bail!("query_pre_attn_scalar is {s}, expected a positive number");
+            }
+        }
+        if let Some(t) = self.rope_local_theta {
+            if t.is_nan() || t <= 0.0 {
+                bail!("the sliding layers' RoPE base is {t}, expected a positive number");
+            }
+        }
         if let Some(RopeScaling::FreqFactors(f)) = &self.rope_scaling {
             if f.len() != self.head_dim / 2 {
                 bail!(
@@ -498,6 +612,55 @@ impl ModelConfig {
             .collect()
     }
 
+    /// The RoPE frequencies of layer `l` ([`ModelConfig::rope_frequencies`],
+    /// or the unscaled local base on a sliding layer that has its own); `None`
+    /// for a NoPE layer.
+    pub fn layer_rope_frequencies(&self, l: usize) -> Option<Vec<f64>> {
+        let t = self.layer_types[l];
+        if !t.rope {
+            return None;
+        }
+        match self.rope_local_theta {
+            Some(theta) if t.sliding => {
+                let d = self.head_dim;
+                Some(
+                    (0..d / 2)
+                        .map(|i| theta.powf(-2.0 * i as f64 / d as f64))
+                        .collect(),
+                )
+            }
+            _ => Some(self.rope_frequencies()),
+        }
+    }
+
+    /// The window of layer `l`: `Some(W)` on a sliding layer.
+    pub fn layer_window(&self, l: usize) -> Option<usize> {
+        self.layer_types[l]
+            .sliding
+            .then_some(self.sliding_window)
+            .flatten()
+    }
+
+    /// The factor attention scores are multiplied by before the softmax.
+    pub fn attention_scale(&self) -> f32 {
+        let s = self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64);
+        (1.0 / s.sqrt()) as f32
+    }
+
+    /// The factor the embedding output is multiplied by (Gemma's `√hidden`, in
+    /// f32 as transformers and llama.cpp compute it), if any.
+    pub fn embedding_scale(&self) -> Option<f32> {
+        self.arch
+            .scales_embedding
+            .then(|| (self.hidden_size as f32).sqrt())
+    }
+
+    /// Makes this the config of the model made of layers `kept` of this one.
+    pub fn keep_layers(&mut self, kept: &[usize]) {
+        self.layer_types = kept.iter().map(|&l| self.layer_types[l]).collect();
+        self.num_hidden_layers = kept.len();
+    }
+
     /// The HF `config.json` of this model (transformers 4 layout, which
     /// transformers 5 and vLLM read too); refused when the RoPE scaling cannot be
     /// expressed there.
@@ -510,7 +673,7 @@ impl ModelConfig {
             "architectures": [self.arch.hf_class],
             "model_type": self.arch.hf_model_type(),
             "attention_dropout": 0.0,
-            "hidden_act": "silu",
+            "hidden_act": self.hidden_act.hf_name(),
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_hidden_layers,
@@ -611,10 +774,14 @@ mod tests {
             "{err}"
         );
         let mut v = smol();
-        v["model_type"] = json!("mistral");
+        v["model_type"] = json!("qwen2");
+        v["use_sliding_window"] = json!(true);
         v["sliding_window"] = json!(4096);
         let err = format!("{:#}", ModelConfig::from_hf_json(&v).unwrap_err());
-        assert!(err.contains("sliding-window"), "{err}");
+        assert!(
+            err.contains("sliding-window attention is not supported for 'qwen2'"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -112,6 +112,7 @@ pub fn convert(input: &Path, output: &Path, dtype: GgmlType) -> Result<()> {
     let mut bar = Progress::new(names.len() as u64, "convert");
     for (i, (n, (hf, _, _))) in names.iter().zip(&decl).enumerate() {
         let values = model.tensor(n)?.to_f32()?;
+        let values = model.config.arch.hf_values(n, &values);
         writer.write(hf, &encode_floats(&values, dtype))?;
         bar.set(i as u64 + 1, n);
     }
@@ -205,7 +206,10 @@ impl DenseWriter {
         match &mut self.out {
             DenseOut::Safetensors { writer, .. } => {
                 match self.config.arch.hf_from_canonical(name) {
-                    Some(hf) => writer.write(&hf, &encode_floats(values, self.dtype)),
+                    Some(hf) => {
+                        let values = self.config.arch.hf_values(name, values);
+                        writer.write(&hf, &encode_floats(&values, self.dtype))
+                    }
                     None => Ok(()),
                 }
             }

@@ -95,6 +95,7 @@ pub fn metadata(model: &Model, file_type: u32) -> Result<Vec<(String, MetaValue)
                     MetaValue::U32(c.head_dim as u32),
                 ));
             }
+            kv.extend((c.arch.gguf_extra)(c));
             let v = model.tokenizer.to_gguf_vocab()?;
             kv.push((
                 "tokenizer.ggml.model".to_owned(),
@@ -149,9 +150,13 @@ pub fn metadata(model: &Model, file_type: u32) -> Result<Vec<(String, MetaValue)
     Ok(kv)
 }
 
-/// Sets the `{arch}.*` keys that follow from the shapes to `c`'s values, replacing
-/// the source's (a structured cut changes them).
+/// Sets the `{arch}.*` keys that follow from the shapes, and the family's own
+/// keys (a layer pattern), to `c`'s values, replacing the source's (a
+/// structured cut changes them).
 pub fn set_shape_keys(kv: &mut Vec<(String, MetaValue)>, c: &ModelConfig) {
+    let extra = (c.arch.gguf_extra)(c);
+    kv.retain(|(k, _)| !extra.iter().any(|(name, _)| name == k));
+    kv.extend(extra);
     let arch = c.arch.gguf_name;
     let keys = [
         ("embedding_length", c.hidden_size),

@@ -934,7 +934,9 @@ impl HfQuantWriter {
                 values.len()
             );
         }
-        let bytes: Vec<u8> = values
+        let bytes: Vec<u8> = self
+            .arch
+            .hf_values(canonical, values)
             .iter()
             .flat_map(|&v| f16::from_f32(v).to_le_bytes())
             .collect();

@@ -1,15 +1,20 @@
 //! The decoder block graph that the described architectures share, on the CPU
-//! with f32 activations (what differs between them is data in [`crate::arch`]:
-//! optional q/k/v biases, optional per-head q/k norms, the RoPE frequencies):
+//! with f32 activations. What differs between them is data, in [`crate::arch`]
+//! and [`crate::ModelConfig`]: which norms exist and where (before a branch,
+//! after it, or both), q/k/v biases, q/k norms (per head or over the whole
+//! projection), the MLP's activation, RoPE per layer (its base, or none),
+//! sliding windows per layer, the attention and embedding scales:
 //!
 //! ```text
-//! x   = embed(tokens)
-//! per block:  h = rmsnorm(x)·g₁;  q,k,v = h·Wq,k,vᵀ (+ b_q,k,v)
-//!             q,k = rmsnorm_per_head(q,k)·g_q,k   (qwen3)
-//!             q,k = rope(q,k)  with θ^(−2i/d) / scaling_i
-//!             a = softmax(q·kᵀ/√d + causal)·v   (grouped: kv head = q head / group)
-//!             x = x + a·Woᵀ
-//!             h = rmsnorm(x)·g₂;  x = x + (silu(h·Wgᵀ) ⊙ h·Wuᵀ)·Wdᵀ
+//! x   = embed(tokens) (·√hidden: gemma3)
+//! per block l:  h = rmsnorm(x)·g_attn   (h = x when the block has no pre-norm: olmo2)
+//!               q,k,v = h·Wq,k,vᵀ (+ b_q,k,v)
+//!               q,k = rmsnorm(q,k)·g_q,k     per head (qwen3, gemma3) or whole row (olmo2)
+//!               q,k = rope_l(q,k)            θ_l^(−2i/d) / scaling_i; none on NoPE layers
+//!               a = softmax(q·kᵀ·s + mask_l)·v   s = 1/√d or 1/√query_pre_attn_scalar;
+//!                                                mask_l causal, or the last W positions
+//!               x = x + post_attn(a·Woᵀ)     post_attn = rmsnorm·g (gemma3, olmo2) or identity
+//!               h = rmsnorm(x)·g_ffn (or x);  x = x + post_ffn((act(h·Wgᵀ) ⊙ h·Wuᵀ)·Wdᵀ)
 //! logits = rmsnorm(x)·g · Wₒᵀ
 //! ```
 //!
@@ -18,6 +23,7 @@
 
 use crate::arch::Slot;
 use crate::checkpoint::{Model, Tensor};
+use crate::config::Activation;
 use anyhow::{bail, Context, Result};
 use kernels::matmul::{gemm, matmul, MatRef};
 use rayon::prelude::*;
@@ -53,8 +59,10 @@ impl AttnExtras {
 
 /// The weights of one decoder block, in their stored format.
 pub struct BlockWeights<'a> {
-    /// Pre-attention RMSNorm gain.
-    pub attn_norm: Vec<f32>,
+    /// Which block of the model these are (its attention kind and RoPE).
+    pub layer: usize,
+    /// Pre-attention RMSNorm gain (none: the attention reads the stream itself).
+    pub attn_norm: Option<Vec<f32>>,
     /// Query projection `[q_dim, hidden]`.
     pub q: Tensor<'a>,
     /// Key projection `[kv_dim, hidden]`.
@@ -63,8 +71,12 @@ pub struct BlockWeights<'a> {
     pub v: Tensor<'a>,
     /// Attention output projection `[hidden, q_dim]`.
     pub o: Tensor<'a>,
-    /// Pre-MLP RMSNorm gain.
-    pub ffn_norm: Vec<f32>,
+    /// RMSNorm gain on the attention branch's output, before the residual add.
+    pub attn_post_norm: Option<Vec<f32>>,
+    /// Pre-MLP RMSNorm gain (none: the MLP reads the stream itself).
+    pub ffn_norm: Option<Vec<f32>>,
+    /// RMSNorm gain on the MLP branch's output, before the residual add.
+    pub ffn_post_norm: Option<Vec<f32>>,
     /// Gate projection `[ffn, hidden]`.
     pub gate: Tensor<'a>,
     /// Up projection `[ffn, hidden]`.
@@ -93,12 +105,15 @@ impl<'a> BlockWeights<'a> {
     /// A copy whose linears borrow this block's (norm gains and extras copied).
     pub fn borrowed(&self) -> BlockWeights<'_> {
         BlockWeights {
+            layer: self.layer,
             attn_norm: self.attn_norm.clone(),
             q: self.q.borrowed(),
             k: self.k.borrowed(),
             v: self.v.borrowed(),
             o: self.o.borrowed(),
+            attn_post_norm: self.attn_post_norm.clone(),
             ffn_norm: self.ffn_norm.clone(),
+            ffn_post_norm: self.ffn_post_norm.clone(),
             gate: self.gate.borrowed(),
             up: self.up.borrowed(),
             down: self.down.borrowed(),
@@ -120,32 +135,29 @@ impl<'a> BlockWeights<'a> {
         })
     }
 
-    /// The residual-stream norm gain in `slot`, to change it.
+    /// The residual-stream norm gain in `slot`, to change it (`None` when the
+    /// block has no such norm).
     pub fn gain_mut(&mut self, slot: Slot) -> Option<&mut Vec<f32>> {
-        match slot {
-            Slot::AttnNorm => Some(&mut self.attn_norm),
-            Slot::FfnNorm => Some(&mut self.ffn_norm),
-            _ => None,
-        }
+        self.vector_mut(slot)?.as_mut()
     }
 
-    /// The float vector in `slot` (norm gains, biases, per-head norms).
+    /// The float vector in `slot` (norm gains, biases, q/k norms).
     pub fn vector_mut(&mut self, slot: Slot) -> Option<&mut Option<Vec<f32>>> {
-        self.extras.get_mut(slot)
+        match slot {
+            Slot::AttnNorm => Some(&mut self.attn_norm),
+            Slot::AttnPostNorm => Some(&mut self.attn_post_norm),
+            Slot::FfnNorm => Some(&mut self.ffn_norm),
+            Slot::FfnPostNorm => Some(&mut self.ffn_post_norm),
+            _ => self.extras.get_mut(slot),
+        }
     }
 
     /// Replaces the tensor in `slot` with `t` (vectors are read as f32).
     pub fn replace(&mut self, slot: Slot, t: Tensor<'a>) -> Result<()> {
-        match slot {
-            Slot::AttnNorm => self.attn_norm = t.to_f32()?,
-            Slot::FfnNorm => self.ffn_norm = t.to_f32()?,
-            _ => {
-                if let Some(v) = self.extras.get_mut(slot) {
-                    *v = Some(t.to_f32()?);
-                } else if let Some(l) = self.linear_mut(slot) {
-                    *l = t;
-                }
-            }
+        if let Some(v) = self.vector_mut(slot) {
+            *v = Some(t.to_f32()?);
+        } else if let Some(l) = self.linear_mut(slot) {
+            *l = t;
         }
         Ok(())
     }
@@ -165,21 +177,35 @@ pub fn linear(x: &[f32], n: usize, w: &Tensor) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// `x += a · wᵀ` for `n` rows: a residual branch's projection added to the stream.
-pub fn add_linear(x: &mut [f32], a: &[f32], n: usize, w: &Tensor) -> Result<()> {
-    let o = linear(a, n, w)?;
-    x.par_iter_mut().zip(&o).for_each(|(x, o)| *x += o);
-    Ok(())
+/// `√(2/π)`, GELU's tanh-form constant.
+pub const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+
+/// `act(x)` of the MLP's gate.
+#[inline]
+pub fn activate(act: Activation, x: f32) -> f32 {
+    match act {
+        Activation::Silu => x / (1.0 + (-x).exp()),
+        Activation::GeluTanh => {
+            0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
+        }
+    }
 }
 
-/// The SwiGLU hidden of the MLP for `n` rows of its normalised input `h`:
-/// `silu(h · Wgᵀ) ⊙ (h · Wuᵀ)`, the input of the down projection.
-pub fn swiglu(h: &[f32], n: usize, gate: &Tensor, up: &Tensor) -> Result<Vec<f32>> {
+/// The gated MLP's hidden for `n` rows of its input `h`:
+/// `act(h · Wgᵀ) ⊙ (h · Wuᵀ)` (SwiGLU with SiLU, GeGLU with GELU), the input
+/// of the down projection.
+pub fn gated_mlp(
+    h: &[f32],
+    n: usize,
+    gate: &Tensor,
+    up: &Tensor,
+    act: Activation,
+) -> Result<Vec<f32>> {
     let mut g = linear(h, n, gate)?;
     let u = linear(h, n, up)?;
     g.par_iter_mut()
         .zip(&u)
-        .for_each(|(g, &u)| *g = *g / (1.0 + (-*g).exp()) * u);
+        .for_each(|(g, &u)| *g = activate(act, *g) * u);
     Ok(g)
 }
 
@@ -236,8 +262,38 @@ pub fn apply_rope(x: &mut [f32], n_heads: usize, head_dim: usize, cos: &[f32], s
         });
 }
 
+/// What a query may see and how its scores are scaled.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnMask {
+    /// Scores are `q·k · scale`.
+    pub scale: f32,
+    /// `Some(W)`: query `i` sees keys `i − W < j ≤ i`; `None`: every `j ≤ i`.
+    pub window: Option<usize>,
+}
+
+impl AttnMask {
+    /// Full causal attention scaled by `1/√d`.
+    pub fn causal(d: usize) -> Self {
+        AttnMask {
+            scale: 1.0 / (d as f32).sqrt(),
+            window: None,
+        }
+    }
+
+    /// The first key query `i` sees.
+    pub fn first_key(&self, i: usize) -> usize {
+        self.window.map_or(0, |w| (i + 1).saturating_sub(w))
+    }
+}
+
+/// Queries per tile of [`attention`]: a tile's scores are `TILE × (W + TILE)`
+/// on a sliding layer, so the work per token is O(window), not O(context).
+const TILE: usize = 64;
+
 /// Causal grouped-query attention for `n` positions: `q` is `n × (heads·d)`,
-/// `k`/`v` are `n × (kv_heads·d)`; returns `n × (heads·d)`.
+/// `k`/`v` are `n × (kv_heads·d)`; returns `n × (heads·d)`. Queries run in tiles
+/// that score only the keys some query of the tile can see.
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &[f32],
     k: &[f32],
@@ -246,25 +302,35 @@ pub fn attention(
     heads: usize,
     kv_heads: usize,
     d: usize,
+    mask: AttnMask,
 ) -> Vec<f32> {
     let (qd, kvd) = (heads * d, kv_heads * d);
     let group = heads / kv_heads;
-    let scale = 1.0 / (d as f32).sqrt();
-    let per_head: Vec<Vec<f32>> = (0..heads)
+    let scale = mask.scale;
+    let tiles = n.div_ceil(TILE);
+    // One (head, tile) per task: its output rows `t·TILE..` of head h.
+    let parts: Vec<(usize, usize, Vec<f32>)> = (0..heads * tiles)
         .into_par_iter()
-        .map(|h| {
+        .map(|task| {
+            let (h, t) = (task / tiles, task % tiles);
             let kvh = h / group;
-            // Scores S = q_h · k_hᵀ: (n × d)·(d × n).
-            let mut s = vec![0f32; n * n];
+            let (a, b) = (t * TILE, ((t + 1) * TILE).min(n));
+            let (rows, lo) = (b - a, mask.first_key(a));
+            let keys = b - lo;
+            // Scores S = q_h[a..b] · k_h[lo..b]ᵀ.
+            let mut s = vec![0f32; rows * keys];
             gemm(
-                MatRef::row_major(&q[h * d..], n, d, qd),
-                MatRef::row_major(&k[kvh * d..], n, d, kvd).t(),
+                MatRef::row_major(&q[a * qd + h * d..], rows, d, qd),
+                MatRef::row_major(&k[lo * kvd + kvh * d..], keys, d, kvd).t(),
                 &mut s,
-                n,
+                keys,
                 false,
             );
-            for (i, row) in s.chunks_mut(n).enumerate() {
-                let live = &mut row[..=i];
+            for (r, row) in s.chunks_mut(keys).enumerate() {
+                let i = a + r;
+                let (first, last) = (mask.first_key(i) - lo, i - lo);
+                row[..first].fill(0.0);
+                let live = &mut row[first..=last];
                 let max = live
                     .iter()
                     .fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
@@ -275,23 +341,24 @@ pub fn attention(
                 }
                 let inv = 1.0 / sum;
                 live.iter_mut().for_each(|x| *x *= inv);
-                row[i + 1..].fill(0.0);
+                row[last + 1..].fill(0.0);
             }
-            // Output P · v_h: (n × n)·(n × d).
-            let mut o = vec![0f32; n * d];
+            // Output P · v_h[lo..b].
+            let mut o = vec![0f32; rows * d];
             gemm(
-                MatRef::row_major(&s, n, n, n),
-                MatRef::row_major(&v[kvh * d..], n, d, kvd),
+                MatRef::row_major(&s, rows, keys, keys),
+                MatRef::row_major(&v[lo * kvd + kvh * d..], keys, d, kvd),
                 &mut o,
                 d,
                 false,
             );
-            o
+            (h, a, o)
         })
         .collect();
     let mut out = vec![0f32; n * qd];
-    for (h, o) in per_head.iter().enumerate() {
-        for (dst, src) in out.chunks_mut(qd).zip(o.chunks(d)) {
+    for (h, a, o) in &parts {
+        for (r, src) in o.chunks(d).enumerate() {
+            let dst = &mut out[(a + r) * qd..];
             dst[h * d..(h + 1) * d].copy_from_slice(src);
         }
     }
@@ -358,12 +425,15 @@ impl Model {
             }
         };
         Ok(BlockWeights {
-            attn_norm: t(Slot::AttnNorm)?.to_f32()?,
+            layer,
+            attn_norm: vector(Slot::AttnNorm)?,
             q: t(Slot::Q)?,
             k: t(Slot::K)?,
             v: t(Slot::V)?,
             o: t(Slot::O)?,
-            ffn_norm: t(Slot::FfnNorm)?.to_f32()?,
+            attn_post_norm: vector(Slot::AttnPostNorm)?,
+            ffn_norm: vector(Slot::FfnNorm)?,
+            ffn_post_norm: vector(Slot::FfnPostNorm)?,
             gate: t(Slot::Gate)?,
             up: t(Slot::Up)?,
             down: t(Slot::Down)?,
@@ -398,6 +468,9 @@ impl Model {
             }
             w.dequantize_rows(t as usize, t as usize + 1, row)?;
         }
+        if let Some(scale) = self.config.embedding_scale() {
+            x.par_iter_mut().for_each(|v| *v *= scale);
+        }
         Ok(x)
     }
 
@@ -429,11 +502,32 @@ impl Model {
         Ok(())
     }
 
+    /// `rmsnorm(x)·gain`, or `x` itself when the block has no such norm.
+    fn maybe_norm(&self, x: &[f32], gain: &Option<Vec<f32>>) -> Vec<f32> {
+        match gain {
+            None => x.to_vec(),
+            Some(g) => {
+                let mut out = vec![0f32; x.len()];
+                rms_norm(x, g, self.config.rms_norm_eps, &mut out);
+                out
+            }
+        }
+    }
+
+    /// Adds a branch's output `y` to the stream `x`, through the branch's
+    /// post-norm when the block has one.
+    fn add_branch(&self, x: &mut [f32], y: Vec<f32>, post_norm: &Option<Vec<f32>>) {
+        let y = match post_norm {
+            None => y,
+            Some(_) => self.maybe_norm(&y, post_norm),
+        };
+        x.par_iter_mut().zip(&y).for_each(|(x, y)| *x += y);
+    }
+
     /// Starts one sequence's pass through a block: the cursor stands at the
     /// first linear group's input (the attention norm's output).
     pub fn block_start(&self, w: &BlockWeights, x: Vec<f32>, n: usize) -> BlockCursor {
-        let mut input = vec![0f32; x.len()];
-        rms_norm(&x, &w.attn_norm, self.config.rms_norm_eps, &mut input);
+        let input = self.maybe_norm(&x, &w.attn_norm);
         BlockCursor {
             x,
             input,
@@ -449,17 +543,20 @@ impl Model {
         let n = cursor.n;
         match cursor.group {
             0 => {
-                cursor.input = self.attention_mix(&w.q, &w.k, &w.v, &w.extras, &cursor.input, n)?;
+                cursor.input = self.attention_mix(w, &cursor.input, n)?;
             }
             1 => {
-                add_linear(&mut cursor.x, &cursor.input, n, &w.o)?;
-                let mut h = vec![0f32; cursor.x.len()];
-                rms_norm(&cursor.x, &w.ffn_norm, self.config.rms_norm_eps, &mut h);
-                cursor.input = h;
+                let o = linear(&cursor.input, n, &w.o)?;
+                self.add_branch(&mut cursor.x, o, &w.attn_post_norm);
+                cursor.input = self.maybe_norm(&cursor.x, &w.ffn_norm);
             }
-            2 => cursor.input = swiglu(&cursor.input, n, &w.gate, &w.up)?,
+            2 => {
+                let act = self.config.hidden_act;
+                cursor.input = gated_mlp(&cursor.input, n, &w.gate, &w.up, act)?;
+            }
             3 => {
-                add_linear(&mut cursor.x, &cursor.input, n, &w.down)?;
+                let d = linear(&cursor.input, n, &w.down)?;
+                self.add_branch(&mut cursor.x, d, &w.ffn_post_norm);
                 cursor.input = Vec::new();
             }
             _ => bail!("the block's pass is already complete"),
@@ -468,19 +565,12 @@ impl Model {
         Ok(())
     }
 
-    /// The attention mixer of a block on its normalised input `h` (`n` positions
-    /// from 0): q, k, v projections (with their biases), per-head q/k norms, RoPE,
-    /// causal grouped-query attention; the input of the output projection,
-    /// `n × q_dim`.
-    pub fn attention_mix(
-        &self,
-        wq: &Tensor,
-        wk: &Tensor,
-        wv: &Tensor,
-        extras: &AttnExtras,
-        h: &[f32],
-        n: usize,
-    ) -> Result<Vec<f32>> {
+    /// The attention mixer of block `w.layer` on its input `h` (`n` positions
+    /// from 0): q, k, v projections (with their biases), q/k norms, the layer's
+    /// RoPE, causal or sliding-window grouped-query attention; the input of the
+    /// output projection, `n × q_dim`.
+    pub fn attention_mix(&self, w: &BlockWeights, h: &[f32], n: usize) -> Result<Vec<f32>> {
+        let (wq, wk, wv, extras) = (&w.q, &w.k, &w.v, &w.extras);
         let c = &self.config;
         let (hd, heads, kv_heads) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
         let project = |w: &Tensor, bias: &Option<Vec<f32>>, norm: &Option<Vec<f32>>| {
@@ -498,10 +588,16 @@ impl Model {
         let mut q = project(wq, &extras.q_bias, &extras.q_norm)?;
         let mut k = project(wk, &extras.k_bias, &extras.k_norm)?;
         let v = project(wv, &extras.v_bias, &None)?;
-        let (cos, sin) = rope_tables(n, &c.rope_frequencies());
-        apply_rope(&mut q, heads, hd, &cos, &sin);
-        apply_rope(&mut k, kv_heads, hd, &cos, &sin);
-        Ok(attention(&q, &k, &v, n, heads, kv_heads, hd))
+        if let Some(freqs) = c.layer_rope_frequencies(w.layer) {
+            let (cos, sin) = rope_tables(n, &freqs);
+            apply_rope(&mut q, heads, hd, &cos, &sin);
+            apply_rope(&mut k, kv_heads, hd, &cos, &sin);
+        }
+        let mask = AttnMask {
+            scale: c.attention_scale(),
+            window: c.layer_window(w.layer),
+        };
+        Ok(attention(&q, &k, &v, n, heads, kv_heads, hd, mask))
     }
 
     /// Final norm and output head for the rows `from..n` of the residual stream `x`:
@@ -571,7 +667,7 @@ mod tests {
         let q: Vec<f32> = (0..n * 4).map(|i| (i as f32 * 0.37).sin()).collect();
         let k: Vec<f32> = (0..n * 2).map(|i| (i as f32 * 0.71).cos()).collect();
         let v: Vec<f32> = (0..n * 2).map(|i| i as f32).collect();
-        let out = attention(&q, &k, &v, n, 2, 1, 2);
+        let out = attention(&q, &k, &v, n, 2, 1, 2, AttnMask::causal(2));
         // Position 0 sees only itself: output = v[0] for both heads.
         assert_eq!(&out[0..4], &[0.0, 1.0, 0.0, 1.0]);
         // Reference for position 2, head 1.
@@ -584,6 +680,97 @@ mod tests {
         let z: f32 = e.iter().sum();
         let want0: f32 = (0..3).map(|j| e[j] / z * v[j * 2]).sum();
         assert!((out[2 * 4 + 2] - want0).abs() < 1e-5);
+    }
+
+    /// Attention written out from its definition, one query at a time.
+    fn naive_attention(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        (n, heads, kv, d): (usize, usize, usize, usize),
+        mask: AttnMask,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; n * heads * d];
+        for h in 0..heads {
+            let kvh = h / (heads / kv);
+            for i in 0..n {
+                let qi = &q[i * heads * d + h * d..][..d];
+                let seen: Vec<usize> = (mask.first_key(i)..=i).collect();
+                let s: Vec<f64> = seen
+                    .iter()
+                    .map(|&j| {
+                        let kj = &k[j * kv * d + kvh * d..][..d];
+                        qi.iter().zip(kj).map(|(a, b)| (a * b) as f64).sum::<f64>()
+                            * mask.scale as f64
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                for (&j, sj) in seen.iter().zip(&s) {
+                    let p = (sj - m).exp() / z;
+                    for e in 0..d {
+                        out[i * heads * d + h * d + e] +=
+                            (p * v[j * kv * d + kvh * d + e] as f64) as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn tiled_attention_matches_its_definition_with_and_without_a_window() {
+        // Several tiles, a window shorter and one longer than a tile.
+        let (n, heads, kv, d) = (150, 4, 2, 8);
+        let q: Vec<f32> = (0..n * heads * d)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
+        let k: Vec<f32> = (0..n * kv * d).map(|i| (i as f32 * 0.71).cos()).collect();
+        let v: Vec<f32> = (0..n * kv * d).map(|i| (i as f32 * 0.13).sin()).collect();
+        for window in [None, Some(1), Some(8), Some(70), Some(500)] {
+            let mask = AttnMask { scale: 0.3, window };
+            let got = attention(&q, &k, &v, n, heads, kv, d, mask);
+            let want = naive_attention(&q, &k, &v, (n, heads, kv, d), mask);
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err < 1e-5, "window {window:?}: {err}");
+        }
+        // A window of 1 is the value at the query's own position.
+        let one = attention(
+            &q,
+            &k,
+            &v,
+            n,
+            heads,
+            kv,
+            d,
+            AttnMask {
+                scale: 1.0,
+                window: Some(1),
+            },
+        );
+        assert_eq!(
+            &one[5 * heads * d..5 * heads * d + d],
+            &v[5 * kv * d..5 * kv * d + d]
+        );
+    }
+
+    #[test]
+    fn gelu_tanh_matches_its_formula() {
+        for x in [-3.0f32, -0.5, 0.0, 0.7, 2.5] {
+            let want = 0.5
+                * x as f64
+                * (1.0
+                    + ((2.0 / std::f64::consts::PI).sqrt()
+                        * (x as f64 + 0.044715 * (x as f64).powi(3)))
+                    .tanh());
+            assert!(
+                (activate(Activation::GeluTanh, x) as f64 - want).abs() < 1e-6,
+                "{x}"
+            );
+        }
     }
 
     #[test]

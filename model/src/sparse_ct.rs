@@ -300,7 +300,7 @@ pub fn write(
         let t = pruned.tensor(n)?;
         let values = t.to_f32()?;
         if !is_block_linear(c.arch, n) {
-            writer.write(&hf, &encode_floats(&values, dtype))?;
+            writer.write(&hf, &encode_floats(&c.arch.hf_values(n, &values), dtype))?;
             continue;
         }
         let (rows, cols) = (t.shape[0], t.shape[1]);

@@ -73,11 +73,20 @@ pub fn plan_config(c: &ModelConfig, cuts: &Cuts) -> Result<ModelConfig> {
         n.num_attention_heads -= cuts.heads;
     }
     if cuts.layers > 0 {
-        blocks_to_keep(&vec![0.0; c.num_hidden_layers], cuts.layers)?;
-        n.num_hidden_layers -= cuts.layers;
+        let kept = blocks_to_keep(&vec![0.0; c.num_hidden_layers], cuts.layers)?;
+        // Which layers stay is decided later; `run` sets their kinds.
+        n.keep_layers(&kept);
     }
     if cuts.ffn > 0.0 {
         n.intermediate_size = kept(c.intermediate_size, cuts.ffn, ALIGN, "ffn")?;
+    }
+    if cuts.width > 0.0 && c.embedding_scale().is_some() {
+        bail!(
+            "--width: a '{}' model multiplies its embeddings by √hidden_size, so a narrower model would \
+             scale them differently (its head is the same table, so the change cannot be folded into the \
+             weights); cut heads, MLP channels or layers instead",
+            c.arch.name
+        );
     }
     if cuts.width > 0.0 {
         // HF transformers insists on a hidden size that the query heads divide
@@ -278,7 +287,7 @@ pub fn run(
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<StructuredReport> {
     let c = &model.config;
-    let new = plan_config(c, cuts)?;
+    let mut new = plan_config(c, cuts)?;
     let hd = c.head_dim;
 
     let needs_channels = cuts.heads > 0 || cuts.ffn > 0.0 || cuts.width > 0.0;
@@ -302,6 +311,8 @@ pub fn run(
     } else {
         (0..c.num_hidden_layers).collect()
     };
+    // The kept blocks keep their attention kinds (window, RoPE).
+    new.layer_types = blocks.iter().map(|&l| c.layer_types[l]).collect();
     let mut keep = Keep {
         blocks,
         heads: Vec::new(),

@@ -166,12 +166,15 @@ pub fn fold(w: &BlockWeights, folds: &[Fold]) -> Result<BlockWeights<'static>> {
     // Biases and per-head norms act on the projections' outputs, which the
     // input-side scales leave unchanged.
     let mut out = BlockWeights {
+        layer: w.layer,
         attn_norm: w.attn_norm.clone(),
         q: m(&w.q)?,
         k: m(&w.k)?,
         v: m(&w.v)?,
         o: m(&w.o)?,
+        attn_post_norm: w.attn_post_norm.clone(),
         ffn_norm: w.ffn_norm.clone(),
+        ffn_post_norm: w.ffn_post_norm.clone(),
         gate: m(&w.gate)?,
         up: m(&w.up)?,
         down: m(&w.down)?,

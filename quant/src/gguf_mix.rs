@@ -402,6 +402,11 @@ mod tests {
             tie_word_embeddings: true,
             bos_token_id: Some(1),
             eos_token_id: Some(2),
+            hidden_act: model::config::Activation::Silu,
+            sliding_window: None,
+            layer_types: vec![model::config::LayerType::GLOBAL; 30],
+            rope_local_theta: None,
+            query_pre_attn_scalar: None,
         }
     }
 

@@ -3,7 +3,10 @@
 //! llama.cpp's interleaved RoPE; Llama 3.x rope scaling is a `rope_freqs.weight`
 //! tensor in GGUF and `rope_scaling` / `rope_parameters` in HF.
 
-use super::{global_spec, Arch, Dim, Role, TensorSpec, LLAMA_BLOCK, LLAMA_FOLDS, LLAMA_GLOBALS};
+use super::{
+    global_spec, no_extra_keys, no_gguf_keys, no_hf_fields, Arch, Dim, Role, TensorSpec,
+    LLAMA_BLOCK, LLAMA_FOLDS, LLAMA_GLOBALS,
+};
 use crate::config::ModelConfig;
 use serde_json::{json, Map, Value};
 
@@ -26,12 +29,19 @@ fn hf_extra(_: &ModelConfig) -> Map<String, Value> {
 
 /// The `llama` architecture.
 pub static LLAMA: Arch = Arch {
+    name: "llama",
     gguf_name: "llama",
-    hf_model_types: &["llama", "mistral"],
+    gguf_claims: None,
+    hf_model_types: &["llama"],
     hf_class: "LlamaForCausalLM",
     block: &LLAMA_BLOCK,
     globals: &GLOBALS,
     gguf_permutes_qk: true,
     hf_extra,
     scale_folds: LLAMA_FOLDS,
+    hf_norm_offset: 0.0,
+    scales_embedding: false,
+    read_hf: no_hf_fields,
+    read_gguf: no_gguf_keys,
+    gguf_extra: no_extra_keys,
 };

@@ -23,6 +23,9 @@ pub use qwen2::QWEN2;
 pub use qwen3::QWEN3;
 
 use crate::config::ModelConfig;
+use crate::gguf::{GgufFile, MetaValue};
+use anyhow::Result;
+use serde_json::Value;
 
 /// Every supported architecture (the registration table).
 pub static ARCHES: &[&Arch] = &[&LLAMA, &QWEN2, &QWEN3];
@@ -92,6 +95,11 @@ pub enum Slot {
     QNorm,
     /// Per-head key norm gain.
     KNorm,
+    /// Norm gain on the attention branch's output, before the residual add
+    /// (Gemma 3, OLMo 2).
+    AttnPostNorm,
+    /// Norm gain on the MLP branch's output, before the residual add.
+    FfnPostNorm,
 }
 
 /// One dimension of a tensor, in terms of the config.
@@ -289,8 +297,14 @@ pub(crate) const fn global_spec(
 /// Everything the pipeline knows about one architecture.
 #[derive(Debug)]
 pub struct Arch {
+    /// The architecture's own name (reports, errors).
+    pub name: &'static str,
     /// `general.architecture` in GGUF and the prefix of its hyperparameter keys.
     pub gguf_name: &'static str,
+    /// For an architecture that shares its GGUF name with another (Mistral
+    /// with a window is written as `llama`): whether a GGUF of that name is
+    /// this one. `None`: every GGUF of the name that no other claims.
+    pub gguf_claims: Option<fn(&GgufFile) -> bool>,
     /// HF `model_type` values read as this architecture; the first is written.
     pub hf_model_types: &'static [&'static str],
     /// HF class written in `architectures`.
@@ -311,6 +325,33 @@ pub struct Arch {
     /// compute the same function. AWQ folds only what is listed (llm-compressor
     /// keeps the same mappings per architecture).
     pub scale_folds: &'static [(Slot, &'static [Slot])],
+    /// What HF stores for a norm gain g: `g − hf_norm_offset` (Gemma's RMSNorm
+    /// multiplies by `1 + w`; its GGUF and our tensors hold `1 + w`).
+    pub hf_norm_offset: f32,
+    /// Whether the embedding output is multiplied by `√hidden` (Gemma).
+    pub scales_embedding: bool,
+    /// Reads what this family's HF `config.json` says beyond the shared fields
+    /// (windows, per-layer RoPE, attention scale) into the config.
+    pub read_hf: fn(&Value, &mut ModelConfig) -> Result<()>,
+    /// Reads this family's `{arch}.*` GGUF keys beyond the shared ones.
+    pub read_gguf: fn(&GgufFile, &mut ModelConfig) -> Result<()>,
+    /// This family's GGUF keys beyond the shared ones, as `read_gguf` reads them.
+    pub gguf_extra: fn(&ModelConfig) -> Vec<(String, MetaValue)>,
+}
+
+/// `read_hf` of a family whose config has nothing beyond the shared fields.
+pub(crate) fn no_hf_fields(_: &Value, _: &mut ModelConfig) -> Result<()> {
+    Ok(())
+}
+
+/// `read_gguf` of a family with no GGUF keys beyond the shared ones.
+pub(crate) fn no_gguf_keys(_: &GgufFile, _: &mut ModelConfig) -> Result<()> {
+    Ok(())
+}
+
+/// `gguf_extra` of a family with no GGUF keys beyond the shared ones.
+pub(crate) fn no_extra_keys(_: &ModelConfig) -> Vec<(String, MetaValue)> {
+    Vec::new()
 }
 
 /// The exact folds of a pre-norm Llama block: the attention norm into q/k/v
@@ -325,14 +366,18 @@ pub(crate) const LLAMA_FOLDS: &[(Slot, &[Slot])] = &[
 /// Architectures are registered statics, one per name.
 impl PartialEq for Arch {
     fn eq(&self, other: &Self) -> bool {
-        self.gguf_name == other.gguf_name
+        self.name == other.name
     }
 }
 
 impl Arch {
-    /// The architecture whose GGUF name is `name`.
-    pub fn from_gguf_name(name: &str) -> Option<&'static Arch> {
-        ARCHES.iter().copied().find(|a| a.gguf_name == name)
+    /// The architecture of GGUF file `g` whose `general.architecture` is `name`:
+    /// one that claims the file, else the plain one of that name.
+    pub fn from_gguf(name: &str, g: &GgufFile) -> Option<&'static Arch> {
+        let named = || ARCHES.iter().copied().filter(|a| a.gguf_name == name);
+        named()
+            .find(|a| a.gguf_claims.is_some_and(|claims| claims(g)))
+            .or_else(|| named().find(|a| a.gguf_claims.is_none()))
     }
 
     /// The architecture whose HF `model_type` is `model_type`.
@@ -345,11 +390,7 @@ impl Arch {
 
     /// The supported names, for error messages.
     pub fn supported() -> String {
-        ARCHES
-            .iter()
-            .map(|a| a.gguf_name)
-            .collect::<Vec<_>>()
-            .join(", ")
+        ARCHES.iter().map(|a| a.name).collect::<Vec<_>>().join(", ")
     }
 
     /// The HF `model_type` this architecture writes.
@@ -433,9 +474,21 @@ impl Arch {
         self.hf_from_canonical(canonical).ok_or_else(|| {
             anyhow::anyhow!(
                 "no HF name for tensor '{canonical}' of a '{}' model",
-                self.gguf_name
+                self.name
             )
         })
+    }
+
+    /// The values HF stores for canonical tensor `name` holding `values`: a
+    /// norm gain less [`Arch::hf_norm_offset`] (Gemma's `1 + w`).
+    pub fn hf_values<'v>(&self, name: &str, values: &'v [f32]) -> std::borrow::Cow<'v, [f32]> {
+        let off = self.hf_norm_offset;
+        match self.role(name) {
+            Some(Role::Norm | Role::QkNorm) if off != 0.0 => {
+                values.iter().map(|v| v - off).collect::<Vec<_>>().into()
+            }
+            _ => values.into(),
+        }
     }
 
     /// Whether GGUF stores the rows of this canonical tensor permuted per head
@@ -477,7 +530,6 @@ mod tests {
                 assert_eq!(arch.canonical_from_hf(&hf).as_deref(), Some(spec.gguf));
             }
             assert_eq!(arch.canonical_from_hf("model.rotary_emb.inv_freq"), None);
-            assert_eq!(Arch::from_gguf_name(arch.gguf_name), Some(*arch));
             assert_eq!(Arch::from_hf_model_type(arch.hf_model_type()), Some(*arch));
             assert_eq!(
                 arch.linears().collect::<Vec<_>>(),
@@ -512,21 +564,15 @@ mod tests {
     fn every_block_has_the_shared_graph() {
         for arch in ARCHES {
             for slot in [
-                Slot::AttnNorm,
                 Slot::Q,
                 Slot::K,
                 Slot::V,
                 Slot::O,
-                Slot::FfnNorm,
                 Slot::Gate,
                 Slot::Up,
                 Slot::Down,
             ] {
-                assert!(
-                    arch.slot(slot).is_some(),
-                    "{} lacks {slot:?}",
-                    arch.gguf_name
-                );
+                assert!(arch.slot(slot).is_some(), "{} lacks {slot:?}", arch.name);
             }
         }
     }

@@ -2,7 +2,8 @@
 //! projections; GGUF keeps HF's row order (NEOX RoPE, no permutation).
 
 use super::{
-    block_spec, llama_block_with, Arch, Dim, Role, Slot, TensorSpec, LLAMA_FOLDS, LLAMA_GLOBALS,
+    block_spec, llama_block_with, no_extra_keys, no_gguf_keys, no_hf_fields, Arch, Dim, Role, Slot,
+    TensorSpec, LLAMA_FOLDS, LLAMA_GLOBALS,
 };
 use crate::config::ModelConfig;
 use serde_json::{json, Map, Value};
@@ -39,7 +40,9 @@ fn hf_extra(c: &ModelConfig) -> Map<String, Value> {
 
 /// The `qwen2` architecture.
 pub static QWEN2: Arch = Arch {
+    name: "qwen2",
     gguf_name: "qwen2",
+    gguf_claims: None,
     hf_model_types: &["qwen2"],
     hf_class: "Qwen2ForCausalLM",
     block: &BLOCK,
@@ -47,4 +50,9 @@ pub static QWEN2: Arch = Arch {
     gguf_permutes_qk: false,
     hf_extra,
     scale_folds: LLAMA_FOLDS,
+    hf_norm_offset: 0.0,
+    scales_embedding: false,
+    read_hf: no_hf_fields,
+    read_gguf: no_gguf_keys,
+    gguf_extra: no_extra_keys,
 };

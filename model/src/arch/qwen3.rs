@@ -4,7 +4,8 @@
 //! `attention.key_length`); GGUF keeps HF's row order.
 
 use super::{
-    block_spec, llama_block_with, Arch, Dim, Role, Slot, TensorSpec, LLAMA_FOLDS, LLAMA_GLOBALS,
+    block_spec, llama_block_with, no_extra_keys, no_gguf_keys, no_hf_fields, Arch, Dim, Role, Slot,
+    TensorSpec, LLAMA_FOLDS, LLAMA_GLOBALS,
 };
 use crate::config::ModelConfig;
 use serde_json::{json, Map, Value};
@@ -33,7 +34,9 @@ fn hf_extra(_: &ModelConfig) -> Map<String, Value> {
 
 /// The `qwen3` architecture.
 pub static QWEN3: Arch = Arch {
+    name: "qwen3",
     gguf_name: "qwen3",
+    gguf_claims: None,
     hf_model_types: &["qwen3"],
     hf_class: "Qwen3ForCausalLM",
     block: &BLOCK,
@@ -41,4 +44,9 @@ pub static QWEN3: Arch = Arch {
     gguf_permutes_qk: false,
     hf_extra,
     scale_folds: LLAMA_FOLDS,
+    hf_norm_offset: 0.0,
+    scales_embedding: false,
+    read_hf: no_hf_fields,
+    read_gguf: no_gguf_keys,
+    gguf_extra: no_extra_keys,
 };
