@@ -96,6 +96,9 @@ pub fn metadata(model: &Model, file_type: u32) -> Result<Vec<(String, MetaValue)
                 ));
             }
             kv.extend((c.arch.gguf_extra)(c));
+            if let Some(caveat) = (c.arch.gguf_caveat)(c) {
+                eprintln!("note: {caveat}");
+            }
             let v = model.tokenizer.to_gguf_vocab()?;
             kv.push((
                 "tokenizer.ggml.model".to_owned(),

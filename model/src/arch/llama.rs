@@ -4,7 +4,7 @@
 //! tensor in GGUF and `rope_scaling` / `rope_parameters` in HF.
 
 use super::{
-    global_spec, no_extra_keys, no_gguf_keys, no_hf_fields, Arch, Dim, Role, TensorSpec,
+    global_spec, no_caveat, no_extra_keys, no_gguf_keys, no_hf_fields, Arch, Dim, Role, TensorSpec,
     LLAMA_BLOCK, LLAMA_FOLDS, LLAMA_GLOBALS,
 };
 use crate::config::ModelConfig;
@@ -44,4 +44,5 @@ pub static LLAMA: Arch = Arch {
     read_hf: no_hf_fields,
     read_gguf: no_gguf_keys,
     gguf_extra: no_extra_keys,
+    gguf_caveat: no_caveat,
 };

@@ -337,6 +337,16 @@ pub struct Arch {
     pub read_gguf: fn(&GgufFile, &mut ModelConfig) -> Result<()>,
     /// This family's GGUF keys beyond the shared ones, as `read_gguf` reads them.
     pub gguf_extra: fn(&ModelConfig) -> Vec<(String, MetaValue)>,
+    /// Where llama.cpp would compute something else from a GGUF of this config
+    /// than the config says (a window it ignores, a fixed layer pattern), said
+    /// when such a GGUF is written. A GGUF means what llama.cpp computes, and
+    /// our reader reads it that way.
+    pub gguf_caveat: fn(&ModelConfig) -> Option<String>,
+}
+
+/// `gguf_caveat` of a family whose GGUF always means what its config says.
+pub(crate) fn no_caveat(_: &ModelConfig) -> Option<String> {
+    None
 }
 
 /// `read_hf` of a family whose config has nothing beyond the shared fields.

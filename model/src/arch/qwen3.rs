@@ -4,8 +4,8 @@
 //! `attention.key_length`); GGUF keeps HF's row order.
 
 use super::{
-    block_spec, llama_block_with, no_extra_keys, no_gguf_keys, no_hf_fields, Arch, Dim, Role, Slot,
-    TensorSpec, LLAMA_FOLDS, LLAMA_GLOBALS,
+    block_spec, llama_block_with, no_caveat, no_extra_keys, no_gguf_keys, no_hf_fields, Arch, Dim,
+    Role, Slot, TensorSpec, LLAMA_FOLDS, LLAMA_GLOBALS,
 };
 use crate::config::ModelConfig;
 use serde_json::{json, Map, Value};
@@ -49,4 +49,5 @@ pub static QWEN3: Arch = Arch {
     read_hf: no_hf_fields,
     read_gguf: no_gguf_keys,
     gguf_extra: no_extra_keys,
+    gguf_caveat: no_caveat,
 };
