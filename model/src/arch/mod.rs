@@ -354,6 +354,73 @@ pub(crate) fn no_hf_fields(_: &Value, _: &mut ModelConfig) -> Result<()> {
     Ok(())
 }
 
+/// HF `layer_types` when the config has it: per layer, whether it is a
+/// sliding-window layer (`"sliding_attention"`) or not (`"full_attention"`).
+/// A list of another length than `num_hidden_layers` is an error naming both.
+pub(crate) fn hf_sliding_layers(v: &Value, n_layers: usize) -> Result<Option<Vec<bool>>> {
+    let list = match v.get("layer_types") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(a)) => a,
+        Some(other) => anyhow::bail!("field 'layer_types' is {other}, expected a list"),
+    };
+    if list.len() != n_layers {
+        anyhow::bail!(
+            "field 'layer_types' lists {} layers but num_hidden_layers is {n_layers}",
+            list.len()
+        );
+    }
+    list.iter()
+        .enumerate()
+        .map(|(l, t)| match t.as_str() {
+            Some("sliding_attention") => Ok(true),
+            Some("full_attention") => Ok(false),
+            _ => anyhow::bail!(
+                "field 'layer_types' entry {l} is {t}, expected \"sliding_attention\" or \"full_attention\""
+            ),
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+/// HF `layer_types` written from per-layer sliding flags.
+pub(crate) fn hf_layer_types(c: &ModelConfig) -> Value {
+    c.layer_types
+        .iter()
+        .map(|t| {
+            if t.sliding {
+                "sliding_attention"
+            } else {
+                "full_attention"
+            }
+        })
+        .collect::<Vec<_>>()
+        .into()
+}
+
+/// HF `sliding_window`: `None` when absent or null; 0 is an error naming it.
+pub(crate) fn hf_window(v: &Value) -> Result<Option<usize>> {
+    match v.get("sliding_window") {
+        None | Some(Value::Null) => Ok(None),
+        Some(w) => match w.as_u64() {
+            Some(0) => anyhow::bail!(
+                "field 'sliding_window' is 0: a window must hold at least the query's own position"
+            ),
+            Some(w) => Ok(Some(w as usize)),
+            None => {
+                anyhow::bail!("field 'sliding_window' is {w}, expected a positive integer or null")
+            }
+        },
+    }
+}
+
+/// Whether the HF config sets a RoPE base itself (transformers 4's
+/// `rope_theta` or 5's `rope_parameters.rope_theta`); where it does not, a
+/// family's own default applies.
+pub(crate) fn hf_sets_rope_theta(v: &Value) -> bool {
+    let set = |x: Option<&Value>| x.is_some_and(|t| !t.is_null());
+    set(v.get("rope_theta")) || set(v.get("rope_parameters").and_then(|p| p.get("rope_theta")))
+}
+
 /// `read_gguf` of a family with no GGUF keys beyond the shared ones.
 pub(crate) fn no_gguf_keys(_: &GgufFile, _: &mut ModelConfig) -> Result<()> {
     Ok(())
