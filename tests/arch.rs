@@ -10,7 +10,27 @@ use model::safetensors_file::SafetensorsSet;
 use model::Model;
 use std::path::{Path, PathBuf};
 
-const ARCHES: [&str; 3] = ["llama3", "qwen2", "qwen3"];
+const ARCHES: [&str; 4] = ["llama3", "qwen2", "qwen3", "mistral"];
+
+/// The reference a GGUF of fixture `name` is compared with: transformers'
+/// logits, or, where llama.cpp computes something else from the GGUF than the
+/// HF config says (Mistral's window, which a `llama` GGUF cannot carry), the
+/// logits transformers gives with the config changed to what llama.cpp reads.
+fn gguf_reference_key(name: &str) -> &'static str {
+    match name {
+        "mistral" => "logits_as_gguf",
+        _ => "logits",
+    }
+}
+
+/// The base a GGUF artifact of fixture `name` is evaluated against: the HF
+/// folder, or llama.cpp's GGUF where the two compute different functions.
+fn gguf_base(name: &str) -> PathBuf {
+    match gguf_reference_key(name) {
+        "logits" => fixture(name),
+        _ => fixture(name).join("model.gguf"),
+    }
+}
 
 fn fixture(name: &str) -> PathBuf {
     repo_root().join("tests/fixtures/arch").join(name)
@@ -49,8 +69,13 @@ fn rel_max_error(ours: &[f32], reference: &[f32]) -> f64 {
 }
 
 fn logits_error(path: &Path, name: &str) -> f64 {
+    logits_error_of(path, name, "logits")
+}
+
+/// [`logits_error`] against the reference logits stored under `key`.
+fn logits_error_of(path: &Path, name: &str, key: &str) -> f64 {
     let model = Model::open(path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
-    let (tokens, want) = reference(name);
+    let (tokens, want) = reference_of(name, key);
     let got = model.logits(&tokens, 0).unwrap();
     rel_max_error(&got, &want)
 }
@@ -58,10 +83,13 @@ fn logits_error(path: &Path, name: &str) -> f64 {
 #[test]
 fn logits_match_transformers_from_hf_and_from_llama_cpp_gguf() {
     for name in ARCHES {
-        for path in [fixture(name), fixture(name).join("model.gguf")] {
-            let err = logits_error(&path, name);
+        for (path, key) in [
+            (fixture(name), "logits"),
+            (fixture(name).join("model.gguf"), gguf_reference_key(name)),
+        ] {
+            let err = logits_error_of(&path, name, key);
             eprintln!(
-                "{name} {}: max error / max logit = {err:.2e}",
+                "{name} {}: max error / max logit = {err:.2e} against {key}",
                 path.display()
             );
             assert!(err < 1e-4, "{}: {err:e}", path.display());
@@ -71,22 +99,26 @@ fn logits_match_transformers_from_hf_and_from_llama_cpp_gguf() {
 
 #[test]
 fn transformers_4_config_layout_reads_the_same() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = fixture("llama3");
-    for f in [
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ] {
-        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    // The fixtures made with a transformers 4 `config.v4.json` beside the v5 one.
+    for name in ARCHES.into_iter().filter(|n| !n.starts_with("qwen")) {
+        let dir = tempfile::tempdir().unwrap();
+        let src = fixture(name);
+        for f in [
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ] {
+            std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+        }
+        std::fs::copy(src.join("config.v4.json"), dir.path().join("config.json")).unwrap();
+        let v4 = Model::open(dir.path()).unwrap();
+        let v5 = Model::open(&src).unwrap();
+        assert_eq!(v4.config, v5.config, "{name}");
+        let err = logits_error(dir.path(), name);
+        assert!(err < 1e-4, "{name}: {err:e}");
     }
-    std::fs::copy(src.join("config.v4.json"), dir.path().join("config.json")).unwrap();
-    let v4 = Model::open(dir.path()).unwrap();
-    let v5 = Model::open(&src).unwrap();
-    assert_eq!(v4.config, v5.config);
-    assert!(v5.config.rope_scaling.is_some());
-    let err = logits_error(dir.path(), "llama3");
-    assert!(err < 1e-4, "{err:e}");
+    let llama3 = Model::open(&fixture("llama3")).unwrap();
+    assert!(llama3.config.rope_scaling.is_some());
 }
 
 #[test]
@@ -230,12 +262,22 @@ fn every_stage_runs_on_every_architecture() {
     let calib = e2e::asset("calib.txt");
     let calib = calib.to_str().unwrap();
     let eval = e2e::eval_text();
-    for name in ARCHES {
+    // COMPRESS_TEST_ARCH=NAME runs one fixture (while working on it).
+    let only = std::env::var("COMPRESS_TEST_ARCH").ok();
+    for name in ARCHES
+        .into_iter()
+        .filter(|n| only.as_deref().is_none_or(|o| o == *n))
+    {
         let dir = tempfile::tempdir().unwrap();
         let out = |f: &str| dir.path().join(f);
         let base = fixture(name);
         let b = base.to_str().unwrap();
         let cal = ["--calib", calib, "--samples", "4", "--seq", "64"];
+        // A GGUF is compared with what llama.cpp computes from one.
+        let base_of = |artifact: &Path| match artifact.extension() {
+            Some(e) if e == "gguf" => gguf_base(name),
+            _ => base.clone(),
+        };
 
         // Our GGUF writer: the HF folder written as F32 GGUF reads back to the
         // reference logits (Q/K layout, rope factors and metadata as llama.cpp's).
@@ -248,7 +290,8 @@ fn every_stage_runs_on_every_architecture() {
             "-o",
             f32_gguf.to_str().unwrap(),
         ]);
-        assert!(logits_error(&f32_gguf, name) < 1e-4, "{name}");
+        let gguf_key = gguf_reference_key(name);
+        assert!(logits_error_of(&f32_gguf, name, gguf_key) < 1e-4, "{name}");
         // And the llama.cpp GGUF converted to HF reads back the same.
         let conv = out("conv");
         let src_gguf = base.join("model.gguf");
@@ -259,7 +302,7 @@ fn every_stage_runs_on_every_architecture() {
             conv.to_str().unwrap(),
         ]);
         match conv_out {
-            Ok(_) => assert!(logits_error(&conv, name) < 1e-4, "{name}"),
+            Ok(_) => assert!(logits_error_of(&conv, name, gguf_key) < 1e-4, "{name}"),
             Err(e) => {
                 assert_eq!(name, "llama3", "{e}");
                 assert!(e.contains("rope_freqs.weight"), "{e}");
@@ -295,14 +338,15 @@ fn every_stage_runs_on_every_architecture() {
         let extra = match name {
             "qwen2" => "blk.1.attn_k.bias",
             "qwen3" => "blk.1.attn_q_norm.weight",
-            _ => "rope_freqs.weight",
+            "llama3" => "rope_freqs.weight",
+            _ => "output_norm.weight",
         };
         e2e::check_gguf_with_gguf_py(
             &q4,
             &["blk.0.attn_q.weight", "blk.1.ffn_down.weight", extra],
             &out("dump"),
         );
-        let (_, kld_q4) = eval_against(&q4, &base);
+        let (_, kld_q4) = eval_against(&q4, &base_of(&q4));
         assert!(kld_q4 > 0.0, "{name}");
         let bpw = out("bpw.gguf");
         run_ok(&[
@@ -313,7 +357,7 @@ fn every_stage_runs_on_every_architecture() {
             "-o",
             bpw.to_str().unwrap(),
         ]);
-        eval_against(&bpw, &base);
+        eval_against(&bpw, &base_of(&bpw));
 
         // Calibrated integer quantization: GPTQ beats round-to-nearest.
         let rtn = out("rtn");
@@ -340,8 +384,8 @@ fn every_stage_runs_on_every_architecture() {
         args.extend(int4);
         args.extend(cal);
         run_ok(&args);
-        let (_, kld_rtn) = eval_against(&rtn, &base);
-        let (_, kld_gptq) = eval_against(&gptq, &base);
+        let (_, kld_rtn) = eval_against(&rtn, &base_of(&rtn));
+        let (_, kld_gptq) = eval_against(&gptq, &base_of(&gptq));
         assert!(
             kld_gptq < kld_rtn,
             "{name}: GPTQ {kld_gptq} vs RTN {kld_rtn}"
@@ -361,7 +405,7 @@ fn every_stage_runs_on_every_architecture() {
             args.extend(int4);
             args.extend(cal);
             run_ok(&args);
-            eval_against(&o, &base);
+            eval_against(&o, &base_of(&o));
         }
         let grid = out("gptq-q4_0.gguf");
         let mut args = vec![
@@ -377,7 +421,7 @@ fn every_stage_runs_on_every_architecture() {
         args.extend(cal);
         run_ok(&args);
         assert_kept_float(&grid);
-        eval_against(&grid, &base);
+        eval_against(&grid, &base_of(&grid));
 
         // Pruning: unstructured and N:M into folders and GGUF, then structured cuts.
         for (i, extra) in [
@@ -410,14 +454,15 @@ fn every_stage_runs_on_every_architecture() {
             args.extend(cal);
             run_ok(&args);
             let pruned = Model::open(&o).unwrap();
-            assert_eq!(pruned.config.arch, Model::open(&base).unwrap().config.arch);
-            eval_against(&o, &base);
+            let base_arch = Model::open(&base_of(&o)).unwrap().config.arch;
+            assert_eq!(pruned.config.arch, base_arch);
+            eval_against(&o, &base_of(&o));
         }
 
         // Distillation lowers the magnitude-pruned student's KLD (forward and
         // backward through biases, q/k norms and scaled RoPE).
         let pruned = out("p0");
-        let (_, kld_pruned) = eval_against(&pruned, &base);
+        let (_, kld_pruned) = eval_against(&pruned, &base_of(&pruned));
         let distilled = out("distilled");
         run_ok(&[
             "distill",
@@ -436,7 +481,7 @@ fn every_stage_runs_on_every_architecture() {
             "-o",
             distilled.to_str().unwrap(),
         ]);
-        let (_, kld_distilled) = eval_against(&distilled, &base);
+        let (_, kld_distilled) = eval_against(&distilled, &base_of(&distilled));
         assert!(
             kld_distilled < 0.9 * kld_pruned,
             "{name}: distilled {kld_distilled} vs pruned {kld_pruned}"
@@ -474,7 +519,7 @@ fn every_stage_runs_on_every_architecture() {
             alloc.to_str().unwrap(),
         ]);
         assert_kept_float(&alloc);
-        eval_against(&alloc, &base);
+        eval_against(&alloc, &base_of(&alloc));
     }
 }
 
@@ -489,13 +534,10 @@ fn run_ok_or_refused(args: &[&str]) -> Result<String, String> {
     }
 }
 
-/// The fixtures of the next architectures (Gemma 3, OLMo 2, SmolLM3, Mistral
-/// with a sliding window) are refused by name, from HF and from GGUF, until
-/// their descriptions land; never read wrong. A Mistral GGUF is `llama` with no
-/// window key (llama.cpp's converter drops it), so it reads as full attention,
-/// as llama.cpp reads it: equal to transformers with the window removed.
+/// The fixtures of the architectures not described yet are refused by name,
+/// from HF and from GGUF; never read wrong.
 #[test]
-fn next_architectures_are_refused_by_name_and_a_windowless_mistral_gguf_reads_as_llama_cpp_does() {
+fn next_architectures_are_refused_by_name() {
     let text = repo_root().join("README.md");
     let err_of = |path: &Path| {
         let o = compress(&[
@@ -517,14 +559,4 @@ fn next_architectures_are_refused_by_name_and_a_windowless_mistral_gguf_reads_as
         let e = err_of(&fixture(name).join("model.gguf"));
         assert!(e.contains(&format!("'{name}'")), "{name} GGUF: {e}");
     }
-    let e = err_of(&fixture("mistral"));
-    assert!(e.contains("sliding"), "mistral: {e}");
-
-    let model = Model::open(&fixture("mistral").join("model.gguf")).unwrap();
-    let (tokens, want) = reference_of("mistral", "logits_as_gguf");
-    let err = rel_max_error(&model.logits(&tokens, 0).unwrap(), &want);
-    assert!(
-        err < 1e-4,
-        "mistral GGUF vs transformers without the window: {err:e}"
-    );
 }

@@ -15,10 +15,12 @@
 //! name means.
 
 mod llama;
+mod mistral;
 mod qwen2;
 mod qwen3;
 
 pub use llama::LLAMA;
+pub use mistral::MISTRAL;
 pub use qwen2::QWEN2;
 pub use qwen3::QWEN3;
 
@@ -28,7 +30,7 @@ use anyhow::Result;
 use serde_json::Value;
 
 /// Every supported architecture (the registration table).
-pub static ARCHES: &[&Arch] = &[&LLAMA, &QWEN2, &QWEN3];
+pub static ARCHES: &[&Arch] = &[&LLAMA, &QWEN2, &QWEN3, &MISTRAL];
 
 /// What a tensor is for: decides whether stages may change it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
