@@ -18,11 +18,13 @@ mod llama;
 mod mistral;
 mod qwen2;
 mod qwen3;
+mod smollm3;
 
 pub use llama::LLAMA;
 pub use mistral::MISTRAL;
 pub use qwen2::QWEN2;
 pub use qwen3::QWEN3;
+pub use smollm3::SMOLLM3;
 
 use crate::config::ModelConfig;
 use crate::gguf::{GgufFile, MetaValue};
@@ -30,7 +32,7 @@ use anyhow::Result;
 use serde_json::Value;
 
 /// Every supported architecture (the registration table).
-pub static ARCHES: &[&Arch] = &[&LLAMA, &QWEN2, &QWEN3, &MISTRAL];
+pub static ARCHES: &[&Arch] = &[&LLAMA, &QWEN2, &QWEN3, &MISTRAL, &SMOLLM3];
 
 /// What a tensor is for: decides whether stages may change it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
