@@ -44,6 +44,8 @@ pub trait Float:
     fn to_f64(self) -> f64;
     /// `e^self`.
     fn exp(self) -> Self;
+    /// Hyperbolic tangent (GELU's tanh form).
+    fn tanh(self) -> Self;
     /// The larger of two values.
     fn max(self, other: Self) -> Self;
     /// `c = a · b`, or `c += a · b` when `accumulate`; `c` is row-major
@@ -68,6 +70,9 @@ macro_rules! impl_float {
             }
             fn exp(self) -> Self {
                 <$t>::exp(self)
+            }
+            fn tanh(self) -> Self {
+                <$t>::tanh(self)
             }
             fn max(self, other: Self) -> Self {
                 <$t>::max(self, other)

@@ -4,13 +4,19 @@
 //! against central finite differences in f64 for every element of every tensor,
 //! and the f32 path against the f64 one. Every check runs on a tiny llama, a
 //! tiny qwen2 (q/k/v biases) and a tiny qwen3 (per-head q/k norms, heads wider
-//! than `hidden / heads`).
+//! than `hidden / heads`), and on the issue-17 shapes: a Gemma-3-like model
+//! (pre- and post-norms, GELU-tanh, embedding scale, `query_pre_attn_scalar`,
+//! a sliding layer with its own RoPE base beside a global one), an OLMo-2-like
+//! one (no pre-norms, post-norms, q/k norms over the whole projection) and a
+//! SmolLM3/Mistral-like one (a NoPE layer, windows on every layer). The
+//! sequence (5 tokens) is longer than every window (2, 3).
 
 use crate::float::Float;
 use crate::loss::{forward_kl, next_token_cross_entropy, reverse_kl};
 use crate::params::{Grads, Params};
 use crate::testutil::{
-    all_tiny_configs, random_params, random_vec, tiny_config, tiny_qwen2_config, tiny_qwen3_config,
+    all_tiny_configs, random_params, random_vec, tiny_config, tiny_gemma_config,
+    tiny_nope_window_config, tiny_olmo_config, tiny_qwen2_config, tiny_qwen3_config,
 };
 use crate::transformer::{backward, forward, Activations};
 use model::config::ModelConfig;
@@ -179,6 +185,71 @@ fn gradients_match_finite_differences_qwen3_qk_norms() {
 }
 
 #[test]
+fn gradients_match_finite_differences_gemma_like() {
+    for tied in [true, false] {
+        let worst = check_against_finite_differences(&tiny_gemma_config(tied));
+        println!("gemma-like, tied {tied}: worst per-tensor relative error {worst:.2e}");
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences_olmo_like() {
+    for tied in [true, false] {
+        let worst = check_against_finite_differences(&tiny_olmo_config(tied));
+        println!("olmo-like, tied {tied}: worst per-tensor relative error {worst:.2e}");
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences_nope_and_windows() {
+    for tied in [true, false] {
+        let worst = check_against_finite_differences(&tiny_nope_window_config(tied));
+        println!("NoPE + windows, tied {tied}: worst per-tensor relative error {worst:.2e}");
+    }
+}
+
+/// The features the checks above cover are live in their configs: turning one
+/// off changes the logits, so a forward and backward that both ignored it
+/// could not pass unnoticed against the inference tests (`ops`, `load`).
+#[test]
+fn issue17_features_change_the_function() {
+    let tokens = [3, 7, 1, 3, 10];
+    let logits = |c: &ModelConfig, seed_cfg: &ModelConfig| {
+        // Same parameters (drawn for seed_cfg's tensors) under config c.
+        let mut p = random_params::<f64>(seed_cfg, 7);
+        p.config = c.clone();
+        forward(&p, &tokens).unwrap().logits
+    };
+    let differs = |a: &[f64], b: &[f64]| a.iter().zip(b).any(|(x, y)| (x - y).abs() > 1e-6);
+    let base = tiny_gemma_config(true);
+    let want = logits(&base, &base);
+    let mut variants: Vec<(&str, ModelConfig)> = Vec::new();
+    let mut c = base.clone();
+    c.sliding_window = Some(5);
+    variants.push(("window 2 → 5 (all visible)", c));
+    let mut c = base.clone();
+    c.query_pre_attn_scalar = None;
+    variants.push(("query_pre_attn_scalar → head_dim", c));
+    let mut c = base.clone();
+    c.rope_local_theta = None;
+    variants.push(("local RoPE base → global", c));
+    let mut c = base.clone();
+    c.hidden_act = model::config::Activation::Silu;
+    variants.push(("GELU-tanh → SiLU", c));
+    for (what, c) in &variants {
+        assert!(differs(&logits(c, &base), &want), "gemma-like: {what}");
+    }
+    let base = tiny_nope_window_config(true);
+    let want = logits(&base, &base);
+    let mut c = base.clone();
+    c.layer_types[1].rope = true;
+    assert!(differs(&logits(&c, &base), &want), "NoPE layer → RoPE");
+    let mut c = base.clone();
+    c.sliding_window = Some(5);
+    assert!(differs(&logits(&c, &base), &want), "window 3 → 5");
+}
+
+#[test]
 fn f32_path_agrees_with_f64() {
     for c in all_tiny_configs() {
         let (tied, arch) = (c.tie_word_embeddings, c.arch.gguf_name);
@@ -225,6 +296,9 @@ fn backward_accumulates_across_calls() {
         tiny_config(false),
         tiny_qwen2_config(false),
         tiny_qwen3_config(false),
+        tiny_gemma_config(true),
+        tiny_olmo_config(false),
+        tiny_nope_window_config(true),
     ] {
         let p = random_params::<f64>(&c, 4);
         let s = Setup::new(&c);
@@ -267,4 +341,25 @@ fn forward_rejects_bad_input() {
     p.blocks[1].k_norm.pop();
     let e = forward(&p, &[1, 2]).unwrap_err().to_string();
     assert!(e.contains("blk.1.attn_k_norm.weight"), "{e}");
+    // An empty pre-norm means "no pre-norm" only where the architecture has no
+    // such slot: a Gemma block without its norm is an error, not an OLMo block.
+    let c = tiny_gemma_config(true);
+    let mut p = random_params::<f32>(&c, 5);
+    p.blocks[1].ffn_norm.clear();
+    let e = forward(&p, &[1, 2]).unwrap_err().to_string();
+    assert!(e.contains("blk.1.ffn_norm.weight"), "{e}");
+    let mut p = random_params::<f32>(&c, 5);
+    p.blocks[0].ffn_post_norm.clear();
+    let e = forward(&p, &[1, 2]).unwrap_err().to_string();
+    assert!(e.contains("blk.0.post_ffw_norm.weight"), "{e}");
+    let c = tiny_olmo_config(false);
+    let mut p = random_params::<f32>(&c, 5);
+    p.blocks[0].attn_norm = vec![1.0; c.hidden_size];
+    let e = forward(&p, &[1, 2]).unwrap_err().to_string();
+    assert!(e.contains("AttnNorm") && e.contains("test-olmo"), "{e}");
+    // A whole-projection q norm of per-head width is refused by its shape.
+    let mut p = random_params::<f32>(&c, 5);
+    p.blocks[0].q_norm.truncate(c.head_dim);
+    let e = forward(&p, &[1, 2]).unwrap_err().to_string();
+    assert!(e.contains("blk.0.attn_q_norm.weight"), "{e}");
 }

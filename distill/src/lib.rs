@@ -1,4 +1,6 @@
-//! Knowledge distillation for Llama-family models on the CPU. The training
+//! Knowledge distillation on the CPU for every described decoder architecture
+//! (Llama, Qwen 2/3, and the block shapes of Gemma 3, OLMo 2, SmolLM3 and
+//! sliding-window Mistral: see [`transformer`] for the graph). The training
 //! core: the model's forward pass with a hand-written backward pass
 //! ([`transformer`], built from the op pairs in [`ops`]), the logit losses
 //! ([`loss`]), the parameter and gradient containers ([`params`]) and reading a

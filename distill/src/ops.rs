@@ -1,5 +1,8 @@
-//! The operations of a Llama-family block, each forward next to its backward so the pair
-//! can be read against the math (llm.c style). Conventions shared by every op:
+//! The operations of a decoder block of any described architecture (RMSNorm,
+//! linear, bias, RoPE, causal or sliding-window grouped-query attention, the
+//! SiLU- or GELU-gated MLP, the embedding), each forward next to its backward so
+//! the pair can be read against the math (llm.c style). Conventions shared by
+//! every op:
 //!
 //! * activations are row-major `[n, width]`, one row per position;
 //! * weights are `[out, in]`, a linear layer is `y = x·Wᵀ` on rows;
@@ -14,6 +17,8 @@
 use crate::float::Float;
 use crate::gemm::{par_gemm, MatRef};
 use anyhow::{bail, Result};
+use model::config::Activation;
+use model::llama::{AttnMask, SQRT_2_OVER_PI};
 use rayon::prelude::*;
 
 // ---------------------------------------------------------------------------
@@ -246,7 +251,11 @@ fn rope_rotate<T: Float>(x: &mut [T], n_heads: usize, t: &RopeTables<T>, inverse
 }
 
 // ---------------------------------------------------------------------------
-// Causal grouped-query attention: o_i = Σ_{j≤i} softmax_j(q_i·k_j/√d)·v_j
+// Grouped-query attention: o_i = Σ_{j∈seen(i)} softmax_j(q_i·k_j·s)·v_j, where
+// seen(i) = first(i)..=i: all of 0..=i (causal), or the last W positions
+// i−W < j ≤ i on a sliding-window layer; s = 1/√d, or Gemma's
+// 1/√query_pre_attn_scalar. The mask is `model::llama::AttnMask`, the inference
+// path's own, so both read "which keys does query i see" from one definition.
 
 /// Sizes of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -271,9 +280,6 @@ impl AttnShape {
     fn group(&self) -> usize {
         self.heads / self.kv_heads
     }
-    fn scale<T: Float>(&self) -> T {
-        T::from_f64(1.0 / (self.head_dim as f64).sqrt())
-    }
     fn check<T>(&self, q: &[T], k: &[T], v: &[T], probs: &[T]) {
         let AttnShape { n, heads, .. } = *self;
         assert!(
@@ -296,11 +302,14 @@ impl AttnShape {
     }
 }
 
-/// Causal attention of `q` (`[n, heads·d]`, rotated) over `k`, `v` (`[n, kv·d]`):
+/// Attention of `q` (`[n, heads·d]`, rotated) over `k`, `v` (`[n, kv·d]`), query
+/// `i` seeing keys `mask.first_key(i)..=i` with scores scaled by `mask.scale`:
 /// writes `out` (`[n, heads·d]`) and the attention weights `probs`
-/// (`[heads, n, n]`, row `i` zero past column `i`) that the backward needs.
+/// (`[heads, n, n]`, row `i` zero outside the keys it sees) that the backward
+/// needs.
 pub fn attention_forward<T: Float>(
     s: AttnShape,
+    mask: AttnMask,
     q: &[T],
     k: &[T],
     v: &[T],
@@ -309,7 +318,9 @@ pub fn attention_forward<T: Float>(
 ) {
     s.check(q, k, v, probs);
     let AttnShape { n, head_dim: d, .. } = s;
-    let (qd, kvd, scale) = (s.q_dim(), s.kv_dim(), s.scale::<T>());
+    // The scale as the config gives it (f32), so the f32 path multiplies by the
+    // very number inference does.
+    let (qd, kvd, scale) = (s.q_dim(), s.kv_dim(), T::from_f64(mask.scale as f64));
     assert_eq!(out.len(), n * qd, "attention: out is not [n, heads·d]");
     let per_head: Vec<Vec<T>> = probs
         .par_chunks_mut(n * n)
@@ -325,8 +336,11 @@ pub fn attention_forward<T: Float>(
                 false,
             );
             for (i, row) in p.chunks_mut(n).enumerate() {
-                // Position i sees 0..=i; subtracting the max keeps exp() ≤ 1.
-                let live = &mut row[..=i];
+                // Position i sees first..=i; the keys it does not see (before the
+                // window, after i) get weight exactly 0, as exp(−∞) would give.
+                // Subtracting the max keeps exp() ≤ 1.
+                let first = mask.first_key(i);
+                let live = &mut row[first..=i];
                 let max = live.iter().fold(T::NEG_INFINITY, |m, &x| m.max(x * scale));
                 let mut sum = T::ZERO;
                 for x in live.iter_mut() {
@@ -335,6 +349,7 @@ pub fn attention_forward<T: Float>(
                 }
                 let inv = T::ONE / sum;
                 live.iter_mut().for_each(|x| *x *= inv);
+                row[..first].fill(T::ZERO);
                 row[i + 1..].fill(T::ZERO);
             }
             let mut o = vec![T::ZERO; n * d];
@@ -359,11 +374,12 @@ pub fn attention_forward<T: Float>(
 /// `q`, `k`, `v`, `probs`, overwrites `dq` (`[n, heads·d]`), `dk` and `dv`
 /// (`[n, kv·d]`).
 ///
-/// Per query head, with `P = softmax(S)`, `S = q·kᵀ/√d` (causal), `o = P·v`:
+/// Per query head, with `P = softmax(S + mask)`, `S = q·kᵀ·s`, `o = P·v`:
 /// * `dv = Pᵀ·do` and `dP = do·vᵀ`;
-/// * softmax: `dS_ij = P_ij·(dP_ij − Σ_k P_ik·dP_ik)`, zero where masked
-///   (there `P_ij = 0`);
-/// * `dq = dS·k/√d` and `dk = dSᵀ·q/√d`.
+/// * softmax over the keys row `i` sees: `dS_ij = P_ij·(dP_ij − Σ_k P_ik·dP_ik)`;
+///   zero for the keys it does not see (the mask is a constant, and there
+///   `P_ij = 0`, so no gradient reaches those scores);
+/// * `dq = dS·k·s` and `dk = dSᵀ·q·s`.
 ///
 /// A kv head is read by `heads / kv_heads` query heads, so its `dk`, `dv` are the
 /// sums over them; each task owns one kv head and its group, so no two tasks
@@ -371,6 +387,7 @@ pub fn attention_forward<T: Float>(
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<T: Float>(
     s: AttnShape,
+    mask: AttnMask,
     dout: &[T],
     q: &[T],
     k: &[T],
@@ -382,7 +399,8 @@ pub fn attention_backward<T: Float>(
 ) {
     s.check(q, k, v, probs);
     let AttnShape { n, head_dim: d, .. } = s;
-    let (qd, kvd, scale, group) = (s.q_dim(), s.kv_dim(), s.scale::<T>(), s.group());
+    let (qd, kvd, group) = (s.q_dim(), s.kv_dim(), s.group());
+    let scale = T::from_f64(mask.scale as f64);
     assert!(
         dout.len() == q.len() && dq.len() == q.len() && dk.len() == k.len() && dv.len() == v.len(),
         "attention backward: gradient shapes differ from q, k, v"
@@ -404,12 +422,18 @@ pub fn attention_backward<T: Float>(
                     let q_h = MatRef::row_major(&q[h * d..], n, d, qd);
                     T::gemm(p.t(), do_h, &mut dv_g, d, true);
                     T::gemm(do_h, v_g.t(), &mut dps, n, false);
-                    // dP → dS in place, with the 1/√d of S folded in.
+                    // dP → dS in place over the keys row i sees, with the
+                    // scale s of S folded in; the rest of the row is masked.
+                    // (P is 0 there, so the whole row would give the same dS:
+                    // the window reaches the gradient only through P.)
                     for (i, (ds, pr)) in dps.chunks_mut(n).zip(p.data.chunks(n)).enumerate() {
-                        let dot: T = ds[..=i].iter().zip(pr).map(|(&a, &b)| a * b).sum();
-                        for (x, &pij) in ds[..=i].iter_mut().zip(pr) {
+                        let first = mask.first_key(i);
+                        let (live, pr) = (&mut ds[first..=i], &pr[first..=i]);
+                        let dot: T = live.iter().zip(pr).map(|(&a, &b)| a * b).sum();
+                        for (x, &pij) in live.iter_mut().zip(pr) {
                             *x = pij * (*x - dot) * scale;
                         }
+                        ds[..first].fill(T::ZERO);
                         ds[i + 1..].fill(T::ZERO);
                     }
                     let ds = MatRef::row_major(&dps[..], n, n, n);
@@ -439,37 +463,89 @@ pub fn attention_backward<T: Float>(
 }
 
 // ---------------------------------------------------------------------------
-// SwiGLU: m = silu(g) ⊙ u,  silu(g) = g·σ(g)
+// Gated MLP: m = act(g) ⊙ u, with act = silu (SwiGLU: Llama, Qwen, OLMo 2,
+// SmolLM3, Mistral) or gelu_tanh (GeGLU: Gemma)
+//   silu(g)      = g·σ(g)
+//   gelu_tanh(g) = ½·g·(1 + tanh(c·(g + a·g³))),  c = √(2/π), a = 0.044715
 
-/// `silu(gate) ⊙ up`, elementwise, the input of the down projection.
-pub fn swiglu_forward<T: Float>(gate: &[T], up: &[T]) -> Vec<T> {
-    assert_eq!(gate.len(), up.len(), "swiglu: gate and up differ");
+/// GELU's cubic coefficient (`a` above).
+const GELU_CUBIC: f64 = 0.044715;
+
+/// `act(g)`, written as `model::llama::activate` writes it, so the f32 path
+/// computes the inference path's bits (the tanh form's `c` is its f32 constant).
+#[inline]
+fn act_forward<T: Float>(act: Activation, g: T) -> T {
+    match act {
+        Activation::Silu => g / (T::ONE + (-g).exp()),
+        Activation::GeluTanh => {
+            let (half, c, a) = (
+                T::from_f64(0.5),
+                T::from_f64(SQRT_2_OVER_PI as f64),
+                T::from_f64(GELU_CUBIC),
+            );
+            half * g * (T::ONE + (c * (g + a * g * g * g)).tanh())
+        }
+    }
+}
+
+/// `act'(g)`:
+/// * silu: product rule on `g·σ(g)` with `σ' = σ(1−σ)`: `σ(g)·(1 + g·(1 − σ(g)))`;
+/// * gelu_tanh: with `t = tanh(c·(g + a·g³))` and `tanh' = 1 − tanh²`,
+///   `½·(1 + t) + ½·g·(1 − t²)·c·(1 + 3a·g²)`.
+#[inline]
+fn act_derivative<T: Float>(act: Activation, g: T) -> T {
+    match act {
+        Activation::Silu => {
+            let sig = T::ONE / (T::ONE + (-g).exp());
+            sig * (T::ONE + g * (T::ONE - sig))
+        }
+        Activation::GeluTanh => {
+            let (half, c, a) = (
+                T::from_f64(0.5),
+                T::from_f64(SQRT_2_OVER_PI as f64),
+                T::from_f64(GELU_CUBIC),
+            );
+            let t = (c * (g + a * g * g * g)).tanh();
+            let du = c * (T::ONE + T::from_f64(3.0) * a * g * g);
+            half * (T::ONE + t) + half * g * (T::ONE - t * t) * du
+        }
+    }
+}
+
+/// `act(gate) ⊙ up`, elementwise, the input of the down projection.
+pub fn gated_forward<T: Float>(act: Activation, gate: &[T], up: &[T]) -> Vec<T> {
+    assert_eq!(gate.len(), up.len(), "gated MLP: gate and up differ");
     gate.par_iter()
         .zip(up.par_iter())
-        .map(|(&g, &u)| g / (T::ONE + (-g).exp()) * u)
+        .map(|(&g, &u)| act_forward(act, g) * u)
         .collect()
 }
 
-/// Backward of [`swiglu_forward`], overwriting `dgate` and `dup`:
-/// `∂m/∂u = silu(g)` and `∂m/∂g = u·silu'(g)` with
-/// `silu'(g) = σ(g)·(1 + g·(1 − σ(g)))` (product rule on `g·σ(g)`, `σ' = σ(1−σ)`).
-pub fn swiglu_backward<T: Float>(dm: &[T], gate: &[T], up: &[T], dgate: &mut [T], dup: &mut [T]) {
+/// Backward of [`gated_forward`], overwriting `dgate` and `dup`:
+/// `∂m/∂u = act(g)` and `∂m/∂g = u·act'(g)` (see `act_derivative`).
+pub fn gated_backward<T: Float>(
+    act: Activation,
+    dm: &[T],
+    gate: &[T],
+    up: &[T],
+    dgate: &mut [T],
+    dup: &mut [T],
+) {
     assert!(
         dm.len() == gate.len() && up.len() == gate.len(),
-        "swiglu backward: shapes differ"
+        "gated MLP backward: shapes differ"
     );
     assert!(
         dgate.len() == gate.len() && dup.len() == gate.len(),
-        "swiglu backward: shapes differ"
+        "gated MLP backward: shapes differ"
     );
     dgate
         .par_iter_mut()
         .zip(dup.par_iter_mut())
         .zip(dm.par_iter().zip(gate.par_iter().zip(up.par_iter())))
         .for_each(|((dg, du), (&d, (&g, &u)))| {
-            let sig = T::ONE / (T::ONE + (-g).exp());
-            *du = d * g * sig;
-            *dg = d * u * sig * (T::ONE + g * (T::ONE - sig));
+            *du = d * act_forward(act, g);
+            *dg = d * u * act_derivative(act, g);
         });
 }
 
@@ -564,29 +640,66 @@ mod tests {
             let q = rand_vec(&mut rng, n * heads * d);
             let k = rand_vec(&mut rng, n * kv * d);
             let v = rand_vec(&mut rng, n * kv * d);
-            let want = llama::attention(&q, &k, &v, n, heads, kv, d, llama::AttnMask::causal(d));
-            let s = AttnShape {
-                n,
-                heads,
-                kv_heads: kv,
-                head_dim: d,
-            };
-            let mut probs = vec![0f32; heads * n * n];
-            let mut got = vec![0f32; n * heads * d];
-            attention_forward(s, &q, &k, &v, &mut probs, &mut got);
-            let err = max_rel(&got, &want);
-            assert!(
-                err < 1e-6,
-                "attention {n}/{heads}/{kv}/{d}: rel err {err:e}"
-            );
+            // Causal 1/√d (llama), Gemma's 1/√query_pre_attn_scalar, and sliding
+            // windows shorter than, equal to and longer than the sequence.
+            let masks = [
+                llama::AttnMask::causal(d),
+                llama::AttnMask {
+                    scale: 1.0 / 10f32.sqrt(),
+                    window: None,
+                },
+                llama::AttnMask {
+                    scale: 0.3,
+                    window: Some(1),
+                },
+                llama::AttnMask {
+                    scale: 1.0 / (d as f32).sqrt(),
+                    window: Some(3),
+                },
+                llama::AttnMask {
+                    scale: 0.7,
+                    window: Some(n),
+                },
+                llama::AttnMask {
+                    scale: 0.7,
+                    window: Some(4 * n),
+                },
+            ];
+            for mask in masks {
+                let want = llama::attention(&q, &k, &v, n, heads, kv, d, mask);
+                let s = AttnShape {
+                    n,
+                    heads,
+                    kv_heads: kv,
+                    head_dim: d,
+                };
+                let mut probs = vec![0f32; heads * n * n];
+                let mut got = vec![0f32; n * heads * d];
+                attention_forward(s, mask, &q, &k, &v, &mut probs, &mut got);
+                let err = max_rel(&got, &want);
+                assert!(
+                    err < 1e-6,
+                    "attention {n}/{heads}/{kv}/{d} {mask:?}: rel err {err:e}"
+                );
+                // Every row of weights sums to 1 over exactly the keys it sees.
+                for (r, row) in probs.chunks(n).enumerate() {
+                    let i = r % n;
+                    let first = mask.first_key(i);
+                    assert!(row[..first].iter().chain(&row[i + 1..]).all(|&p| p == 0.0));
+                    assert!(row[first..=i].iter().all(|&p| p > 0.0));
+                    let sum: f32 = row.iter().sum();
+                    assert!((sum - 1.0).abs() < 1e-6, "{mask:?} row {r}: {sum}");
+                }
+            }
         }
     }
 
     #[test]
-    fn linear_and_swiglu_match_inference() {
+    fn linear_and_gated_mlp_match_inference() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(4);
         let (n, h, f) = (5, 24, 40);
-        let x = rand_vec(&mut rng, n * h);
+        // Inputs of ±3 so the gate reaches the tails of both activations.
+        let x: Vec<f32> = rand_vec(&mut rng, n * h).iter().map(|v| 3.0 * v).collect();
         let wg = rand_vec(&mut rng, f * h);
         let wu = rand_vec(&mut rng, f * h);
         let tg = Tensor::from_f32("g", vec![f, h], &wg);
@@ -594,10 +707,33 @@ mod tests {
         let want_lin = llama::linear(&x, n, &tg).unwrap();
         let g = linear_forward(&x, &wg, n);
         assert!(max_rel(&g, &want_lin) < 1e-6);
-        let want = llama::gated_mlp(&x, n, &tg, &tu, model::config::Activation::Silu).unwrap();
-        let got = swiglu_forward(&g, &linear_forward(&x, &wu, n));
-        let err = max_rel(&got, &want);
-        assert!(err < 1e-6, "swiglu rel err {err:e}");
+        let u = linear_forward(&x, &wu, n);
+        for act in [Activation::Silu, Activation::GeluTanh] {
+            let want = llama::gated_mlp(&x, n, &tg, &tu, act).unwrap();
+            let got = gated_forward(act, &g, &u);
+            let err = max_rel(&got, &want);
+            assert!(err < 1e-6, "{act:?} gated MLP rel err {err:e}");
+            // The activation itself is the inference path's, bit for bit.
+            for &v in &g {
+                assert_eq!(act_forward(act, v), llama::activate(act, v), "{act:?}({v})");
+            }
+        }
+    }
+
+    #[test]
+    fn activation_derivatives_match_finite_differences() {
+        for act in [Activation::Silu, Activation::GeluTanh] {
+            for i in -60..=60 {
+                let g = i as f64 * 0.1 + 0.013;
+                let step = 1e-6;
+                let fd = (act_forward(act, g + step) - act_forward(act, g - step)) / (2.0 * step);
+                let d = act_derivative(act, g);
+                assert!(
+                    (fd - d).abs() < 1e-8 * d.abs().max(1.0),
+                    "{act:?}'({g}): {d} vs finite differences {fd}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -1,25 +1,31 @@
-//! The trainable weights of a Llama-family model as plain dense vectors, and their
+//! The trainable weights of a decoder of any described architecture as plain
+//! dense vectors, and their
 //! gradients in the same container. Matrices are row-major `[out, in]` (a linear
 //! layer is `y = W·x`), Q/K rows in HF order, tensors named the GGUF way
 //! (`blk.N.attn_q.weight`) so an optimizer, a mask or a writer can walk them by
 //! name without knowing the architecture.
 //!
 //! Which block tensors exist is the architecture's description
-//! (`config.arch.block`, [`model::arch`]): every block has the nine Llama tensors;
-//! qwen2 adds q/k/v biases, qwen3 per-head q/k norm gains. A [`BlockParams`] has
-//! a field for each of them; those the architecture lacks are empty vectors and
-//! are not listed by [`Params::tensors`].
+//! (`config.arch.block`, [`model::arch`]): every block has the q/k/v/o
+//! projections and the gated MLP; Llama-family blocks add their two pre-norms,
+//! qwen2 q/k/v biases, qwen3 per-head q/k norm gains; gemma3 has pre- and
+//! post-norms and per-head q/k norms, olmo2 post-norms only and q/k norms over
+//! the whole projection. A [`BlockParams`] has a field for each of them; those
+//! the architecture lacks are empty vectors and are not listed by
+//! [`Params::tensors`].
 
 use crate::float::Float;
 use model::arch::{Role, Slot};
 use model::config::ModelConfig;
 use model::names;
 
-/// The weights of one decoder block. The optional attention tensors (`bq`, `bk`,
-/// `bv`, `q_norm`, `k_norm`) are empty when the architecture has no such tensor.
+/// The weights of one decoder block. The optional tensors (the norms, `bq`,
+/// `bk`, `bv`, `q_norm`, `k_norm`) are empty when the architecture has no such
+/// tensor.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockParams<T> {
-    /// Pre-attention RMSNorm gain `[hidden]`.
+    /// Pre-attention RMSNorm gain `[hidden]`; empty when the attention reads
+    /// the residual stream itself (olmo2).
     pub attn_norm: Vec<T>,
     /// Query projection `[n_heads·head_dim, hidden]`.
     pub wq: Vec<T>,
@@ -29,11 +35,12 @@ pub struct BlockParams<T> {
     pub wv: Vec<T>,
     /// Attention output projection `[hidden, n_heads·head_dim]`.
     pub wo: Vec<T>,
-    /// Pre-MLP RMSNorm gain `[hidden]`.
+    /// Pre-MLP RMSNorm gain `[hidden]`; empty when the MLP reads the stream
+    /// itself (olmo2).
     pub ffn_norm: Vec<T>,
-    /// SwiGLU gate projection `[ffn, hidden]`.
+    /// Gate projection of the gated MLP (SwiGLU or GeGLU) `[ffn, hidden]`.
     pub w_gate: Vec<T>,
-    /// SwiGLU up projection `[ffn, hidden]`.
+    /// Up projection of the gated MLP `[ffn, hidden]`.
     pub w_up: Vec<T>,
     /// MLP down projection `[hidden, ffn]`.
     pub w_down: Vec<T>,
@@ -44,10 +51,12 @@ pub struct BlockParams<T> {
     pub bk: Vec<T>,
     /// Value bias `[n_kv·head_dim]` (qwen2); empty when none.
     pub bv: Vec<T>,
-    /// Per-head query RMSNorm gain `[head_dim]` (qwen3), applied to each head's
-    /// query after the projection and before RoPE; empty when none.
+    /// Query RMSNorm gain, applied after the projection and before RoPE: per
+    /// head `[head_dim]` (qwen3, gemma3) or over the whole projection
+    /// `[n_heads·head_dim]` (olmo2); empty when none.
     pub q_norm: Vec<T>,
-    /// Per-head key RMSNorm gain `[head_dim]` (qwen3); empty when none.
+    /// Key RMSNorm gain, per head `[head_dim]` or over the whole projection
+    /// `[n_kv·head_dim]`; empty when none.
     pub k_norm: Vec<T>,
     /// RMSNorm gain on the attention output before the residual add `[hidden]`
     /// (gemma3, olmo2); empty when none.
@@ -392,9 +401,30 @@ mod tests {
             let qwen2 = c.arch == &model::arch::QWEN2;
             let qwen3 = c.arch == &model::arch::QWEN3;
             for b in &p.blocks {
-                assert_eq!(b.bq.len(), if qwen2 { c.q_dim() } else { 0 });
-                assert_eq!(b.bv.len(), if qwen2 { c.kv_dim() } else { 0 });
-                assert_eq!(b.k_norm.len(), if qwen3 { c.head_dim } else { 0 });
+                if qwen2 || qwen3 || c.arch == &model::arch::LLAMA {
+                    assert_eq!(b.bq.len(), if qwen2 { c.q_dim() } else { 0 });
+                    assert_eq!(b.bv.len(), if qwen2 { c.kv_dim() } else { 0 });
+                    assert_eq!(b.k_norm.len(), if qwen3 { c.head_dim } else { 0 });
+                }
+                // Every field is as long as its slot's shape, empty without one
+                // (absent pre-norms of olmo2 included).
+                for spec_slot in [
+                    Slot::AttnNorm,
+                    Slot::FfnNorm,
+                    Slot::AttnPostNorm,
+                    Slot::FfnPostNorm,
+                    Slot::QBias,
+                    Slot::KBias,
+                    Slot::VBias,
+                    Slot::QNorm,
+                    Slot::KNorm,
+                ] {
+                    let want = c
+                        .arch
+                        .slot(spec_slot)
+                        .map_or(0, |s| s.shape.iter().map(|d| d.size(&c)).product());
+                    assert_eq!(b.slot(spec_slot).len(), want, "{spec_slot:?}");
+                }
             }
         }
         // Llama 3 rope scaling stored as `rope_freqs.weight` is named by the file
