@@ -24,7 +24,8 @@ use std::path::Path;
 /// What to cut.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cuts {
-    /// Query heads removed per block (a multiple of the key/value heads).
+    /// Query heads removed per block: a multiple of the key/value heads in
+    /// grouped-query attention; in multi-head attention their keys and values go too.
     pub heads: usize,
     /// Fraction of each block's FFN channels removed.
     pub ffn: f64,
@@ -61,16 +62,38 @@ fn kept(n: usize, fraction: f64, align: usize, what: &str) -> Result<usize> {
     Ok(keep)
 }
 
+/// Whether every query head has its own key/value head (multi-head attention:
+/// OLMo 2, Llama 2 7B), so a head goes with its keys and values.
+fn multi_head(c: &ModelConfig) -> bool {
+    c.num_key_value_heads == c.num_attention_heads
+}
+
+/// The query heads that stay: in grouped-query attention the same number
+/// leaves every group; in multi-head attention a head leaves with its own key
+/// and value head.
+fn kept_heads(c: &ModelConfig, scores: &[f64], remove: usize) -> Result<Vec<usize>> {
+    if !multi_head(c) {
+        return heads_to_keep(scores, c.num_key_value_heads, remove);
+    }
+    if remove >= scores.len() {
+        bail!(
+            "removing {remove} of {} heads leaves none; at most {} can go",
+            scores.len(),
+            scores.len() - 1
+        );
+    }
+    Ok(keep_highest(scores, remove))
+}
+
 /// The smaller config, checked against the model before any work.
 pub fn plan_config(c: &ModelConfig, cuts: &Cuts) -> Result<ModelConfig> {
     let mut n = c.clone();
     if cuts.heads > 0 {
-        heads_to_keep(
-            &vec![0.0; c.num_attention_heads],
-            c.num_key_value_heads,
-            cuts.heads,
-        )?;
+        kept_heads(c, &vec![0.0; c.num_attention_heads], cuts.heads)?;
         n.num_attention_heads -= cuts.heads;
+        if multi_head(c) {
+            n.num_key_value_heads -= cuts.heads;
+        }
     }
     if cuts.layers > 0 {
         let kept = blocks_to_keep(&vec![0.0; c.num_hidden_layers], cuts.layers)?;
@@ -330,7 +353,7 @@ pub fn run(
                 .to_f32()?;
             let ch = input_channel_scores(&wo, &o_in[l]);
             let per_head: Vec<f64> = ch.chunks(hd).map(|h| h.iter().sum()).collect();
-            heads_to_keep(&per_head, c.num_key_value_heads, cuts.heads)?
+            kept_heads(c, &per_head, cuts.heads)?
         } else {
             (0..c.num_attention_heads).collect()
         };
@@ -356,6 +379,12 @@ pub fn run(
         match (d, nl) {
             (Dim::Hidden, _) => width.clone(),
             (Dim::Ffn, Some(nl)) if cuts.ffn > 0.0 => Some(keep.ffn[nl].clone()),
+            (Dim::KvDim, Some(nl)) if cuts.heads > 0 && multi_head(c) => Some(
+                keep.heads[nl]
+                    .iter()
+                    .flat_map(|&h| h * hd..(h + 1) * hd)
+                    .collect(),
+            ),
             (Dim::QDim, Some(nl)) if cuts.heads > 0 => Some(
                 keep.heads[nl]
                     .iter()

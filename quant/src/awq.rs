@@ -22,7 +22,7 @@
 use crate::gptq::{rtn, Grid};
 use anyhow::{Context, Result};
 use kernels::GgmlType;
-use model::arch::Slot;
+use model::arch::{Arch, Slot};
 use model::calib::factor::output_error;
 use model::llama::BlockWeights;
 use model::Tensor;
@@ -156,6 +156,50 @@ pub struct Fold<'s> {
     pub scales: &'s [f32],
 }
 
+/// What AWQ does on `arch`, for the log: which linears' input scales fold into
+/// what (the description's exact folds), and which linears are only rounded
+/// because nothing before them can absorb a scale exactly.
+pub fn folds_said(arch: &Arch) -> String {
+    let short = |slot: Slot| {
+        arch.slot(slot).map_or(format!("{slot:?}"), |s| {
+            s.gguf.trim_end_matches(".weight").to_owned()
+        })
+    };
+    let folded: Vec<Slot> = arch
+        .scale_folds
+        .iter()
+        .flat_map(|(_, to)| to.iter().copied())
+        .collect();
+    let folds: Vec<String> = arch
+        .scale_folds
+        .iter()
+        .map(|&(from, to)| {
+            let to: Vec<String> = to.iter().map(|&s| short(s)).collect();
+            format!("{} into {}", to.join(", "), short(from))
+        })
+        .collect();
+    let plain: Vec<String> = arch
+        .block
+        .iter()
+        .filter(|s| s.role == model::arch::Role::Linear)
+        .filter_map(|s| s.slot)
+        .filter(|s| !folded.contains(s))
+        .map(short)
+        .collect();
+    let mut said = format!(
+        "AWQ on a '{}' model folds the input scales of {}",
+        arch.name,
+        folds.join("; ")
+    );
+    if !plain.is_empty() {
+        said += &format!(
+            "; {} get no scales (nothing before them absorbs one exactly) and are only rounded",
+            plain.join(", ")
+        );
+    }
+    said
+}
+
 /// Folds scales into a block, each fold as the architecture's description lists
 /// it (`scale_folds`): weight columns times the scale, the producer of their
 /// input divided by it. The float block computes the same function, up to
@@ -207,6 +251,13 @@ pub fn fold(w: &BlockWeights, folds: &[Fold]) -> Result<BlockWeights<'static>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_folds_are_said_with_what_is_left_unscaled() {
+        let s = folds_said(&model::arch::LLAMA);
+        assert!(s.contains("attn_q, attn_k, attn_v into attn_norm"), "{s}");
+        assert!(s.contains("attn_output get no scales"), "{s}");
+    }
 
     #[test]
     fn scaling_helps_when_a_few_channels_carry_the_activations() {

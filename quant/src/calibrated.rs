@@ -186,6 +186,7 @@ pub fn awq_model(
             arch.gguf_name
         );
     }
+    eprintln!("{}", awq::folds_said(arch));
     for &(from, to) in folds {
         let groups: Vec<_> = to.iter().map(|&s| group_of(s)).collect();
         if groups.iter().any(|g| g.is_none() || *g != groups[0]) {
