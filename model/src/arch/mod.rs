@@ -16,12 +16,14 @@
 
 mod llama;
 mod mistral;
+mod olmo2;
 mod qwen2;
 mod qwen3;
 mod smollm3;
 
 pub use llama::LLAMA;
 pub use mistral::MISTRAL;
+pub use olmo2::OLMO2;
 pub use qwen2::QWEN2;
 pub use qwen3::QWEN3;
 pub use smollm3::SMOLLM3;
@@ -32,7 +34,7 @@ use anyhow::Result;
 use serde_json::Value;
 
 /// Every supported architecture (the registration table).
-pub static ARCHES: &[&Arch] = &[&LLAMA, &QWEN2, &QWEN3, &MISTRAL, &SMOLLM3];
+pub static ARCHES: &[&Arch] = &[&LLAMA, &QWEN2, &QWEN3, &MISTRAL, &SMOLLM3, &OLMO2];
 
 /// What a tensor is for: decides whether stages may change it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
