@@ -103,14 +103,6 @@ pub fn plan_config(c: &ModelConfig, cuts: &Cuts) -> Result<ModelConfig> {
     if cuts.ffn > 0.0 {
         n.intermediate_size = kept(c.intermediate_size, cuts.ffn, ALIGN, "ffn")?;
     }
-    if cuts.width > 0.0 && c.embedding_scale().is_some() {
-        bail!(
-            "--width: a '{}' model multiplies its embeddings by √hidden_size, so a narrower model would \
-             scale them differently (its head is the same table, so the change cannot be folded into the \
-             weights); cut heads, MLP channels or layers instead",
-            c.arch.name
-        );
-    }
     if cuts.width > 0.0 {
         // HF transformers insists on a hidden size that the query heads divide
         // (even with head_dim given); 8 keeps rows SIMD-friendly.
@@ -423,11 +415,29 @@ pub fn run(
         .map(|s| (s.name.clone(), s.shape.clone()))
         .collect();
     let mut writer = DenseWriter::create(model, &new, &declared, output, dtype)?;
+    // An embedding scaled by √hidden (Gemma) would shrink with the width: the
+    // table grows by √(old/new) to keep what the blocks see, and a tied head's
+    // final-norm gain shrinks by as much to keep the logits.
+    let regain = match (c.embedding_scale(), new.embedding_scale()) {
+        (Some(old), Some(now)) if old != now => Some(old / now),
+        _ => None,
+    };
+    let (embedding, final_norm) = (
+        c.arch.global_name(Role::Embedding),
+        c.arch.global_name(Role::Norm),
+    );
     for (i, s) in slices.iter().enumerate() {
         let t = model.tensor(&s.source)?;
         let values = finite_weights(model, &s.source, &t)?;
         let cols = *t.shape.last().unwrap_or(&1);
-        let out = gather(&values, cols, s.rows.as_deref(), s.cols.as_deref());
+        let mut out = gather(&values, cols, s.rows.as_deref(), s.cols.as_deref());
+        if let Some(k) = regain {
+            if s.name == embedding {
+                out.iter_mut().for_each(|v| *v *= k);
+            } else if s.name == final_norm && new.tie_word_embeddings {
+                out.iter_mut().for_each(|v| *v /= k);
+            }
+        }
         debug_assert_eq!(out.len(), s.shape.iter().product::<usize>(), "{}", s.name);
         writer.write(&s.name, &s.shape, &out)?;
         progress("write", i + 1, slices.len());

@@ -187,7 +187,7 @@ pub fn folds_said(arch: &Arch) -> String {
         .map(short)
         .collect();
     let mut said = format!(
-        "AWQ on a '{}' model folds the input scales of {}",
+        "AWQ ({}): folds the input scales of {}",
         arch.name,
         folds.join("; ")
     );

@@ -89,6 +89,18 @@ pub fn gptq_model(
     let mut step = |name: &str, w: &Tensor, input: &LayerInput, t: &mut Timings| {
         let (rows, cols) = (w.shape[0], w.shape[1]);
         let grid = grid_of(name);
+        if let Grid::Gguf(ty) = grid {
+            if ty.is_float() {
+                // Planned in float (no block of the type fits its rows): stored
+                // as that float, which the later layers see.
+                let values = finite_weights(model, name, w)?;
+                let bytes = crate::gguf_quantize::quantize_matrix(&values, cols, ty, None)?;
+                let mut stored = vec![0f32; values.len()];
+                kernels::quants::dequantize(ty, &bytes, &mut stored)?;
+                sink(name, Item::Dense(values))?;
+                return Ok(f32_tensor(name, rows, cols, &stored));
+            }
+        }
         grid.check(cols, name)?;
         let values = finite_weights(model, name, w)?;
         let (q, stats) = gptq::gptq_factored(&values, input.factored(), &grid, opts)
@@ -368,11 +380,21 @@ pub fn calibrated_to_gguf(
     for l in 0..model.config.num_hidden_layers {
         for s in model.config.arch.linears() {
             let t = planned(&names::block(l, s))?;
-            if gptq::Grid::Gguf(t.ty).check(t.shape[1], &t.name).is_err() {
+            if t.ty.is_float() && matches!(method, Calibrated::Gptq(..)) {
+                // GPTQ leaves it in float; the layers after it see that.
+                eprintln!(
+                    "'{}' stays {}: no block of the mix fits its {} columns",
+                    t.name, t.ty, t.shape[1]
+                );
+            } else if gptq::Grid::Gguf(t.ty).check(t.shape[1], &t.name).is_err() {
                 bail!(
-                    "'{}' is planned as {}: GPTQ needs a block-quantized type that fits its {} columns",
+                    "'{}' is planned as {}: {} needs a block-quantized type that fits its {} columns",
                     t.name,
                     t.ty,
+                    match method {
+                        Calibrated::Gptq(..) => "GPTQ",
+                        Calibrated::Awq => "AWQ",
+                    },
                     t.shape[1]
                 );
             }
