@@ -14,6 +14,7 @@
 //! [`Role::kept_float`] which to leave alone, and [`Arch::block_tensor`] what a
 //! name means.
 
+mod gemma3;
 mod llama;
 mod mistral;
 mod olmo2;
@@ -21,6 +22,7 @@ mod qwen2;
 mod qwen3;
 mod smollm3;
 
+pub use gemma3::GEMMA3;
 pub use llama::LLAMA;
 pub use mistral::MISTRAL;
 pub use olmo2::OLMO2;
@@ -34,7 +36,7 @@ use anyhow::Result;
 use serde_json::Value;
 
 /// Every supported architecture (the registration table).
-pub static ARCHES: &[&Arch] = &[&LLAMA, &QWEN2, &QWEN3, &MISTRAL, &SMOLLM3, &OLMO2];
+pub static ARCHES: &[&Arch] = &[&LLAMA, &QWEN2, &QWEN3, &MISTRAL, &SMOLLM3, &OLMO2, &GEMMA3];
 
 /// What a tensor is for: decides whether stages may change it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
