@@ -540,7 +540,7 @@ fn run_ok_or_refused(args: &[&str]) -> Result<String, String> {
     }
 }
 
-/// Bad hyperparameters of the issue-17 families are refused before anything
+/// Bad hyperparameters of the Gemma 3, SmolLM3 and Mistral families are refused before anything
 /// is written, with one error naming the key: `layer_types` of the wrong
 /// length, a window of 0, a Gemma GGUF without the sliding layers' RoPE base.
 #[test]

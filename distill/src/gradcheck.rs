@@ -4,7 +4,7 @@
 //! against central finite differences in f64 for every element of every tensor,
 //! and the f32 path against the f64 one. Every check runs on a tiny llama, a
 //! tiny qwen2 (q/k/v biases) and a tiny qwen3 (per-head q/k norms, heads wider
-//! than `hidden / heads`), and on the issue-17 shapes: a Gemma-3-like model
+//! than `hidden / heads`), and on the newer families' shapes: a Gemma-3-like model
 //! (pre- and post-norms, GELU-tanh, embedding scale, `query_pre_attn_scalar`,
 //! a sliding layer with its own RoPE base beside a global one), an OLMo-2-like
 //! one (no pre-norms, post-norms, q/k norms over the whole projection) and a
@@ -356,7 +356,7 @@ fn forward_rejects_bad_input() {
     let mut p = random_params::<f32>(&c, 5);
     p.blocks[0].attn_norm = vec![1.0; c.hidden_size];
     let e = forward(&p, &[1, 2]).unwrap_err().to_string();
-    assert!(e.contains("AttnNorm") && e.contains("test-olmo"), "{e}");
+    assert!(e.contains("AttnNorm") && e.contains("olmo2"), "{e}");
     // A whole-projection q norm of per-head width is refused by its shape.
     let mut p = random_params::<f32>(&c, 5);
     p.blocks[0].q_norm.truncate(c.head_dim);

@@ -80,12 +80,17 @@ mod tests {
     fn fixture_logits_match_the_inference_path_for_every_architecture() {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/arch");
         let tokens: Vec<u32> = (1..=20).collect();
-        for (name, arch) in [
-            ("qwen2", &model::arch::QWEN2),
-            ("qwen3", &model::arch::QWEN3),
-            ("llama3", &model::arch::LLAMA),
+        // A Mistral GGUF is a `llama` one: llama.cpp reads no window from it.
+        for (name, hf_arch, gguf_arch) in [
+            ("qwen2", &model::arch::QWEN2, &model::arch::QWEN2),
+            ("qwen3", &model::arch::QWEN3, &model::arch::QWEN3),
+            ("llama3", &model::arch::LLAMA, &model::arch::LLAMA),
+            ("mistral", &model::arch::MISTRAL, &model::arch::LLAMA),
+            ("smollm3", &model::arch::SMOLLM3, &model::arch::SMOLLM3),
+            ("olmo2", &model::arch::OLMO2, &model::arch::OLMO2),
+            ("gemma3", &model::arch::GEMMA3, &model::arch::GEMMA3),
         ] {
-            for file in ["", "model.gguf"] {
+            for (file, arch) in [("", hf_arch), ("model.gguf", gguf_arch)] {
                 let path = root.join(name).join(file);
                 let m = Model::open(&path).unwrap();
                 assert_eq!(m.config.arch, arch, "{}", path.display());
@@ -104,9 +109,9 @@ mod tests {
 
     /// A model of config `c` whose weights are `p`, read from an HF-layout
     /// safetensors file in `dir` written from `p` the way the dense writer does
-    /// (HF names, norm gains less the description's offset). The issue-17 test
-    /// descriptions are not registered, so the model is put together here
-    /// instead of opened from a folder.
+    /// (HF names, norm gains less the description's offset). The tiny configs
+    /// have no `config.json`, so the model is put together here instead of
+    /// opened from a folder.
     fn model_holding(c: &model::ModelConfig, p: &Params<f32>, dir: &Path) -> Model {
         use model::checkpoint::Checkpoint;
         use model::safetensors_file::{Dtype, SafetensorsSet, SafetensorsWriter};
@@ -145,14 +150,14 @@ mod tests {
     }
 
     #[test]
-    fn issue17_shapes_load_and_match_the_inference_path() {
+    fn newer_family_shapes_load_and_match_the_inference_path() {
         // Gemma-like (pre+post norms, GELU-tanh, embedding scale, attention
         // scalar, a sliding layer with its own RoPE base), OLMo-like (no
         // pre-norms, whole-projection q/k norms), SmolLM3/Mistral-like (NoPE
         // layer, windows): Model::logits is the inference graph itself.
         let tokens: Vec<u32> = vec![3, 7, 1, 3, 10, 2, 5, 9, 0, 4];
         let root = std::env::temp_dir().join(format!("distill-load-{}", std::process::id()));
-        for c in crate::testutil::issue17_tiny_configs() {
+        for c in crate::testutil::newer_family_configs() {
             let name = format!(
                 "{}-{}",
                 c.arch.name,

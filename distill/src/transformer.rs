@@ -214,7 +214,7 @@ fn check_shapes<T: Float>(p: &Params<T>) -> Result<()> {
         ] {
             if p.config.arch.slot(slot).is_none() && !b.slot(slot).is_empty() {
                 bail!(
-                    "block {l} has a {slot:?} tensor, which a '{}' model does not have",
+                    "block {l} has a tensor for the {slot:?} slot, which the '{}' architecture does not have",
                     p.config.arch.gguf_name
                 );
             }
