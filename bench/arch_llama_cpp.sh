@@ -7,12 +7,12 @@
 # chunks of CTX tokens of the evaluation text. Equal perplexities mean llama.cpp
 # loaded our metadata and tensors and computes the model we read from them.
 #
-# Usage: bench/arch_llama_cpp.sh [--ctx 64] [--chunks 8] [--kv f32|f16] [ARCH...]
+# Usage: bench/arch_llama_cpp.sh [--ctx 64] [--chunks 8] [--kv f16|f32] [ARCH...]
 #
-# --kv f32 (the default) keeps llama.cpp's KV cache in f32 and flash attention
-# off, so that what is left is its activation rounding (ggml's CPU GELU goes
-# through an f16 table: Gemma 3 differs by that); --kv f16 is llama.cpp's default
-# cache. Needs target/release/compress (cargo build --release -p compress), the
+# --kv f16 (the default) is llama.cpp's default KV cache; --kv f32 keeps it in
+# f32 with flash attention off, so that what is left is llama.cpp's activation
+# rounding (8-bit activations in its Q8_0 dot products; ggml's CPU GELU goes
+# through an f16 table). Needs target/release/compress (cargo build --release -p compress), the
 # evaluation text (compress fetch) and llama.cpp's tools
 # (scripts/build-llama-cpp.sh). Prints a Markdown table and writes
 # bench/results/arch_llama_cpp.json. About 1 minute on 2 cores.
@@ -20,7 +20,7 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-ctx=64 chunks=8 kv=f32 arches=()
+ctx=64 chunks=8 kv=f16 arches=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --ctx) ctx="$2"; shift 2 ;;

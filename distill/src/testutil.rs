@@ -56,6 +56,7 @@ pub fn tiny_arch_config(arch: &'static Arch, tied: bool, head_dim: usize) -> Mod
         tie_word_embeddings: tied,
         bos_token_id: None,
         eos_token_id: None,
+        pad_token_id: None,
         hidden_act: model::config::Activation::Silu,
         sliding_window: None,
         layer_types: vec![model::config::LayerType::GLOBAL; 2],

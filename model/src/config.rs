@@ -206,6 +206,10 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// End-of-sequence token.
     pub eos_token_id: Option<u32>,
+    /// Padding token. Written to `config.json` even when unknown (as `null`):
+    /// left out, transformers falls back to its class default (SmolLM3's is
+    /// 128004), which may lie outside a smaller vocabulary.
+    pub pad_token_id: Option<u32>,
     /// The MLP's gate activation.
     pub hidden_act: Activation,
     /// Positions a sliding layer sees, itself included (query i sees keys
@@ -333,6 +337,7 @@ impl ModelConfig {
             tie_word_embeddings: g.tensor(arch.global_name(Role::Head)).is_none(),
             bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
             eos_token_id: token_id("tokenizer.ggml.eos_token_id")?,
+            pad_token_id: token_id("tokenizer.ggml.padding_token_id")?,
             hidden_act: Activation::Silu,
             sliding_window: None,
             layer_types: vec![LayerType::GLOBAL; n_layers],
@@ -491,6 +496,7 @@ impl ModelConfig {
             tie_word_embeddings: flag("tie_word_embeddings")?,
             bos_token_id: opt_u64("bos_token_id")?.map(|x| x as u32),
             eos_token_id: eos.map(|x| x as u32),
+            pad_token_id: opt_u64("pad_token_id")?.map(|x| x as u32),
             hidden_act,
             sliding_window: None,
             layer_types: vec![LayerType::GLOBAL; n_layers],
@@ -688,6 +694,7 @@ impl ModelConfig {
             "vocab_size": self.vocab_size,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
             "initializer_range": 0.02,
             "use_cache": true,
             "torch_dtype": torch_dtype,
@@ -795,5 +802,17 @@ mod tests {
         let out = c.to_hf_json("bfloat16").unwrap();
         assert_eq!(out["architectures"][0], "Qwen2ForCausalLM");
         assert_eq!(ModelConfig::from_hf_json(&out).unwrap(), c);
+    }
+
+    #[test]
+    fn pad_token_is_carried_and_written_as_null_when_unknown() {
+        let mut v = smol();
+        let c = ModelConfig::from_hf_json(&v).unwrap();
+        assert_eq!(c.pad_token_id, None);
+        let out = c.to_hf_json("float32").unwrap();
+        assert!(out.get("pad_token_id").is_some_and(Value::is_null), "{out}");
+        v["pad_token_id"] = json!(7);
+        let c = ModelConfig::from_hf_json(&v).unwrap();
+        assert_eq!(c.to_hf_json("float32").unwrap()["pad_token_id"], 7);
     }
 }

@@ -402,6 +402,7 @@ mod tests {
             tie_word_embeddings: true,
             bos_token_id: Some(1),
             eos_token_id: Some(2),
+            pad_token_id: None,
             hidden_act: model::config::Activation::Silu,
             sliding_window: None,
             layer_types: vec![model::config::LayerType::GLOBAL; 30],

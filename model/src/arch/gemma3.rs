@@ -257,9 +257,17 @@ fn read_hf(v: &Value, c: &mut ModelConfig) -> Result<()> {
 }
 
 fn hf_extra(c: &ModelConfig) -> Map<String, Value> {
+    // transformers 5 types the field as an integer and refuses `256.0`.
+    let scalar = c.query_pre_attn_scalar.map(|s| {
+        if s.fract() == 0.0 && s.abs() < 1e15 {
+            json!(s as i64)
+        } else {
+            json!(s)
+        }
+    });
     let v = json!({
         "hidden_activation": c.hidden_act.hf_name(),
-        "query_pre_attn_scalar": c.query_pre_attn_scalar,
+        "query_pre_attn_scalar": scalar,
         "rope_local_base_freq": c.rope_local_theta.unwrap_or(c.rope_theta),
         "sliding_window": c.sliding_window,
         "layer_types": hf_layer_types(c),
@@ -425,7 +433,9 @@ mod tests {
             v5.layer_rope_frequencies(5).unwrap()[1],
             1e6f64.powf(-2.0 / 8.0) / 8.0
         );
-        let back = ModelConfig::from_hf_json(&v5.to_hf_json("float32").unwrap()).unwrap();
+        let written = v5.to_hf_json("float32").unwrap();
+        assert!(written["query_pre_attn_scalar"].is_u64(), "{written}");
+        let back = ModelConfig::from_hf_json(&written).unwrap();
         assert_eq!(back, v5);
         // Another pattern is written to GGUF; llama.cpp's default is not.
         assert_eq!(gguf_extra(&v5).len(), 2);
