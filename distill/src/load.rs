@@ -20,6 +20,7 @@ impl Params<f32> {
     /// Every weight of `model` as dense f32, shaped by `model.config` (tied head
     /// when the config ties it).
     pub fn from_model(model: &Model) -> Result<Self> {
+        model.config.refuse_moe("distillation")?;
         let mut p = Params::<f32>::zeros(&model.config);
         for t in p.tensors_mut() {
             let src = model

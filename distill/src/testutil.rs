@@ -62,6 +62,7 @@ pub fn tiny_arch_config(arch: &'static Arch, tied: bool, head_dim: usize) -> Mod
         layer_types: vec![model::config::LayerType::GLOBAL; 2],
         rope_local_theta: None,
         query_pre_attn_scalar: None,
+        moe: None,
     };
     c.validate().expect("tiny config is consistent");
     c

@@ -38,6 +38,8 @@ pub fn output_fidelity(
     ctx: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<LayerFidelity>> {
+    base.config
+        .refuse_moe("per-layer output fidelity (--calib)")?;
     let layers = base.config.num_hidden_layers;
     let mut names = Vec::new();
     for layer in 0..layers {

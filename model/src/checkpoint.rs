@@ -7,7 +7,7 @@ use crate::config::ModelConfig;
 use crate::gguf::GgufFile;
 use crate::hf_quant::HfQuantized;
 use crate::names;
-use crate::safetensors_file::SafetensorsSet;
+use crate::safetensors_file::{Dtype, SafetensorsSet};
 use crate::sparse_ct::SparseLinears;
 use crate::tokenizer::{GgufVocab, Tokenizer};
 use anyhow::{bail, Context, Result};
@@ -58,6 +58,39 @@ impl Tensor<'_> {
             shape: self.shape.clone(),
             data: Cow::Borrowed(&self.data),
         }
+    }
+
+    /// Expert `e` of a routed experts' tensor `[experts, rows, cols]`: a view of
+    /// its `[rows, cols]` matrix.
+    pub fn expert(&self, e: usize) -> Result<Tensor<'_>> {
+        let &[experts, rows, cols] = self.shape.as_slice() else {
+            bail!(
+                "tensor '{}' has shape {:?}, expected [experts, rows, cols]",
+                self.name,
+                self.shape
+            );
+        };
+        if e >= experts {
+            bail!("expert {e} of tensor '{}', which has {experts}", self.name);
+        }
+        let per = self.ty.bytes_for(rows * cols).with_context(|| {
+            format!(
+                "tensor '{}': {rows} × {cols} is no whole number of {} blocks",
+                self.name, self.ty
+            )
+        })?;
+        let data = self.data.get(e * per..(e + 1) * per).with_context(|| {
+            format!(
+                "tensor '{}' holds too few bytes for {experts} experts",
+                self.name
+            )
+        })?;
+        Ok(Tensor {
+            name: format!("{} (expert {e})", self.name),
+            ty: self.ty,
+            shape: vec![rows, cols],
+            data: Cow::Borrowed(data),
+        })
     }
 
     /// An owned tensor holding `values` as F32.
@@ -277,15 +310,28 @@ impl Model {
             Checkpoint::Safetensors(_) if self.quantized.is_some() || self.sparse.is_some() => {
                 Vec::new()
             }
-            Checkpoint::Safetensors(s) => s
-                .names()
-                .filter(|hf| !names::ignorable_hf(hf))
-                .filter(|hf| {
-                    arch.canonical_from_hf(hf)
-                        .is_none_or(|c| !known.contains(&c))
-                })
-                .map(str::to_owned)
-                .collect(),
+            Checkpoint::Safetensors(s) => {
+                let experts = self.config.moe.as_ref().map_or(0, |m| m.experts);
+                if let Some((hf, e)) = s.names().find_map(|hf| {
+                    arch.hf_expert_index(hf)
+                        .filter(|&e| e >= experts)
+                        .map(|e| (hf, e))
+                }) {
+                    bail!(
+                        "{}: tensor '{hf}' belongs to expert {e}, but the config has {experts} experts (0…{})",
+                        self.path.display(),
+                        experts.saturating_sub(1)
+                    );
+                }
+                s.names()
+                    .filter(|hf| !names::ignorable_hf(hf))
+                    .filter(|hf| {
+                        arch.canonical_from_hf(hf)
+                            .is_none_or(|c| !known.contains(&c))
+                    })
+                    .map(str::to_owned)
+                    .collect()
+            }
         };
         if let Some(first) = unknown.first() {
             bail!(
@@ -322,6 +368,43 @@ impl Model {
         (norm && off != 0.0).then_some(off)
     }
 
+    /// The HF tensors, one per expert, that canonical tensor `name` stacks, when
+    /// it is a routed experts' tensor of an HF checkpoint.
+    fn hf_expert_parts(&self, name: &str) -> Option<Vec<String>> {
+        let m = self.config.moe.as_ref()?;
+        self.config.arch.hf_expert_names(name, m.experts)
+    }
+
+    /// Type and shape `[experts, …]` of the HF per-expert tensors `parts`, which
+    /// must all be there with one type and one shape.
+    fn stacked_meta(&self, s: &SafetensorsSet, parts: &[String]) -> Result<(GgmlType, Vec<usize>)> {
+        let path = self.path.display();
+        let mut first: Option<(&String, Dtype, Vec<usize>)> = None;
+        for hf in parts {
+            let (e, _) = s
+                .get(hf)
+                .with_context(|| format!("{path}: tensor '{hf}' is missing"))?;
+            match &first {
+                None => first = Some((hf, e.dtype, e.shape.clone())),
+                Some((f, dtype, shape)) if *dtype != e.dtype || *shape != e.shape => bail!(
+                    "{path}: tensor '{hf}' is {} {:?} but '{f}' is {} {shape:?}: one expert's tensors must match another's",
+                    e.dtype.name(),
+                    e.shape,
+                    dtype.name()
+                ),
+                Some(_) => {}
+            }
+        }
+        let (hf, dtype, shape) = first.context("a mixture of experts with no experts")?;
+        let ty = dtype.as_ggml().with_context(|| {
+            format!(
+                "{path}: tensor '{hf}' has dtype {}, expected F32, F16 or BF16",
+                dtype.name()
+            )
+        })?;
+        Ok((ty, [vec![parts.len()], shape].concat()))
+    }
+
     /// Storage type and HF-order shape of a tensor, without touching its data.
     pub fn tensor_meta(&self, name: &str) -> Result<(GgmlType, Vec<usize>)> {
         match &self.checkpoint {
@@ -342,6 +425,9 @@ impl Model {
                 }
                 if let Some(f) = self.implied_rope_freqs(name) {
                     return Ok((GgmlType::F32, vec![f.len()]));
+                }
+                if let Some(parts) = self.hf_expert_parts(name) {
+                    return self.stacked_meta(s, &parts);
                 }
                 let hf = self.config.arch.hf_name(name)?;
                 let (e, _) = s.get(&hf).with_context(|| {
@@ -383,6 +469,16 @@ impl Model {
                 }
                 _ => match self.implied_rope_freqs(name) {
                     Some(f) => Cow::Owned(f.iter().flat_map(|v| v.to_le_bytes()).collect()),
+                    None if self.hf_expert_parts(name).is_some() => {
+                        let parts = self.hf_expert_parts(name).expect("checked");
+                        Cow::Owned(
+                            parts
+                                .iter()
+                                .flat_map(|hf| s.get(hf).expect("checked by tensor_meta").1)
+                                .copied()
+                                .collect(),
+                        )
+                    }
                     None => {
                         let hf = self.config.arch.hf_name(name)?;
                         let (e, bytes) = s.get(&hf).expect("checked by tensor_meta");

@@ -223,6 +223,26 @@ pub struct ModelConfig {
     /// Attention scores are scaled by `query_pre_attn_scalar^−½` (Gemma);
     /// `head_dim^−½` when unset.
     pub query_pre_attn_scalar: Option<f64>,
+    /// The routed experts that replace every block's MLP (mixture-of-experts
+    /// architectures); `None` for a dense MLP.
+    pub moe: Option<MoeConfig>,
+}
+
+/// A mixture-of-experts MLP: a router scores every token against `experts`
+/// gated MLPs of width `expert_ffn`, and the `used` best of them run on it,
+/// their outputs summed with the router's softmax probabilities as weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    /// Routed experts per block (HF `num_experts` / `num_local_experts`, GGUF
+    /// `expert_count`).
+    pub experts: usize,
+    /// Experts each token runs through (`num_experts_per_tok`, `expert_used_count`).
+    pub used: usize,
+    /// One expert's intermediate size.
+    pub expert_ffn: usize,
+    /// Whether the chosen experts' probabilities are renormalised to sum to 1
+    /// (`norm_topk_prob`; Mixtral's softmax over the chosen logits is the same).
+    pub norm_topk_prob: bool,
 }
 
 impl ModelConfig {
@@ -343,6 +363,7 @@ impl ModelConfig {
             layer_types: vec![LayerType::GLOBAL; n_layers],
             rope_local_theta: None,
             query_pre_attn_scalar: None,
+            moe: None,
         };
         (arch.read_gguf)(g, &mut cfg).with_context(|| format!("{path}: {name} hyperparameters"))?;
         cfg.validate()
@@ -502,6 +523,7 @@ impl ModelConfig {
             layer_types: vec![LayerType::GLOBAL; n_layers],
             rope_local_theta: None,
             query_pre_attn_scalar: None,
+            moe: None,
         };
         (arch.read_hf)(v, &mut cfg)?;
         // A window the description did not take up would be silently dropped.
@@ -579,6 +601,17 @@ impl ModelConfig {
                 bail!("the sliding layers' RoPE base is {t}, expected a positive number");
             }
         }
+        if let Some(m) = &self.moe {
+            if m.experts == 0 || m.expert_ffn == 0 || m.used == 0 || m.used > m.experts {
+                bail!(
+                    "the mixture of experts routes each token to {} of {} experts of width {}: \
+                     expected at least one expert used, no more than there are, and a positive width",
+                    m.used,
+                    m.experts,
+                    m.expert_ffn
+                );
+            }
+        }
         if let Some(RopeScaling::FreqFactors(f)) = &self.rope_scaling {
             if f.len() != self.head_dim / 2 {
                 bail!(
@@ -590,6 +623,22 @@ impl ModelConfig {
             }
         }
         Ok(())
+    }
+
+    /// Refuses a mixture-of-experts model in a stage that does not yet handle
+    /// routed experts (per-expert statistics, per-expert HF tensors), rather than
+    /// treating the stacked experts as one matrix.
+    pub fn refuse_moe(&self, stage: &str) -> Result<()> {
+        match &self.moe {
+            None => Ok(()),
+            Some(m) => bail!(
+                "{stage} does not handle mixture-of-experts models yet (this '{}' model routes each token to {} of {} experts); \
+                 `compress eval` and `compress quantize --type` (GGUF, without an imatrix) do",
+                self.arch.name,
+                m.used,
+                m.experts
+            ),
+        }
     }
 
     /// Width of the query projection output.
@@ -671,6 +720,7 @@ impl ModelConfig {
     /// transformers 5 and vLLM read too); refused when the RoPE scaling cannot be
     /// expressed there.
     pub fn to_hf_json(&self, torch_dtype: &str) -> Result<Value> {
+        self.refuse_moe("writing an HF folder")?;
         let rope_scaling = match &self.rope_scaling {
             None => Value::Null,
             Some(s) => s.to_hf()?,

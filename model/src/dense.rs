@@ -83,6 +83,9 @@ fn refuse_input_folder(model: &Model, out_file: &Path) -> Result<PathBuf> {
 /// Converts `input` to safetensors at `output` with weights of type `dtype`.
 pub fn convert(input: &Path, output: &Path, dtype: GgmlType) -> Result<()> {
     let model = Model::open(input)?;
+    // The config computes what HF stores no tensor for (RoPE factors); its
+    // writer refuses what it cannot express, before the output folder exists.
+    let config = serde_json::to_string_pretty(&model.config.to_hf_json(torch_dtype(dtype))?)?;
     let out_file = output_file(output)?;
     if same_file(&model.path, &out_file) {
         bail!(
@@ -92,9 +95,6 @@ pub fn convert(input: &Path, output: &Path, dtype: GgmlType) -> Result<()> {
     }
     let out_dir = refuse_input_folder(&model, &out_file)?;
     let st_dtype = Dtype::from_ggml(dtype).expect("convert writes float types");
-    // The config computes what HF stores no tensor for (RoPE factors); its
-    // writer refuses what it cannot express.
-    let config = serde_json::to_string_pretty(&model.config.to_hf_json(torch_dtype(dtype))?)?;
     let arch = model.config.arch;
     let names: Vec<String> = model
         .tensor_names()
@@ -179,11 +179,11 @@ impl DenseWriter {
                 out: DenseOut::Gguf(GgufWriter::create(output, &metadata, &decls)?),
             });
         }
+        // Checked before anything is written: the config must be expressible.
+        config.to_hf_json(torch_dtype(dtype))?;
         let file = output_file(output)?;
         let dir = refuse_input_folder(model, &file)?;
         let st = Dtype::from_ggml(dtype).expect("a float type");
-        // Checked before anything is written: the config must be expressible.
-        config.to_hf_json(torch_dtype(dtype))?;
         // HF stores no tensor for what its config computes (RoPE factors).
         let decl = tensors
             .iter()

@@ -85,6 +85,9 @@ pub struct BlockWeights<'a> {
     pub down: Tensor<'a>,
     /// Biases and per-head norms of the attention, where the architecture has them.
     pub extras: AttnExtras,
+    /// The router `[experts, hidden]` of a mixture-of-experts block; `gate`,
+    /// `up` and `down` then stack the experts' matrices (`[experts, …]`).
+    pub router: Option<Vec<f32>>,
 }
 
 impl<'a> BlockWeights<'a> {
@@ -118,6 +121,7 @@ impl<'a> BlockWeights<'a> {
             up: self.up.borrowed(),
             down: self.down.borrowed(),
             extras: self.extras.clone(),
+            router: self.router.clone(),
         }
     }
 
@@ -161,6 +165,33 @@ impl<'a> BlockWeights<'a> {
         }
         Ok(())
     }
+}
+
+/// Each token's experts and their weights from router scores `scores`
+/// (`n × experts`): the softmax over all experts, the `used` most probable
+/// (the lower index first on a tie), renormalised to sum to 1 when the config
+/// says so. `n × used` pairs (expert, weight), each token's best first.
+pub fn route(scores: &[f32], m: &crate::config::MoeConfig) -> Vec<(usize, f32)> {
+    scores
+        .chunks(m.experts)
+        .flat_map(|row| {
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let exp: Vec<f32> = row.iter().map(|&s| (s - max).exp()).collect();
+            let sum: f32 = exp.iter().sum();
+            let mut order: Vec<usize> = (0..m.experts).collect();
+            order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
+            let chosen = &order[..m.used];
+            let norm = if m.norm_topk_prob {
+                chosen.iter().map(|&e| exp[e]).sum()
+            } else {
+                sum
+            };
+            chosen
+                .iter()
+                .map(|&e| (e, exp[e] / norm))
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// Adds `bias` to every row of `x`.
@@ -444,6 +475,13 @@ impl Model {
                 q_norm: vector(Slot::QNorm)?,
                 k_norm: vector(Slot::KNorm)?,
             },
+            router: match arch.router() {
+                None => None,
+                Some(spec) => Some(
+                    self.tensor(&crate::names::block(layer, spec.gguf))?
+                        .to_f32()?,
+                ),
+            },
         })
     }
 
@@ -552,10 +590,17 @@ impl Model {
             }
             2 => {
                 let act = self.config.hidden_act;
-                cursor.input = gated_mlp(&cursor.input, n, &w.gate, &w.up, act)?;
+                cursor.input = match &w.router {
+                    // The experts' summed output: group 3 only adds it.
+                    Some(router) => self.moe_mlp(w, router, &cursor.input, n)?,
+                    None => gated_mlp(&cursor.input, n, &w.gate, &w.up, act)?,
+                };
             }
             3 => {
-                let d = linear(&cursor.input, n, &w.down)?;
+                let d = match w.router {
+                    Some(_) => std::mem::take(&mut cursor.input),
+                    None => linear(&cursor.input, n, &w.down)?,
+                };
                 self.add_branch(&mut cursor.x, d, &w.ffn_post_norm);
                 cursor.input = Vec::new();
             }
@@ -563,6 +608,55 @@ impl Model {
         }
         cursor.group += 1;
         Ok(())
+    }
+
+    /// A mixture-of-experts MLP on its input `h` (`n × hidden`): each token's
+    /// router probabilities, its `used` best experts, and the sum of their gated
+    /// MLPs' outputs weighted by those probabilities. Only routed experts run,
+    /// each once on all the tokens routed to it.
+    fn moe_mlp(&self, w: &BlockWeights, router: &[f32], h: &[f32], n: usize) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let m = c
+            .moe
+            .as_ref()
+            .context("a block with a router but no experts in the config")?;
+        let hidden = c.hidden_size;
+        let scores = linear(
+            h,
+            n,
+            &Tensor::from_f32("router", vec![m.experts, hidden], router),
+        )?;
+        let routes = route(&scores, m);
+        let mut out = vec![0f32; n * hidden];
+        for e in 0..m.experts {
+            let tokens: Vec<(usize, f32)> = routes
+                .chunks(m.used)
+                .enumerate()
+                .filter_map(|(t, r)| r.iter().find(|x| x.0 == e).map(|x| (t, x.1)))
+                .collect();
+            if tokens.is_empty() {
+                continue;
+            }
+            let x: Vec<f32> = tokens
+                .iter()
+                .flat_map(|&(t, _)| &h[t * hidden..(t + 1) * hidden])
+                .copied()
+                .collect();
+            let a = gated_mlp(
+                &x,
+                tokens.len(),
+                &w.gate.expert(e)?,
+                &w.up.expert(e)?,
+                c.hidden_act,
+            )?;
+            let y = linear(&a, tokens.len(), &w.down.expert(e)?)?;
+            for (&(t, weight), row) in tokens.iter().zip(y.chunks(hidden)) {
+                for (o, v) in out[t * hidden..(t + 1) * hidden].iter_mut().zip(row) {
+                    *o += weight * v;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The attention mixer of block `w.layer` on its input `h` (`n` positions
@@ -645,6 +739,27 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routing_picks_the_most_probable_experts_and_weights_them() {
+        let mut m = crate::config::MoeConfig {
+            experts: 4,
+            used: 2,
+            expert_ffn: 1,
+            norm_topk_prob: false,
+        };
+        // Token 0: experts 2 and 0 lead; token 1: a tie between 1 and 3 goes to 1.
+        let scores = [1.0f32, 0.0, 2.0, -1.0, 0.0, 0.5, 0.0, 0.5];
+        let p = |row: &[f32], e: usize| row[e].exp() / row.iter().map(|x| x.exp()).sum::<f32>();
+        let r = route(&scores, &m);
+        assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), [2, 0, 1, 3]);
+        assert!((r[0].1 - p(&scores[..4], 2)).abs() < 1e-6);
+        assert!((r[1].1 - p(&scores[..4], 0)).abs() < 1e-6);
+        m.norm_topk_prob = true;
+        let r = route(&scores, &m);
+        assert!((r[0].1 + r[1].1 - 1.0).abs() < 1e-6 && (r[2].1 - 0.5).abs() < 1e-6);
+        assert!((r[0].1 - 1.0 / (1.0 + (-1f32).exp())).abs() < 1e-6);
+    }
 
     #[test]
     fn rope_rotates_pairs_by_position() {

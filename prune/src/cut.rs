@@ -302,6 +302,7 @@ pub fn run(
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<StructuredReport> {
     let c = &model.config;
+    c.refuse_moe("structured pruning")?;
     let mut new = plan_config(c, cuts)?;
     let hd = c.head_dim;
 

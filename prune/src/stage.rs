@@ -149,6 +149,7 @@ pub fn prune_model(
     opts: &PruneOptions,
     output: &Path,
 ) -> Result<PruneOutcome> {
+    model.config.refuse_moe("pruning")?;
     let pattern = opts.pattern;
     let method = opts.method;
     let blocks = model.config.num_hidden_layers;

@@ -223,6 +223,7 @@ pub fn fold(w: &BlockWeights, folds: &[Fold]) -> Result<BlockWeights<'static>> {
         up: m(&w.up)?,
         down: m(&w.down)?,
         extras: w.extras.clone(),
+        router: w.router.clone(),
     };
     for f in folds {
         for &slot in f.to {

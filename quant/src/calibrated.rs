@@ -367,6 +367,9 @@ pub fn calibrated_to_gguf(
     out: &Path,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(QuantizeReport, Vec<LayerReport>, Timings)> {
+    model
+        .config
+        .refuse_moe("calibrated quantization (GPTQ, AWQ)")?;
     let start = Instant::now();
     let by_name: HashMap<&str, &PlannedTensor> =
         plan.iter().map(|t| (t.name.as_str(), t)).collect();
@@ -519,6 +522,9 @@ pub fn calibrated_to_hf(
     grid_of: &dyn Fn(&str) -> Grid,
     method: Calibrated,
 ) -> Result<(Vec<LayerReport>, Timings)> {
+    model
+        .config
+        .refuse_moe("calibrated quantization (GPTQ, AWQ)")?;
     let mut writer = HfQuantWriter::create(dir, model, format, cfg)?;
     let order = writer.order().to_vec();
     let mut next = 0usize;

@@ -408,6 +408,7 @@ mod tests {
             layer_types: vec![model::config::LayerType::GLOBAL; 30],
             rope_local_theta: None,
             query_pre_attn_scalar: None,
+            moe: None,
         }
     }
 

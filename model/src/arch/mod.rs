@@ -17,17 +17,24 @@
 mod gemma3;
 mod llama;
 mod mistral;
+mod mixtral;
+mod moe;
 mod olmo2;
+mod olmoe;
 mod qwen2;
 mod qwen3;
+mod qwen3_moe;
 mod smollm3;
 
 pub use gemma3::GEMMA3;
 pub use llama::LLAMA;
 pub use mistral::MISTRAL;
+pub use mixtral::MIXTRAL;
 pub use olmo2::OLMO2;
+pub use olmoe::OLMOE;
 pub use qwen2::QWEN2;
 pub use qwen3::QWEN3;
+pub use qwen3_moe::QWEN3_MOE;
 pub use smollm3::SMOLLM3;
 
 use crate::config::ModelConfig;
@@ -36,7 +43,9 @@ use anyhow::Result;
 use serde_json::Value;
 
 /// Every supported architecture (the registration table).
-pub static ARCHES: &[&Arch] = &[&LLAMA, &QWEN2, &QWEN3, &MISTRAL, &SMOLLM3, &OLMO2, &GEMMA3];
+pub static ARCHES: &[&Arch] = &[
+    &LLAMA, &QWEN2, &QWEN3, &MISTRAL, &SMOLLM3, &OLMO2, &GEMMA3, &QWEN3_MOE, &MIXTRAL, &OLMOE,
+];
 
 /// What a tensor is for: decides whether stages may change it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +65,9 @@ pub enum Role {
     /// RoPE frequency divisors (`rope_freqs.weight`, GGUF only: HF computes them
     /// from `rope_scaling`).
     RopeFreqs,
+    /// A mixture-of-experts block's router `[experts, hidden]`: kept in float,
+    /// as llama.cpp keeps `ffn_gate_inp` (a rounded router picks other experts).
+    Router,
 }
 
 impl Role {
@@ -66,6 +78,7 @@ impl Role {
             Role::Norm | Role::QkNorm => Some("norm gain"),
             Role::Bias => Some("bias"),
             Role::RopeFreqs => Some("RoPE frequency factors"),
+            Role::Router => Some("expert router"),
             Role::Embedding | Role::Linear | Role::Head => None,
         }
     }
@@ -127,6 +140,10 @@ pub enum Dim {
     HeadDim,
     /// `head_dim / 2` (one RoPE frequency per pair).
     HalfHeadDim,
+    /// The routed experts of a mixture-of-experts block.
+    Experts,
+    /// One routed expert's intermediate size.
+    ExpertFfn,
 }
 
 impl Dim {
@@ -140,6 +157,8 @@ impl Dim {
             Dim::KvDim => c.kv_dim(),
             Dim::HeadDim => c.head_dim,
             Dim::HalfHeadDim => c.head_dim / 2,
+            Dim::Experts => c.moe.as_ref().map_or(0, |m| m.experts),
+            Dim::ExpertFfn => c.moe.as_ref().map_or(0, |m| m.expert_ffn),
         }
     }
 }
@@ -150,7 +169,9 @@ pub struct TensorSpec {
     /// GGUF name (block tensors: the suffix after `blk.N.`).
     pub gguf: &'static str,
     /// HF name (block tensors: the suffix after `model.layers.N.`); empty when HF
-    /// has no such tensor.
+    /// has no such tensor. A routed experts' tensor, which GGUF stacks into one
+    /// `[experts, …]` tensor and HF stores one per expert, names the expert `{e}`
+    /// (`mlp.experts.{e}.gate_proj.weight`).
     pub hf: &'static str,
     /// What it is for.
     pub role: Role,
@@ -448,6 +469,19 @@ pub(crate) const LLAMA_FOLDS: &[(Slot, &[Slot])] = &[
     (Slot::Up, &[Slot::Down]),
 ];
 
+/// The placeholder for the expert number in a per-expert HF name.
+const EXPERT: &str = "{e}";
+
+/// The expert number in HF suffix `suffix` if it is `pattern` with its `{e}`
+/// filled in.
+fn expert_of(pattern: &str, suffix: &str) -> Option<usize> {
+    let (before, after) = pattern.split_once(EXPERT)?;
+    let e = suffix.strip_prefix(before)?.strip_suffix(after)?;
+    (!e.is_empty() && e.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| e.parse().ok())
+        .flatten()
+}
+
 /// Architectures are registered statics, one per name.
 impl PartialEq for Arch {
     fn eq(&self, other: &Self) -> bool {
@@ -536,8 +570,40 @@ impl Arch {
         let rest = hf.strip_prefix("model.layers.")?;
         let (layer, suffix) = rest.split_once('.')?;
         let layer: usize = layer.parse().ok()?;
-        let spec = self.block.iter().find(|s| s.hf == suffix)?;
+        let spec = self
+            .block
+            .iter()
+            .find(|s| s.hf == suffix || expert_of(s.hf, suffix).is_some())?;
         Some(crate::names::block(layer, spec.gguf))
+    }
+
+    /// The HF names of a canonical routed-experts tensor, one per expert, or
+    /// `None` when the tensor is not stored per expert in HF.
+    pub fn hf_expert_names(&self, canonical: &str, experts: usize) -> Option<Vec<String>> {
+        let (layer, suffix) = split_block(canonical)?;
+        let spec = self.block_tensor(suffix)?;
+        spec.hf.contains(EXPERT).then(|| {
+            (0..experts)
+                .map(|e| {
+                    format!(
+                        "model.layers.{layer}.{}",
+                        spec.hf.replace(EXPERT, &e.to_string())
+                    )
+                })
+                .collect()
+        })
+    }
+
+    /// The expert number of a per-expert HF tensor name.
+    pub fn hf_expert_index(&self, hf: &str) -> Option<usize> {
+        let rest = hf.strip_prefix("model.layers.")?;
+        let (_, suffix) = rest.split_once('.')?;
+        self.block.iter().find_map(|s| expert_of(s.hf, suffix))
+    }
+
+    /// The router's spec, for a mixture-of-experts architecture.
+    pub fn router(&self) -> Option<&'static TensorSpec> {
+        self.block.iter().find(|s| s.role == Role::Router)
     }
 
     /// HF name of a canonical (GGUF) tensor name, if HF has such a tensor.
@@ -545,7 +611,8 @@ impl Arch {
         match split_block(name) {
             Some((layer, suffix)) => {
                 let spec = self.block_tensor(suffix)?;
-                Some(format!("model.layers.{layer}.{}", spec.hf))
+                // Stored one per expert: see `hf_expert_names`.
+                (!spec.hf.contains(EXPERT)).then(|| format!("model.layers.{layer}.{}", spec.hf))
             }
             None => {
                 let spec = self.global(name)?;
@@ -607,8 +674,18 @@ mod tests {
         for arch in ARCHES {
             for spec in arch.block {
                 let name = crate::names::block(3, spec.gguf);
-                let hf = arch.hf_from_canonical(&name).unwrap();
-                assert_eq!(arch.canonical_from_hf(&hf).as_deref(), Some(name.as_str()));
+                // Routed experts: one HF tensor per expert, all back to the stack.
+                let hfs = match arch.hf_expert_names(&name, 4) {
+                    Some(per_expert) => {
+                        assert_eq!(arch.hf_from_canonical(&name), None);
+                        assert_eq!(arch.hf_expert_index(&per_expert[2]), Some(2));
+                        per_expert
+                    }
+                    None => vec![arch.hf_from_canonical(&name).unwrap()],
+                };
+                for hf in hfs {
+                    assert_eq!(arch.canonical_from_hf(&hf).as_deref(), Some(name.as_str()));
+                }
             }
             for spec in arch.globals.iter().filter(|s| !s.hf.is_empty()) {
                 let hf = arch.hf_from_canonical(spec.gguf).unwrap();
@@ -616,17 +693,28 @@ mod tests {
             }
             assert_eq!(arch.canonical_from_hf("model.rotary_emb.inv_freq"), None);
             assert_eq!(Arch::from_hf_model_type(arch.hf_model_type()), Some(*arch));
+            let mlp = if arch.router().is_some() {
+                [
+                    "ffn_gate_exps.weight",
+                    "ffn_up_exps.weight",
+                    "ffn_down_exps.weight",
+                ]
+            } else {
+                ["ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"]
+            };
             assert_eq!(
                 arch.linears().collect::<Vec<_>>(),
                 [
-                    "attn_q.weight",
-                    "attn_k.weight",
-                    "attn_v.weight",
-                    "attn_output.weight",
-                    "ffn_gate.weight",
-                    "ffn_up.weight",
-                    "ffn_down.weight"
+                    [
+                        "attn_q.weight",
+                        "attn_k.weight",
+                        "attn_v.weight",
+                        "attn_output.weight"
+                    ]
+                    .as_slice(),
+                    &mlp
                 ]
+                .concat()
             );
         }
         assert_eq!(

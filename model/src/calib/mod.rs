@@ -80,6 +80,9 @@ impl Imatrix {
         dataset: &str,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
+        model
+            .config
+            .refuse_moe("the importance matrix (per-expert statistics)")?;
         if ctx < 2 {
             bail!("--ctx {ctx} is too small");
         }

@@ -141,6 +141,7 @@ pub fn sequential_blocks(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Timings> {
     let c = &model.config;
+    c.refuse_moe("calibration (GPTQ, AWQ, Wanda, SparseGPT, structured cuts)")?;
     let arch = c.arch;
     let n = samples.first().map_or(0, Vec::len);
     let mut t = Timings::default();

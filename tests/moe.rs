@@ -1,0 +1,341 @@
+//! Mixture-of-experts descriptions against an independent implementation: tiny
+//! random-weight Qwen3-MoE, Mixtral and OLMoE models made by HF transformers
+//! (`scripts/make-moe-fixtures.py`, committed under `tests/fixtures/moe/`), read
+//! from their HF folders (one tensor per expert) and from the GGUF files
+//! llama.cpp's own `convert_hf_to_gguf.py` made of them (experts stacked). Our
+//! logits must match transformers' to 1e-4 of the largest logit on an input
+//! that routes a token to every expert and on one that leaves some expert
+//! without any, and the tokens we route to each expert must be the ones
+//! transformers' router chose.
+
+use e2e::{compress, output_text, repo_root};
+use model::llama::route;
+use model::safetensors_file::SafetensorsSet;
+use model::Model;
+use std::path::{Path, PathBuf};
+
+const MOE: [&str; 3] = ["qwen3_moe", "mixtral", "olmoe"];
+
+fn fixture(name: &str) -> PathBuf {
+    repo_root().join("tests/fixtures/moe").join(name)
+}
+
+/// Tensor `key` of fixture `name`'s reference file as 32-bit words.
+fn reference_words(name: &str, key: &str) -> Vec<[u8; 4]> {
+    let set = SafetensorsSet::open(&fixture(name).join("reference.safetensors")).unwrap();
+    let (_, bytes) = set.get(key).unwrap_or_else(|| panic!("{name}: no '{key}'"));
+    bytes
+        .chunks_exact(4)
+        .map(|b| b.try_into().unwrap())
+        .collect()
+}
+
+fn reference_ints(name: &str, key: &str) -> Vec<usize> {
+    reference_words(name, key)
+        .into_iter()
+        .map(|b| i32::from_le_bytes(b) as usize)
+        .collect()
+}
+
+fn reference_floats(name: &str, key: &str) -> Vec<f32> {
+    reference_words(name, key)
+        .into_iter()
+        .map(f32::from_le_bytes)
+        .collect()
+}
+
+/// The two inputs: (tokens key, logits key, counts key).
+const INPUTS: [(&str, &str, &str); 2] = [
+    ("tokens", "logits", "expert_token_counts"),
+    (
+        "tokens_starved",
+        "logits_starved",
+        "expert_token_counts_starved",
+    ),
+];
+
+fn rel_max_error(ours: &[f32], reference: &[f32]) -> f64 {
+    assert_eq!(ours.len(), reference.len());
+    let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+    let err = ours
+        .iter()
+        .zip(reference)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs())) as f64;
+    err / scale
+}
+
+#[test]
+fn logits_match_transformers_from_hf_and_from_llama_cpp_gguf() {
+    for name in MOE {
+        for path in [fixture(name), fixture(name).join("model.gguf")] {
+            let model = Model::open(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            assert_eq!(model.config.arch.name, name, "{}", path.display());
+            for (tokens_key, logits_key, _) in INPUTS {
+                let tokens: Vec<u32> = reference_ints(name, tokens_key)
+                    .into_iter()
+                    .map(|t| t as u32)
+                    .collect();
+                let got = model.logits(&tokens, 0).unwrap();
+                let err = rel_max_error(&got, &reference_floats(name, logits_key));
+                eprintln!(
+                    "{} {tokens_key}: max error / max logit = {err:.2e}",
+                    path.display()
+                );
+                assert!(err < 1e-4, "{} {tokens_key}: {err:e}", path.display());
+            }
+        }
+    }
+}
+
+/// Tokens per expert of every block: the router run on the MLP's input as the
+/// forward pass computes it, counted with the inference path's own [`route`].
+fn expert_token_counts(model: &Model, tokens: &[u32]) -> Vec<Vec<usize>> {
+    let c = &model.config;
+    let m = c.moe.as_ref().expect("a mixture of experts");
+    let n = tokens.len();
+    let mut x = model.embed(tokens).unwrap();
+    let mut counts = Vec::new();
+    for layer in 0..c.num_hidden_layers {
+        let w = model.block_weights(layer).unwrap();
+        let mut cursor = model.block_start(&w, x, n);
+        // Attention and its output projection: the cursor then holds the MLP input.
+        model.block_step(&w, &mut cursor).unwrap();
+        model.block_step(&w, &mut cursor).unwrap();
+        let router = model::checkpoint::Tensor::from_f32(
+            "router",
+            vec![m.experts, c.hidden_size],
+            w.router.as_ref().unwrap(),
+        );
+        let scores = model::llama::linear(cursor.input(), n, &router).unwrap();
+        let mut per_expert = vec![0; m.experts];
+        for (e, _) in route(&scores, m) {
+            per_expert[e] += 1;
+        }
+        counts.push(per_expert);
+        model.block_step(&w, &mut cursor).unwrap();
+        model.block_step(&w, &mut cursor).unwrap();
+        x = cursor.into_residual();
+    }
+    counts
+}
+
+#[test]
+fn every_expert_gets_the_tokens_transformers_routes_to_it() {
+    for name in MOE {
+        for path in [fixture(name), fixture(name).join("model.gguf")] {
+            let model = Model::open(&path).unwrap();
+            for (tokens_key, _, counts_key) in INPUTS {
+                let tokens: Vec<u32> = reference_ints(name, tokens_key)
+                    .into_iter()
+                    .map(|t| t as u32)
+                    .collect();
+                let ours: Vec<usize> = expert_token_counts(&model, &tokens).concat();
+                let theirs = reference_ints(name, counts_key);
+                assert_eq!(ours, theirs, "{} {tokens_key}", path.display());
+                if tokens_key == "tokens" {
+                    assert!(
+                        ours.iter().all(|&c| c > 0),
+                        "{name}: an expert got no token"
+                    );
+                } else {
+                    assert!(ours.contains(&0), "{name}: no expert was starved");
+                }
+            }
+        }
+    }
+}
+
+/// Copies fixture `name`'s HF folder with its config edited by `edit`.
+fn with_config(name: &str, edit: &dyn Fn(&mut serde_json::Value)) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let src = fixture(name);
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(src.join(f), d.path().join(f)).unwrap();
+    }
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(d.path().join("config.json"), v.to_string()).unwrap();
+    d
+}
+
+fn open_error(path: &Path) -> String {
+    match Model::open(path) {
+        Ok(_) => panic!("{} opened", path.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn expert_counts_that_contradict_the_tensors_are_refused_by_name() {
+    // A config with fewer or more experts than the router's rows.
+    for (name, experts) in [("qwen3_moe", 5), ("mixtral", 5)] {
+        let d = with_config(name, &|v| v["num_local_experts"] = experts.into());
+        let e = open_error(d.path());
+        assert!(
+            e.contains("tensor 'blk.0.ffn_gate_inp.weight' has shape")
+                && e.contains(&format!("the config implies [{experts}, 64]")),
+            "{name}: {e}"
+        );
+    }
+    // More experts used than there are.
+    let d = with_config("olmoe", &|v| v["num_experts_per_tok"] = 7.into());
+    let e = open_error(d.path());
+    assert!(e.contains("7 of 6 experts"), "{e}");
+    // A missing expert count.
+    let d = with_config("olmoe", &|v| {
+        v.as_object_mut().unwrap().remove("num_experts");
+    });
+    let e = open_error(d.path());
+    assert!(e.contains("'num_experts'"), "{e}");
+    // An expert tensor beyond the config's experts, and a missing one.
+    use model::safetensors_file::SafetensorsWriter;
+    let src = fixture("olmoe");
+    let set = SafetensorsSet::open(&src.join("model.safetensors")).unwrap();
+    let extra = "model.layers.1.mlp.experts.6.up_proj.weight";
+    let dropped = "model.layers.1.mlp.experts.3.down_proj.weight";
+    for (add, drop, says) in [
+        (
+            Some(extra),
+            None,
+            format!("tensor '{extra}' belongs to expert 6, but the config has 6 experts"),
+        ),
+        (
+            None,
+            Some(dropped),
+            format!("tensor '{dropped}' is missing"),
+        ),
+    ] {
+        let d = with_config("olmoe", &|_| {});
+        let file = d.path().join("model.safetensors");
+        std::fs::remove_file(&file).unwrap();
+        let mut decls: Vec<_> = set
+            .names()
+            .filter(|n| Some(*n) != drop)
+            .map(|n| {
+                let (e, _) = set.get(n).unwrap();
+                (n.to_owned(), e.dtype, e.shape.clone())
+            })
+            .collect();
+        let template = "model.layers.1.mlp.experts.0.up_proj.weight";
+        if let Some(add) = add {
+            let (e, _) = set.get(template).unwrap();
+            decls.push((add.to_owned(), e.dtype, e.shape.clone()));
+        }
+        let mut w = SafetensorsWriter::create(&file, &decls, &Default::default()).unwrap();
+        for (n, ..) in &decls {
+            let from = if Some(n.as_str()) == add {
+                template
+            } else {
+                n.as_str()
+            };
+            w.write(n, set.get(from).unwrap().1).unwrap();
+        }
+        w.finish().unwrap();
+        let e = open_error(d.path());
+        assert!(e.contains(&says), "expected '{says}' in: {e}");
+    }
+}
+
+#[test]
+fn stages_without_expert_support_refuse_without_output() {
+    let calib = e2e::asset("calib.txt");
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture("qwen3_moe");
+    let b = base.to_str().unwrap();
+    for (args, says) in [
+        (
+            vec![
+                "quantize", b, "--method", "gptq", "--bits", "4", "--group", "32",
+            ],
+            "does not handle mixture-of-experts models yet",
+        ),
+        (
+            vec!["prune", b, "--heads", "2"],
+            "structured pruning does not handle mixture-of-experts models yet",
+        ),
+        (
+            vec!["convert", b],
+            "writing an HF folder does not handle mixture-of-experts models yet",
+        ),
+    ] {
+        let out = dir.path().join("out");
+        let mut args = args.clone();
+        args.extend(["-o", out.to_str().unwrap()]);
+        if args[0] != "convert" {
+            args.extend([
+                "--calib",
+                calib.to_str().unwrap(),
+                "--samples",
+                "2",
+                "--seq",
+                "32",
+            ]);
+        }
+        let o = compress(&args);
+        let text = output_text(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {text}");
+        assert!(text.contains(says), "{args:?}: {text}");
+        assert!(!text.contains("panicked"), "{text}");
+        assert!(!out.exists(), "{args:?} left {}", out.display());
+    }
+}
+
+#[test]
+fn gguf_writing_stacks_the_experts_and_keeps_the_router_in_float() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in MOE {
+        let tokens: Vec<u32> = reference_ints(name, "tokens")
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
+        let want = reference_floats(name, "logits");
+        for ty in ["F32", "Q8_0"] {
+            let out = dir.path().join(format!("{name}.{ty}.gguf"));
+            let o = compress(&[
+                "quantize",
+                fixture(name).to_str().unwrap(),
+                "--type",
+                ty,
+                "-o",
+                out.to_str().unwrap(),
+            ]);
+            assert!(o.status.success(), "{name} {ty}: {}", output_text(&o));
+            let model = Model::open(&out).unwrap();
+            assert_eq!(model.config.arch.name, name);
+            let model::checkpoint::Checkpoint::Gguf(g) = &model.checkpoint else {
+                unreachable!("a GGUF file")
+            };
+            for t in &g.tensors {
+                if t.name.ends_with("ffn_gate_inp.weight") {
+                    assert_eq!(t.ty, kernels::GgmlType::F32, "{name}: {}", t.name);
+                } else if t.name.contains("_exps.") {
+                    assert_eq!(t.ty.to_string(), ty, "{name}: {}", t.name);
+                    assert_eq!(t.shape().len(), 3, "{name}: {}", t.name);
+                }
+            }
+            let got = model.logits(&tokens, 0).unwrap();
+            let err = rel_max_error(&got, &want);
+            let vocab = model.config.vocab_size;
+            let argmax = |row: &[f32]| (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b]));
+            let same = got
+                .chunks(vocab)
+                .zip(want.chunks(vocab))
+                .filter(|(a, b)| argmax(a) == argmax(b))
+                .count() as f64
+                / tokens.len() as f64;
+            eprintln!("{name} {ty}: max error / max logit = {err:.2e}, same top-1 {same:.3}");
+            if ty == "F32" {
+                assert!(err < 1e-4, "{name} {ty}: {err:e}");
+            } else {
+                // Q8_0's rounding may move a token to another expert, which
+                // changes that token's logits by far more than 8 bits do.
+                assert!(same >= 0.75, "{name} {ty}: same top-1 on {same}");
+            }
+        }
+    }
+}
