@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Does llama.cpp run the GGUF files we write for every architecture, and compute
-# what we compute from them? For each fixture in tests/fixtures/arch/ (tiny
-# random-weight models made by HF transformers), `compress quantize` writes an F32
+# what we compute from them? For each fixture in tests/fixtures/arch/ and
+# tests/fixtures/moe/ (tiny random-weight models made by HF transformers), `compress quantize` writes an F32
 # and a Q8_0 GGUF from the HF folder; `compress eval` and llama.cpp's own
 # `llama-perplexity` then measure each file's perplexity on the first CHUNKS
 # chunks of CTX tokens of the evaluation text. Equal perplexities mean llama.cpp
@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
         *) arches+=("$1"); shift ;;
     esac
 done
-[ ${#arches[@]} -gt 0 ] || arches=(llama3 qwen2 qwen3 mistral smollm3 olmo2 gemma3)
+[ ${#arches[@]} -gt 0 ] || arches=(llama3 qwen2 qwen3 mistral smollm3 olmo2 gemma3 qwen3_moe mixtral olmoe)
 
 compress="$root/target/release/compress"
 llama="${LLAMA_CPP_DIR:-$root/.cache/llama.cpp}/bin/llama-perplexity"
@@ -46,11 +46,13 @@ esac
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
+[ -n "${KEEP_WORK:-}" ] && trap - EXIT
 rows="$work/rows.jsonl"
 : >"$rows"
 for arch in "${arches[@]}"; do
     src="tests/fixtures/arch/$arch"
-    [ -d "$src" ] || { echo "arch_llama_cpp: no fixture $src" >&2; exit 1; }
+    [ -d "$src" ] || src="tests/fixtures/moe/$arch"
+    [ -d "$src" ] || { echo "arch_llama_cpp: no fixture $arch in tests/fixtures/arch or moe" >&2; exit 1; }
     for type in F32 Q8_0; do
         gguf="$work/$arch-$type.gguf"
         "$compress" quantize "$src" --type "$type" -o "$gguf" >"$work/quantize.log" 2>&1 ||
@@ -58,9 +60,16 @@ for arch in "${arches[@]}"; do
         ours=$("$compress" eval --text "$text" --ctx "$ctx" --chunks "$chunks" --json "$gguf" 2>/dev/null |
             python3 -c 'import json,sys; print(json.load(sys.stdin)["perplexity"]["perplexity"])')
         log="$work/$arch-$type.log"
-        "$llama" -m "$gguf" -f "$text" -c "$ctx" --chunks "$chunks" -t 2 "${kv_args[@]}" >"$log" 2>&1 ||
-            { tail -n 20 "$log" >&2; echo "arch_llama_cpp: llama-perplexity failed on $arch $type" >&2; exit 1; }
-        theirs=$(sed -n 's/.*Final estimate: PPL = \([0-9.]*\).*/\1/p' "$log")
+        # Seen here on a loaded machine: llama-perplexity exiting 0 after its first
+        # chunk, without its final line (dense and MoE files alike); retried.
+        theirs=
+        for _ in 1 2 3; do
+            "$llama" -m "$gguf" -f "$text" -c "$ctx" --chunks "$chunks" -t 2 "${kv_args[@]}" >"$log" 2>&1 ||
+                { tail -n 20 "$log" >&2; echo "arch_llama_cpp: llama-perplexity failed on $arch $type" >&2; exit 1; }
+            theirs=$(sed -n 's/.*Final estimate: PPL = \([0-9.]*\).*/\1/p' "$log")
+            [ -z "$theirs" ] || break
+        done
+        [ -n "$theirs" ] || { tail -n 20 "$log" >&2; echo "arch_llama_cpp: no final estimate for $arch $type" >&2; exit 1; }
         notes=$(grep '^note:' "$work/quantize.log" | tr '\n' ' ' || true)
         python3 - "$arch" "$type" "$ours" "$theirs" "$notes" >>"$rows" <<'EOF'
 import json, sys
