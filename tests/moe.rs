@@ -9,7 +9,6 @@
 //! transformers' router chose.
 
 use e2e::{compress, output_text, repo_root};
-use model::llama::route;
 use model::safetensors_file::SafetensorsSet;
 use model::Model;
 use std::path::{Path, PathBuf};
@@ -88,7 +87,8 @@ fn logits_match_transformers_from_hf_and_from_llama_cpp_gguf() {
 }
 
 /// Tokens per expert of every block: the router run on the MLP's input as the
-/// forward pass computes it, counted with the inference path's own [`route`].
+/// forward pass computes it, routed by the inference path's own
+/// [`Model::expert_routes`].
 fn expert_token_counts(model: &Model, tokens: &[u32]) -> Vec<Vec<usize>> {
     let c = &model.config;
     let m = c.moe.as_ref().expect("a mixture of experts");
@@ -101,14 +101,11 @@ fn expert_token_counts(model: &Model, tokens: &[u32]) -> Vec<Vec<usize>> {
         // Attention and its output projection: the cursor then holds the MLP input.
         model.block_step(&w, &mut cursor).unwrap();
         model.block_step(&w, &mut cursor).unwrap();
-        let router = model::checkpoint::Tensor::from_f32(
-            "router",
-            vec![m.experts, c.hidden_size],
-            w.router.as_ref().unwrap(),
-        );
-        let scores = model::llama::linear(cursor.input(), n, &router).unwrap();
+        let routes = model
+            .expert_routes(w.router.as_ref().unwrap(), cursor.input(), n)
+            .unwrap();
         let mut per_expert = vec![0; m.experts];
-        for (e, _) in route(&scores, m) {
+        for (e, _) in routes {
             per_expert[e] += 1;
         }
         counts.push(per_expert);

@@ -469,16 +469,13 @@ impl Model {
                 }
                 _ => match self.implied_rope_freqs(name) {
                     Some(f) => Cow::Owned(f.iter().flat_map(|v| v.to_le_bytes()).collect()),
-                    None if self.hf_expert_parts(name).is_some() => {
-                        let parts = self.hf_expert_parts(name).expect("checked");
-                        Cow::Owned(
-                            parts
-                                .iter()
-                                .flat_map(|hf| s.get(hf).expect("checked by tensor_meta").1)
-                                .copied()
-                                .collect(),
-                        )
-                    }
+                    None if let Some(parts) = self.hf_expert_parts(name) => Cow::Owned(
+                        parts
+                            .iter()
+                            .flat_map(|hf| s.get(hf).expect("checked by tensor_meta").1)
+                            .copied()
+                            .collect(),
+                    ),
                     None => {
                         let hf = self.config.arch.hf_name(name)?;
                         let (e, bytes) = s.get(&hf).expect("checked by tensor_meta");

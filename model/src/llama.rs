@@ -475,13 +475,13 @@ impl Model {
                 q_norm: vector(Slot::QNorm)?,
                 k_norm: vector(Slot::KNorm)?,
             },
-            router: match arch.router() {
-                None => None,
-                Some(spec) => Some(
+            router: arch
+                .router()
+                .map(|spec| {
                     self.tensor(&crate::names::block(layer, spec.gguf))?
-                        .to_f32()?,
-                ),
-            },
+                        .to_f32()
+                })
+                .transpose()?,
         })
     }
 
@@ -610,6 +610,19 @@ impl Model {
         Ok(())
     }
 
+    /// Each token's experts and weights ([`route`]) for the MLP input `h`
+    /// (`n × hidden`) under `router` (`[experts, hidden]`, a block's
+    /// [`BlockWeights::router`]).
+    pub fn expert_routes(&self, router: &[f32], h: &[f32], n: usize) -> Result<Vec<(usize, f32)>> {
+        let c = &self.config;
+        let m = c
+            .moe
+            .as_ref()
+            .context("a block with a router but no experts in the config")?;
+        let router = Tensor::from_f32("router", vec![m.experts, c.hidden_size], router);
+        Ok(route(&linear(h, n, &router)?, m))
+    }
+
     /// A mixture-of-experts MLP on its input `h` (`n × hidden`): each token's
     /// router probabilities, its `used` best experts, and the sum of their gated
     /// MLPs' outputs weighted by those probabilities. Only routed experts run,
@@ -621,12 +634,7 @@ impl Model {
             .as_ref()
             .context("a block with a router but no experts in the config")?;
         let hidden = c.hidden_size;
-        let scores = linear(
-            h,
-            n,
-            &Tensor::from_f32("router", vec![m.experts, hidden], router),
-        )?;
-        let routes = route(&scores, m);
+        let routes = self.expert_routes(router, h, n)?;
         let mut out = vec![0f32; n * hidden];
         for e in 0..m.experts {
             let tokens: Vec<(usize, f32)> = routes
