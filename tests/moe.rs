@@ -336,3 +336,134 @@ fn gguf_writing_stacks_the_experts_and_keeps_the_router_in_float() {
         }
     }
 }
+
+#[test]
+fn imatrix_has_one_matrix_per_expert_from_the_tokens_routed_to_it() {
+    use model::calib::Imatrix;
+    for name in MOE {
+        let model = Model::open(&fixture(name)).unwrap();
+        let tokens: Vec<u32> = reference_ints(name, "tokens_starved")
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
+        let n = tokens.len();
+        let m = Imatrix::collect(&model, &tokens, n, Some(1), "reference", &mut |_, _| {}).unwrap();
+        let counts = reference_ints(name, "expert_token_counts_starved");
+        let experts = model.config.moe.as_ref().unwrap().experts;
+        for (l, want) in counts.chunks(experts).enumerate() {
+            for kind in ["gate", "up", "down"] {
+                let e = &m.entries[&format!("blk.{l}.ffn_{kind}_exps.weight")];
+                let got: Vec<usize> = e.counts.iter().map(|&c| c as usize).collect();
+                assert_eq!(got, want, "{name} blk.{l} {kind}");
+                // A starved expert is quantized with its experts' pooled statistics.
+                let starved = e.starved();
+                assert_eq!(
+                    starved,
+                    (0..experts).filter(|&x| want[x] == 0).collect::<Vec<_>>()
+                );
+                let imp = m
+                    .importance(&format!("blk.{l}.ffn_{kind}_exps.weight"))
+                    .unwrap();
+                assert!(
+                    imp.iter().all(|v| v.is_finite() && *v > 0.0),
+                    "{name} blk.{l} {kind}"
+                );
+            }
+            assert_eq!(
+                m.entries[&format!("blk.{l}.attn_q.weight")].counts,
+                [n as u64]
+            );
+        }
+    }
+}
+
+#[test]
+fn llama_cpp_moe_imatrix_is_read_and_ours_agrees_with_it() {
+    use model::calib::Imatrix;
+    let calib = e2e::asset("calib.txt");
+    let dir = tempfile::tempdir().unwrap();
+    for name in MOE {
+        // What llama-imatrix computed on the fixture's GGUF (see the fixtures' README).
+        let theirs = Imatrix::load(&fixture(name).join("llama-imatrix.gguf")).unwrap();
+        let ours_path = dir.path().join(format!("{name}.imatrix.gguf"));
+        let gguf = fixture(name).join("model.gguf");
+        let o = compress(&[
+            "imatrix",
+            gguf.to_str().unwrap(),
+            "--text",
+            calib.to_str().unwrap(),
+            "--ctx",
+            "64",
+            "--chunks",
+            "4",
+            "-o",
+            ours_path.to_str().unwrap(),
+        ]);
+        let text = output_text(&o);
+        assert!(o.status.success(), "{name}: {text}");
+        // The coverage report: tokens per expert, as llama.cpp counted them.
+        let counts: Vec<String> = theirs.entries["blk.1.ffn_gate_exps.weight"]
+            .counts
+            .iter()
+            .map(u64::to_string)
+            .collect();
+        let line = format!("blk.1 tokens per expert: {}", counts.join(" "));
+        assert!(text.contains(&line), "{name}: expected '{line}' in {text}");
+        let ours = Imatrix::load(&ours_path).unwrap();
+        for (weight, e) in &ours.entries {
+            let t = &theirs.entries[weight];
+            assert_eq!(e.counts, t.counts, "{name} {weight}: tokens per expert");
+            let worst = e
+                .sum_sq
+                .iter()
+                .zip(&t.sum_sq)
+                .map(|(a, b)| (a - b).abs() / b.abs().max(1e-12))
+                .fold(0f64, f64::max);
+            // llama.cpp's activations pass through f16 (its KV cache): 4e-3 at most here.
+            assert!(worst < 1e-2, "{name} {weight}: sums differ by {worst:e}");
+        }
+        // Both quantize the model; an imatrix of another model is refused by name.
+        for (imatrix, ok) in [
+            (fixture(name).join("llama-imatrix.gguf"), true),
+            (ours_path.clone(), true),
+            (
+                fixture(if name == "mixtral" {
+                    "olmoe"
+                } else {
+                    "mixtral"
+                })
+                .join("llama-imatrix.gguf"),
+                false,
+            ),
+        ] {
+            let out = dir.path().join(format!("{name}.q4km.gguf"));
+            let o = compress(&[
+                "quantize",
+                gguf.to_str().unwrap(),
+                "--type",
+                "Q4_K_M",
+                "--imatrix",
+                imatrix.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ]);
+            let text = output_text(&o);
+            if ok {
+                assert!(
+                    o.status.success(),
+                    "{name} with {}: {text}",
+                    imatrix.display()
+                );
+                std::fs::remove_file(&out).unwrap();
+            } else {
+                assert_eq!(o.status.code(), Some(2), "{name}: {text}");
+                assert!(text.contains("made for another model"), "{name}: {text}");
+                // Mixtral and OLMoE differ only in their expert count.
+                if name != "qwen3_moe" {
+                    assert!(text.contains("_exps.weight' has"), "{name}: {text}");
+                }
+                assert!(!out.exists());
+            }
+        }
+    }
+}

@@ -247,6 +247,19 @@ fn run_stage(command: Command) -> Result<()> {
             )?;
             bar.finish();
             m.save(&output)?;
+            // Calibration coverage of a mixture of experts, block by block.
+            let suffix = ".ffn_gate_exps.weight";
+            for (name, e) in m.entries.iter().filter(|(n, _)| n.ends_with(suffix)) {
+                let block = name.trim_end_matches(suffix);
+                let counts: Vec<String> = e.counts.iter().map(u64::to_string).collect();
+                eprintln!("{block} tokens per expert: {}", counts.join(" "));
+                let starved = e.starved();
+                if !starved.is_empty() {
+                    eprintln!(
+                        "note: {block} experts {starved:?} saw no calibration token; quantizing with this imatrix gives them the pooled statistics of the block's experts"
+                    );
+                }
+            }
             eprintln!(
                 "wrote {} ({} weights, {} chunks of {} tokens, {:.1}s)",
                 output.display(),

@@ -63,7 +63,7 @@ pub fn output_fidelity(
         for layer in 0..layers {
             let w = base.block_weights(layer)?;
             let mut inputs: Vec<(&'static str, Vec<f32>)> = Vec::new();
-            base.forward_block_observed(&w, &mut x, n, &mut |suffix, input| {
+            base.forward_block_observed(&w, &mut x, n, &mut |suffix, _, input| {
                 inputs.push((suffix, input.to_vec()))
             })
             .with_context(|| format!("block {layer}"))?;

@@ -633,7 +633,7 @@ impl ModelConfig {
             None => Ok(()),
             Some(m) => bail!(
                 "{stage} does not handle mixture-of-experts models yet (this '{}' model routes each token to {} of {} experts); \
-                 `compress eval` and `compress quantize --type` (GGUF, without an imatrix) do",
+                 `compress eval`, `compress imatrix` and GGUF `compress quantize --type` do",
                 self.arch.name,
                 m.used,
                 m.experts

@@ -407,6 +407,16 @@ pub const LINEAR_GROUPS: [&[Slot]; 4] = [
     &[Slot::Down],
 ];
 
+/// The slots a mixture-of-experts block fills with its stacked experts.
+const EXPERT_SLOTS: [Slot; 3] = [Slot::Gate, Slot::Up, Slot::Down];
+
+/// Sees a linear layer's input: (its weight's GGUF suffix, the routed expert
+/// for a stacked experts' tensor, its rows).
+pub type LinearObserver<'o> = dyn FnMut(&'static str, Option<usize>, &[f32]) + 'o;
+
+/// Sees a routed expert's input: (expert, the slot of the linear, its rows).
+pub type ExpertObserver<'o> = dyn FnMut(usize, Slot, &[f32]) + 'o;
+
 /// One sequence part way through a decoder block, stopped at the input of a
 /// linear group ([`LINEAR_GROUPS`]). A caller holding one cursor per sequence
 /// sees each group's input for all of them, may change that group's weights,
@@ -514,27 +524,36 @@ impl Model {
 
     /// Runs one decoder block in place on `x` (`n` positions starting at 0).
     pub fn forward_block(&self, w: &BlockWeights, x: &mut [f32], n: usize) -> Result<()> {
-        self.forward_block_observed(w, x, n, &mut |_, _| {})
+        self.forward_block_observed(w, x, n, &mut |_, _, _| {})
     }
 
     /// [`Model::forward_block`], showing `observe` the input of every linear layer
-    /// (`n × in_features`, row-major) with the GGUF suffix of its weight as the
+    /// (`rows × in_features`, row-major) with the GGUF suffix of its weight as the
     /// architecture's description names it, before the layer runs. Layers that
-    /// share an input are each shown it. Used to collect calibration statistics.
+    /// share an input are each shown it. A routed expert is shown only the rows
+    /// of the tokens routed to it, with its number (`None` for other layers).
+    /// Used to collect calibration statistics.
     pub fn forward_block_observed(
         &self,
         w: &BlockWeights,
         x: &mut [f32],
         n: usize,
-        observe: &mut dyn FnMut(&'static str, &[f32]),
+        observe: &mut LinearObserver,
     ) -> Result<()> {
         let arch = self.config.arch;
         let mut cursor = self.block_start(w, x.to_vec(), n);
         for group in LINEAR_GROUPS {
-            for spec in group.iter().filter_map(|&slot| arch.slot(slot)) {
-                observe(spec.gguf, cursor.input());
+            let experts = w.router.is_some() && group.iter().any(|s| EXPERT_SLOTS.contains(s));
+            if !experts {
+                for spec in group.iter().filter_map(|&slot| arch.slot(slot)) {
+                    observe(spec.gguf, None, cursor.input());
+                }
             }
-            self.block_step(w, &mut cursor)?;
+            self.block_step_observed(w, &mut cursor, &mut |e, slot, input| {
+                if let Some(spec) = arch.slot(slot) {
+                    observe(spec.gguf, Some(e), input);
+                }
+            })?;
         }
         x.copy_from_slice(&cursor.x);
         Ok(())
@@ -578,6 +597,17 @@ impl Model {
     /// the cursor to the next group's input (or to the block's output after the
     /// last group).
     pub fn block_step(&self, w: &BlockWeights, cursor: &mut BlockCursor) -> Result<()> {
+        self.block_step_observed(w, cursor, &mut |_, _, _| {})
+    }
+
+    /// [`Model::block_step`], showing `observe` each routed expert's inputs (see
+    /// [`Model::moe_mlp`]).
+    pub fn block_step_observed(
+        &self,
+        w: &BlockWeights,
+        cursor: &mut BlockCursor,
+        observe: &mut ExpertObserver,
+    ) -> Result<()> {
         let n = cursor.n;
         match cursor.group {
             0 => {
@@ -592,7 +622,7 @@ impl Model {
                 let act = self.config.hidden_act;
                 cursor.input = match &w.router {
                     // The experts' summed output: group 3 only adds it.
-                    Some(router) => self.moe_mlp(w, router, &cursor.input, n)?,
+                    Some(router) => self.moe_mlp(w, router, &cursor.input, n, observe)?,
                     None => gated_mlp(&cursor.input, n, &w.gate, &w.up, act)?,
                 };
             }
@@ -626,8 +656,16 @@ impl Model {
     /// A mixture-of-experts MLP on its input `h` (`n × hidden`): each token's
     /// router probabilities, its `used` best experts, and the sum of their gated
     /// MLPs' outputs weighted by those probabilities. Only routed experts run,
-    /// each once on all the tokens routed to it.
-    fn moe_mlp(&self, w: &BlockWeights, router: &[f32], h: &[f32], n: usize) -> Result<Vec<f32>> {
+    /// each once on all the tokens routed to it; `observe` sees each expert's
+    /// gate/up input (those tokens' rows of `h`) and down input.
+    pub fn moe_mlp(
+        &self,
+        w: &BlockWeights,
+        router: &[f32],
+        h: &[f32],
+        n: usize,
+        observe: &mut ExpertObserver,
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         let m = c
             .moe
@@ -650,6 +688,8 @@ impl Model {
                 .flat_map(|&(t, _)| &h[t * hidden..(t + 1) * hidden])
                 .copied()
                 .collect();
+            observe(e, Slot::Gate, &x);
+            observe(e, Slot::Up, &x);
             let a = gated_mlp(
                 &x,
                 tokens.len(),
@@ -657,6 +697,7 @@ impl Model {
                 &w.up.expert(e)?,
                 c.hidden_act,
             )?;
+            observe(e, Slot::Down, &a);
             let y = linear(&a, tokens.len(), &w.down.expert(e)?)?;
             for (&(t, weight), row) in tokens.iter().zip(y.chunks(hidden)) {
                 for (o, v) in out[t * hidden..(t + 1) * hidden].iter_mut().zip(row) {

@@ -238,7 +238,7 @@ pub fn awq_model(
             let mut y = x.clone();
             let clock = Instant::now();
             let mut hessian_seconds = 0.0;
-            model.forward_block_observed(&w, &mut y, n, &mut |suffix, input| {
+            model.forward_block_observed(&w, &mut y, n, &mut |suffix, _, input| {
                 let Some(g) = group_suffix.iter().position(|s| *s == Some(suffix)) else {
                     return;
                 };

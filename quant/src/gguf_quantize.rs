@@ -169,17 +169,28 @@ pub fn quantize_tensor(
         );
     }
     let cols = *t.shape.last().unwrap_or(&1);
+    // A stacked experts' tensor has one importance row per expert.
+    let matrices = if t.shape.len() == 3 { t.shape[0] } else { 1 };
     let importance = match imatrix.and_then(|m| m.importance(&t.name)) {
-        Some(imp) if imp.len() == cols => Some(imp),
+        Some(imp) if imp.len() == cols * matrices => Some(imp),
         Some(imp) => bail!(
-            "the imatrix entry for '{}' has {} columns, the tensor has {cols}: it was made for another model",
+            "the imatrix entry for '{}' has {} values, the tensor needs {cols} columns × {matrices} matrices: it was made for another model",
             t.name,
             imp.len()
         ),
         None => None,
     };
-    let bytes = quantize_matrix(&values, cols, t.ty, importance.as_deref())
-        .with_context(|| format!("quantizing '{}' to {}", t.name, t.ty))?;
+    let per_matrix = values.len() / matrices;
+    let bytes = match &importance {
+        Some(imp) if matrices > 1 => values
+            .chunks(per_matrix)
+            .zip(imp.chunks(cols))
+            .map(|(v, i)| quantize_matrix(v, cols, t.ty, Some(i)))
+            .collect::<Result<Vec<_>, _>>()
+            .map(|parts| parts.concat()),
+        _ => quantize_matrix(&values, cols, t.ty, importance.as_deref()),
+    }
+    .with_context(|| format!("quantizing '{}' to {}", t.name, t.ty))?;
     let mut restored = vec![0f32; values.len()];
     kernels::quants::dequantize(t.ty, &bytes, &mut restored)?;
     let report = TensorReport {

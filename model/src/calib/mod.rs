@@ -1,8 +1,11 @@
 //! Calibration statistics: the importance matrix. The model runs on calibration
 //! text chunk by chunk, and for the input of every linear layer of every block
 //! the sum of squared activations per input column and the number of tokens are
-//! accumulated (what `llama-imatrix` computes). Stored as llama.cpp's imatrix
-//! GGUF (`<weight>.in_sum2`, `<weight>.counts`), so files go both ways.
+//! accumulated (what `llama-imatrix` computes). A mixture of experts' stacked
+//! expert tensors get one matrix per expert, from the tokens routed to it, with
+//! its own token count. Stored as llama.cpp's imatrix GGUF (`<weight>.in_sum2`
+//! `[matrices, columns]`, `<weight>.counts` `[matrices, 1]`), so files go both
+//! ways.
 //!
 //! Also what the calibrated stages share below them: the calibration samples,
 //! the input [`Hessian`] of a linear layer, its damped inverse factor
@@ -23,17 +26,43 @@ use std::path::Path;
 /// Statistics of one weight's input.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImatrixEntry {
-    /// Σ x² over every token, per input column.
+    /// Σ x² over every token, per input column, one row of columns per matrix
+    /// (per expert of a stacked experts' tensor; one for any other weight).
     pub sum_sq: Vec<f64>,
-    /// Tokens accumulated.
-    pub count: u64,
+    /// Tokens accumulated, per matrix.
+    pub counts: Vec<u64>,
 }
 
 impl ImatrixEntry {
-    /// Mean squared activation per input column: the importance the quantizers take.
+    /// Mean squared activation per input column of each matrix: the importance
+    /// the quantizers take. An expert that saw no token takes the mean over its
+    /// tensor's experts pooled (every token routed to any of them), so that it
+    /// is quantized with the statistics of its block's expert inputs rather than
+    /// none; with no token at all, every column weighs 1.
     pub fn mean(&self) -> Vec<f32> {
-        let n = self.count.max(1) as f64;
-        self.sum_sq.iter().map(|&s| (s / n) as f32).collect()
+        let cols = self.sum_sq.len() / self.counts.len().max(1);
+        let total: u64 = self.counts.iter().sum();
+        let pooled: Vec<f64> = (0..cols)
+            .map(|j| match total {
+                0 => 1.0,
+                t => self.sum_sq.iter().skip(j).step_by(cols).sum::<f64>() / t as f64,
+            })
+            .collect();
+        self.sum_sq
+            .chunks(cols.max(1))
+            .zip(&self.counts)
+            .flat_map(|(row, &n)| match n {
+                0 => pooled.iter().map(|&p| p as f32).collect::<Vec<_>>(),
+                n => row.iter().map(|&s| (s / n as f64) as f32).collect(),
+            })
+            .collect()
+    }
+
+    /// The experts (matrices) that saw no calibration token.
+    pub fn starved(&self) -> Vec<usize> {
+        (0..self.counts.len())
+            .filter(|&e| self.counts[e] == 0)
+            .collect()
     }
 }
 
@@ -80,9 +109,6 @@ impl Imatrix {
         dataset: &str,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
-        model
-            .config
-            .refuse_moe("the importance matrix (per-expert statistics)")?;
         if ctx < 2 {
             bail!("--ctx {ctx} is too small");
         }
@@ -115,16 +141,18 @@ impl Imatrix {
             for layer in 0..model.config.num_hidden_layers {
                 let w = model.block_weights(layer)?;
                 model
-                    .forward_block_observed(&w, &mut x, ctx, &mut |suffix, input| {
-                        let cols = input.len() / ctx;
-                        let e = entries
-                            .entry(names::block(layer, suffix))
-                            .or_insert_with(|| ImatrixEntry {
-                                sum_sq: vec![0.0; cols],
-                                count: 0,
-                            });
-                        accumulate(&mut e.sum_sq, input);
-                        e.count += ctx as u64;
+                    .forward_block_observed(&w, &mut x, ctx, &mut |suffix, expert, input| {
+                        let name = names::block(layer, suffix);
+                        let shape = model.expected_shape(&name).unwrap_or_default();
+                        let cols = shape.last().copied().unwrap_or(1);
+                        let matrices = if shape.len() == 3 { shape[0] } else { 1 };
+                        let e = entries.entry(name).or_insert_with(|| ImatrixEntry {
+                            sum_sq: vec![0.0; cols * matrices],
+                            counts: vec![0; matrices],
+                        });
+                        let m = expert.unwrap_or(0);
+                        accumulate(&mut e.sum_sq[m * cols..(m + 1) * cols], input);
+                        e.counts[m] += (input.len() / cols) as u64;
                     })
                     .with_context(|| format!("block {layer}"))?;
             }
@@ -171,14 +199,15 @@ impl Imatrix {
         ];
         let mut decls = Vec::new();
         for (name, e) in &self.entries {
+            let matrices = e.counts.len() as u64;
             decls.push(TensorDecl {
                 name: format!("{name}.in_sum2"),
-                dims: vec![e.sum_sq.len() as u64, 1],
+                dims: vec![e.sum_sq.len() as u64 / matrices, matrices],
                 ty: GgmlType::F32,
             });
             decls.push(TensorDecl {
                 name: format!("{name}.counts"),
-                dims: vec![1, 1],
+                dims: vec![1, matrices],
                 ty: GgmlType::F32,
             });
         }
@@ -190,12 +219,18 @@ impl Imatrix {
                 .flat_map(|&s| (s as f32).to_le_bytes())
                 .collect();
             w.write_tensor(&format!("{name}.in_sum2"), &sums)?;
-            w.write_tensor(&format!("{name}.counts"), &(e.count as f32).to_le_bytes())?;
+            let counts: Vec<u8> = e
+                .counts
+                .iter()
+                .flat_map(|&c| (c as f32).to_le_bytes())
+                .collect();
+            w.write_tensor(&format!("{name}.counts"), &counts)?;
         }
         w.finish()
     }
 
-    /// Reads an imatrix GGUF (ours or llama.cpp's; one matrix per weight).
+    /// Reads an imatrix GGUF (ours or llama.cpp's; one matrix per weight, or
+    /// one per expert of a stacked experts' tensor).
     pub fn load(path: &Path) -> Result<Self> {
         let g = GgufFile::open(path)?;
         if g.get("general.type").and_then(MetaValue::as_str) != Some("imatrix") {
@@ -227,10 +262,11 @@ impl Imatrix {
             };
             let sums = f32s(&t.name)?;
             let counts = f32s(&format!("{weight}.counts"))?;
-            if counts.len() != 1 {
+            if counts.is_empty() || sums.len() % counts.len() != 0 {
                 bail!(
-                    "{}: '{weight}' has {} matrices (mixture of experts); only dense models are supported",
+                    "{}: '{weight}' has {} sums for {} matrices (its '.counts'): expected a whole row of columns per matrix",
                     path.display(),
+                    sums.len(),
                     counts.len()
                 );
             }
@@ -238,7 +274,7 @@ impl Imatrix {
                 weight.to_owned(),
                 ImatrixEntry {
                     sum_sq: sums.iter().map(|&s| s as f64).collect(),
-                    count: counts[0] as u64,
+                    counts: counts.iter().map(|&c| c as u64).collect(),
                 },
             );
         }
@@ -462,7 +498,16 @@ mod tests {
             "blk.0.attn_q.weight".into(),
             ImatrixEntry {
                 sum_sq: vec![1.0, 4.0, 9.0],
-                count: 2,
+                counts: vec![2],
+            },
+        );
+        // Three experts of two columns; the second saw no token and takes the
+        // pooled mean (sums 1+3 and 2+4 over 2+2 tokens).
+        m.entries.insert(
+            "blk.0.ffn_up_exps.weight".into(),
+            ImatrixEntry {
+                sum_sq: vec![1.0, 2.0, 0.0, 0.0, 3.0, 4.0],
+                counts: vec![2, 0, 2],
             },
         );
         let dir = tempfile::tempdir().unwrap();
@@ -474,6 +519,11 @@ mod tests {
             back.importance("blk.0.attn_q.weight").unwrap(),
             vec![0.5, 2.0, 4.5]
         );
+        assert_eq!(
+            back.importance("blk.0.ffn_up_exps.weight").unwrap(),
+            vec![0.5, 1.0, 1.0, 1.5, 1.5, 2.0]
+        );
+        assert_eq!(back.entries["blk.0.ffn_up_exps.weight"].starved(), [1]);
         assert!(Imatrix::load(&dir.path().join("missing.gguf")).is_err());
     }
 
