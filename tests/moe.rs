@@ -256,23 +256,19 @@ fn stages_without_expert_support_refuse_without_output() {
             "structured pruning does not handle mixture-of-experts models yet",
         ),
         (
-            vec!["convert", b],
-            "writing an HF folder does not handle mixture-of-experts models yet",
+            vec!["prune", b, "--method", "wanda", "--sparsity", "0.5"],
+            "pruning does not handle mixture-of-experts models yet",
         ),
     ] {
         let out = dir.path().join("out");
         let mut args = args.clone();
-        args.extend(["-o", out.to_str().unwrap()]);
-        if args[0] != "convert" {
-            args.extend([
-                "--calib",
-                calib.to_str().unwrap(),
-                "--samples",
-                "2",
-                "--seq",
-                "32",
-            ]);
-        }
+        args.extend([
+            "-o",
+            out.to_str().unwrap(),
+            "--calib",
+            calib.to_str().unwrap(),
+        ]);
+        args.extend(["--samples", "2", "--seq", "32"]);
         let o = compress(&args);
         let text = output_text(&o);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {text}");
@@ -465,5 +461,56 @@ fn llama_cpp_moe_imatrix_is_read_and_ours_agrees_with_it() {
                 assert!(!out.exists());
             }
         }
+    }
+}
+
+#[test]
+fn eval_and_convert_run_from_hf_and_gguf() {
+    let eval = e2e::eval_text();
+    let dir = tempfile::tempdir().unwrap();
+    for name in MOE {
+        // GGUF → HF (experts split per expert) and HF → HF read back to
+        // transformers' logits; `eval` runs on all four.
+        let from_gguf = dir.path().join(format!("{name}-from-gguf"));
+        let from_hf = dir.path().join(format!("{name}-from-hf"));
+        let gguf = fixture(name).join("model.gguf");
+        for (src, out) in [(&gguf, &from_gguf), (&fixture(name), &from_hf)] {
+            let o = compress(&[
+                "convert",
+                src.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ]);
+            assert!(o.status.success(), "{name}: {}", output_text(&o));
+            let model = Model::open(out).unwrap();
+            assert_eq!(
+                model.config.moe,
+                Model::open(&fixture(name)).unwrap().config.moe
+            );
+            let tokens: Vec<u32> = reference_ints(name, "tokens")
+                .into_iter()
+                .map(|t| t as u32)
+                .collect();
+            let err = rel_max_error(
+                &model.logits(&tokens, 0).unwrap(),
+                &reference_floats(name, "logits"),
+            );
+            assert!(err < 1e-4, "{}: {err:e}", out.display());
+        }
+        let paths = [fixture(name), gguf, from_gguf, from_hf];
+        let mut args = vec![
+            "eval",
+            "--text",
+            eval.to_str().unwrap(),
+            "--ctx",
+            "64",
+            "--chunks",
+            "2",
+        ];
+        args.extend(paths.iter().map(|p| p.to_str().unwrap()));
+        let o = compress(&args);
+        let text = output_text(&o);
+        assert!(o.status.success(), "{name}: {text}");
+        assert_eq!(text.matches("PPL = ").count(), 4, "{name}: {text}");
     }
 }

@@ -533,11 +533,18 @@ impl Model {
                 if self.implied_rope_freqs(name).is_some() {
                     return Ok(0);
                 }
-                let hf = self.config.arch.hf_name(name)?;
-                let (e, _) = s.get(&hf).with_context(|| {
-                    format!("{}: tensor '{hf}' is missing", self.path.display())
-                })?;
-                Ok((e.end - e.start) as u64)
+                let parts = match self.hf_expert_parts(name) {
+                    Some(parts) => parts,
+                    None => vec![self.config.arch.hf_name(name)?],
+                };
+                let mut bytes = 0;
+                for hf in parts {
+                    let (e, _) = s.get(&hf).with_context(|| {
+                        format!("{}: tensor '{hf}' is missing", self.path.display())
+                    })?;
+                    bytes += (e.end - e.start) as u64;
+                }
+                Ok(bytes)
             }
         }
     }

@@ -720,7 +720,6 @@ impl ModelConfig {
     /// transformers 5 and vLLM read too); refused when the RoPE scaling cannot be
     /// expressed there.
     pub fn to_hf_json(&self, torch_dtype: &str) -> Result<Value> {
-        self.refuse_moe("writing an HF folder")?;
         let rope_scaling = match &self.rope_scaling {
             None => Value::Null,
             Some(s) => s.to_hf()?,

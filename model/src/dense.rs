@@ -95,25 +95,26 @@ pub fn convert(input: &Path, output: &Path, dtype: GgmlType) -> Result<()> {
     }
     let out_dir = refuse_input_folder(&model, &out_file)?;
     let st_dtype = Dtype::from_ggml(dtype).expect("convert writes float types");
-    let arch = model.config.arch;
-    let names: Vec<String> = model
-        .tensor_names()
-        .into_iter()
-        .filter(|n| arch.hf_from_canonical(n).is_some())
-        .collect();
-    let mut decl = Vec::with_capacity(names.len());
-    for n in &names {
-        let hf = arch.hf_from_canonical(n).expect("filtered");
-        decl.push((hf, st_dtype, model.tensor_meta(n)?.1));
+    let c = &model.config;
+    let mut names: Vec<(String, Vec<usize>)> = Vec::new();
+    for n in model.tensor_names() {
+        let shape = model.tensor_meta(&n)?.1;
+        if !hf_tensors(c, &n, &shape).is_empty() {
+            names.push((n, shape));
+        }
     }
+    let decl: Vec<_> = names
+        .iter()
+        .flat_map(|(n, shape)| hf_tensors(c, n, shape))
+        .map(|(hf, shape)| (hf, st_dtype, shape))
+        .collect();
     let mut meta = BTreeMap::new();
     meta.insert("format".to_owned(), "pt".to_owned());
     let mut writer = SafetensorsWriter::create(&out_file, &decl, &meta)?;
     let mut bar = Progress::new(names.len() as u64, "convert");
-    for (i, (n, (hf, _, _))) in names.iter().zip(&decl).enumerate() {
+    for (i, (n, shape)) in names.iter().enumerate() {
         let values = model.tensor(n)?.to_f32()?;
-        let values = model.config.arch.hf_values(n, &values);
-        writer.write(hf, &encode_floats(&values, dtype))?;
+        write_hf(&mut writer, c, n, shape, &values, dtype)?;
         bar.set(i as u64 + 1, n);
     }
     writer.finish()?;
@@ -126,6 +127,44 @@ pub fn convert(input: &Path, output: &Path, dtype: GgmlType) -> Result<()> {
         names.len(),
         dtype
     );
+    Ok(())
+}
+
+/// The HF tensors (name, shape) that hold canonical tensor `name` of shape
+/// `shape`: itself under its HF name, one per expert for a stacked experts'
+/// tensor, or none for what HF's config computes (RoPE factors).
+fn hf_tensors(c: &ModelConfig, name: &str, shape: &[usize]) -> Vec<(String, Vec<usize>)> {
+    let experts = c.moe.as_ref().map_or(0, |m| m.experts);
+    match c.arch.hf_expert_names(name, experts) {
+        Some(parts) => parts
+            .into_iter()
+            .map(|hf| (hf, shape[1..].to_vec()))
+            .collect(),
+        None => c
+            .arch
+            .hf_from_canonical(name)
+            .map(|hf| (hf, shape.to_vec()))
+            .into_iter()
+            .collect(),
+    }
+}
+
+/// Writes canonical tensor `name` (`values`, HF row order) as its HF tensors
+/// ([`hf_tensors`]), norm gains as HF stores them.
+fn write_hf(
+    writer: &mut SafetensorsWriter,
+    c: &ModelConfig,
+    name: &str,
+    shape: &[usize],
+    values: &[f32],
+    dtype: GgmlType,
+) -> Result<()> {
+    let values = c.arch.hf_values(name, values);
+    let parts = hf_tensors(c, name, shape);
+    let per = values.len() / parts.len().max(1);
+    for ((hf, _), part) in parts.iter().zip(values.chunks(per.max(1))) {
+        writer.write(hf, &encode_floats(part, dtype))?;
+    }
     Ok(())
 }
 
@@ -187,7 +226,8 @@ impl DenseWriter {
         // HF stores no tensor for what its config computes (RoPE factors).
         let decl = tensors
             .iter()
-            .filter_map(|(n, shape)| Some((config.arch.hf_from_canonical(n)?, st, shape.clone())))
+            .flat_map(|(n, shape)| hf_tensors(config, n, shape))
+            .map(|(hf, shape)| (hf, st, shape))
             .collect::<Vec<_>>();
         let mut meta = BTreeMap::new();
         meta.insert("format".to_owned(), "pt".to_owned());
@@ -205,13 +245,7 @@ impl DenseWriter {
     pub fn write(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<()> {
         match &mut self.out {
             DenseOut::Safetensors { writer, .. } => {
-                match self.config.arch.hf_from_canonical(name) {
-                    Some(hf) => {
-                        let values = self.config.arch.hf_values(name, values);
-                        writer.write(&hf, &encode_floats(&values, self.dtype))
-                    }
-                    None => Ok(()),
-                }
+                write_hf(writer, &self.config, name, shape, values, self.dtype)
             }
             DenseOut::Gguf(writer) => {
                 let ty = if shape.len() == 1 {

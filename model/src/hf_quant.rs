@@ -862,6 +862,7 @@ impl HfQuantWriter {
             cfg.true_sequential.to_string(),
         );
         let out = SafetensorsWriter::create(&dir.join("model.safetensors"), &decl, &meta)?;
+        model.config.refuse_moe("writing a quantized HF folder")?;
         let mut config = model.config.to_hf_json("float16")?;
         config["quantization_config"] = quantization_config(format, cfg);
         Ok(HfQuantWriter {

@@ -245,6 +245,7 @@ pub fn write(
     sparsity: f64,
 ) -> Result<()> {
     let c = &pruned.config;
+    c.refuse_moe("writing a compressed-tensors folder")?;
     let mut config = c.to_hf_json(torch_dtype(dtype))?;
     // HF stores no tensor for what its config computes (RoPE factors).
     let order: Vec<String> = write_order(c)
