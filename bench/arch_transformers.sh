@@ -2,8 +2,8 @@
 # Does HF transformers load the HF folders we write for every architecture, and
 # compute what we compute from them? For each fixture in tests/fixtures/arch/,
 # `compress` writes four folders whose config.json and tensors our writer makes
-# (for the mixtures of experts in tests/fixtures/moe/, whose cuts are not
-# supported yet, only the first: experts split back into one tensor each):
+# (for the mixtures of experts in tests/fixtures/moe/: the first, with the
+# experts split back into one tensor each, and `experts`):
 #   convert  the llama.cpp GGUF converted back to HF (`compress convert`; llama3's
 #            GGUF carries its rope scaling as a tensor HF cannot hold, so its
 #            HF folder is converted instead);
@@ -12,6 +12,8 @@
 #            renumbered);
 #   width    a quarter of the hidden width cut (`--width 0.25`: Gemma 3's
 #            embedding scale compensated);
+#   experts  half the routed experts of every block cut (`--experts E/2`, by
+#            REAP saliency; the router keeps the survivors' rows);
 # then `compress eval` and transformers (scripts/check_transformers_ppl.py, eager
 # attention, f32) measure each folder's perplexity with llama-perplexity's
 # protocol on the first CHUNKS chunks of CTX tokens of the evaluation text. CTX
@@ -56,7 +58,7 @@ for arch in "${arches[@]}"; do
     kinds=(convert heads layers width)
     if [ ! -d "$src" ]; then
         src="tests/fixtures/moe/$arch"
-        kinds=(convert)
+        kinds=(convert experts)
     fi
     [ -d "$src" ] || { echo "arch_transformers: no fixture $arch in tests/fixtures/arch or moe" >&2; exit 1; }
     run() { "$compress" "$@" >"$work/stage.log" 2>&1 || { cat "$work/stage.log" >&2; exit 1; }; }
@@ -65,7 +67,10 @@ for arch in "${arches[@]}"; do
     else
         run convert "$src/model.gguf" -o "$work/$arch-convert"
     fi
-    if [ ${#kinds[@]} -gt 1 ]; then
+    if [ "${kinds[1]}" = experts ]; then
+        half=$(python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); print((c.get("num_experts") or c["num_local_experts"]) // 2)' "$src/config.json")
+        run prune "$src" --experts "$half" "${calib[@]}" -o "$work/$arch-experts"
+    else
         run prune "$src" --heads 2 "${calib[@]}" -o "$work/$arch-heads"
         run prune "$src" --layers 1 "${calib[@]}" -o "$work/$arch-layers"
         run prune "$src" --width 0.25 "${calib[@]}" -o "$work/$arch-width"

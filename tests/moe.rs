@@ -253,7 +253,7 @@ fn stages_without_expert_support_refuse_without_output() {
         ),
         (
             vec!["prune", b, "--heads", "2"],
-            "structured pruning does not handle mixture-of-experts models yet",
+            "structured pruning of heads, FFN channels, blocks or width does not handle",
         ),
         (
             vec!["prune", b, "--method", "wanda", "--sparsity", "0.5"],
@@ -512,5 +512,131 @@ fn eval_and_convert_run_from_hf_and_gguf() {
         let text = output_text(&o);
         assert!(o.status.success(), "{name}: {text}");
         assert_eq!(text.matches("PPL = ").count(), 4, "{name}: {text}");
+    }
+}
+
+#[test]
+fn expert_pruning_keeps_the_most_salient_experts_in_both_formats() {
+    let calib = e2e::asset("calib.txt");
+    let dir = tempfile::tempdir().unwrap();
+    for name in MOE {
+        let base = Model::open(&fixture(name)).unwrap();
+        let experts = base.config.moe.as_ref().unwrap().experts;
+        let hidden = base.config.hidden_size;
+        let half = (experts / 2).to_string();
+        let report = dir.path().join(format!("{name}.json"));
+        let (hf, gguf) = (
+            dir.path().join(format!("{name}-half")),
+            dir.path().join(format!("{name}-half.gguf")),
+        );
+        for out in [&hf, &gguf] {
+            let o = compress(&[
+                "prune",
+                fixture(name).to_str().unwrap(),
+                "--experts",
+                &half,
+                "--calib",
+                calib.to_str().unwrap(),
+                "--samples",
+                "4",
+                "--seq",
+                "64",
+                "--report",
+                report.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ]);
+            assert!(o.status.success(), "{name}: {}", output_text(&o));
+            assert!(
+                output_text(&o).contains("blk.1: removed experts "),
+                "{name}"
+            );
+        }
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        let (hf, gguf) = (Model::open(&hf).unwrap(), Model::open(&gguf).unwrap());
+        for (l, kept) in r["kept_experts"].as_array().unwrap().iter().enumerate() {
+            let kept: Vec<usize> = serde_json::from_value(kept.clone()).unwrap();
+            let scores: Vec<f64> = serde_json::from_value(r["expert_scores"][l].clone()).unwrap();
+            assert_eq!(kept.len(), experts - experts / 2, "{name} blk.{l}");
+            // No removed expert is more salient than a kept one.
+            let lowest_kept = kept.iter().map(|&e| scores[e]).fold(f64::MAX, f64::min);
+            assert!(
+                (0..experts)
+                    .filter(|e| !kept.contains(e))
+                    .all(|e| scores[e] <= lowest_kept),
+                "{name} blk.{l}: {scores:?} kept {kept:?}"
+            );
+            // The router and every expert matrix keep exactly the kept experts' rows.
+            let router = |m: &Model, layer: usize| {
+                m.tensor(&format!("blk.{layer}.ffn_gate_inp.weight"))
+                    .unwrap()
+                    .to_f32()
+                    .unwrap()
+            };
+            let original = router(&base, l);
+            let want: Vec<f32> = kept
+                .iter()
+                .flat_map(|&e| original[e * hidden..(e + 1) * hidden].to_vec())
+                .collect();
+            assert_eq!(router(&hf, l), want, "{name} blk.{l}");
+            let down = base
+                .tensor(&format!("blk.{l}.ffn_down_exps.weight"))
+                .unwrap();
+            let cut = gguf
+                .tensor(&format!("blk.{l}.ffn_down_exps.weight"))
+                .unwrap();
+            for (i, &e) in kept.iter().enumerate() {
+                assert_eq!(
+                    cut.expert(i).unwrap().to_f32().unwrap(),
+                    down.expert(e).unwrap().to_f32().unwrap(),
+                    "{name} blk.{l} expert {e}"
+                );
+            }
+        }
+        assert_eq!(
+            hf.config.moe.as_ref().unwrap().experts,
+            experts - experts / 2
+        );
+        assert_eq!(gguf.config.moe, hf.config.moe);
+        let tokens: Vec<u32> = reference_ints(name, "tokens")
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
+        let err = rel_max_error(
+            &gguf.logits(&tokens, 0).unwrap(),
+            &hf.logits(&tokens, 0).unwrap(),
+        );
+        assert!(err < 1e-5, "{name}: GGUF and HF halves differ by {err:e}");
+    }
+    // A dense model has no experts to cut; a cut that leaves too few is refused.
+    let d = tempfile::tempdir().unwrap();
+    for (model, experts, says) in [
+        (
+            repo_root().join("tests/fixtures/arch/qwen3"),
+            "1",
+            "a 'qwen3' model has none",
+        ),
+        (
+            fixture("mixtral"),
+            "3",
+            "leaves 1 of 4 experts, but every token runs through 2",
+        ),
+    ] {
+        let out = d.path().join("out");
+        let o = compress(&[
+            "prune",
+            model.to_str().unwrap(),
+            "--experts",
+            experts,
+            "--calib",
+            calib.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        let text = output_text(&o);
+        assert_eq!(o.status.code(), Some(2), "{text}");
+        assert!(text.contains(says), "expected '{says}' in {text}");
+        assert!(!out.exists());
     }
 }

@@ -92,6 +92,12 @@ pub struct Args {
     /// layer and norm, scored by the normed activations' magnitude.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     width: f64,
+    /// Structured, mixtures of experts: routed experts removed from every block,
+    /// those with the lowest REAP saliency on the calibration samples (mean
+    /// router weight × output norm over the tokens routed to each); the router
+    /// loses their rows, so it renormalises over the survivors.
+    #[arg(long, default_value_t = 0)]
+    experts: usize,
     /// Per-layer sparsity schedule (unstructured only).
     #[arg(long, value_enum, default_value_t = Schedule::Uniform)]
     schedule: Schedule,
@@ -160,6 +166,7 @@ fn cuts_of(a: &Args) -> Cuts {
         ffn: a.ffn,
         layers: a.layers,
         width: a.width,
+        experts: a.experts,
     }
 }
 
@@ -228,6 +235,18 @@ fn run_structured(a: &Args, start: Instant) -> Result<()> {
     if !report.removed_blocks.is_empty() {
         eprintln!("removed blocks {:?}", report.removed_blocks);
     }
+    for (l, kept) in report.kept_experts.iter().enumerate() {
+        let removed: Vec<String> = (0..report.expert_scores[l].len())
+            .filter(|e| !kept.contains(e))
+            .map(|e| {
+                format!(
+                    "{e} (saliency {:.4}, {} tokens)",
+                    report.expert_scores[l][e], report.expert_tokens[l][e]
+                )
+            })
+            .collect();
+        eprintln!("blk.{l}: removed experts {}", removed.join(", "));
+    }
     println!(
         "wrote {}: {:.1}M parameters (was {:.1}M, {:.1}% fewer) in {:.1}s",
         a.output.display(),
@@ -259,7 +278,7 @@ pub fn check_args(a: &Args) -> Result<()> {
     if a.samples == 0 || a.seq == 0 {
         bail!("--samples and --seq must be at least 1");
     }
-    if cuts.heads > 0 || cuts.ffn != 0.0 || cuts.layers > 0 || cuts.width != 0.0 {
+    if cuts.any() {
         if a.sparsity.is_some() || a.nm.is_some() {
             bail!("structured cuts (--heads/--ffn/--layers/--width) and --sparsity/--nm are separate runs: prune the smaller model again");
         }
@@ -306,7 +325,7 @@ pub fn run(a: Args) -> Result<()> {
     let start = Instant::now();
     check_args(&a)?;
     let cuts = cuts_of(&a);
-    if cuts.heads > 0 || cuts.ffn != 0.0 || cuts.layers > 0 || cuts.width != 0.0 {
+    if cuts.any() {
         return run_structured(&a, start);
     }
     let pattern = pattern_of(&a)?;

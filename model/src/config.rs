@@ -633,7 +633,7 @@ impl ModelConfig {
             None => Ok(()),
             Some(m) => bail!(
                 "{stage} does not handle mixture-of-experts models yet (this '{}' model routes each token to {} of {} experts); \
-                 `compress eval`, `compress imatrix` and GGUF `compress quantize --type` do",
+                 `compress eval`, `imatrix`, `convert`, GGUF `quantize --type` and `prune --experts` do",
                 self.arch.name,
                 m.used,
                 m.experts

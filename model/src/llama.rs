@@ -407,6 +407,16 @@ pub const LINEAR_GROUPS: [&[Slot]; 4] = [
     &[Slot::Down],
 ];
 
+/// One routed expert's pass over the tokens routed to it.
+pub struct ExpertOutput {
+    /// The expert.
+    pub expert: usize,
+    /// The tokens routed to it (position, router weight), in position order.
+    pub tokens: Vec<(usize, f32)>,
+    /// Its output for those tokens, `tokens.len() × hidden`, before weighting.
+    pub out: Vec<f32>,
+}
+
 /// The slots a mixture-of-experts block fills with its stacked experts.
 const EXPERT_SLOTS: [Slot; 3] = [Slot::Gate, Slot::Up, Slot::Down];
 
@@ -655,9 +665,7 @@ impl Model {
 
     /// A mixture-of-experts MLP on its input `h` (`n × hidden`): each token's
     /// router probabilities, its `used` best experts, and the sum of their gated
-    /// MLPs' outputs weighted by those probabilities. Only routed experts run,
-    /// each once on all the tokens routed to it; `observe` sees each expert's
-    /// gate/up input (those tokens' rows of `h`) and down input.
+    /// MLPs' outputs weighted by those probabilities ([`Model::expert_outputs`]).
     pub fn moe_mlp(
         &self,
         w: &BlockWeights,
@@ -666,6 +674,30 @@ impl Model {
         n: usize,
         observe: &mut ExpertObserver,
     ) -> Result<Vec<f32>> {
+        let hidden = self.config.hidden_size;
+        let mut out = vec![0f32; n * hidden];
+        for pass in self.expert_outputs(w, router, h, n, observe)? {
+            for (&(t, weight), row) in pass.tokens.iter().zip(pass.out.chunks(hidden)) {
+                for (o, v) in out[t * hidden..(t + 1) * hidden].iter_mut().zip(row) {
+                    *o += weight * v;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every routed expert's output on the tokens routed to it, for the MLP
+    /// input `h` (`n × hidden`). Only routed experts run, each once on all its
+    /// tokens; `observe` sees each expert's gate/up input (those tokens' rows
+    /// of `h`) and down input.
+    pub fn expert_outputs(
+        &self,
+        w: &BlockWeights,
+        router: &[f32],
+        h: &[f32],
+        n: usize,
+        observe: &mut ExpertObserver,
+    ) -> Result<Vec<ExpertOutput>> {
         let c = &self.config;
         let m = c
             .moe
@@ -673,7 +705,7 @@ impl Model {
             .context("a block with a router but no experts in the config")?;
         let hidden = c.hidden_size;
         let routes = self.expert_routes(router, h, n)?;
-        let mut out = vec![0f32; n * hidden];
+        let mut passes = Vec::new();
         for e in 0..m.experts {
             let tokens: Vec<(usize, f32)> = routes
                 .chunks(m.used)
@@ -698,14 +730,14 @@ impl Model {
                 c.hidden_act,
             )?;
             observe(e, Slot::Down, &a);
-            let y = linear(&a, tokens.len(), &w.down.expert(e)?)?;
-            for (&(t, weight), row) in tokens.iter().zip(y.chunks(hidden)) {
-                for (o, v) in out[t * hidden..(t + 1) * hidden].iter_mut().zip(row) {
-                    *o += weight * v;
-                }
-            }
+            let out = linear(&a, tokens.len(), &w.down.expert(e)?)?;
+            passes.push(ExpertOutput {
+                expert: e,
+                tokens,
+                out,
+            });
         }
-        Ok(out)
+        Ok(passes)
     }
 
     /// The attention mixer of block `w.layer` on its input `h` (`n` positions

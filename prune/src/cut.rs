@@ -1,4 +1,5 @@
-//! The structured pruning stage (`compress prune --heads/--ffn/--layers/--width`):
+//! The structured pruning stage (`compress prune --heads/--ffn/--layers/--width`,
+//! and `--experts` for a mixture of experts):
 //! cuts that make the model genuinely smaller. Importance comes from the
 //! original model's activations on calibration samples (one pass of the
 //! calibration walk for the per-channel statistics, one for the blocks'
@@ -33,6 +34,19 @@ pub struct Cuts {
     pub layers: usize,
     /// Fraction of the hidden (embedding) channels removed.
     pub width: f64,
+    /// Routed experts removed from every block of a mixture of experts.
+    pub experts: usize,
+}
+
+impl Cuts {
+    /// Whether any structured cut is asked for.
+    pub fn any(&self) -> bool {
+        self.heads > 0
+            || self.ffn != 0.0
+            || self.layers > 0
+            || self.width != 0.0
+            || self.experts > 0
+    }
 }
 
 /// Kept FFN sizes are rounded down to a multiple of this, so the smaller
@@ -103,6 +117,25 @@ pub fn plan_config(c: &ModelConfig, cuts: &Cuts) -> Result<ModelConfig> {
     if cuts.ffn > 0.0 {
         n.intermediate_size = kept(c.intermediate_size, cuts.ffn, ALIGN, "ffn")?;
     }
+    if cuts.experts > 0 {
+        let Some(m) = n.moe.as_mut() else {
+            bail!(
+                "--experts {} removes routed experts; a '{}' model has none",
+                cuts.experts,
+                c.arch.name
+            );
+        };
+        if cuts.experts >= m.experts || m.experts - cuts.experts < m.used {
+            bail!(
+                "--experts {} leaves {} of {} experts, but every token runs through {}",
+                cuts.experts,
+                m.experts.saturating_sub(cuts.experts),
+                m.experts,
+                m.used
+            );
+        }
+        m.experts -= cuts.experts;
+    }
     if cuts.width > 0.0 {
         // HF transformers insists on a hidden size that the query heads divide
         // (even with head_dim given); 8 keeps rows SIMD-friendly.
@@ -133,6 +166,7 @@ struct Keep {
     heads: Vec<Vec<usize>>,
     ffn: Vec<Vec<usize>>,
     width: Vec<usize>,
+    experts: Vec<Vec<usize>>,
 }
 
 /// One tensor of the result: its name, shape, source, and kept rows/columns
@@ -162,6 +196,13 @@ pub struct StructuredReport {
     pub block_similarity: Vec<f64>,
     /// Query heads kept per block (original numbering).
     pub kept_heads: Vec<Vec<usize>>,
+    /// Routed experts kept per block (original numbering), when experts were cut.
+    pub kept_experts: Vec<Vec<usize>>,
+    /// Per block and expert: REAP's saliency on the calibration samples (the
+    /// mean router weight × output norm over the tokens routed to it).
+    pub expert_scores: Vec<Vec<f64>>,
+    /// Per block and expert: calibration tokens routed to it.
+    pub expert_tokens: Vec<Vec<u64>>,
 }
 
 /// The sizes a cut changes.
@@ -302,7 +343,9 @@ pub fn run(
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<StructuredReport> {
     let c = &model.config;
-    c.refuse_moe("structured pruning")?;
+    if cuts.heads > 0 || cuts.ffn > 0.0 || cuts.layers > 0 || cuts.width > 0.0 {
+        c.refuse_moe("structured pruning of heads, FFN channels, blocks or width")?;
+    }
     let mut new = plan_config(c, cuts)?;
     let hd = c.head_dim;
 
@@ -322,6 +365,13 @@ pub fn run(
     } else {
         Vec::new()
     };
+    let (expert_scores, expert_tokens) = if cuts.experts > 0 {
+        expert_stats(model, samples, &mut |d, n| {
+            progress("expert statistics", d, n)
+        })?
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let blocks = if cuts.layers > 0 {
         blocks_to_keep(&similarity, cuts.layers)?
     } else {
@@ -333,6 +383,7 @@ pub fn run(
         blocks,
         heads: Vec::new(),
         ffn: Vec::new(),
+        experts: Vec::new(),
         width: if cuts.width > 0.0 {
             keep_highest(&width_score, c.hidden_size - new.hidden_size)
         } else {
@@ -363,6 +414,10 @@ pub fn run(
             (0..c.intermediate_size).collect()
         };
         keep.ffn.push(ffn);
+        if cuts.experts > 0 {
+            keep.experts
+                .push(keep_highest(&expert_scores[l], cuts.experts));
+        }
     }
 
     // Every tensor of the result and where it comes from: each dimension the
@@ -372,6 +427,7 @@ pub fn run(
         match (d, nl) {
             (Dim::Hidden, _) => width.clone(),
             (Dim::Ffn, Some(nl)) if cuts.ffn > 0.0 => Some(keep.ffn[nl].clone()),
+            (Dim::Experts, Some(nl)) if cuts.experts > 0 => Some(keep.experts[nl].clone()),
             (Dim::KvDim, Some(nl)) if cuts.heads > 0 && multi_head(c) => Some(
                 keep.heads[nl]
                     .iter()
@@ -400,7 +456,14 @@ pub fn run(
         let (rows, cols) = match spec.shape {
             [d] => (None, select(*d, nl)),
             [r, k] => (select(*r, nl), select(*k, nl)),
-            other => bail!("'{name}' has {} dimensions; cuts know 1 or 2", other.len()),
+            // Stacked experts: whole experts go, each its block of rows.
+            [e, r, k] => {
+                let per = r.size(c);
+                let rows = select(*e, nl)
+                    .map(|kept| kept.iter().flat_map(|&x| x * per..(x + 1) * per).collect());
+                (rows, select(*k, nl))
+            }
+            other => bail!("'{name}' has {} dimensions; cuts know 1 to 3", other.len()),
         };
         slices.push(Slice {
             shape: spec.shape.iter().map(|d| d.size(&new)).collect(),
@@ -457,5 +520,61 @@ pub fn run(
         removed_blocks,
         block_similarity: similarity,
         kept_heads: keep.heads,
+        kept_experts: keep.experts,
+        expert_scores,
+        expert_tokens,
     })
+}
+
+/// Per block and routed expert, REAP's saliency on the calibration samples
+/// (the mean over the tokens routed to the expert of its router weight times
+/// the norm of its output; 0 for an expert no token reached) and how many
+/// tokens reached it. Each block runs on every sample's stream before the next.
+#[allow(clippy::type_complexity)]
+fn expert_stats(
+    model: &Model,
+    samples: &[Vec<u32>],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Vec<Vec<f64>>, Vec<Vec<u64>>)> {
+    let c = &model.config;
+    let experts = c.moe.as_ref().map_or(0, |m| m.experts);
+    let mut xs: Vec<Vec<f32>> = samples
+        .iter()
+        .map(|s| model.embed(s))
+        .collect::<Result<_>>()?;
+    let (mut scores, mut tokens) = (Vec::new(), Vec::new());
+    for l in 0..c.num_hidden_layers {
+        let w = model.block_weights(l)?;
+        let router = w
+            .router
+            .as_ref()
+            .with_context(|| format!("block {l} has no router"))?;
+        let (mut sum, mut count) = (vec![0f64; experts], vec![0u64; experts]);
+        for x in xs.iter_mut() {
+            let n = x.len() / c.hidden_size;
+            let mut cursor = model.block_start(&w, std::mem::take(x), n);
+            // Attention and its output: the cursor then holds the MLP's input.
+            model.block_step(&w, &mut cursor)?;
+            model.block_step(&w, &mut cursor)?;
+            for pass in model.expert_outputs(&w, router, cursor.input(), n, &mut |_, _, _| {})? {
+                for (&(_, weight), row) in pass.tokens.iter().zip(pass.out.chunks(c.hidden_size)) {
+                    let norm = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+                    sum[pass.expert] += weight as f64 * norm;
+                    count[pass.expert] += 1;
+                }
+            }
+            model.block_step(&w, &mut cursor)?;
+            model.block_step(&w, &mut cursor)?;
+            *x = cursor.into_residual();
+        }
+        scores.push(
+            sum.iter()
+                .zip(&count)
+                .map(|(&s, &n)| if n == 0 { 0.0 } else { s / n as f64 })
+                .collect(),
+        );
+        tokens.push(count);
+        progress(l + 1, c.num_hidden_layers);
+    }
+    Ok((scores, tokens))
 }
