@@ -564,19 +564,7 @@ fn bad_layer_settings_are_refused_naming_the_key() {
     };
     let with_config = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
         let d = tempfile::tempdir().unwrap();
-        let src = fixture(name);
-        for f in [
-            "model.safetensors",
-            "tokenizer.json",
-            "tokenizer_config.json",
-        ] {
-            std::fs::copy(src.join(f), d.path().join(f)).unwrap();
-        }
-        let mut v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap())
-                .unwrap();
-        edit(&mut v);
-        std::fs::write(d.path().join("config.json"), v.to_string()).unwrap();
+        e2e::copy_with_config(&fixture(name), d.path(), edit);
         d
     };
     let d = with_config("gemma3", &|v| {

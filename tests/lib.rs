@@ -45,6 +45,22 @@ pub fn eval_text() -> PathBuf {
     asset("eval.txt")
 }
 
+/// Copies the HF fixture folder `src` (weights, tokenizer) into `dst` with its
+/// `config.json` changed by `edit`: a bad config beside good weights.
+pub fn copy_with_config(src: &Path, dst: &Path, edit: &dyn Fn(&mut serde_json::Value)) {
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    let text = std::fs::read_to_string(src.join("config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    edit(&mut v);
+    std::fs::write(dst.join("config.json"), v.to_string()).unwrap();
+}
+
 /// The `compress` binary built with the same profile as the tests.
 pub fn bin() -> PathBuf {
     // target/<profile>/deps/<test-binary> -> target/<profile>/compress

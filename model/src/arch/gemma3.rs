@@ -20,7 +20,7 @@
 
 use super::{
     block_spec, hf_layer_types, hf_sets_rope_theta, hf_sliding_layers, hf_window, Arch, Dim, Role,
-    Slot, TensorSpec, LLAMA_FOLDS, LLAMA_GLOBALS,
+    Slot, TensorSpec, LLAMA_FOLDS, LLAMA_GLOBALS, PER_HEAD_QK_NORMS,
 };
 use crate::config::{Activation, LayerType, ModelConfig, RopeScaling};
 use crate::gguf::{GgufFile, MetaValue};
@@ -56,20 +56,8 @@ static BLOCK: [TensorSpec; 13] = [
         &[Dim::KvDim, Dim::Hidden],
         Slot::V,
     ),
-    block_spec(
-        "attn_q_norm.weight",
-        "self_attn.q_norm.weight",
-        Role::QkNorm,
-        &[Dim::HeadDim],
-        Slot::QNorm,
-    ),
-    block_spec(
-        "attn_k_norm.weight",
-        "self_attn.k_norm.weight",
-        Role::QkNorm,
-        &[Dim::HeadDim],
-        Slot::KNorm,
-    ),
+    PER_HEAD_QK_NORMS[0],
+    PER_HEAD_QK_NORMS[1],
     block_spec(
         "attn_output.weight",
         "self_attn.o_proj.weight",

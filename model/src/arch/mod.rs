@@ -249,6 +249,44 @@ pub(crate) const LLAMA_BLOCK: [TensorSpec; 9] = [
     ),
 ];
 
+/// RMSNorm gains over each query and key head (`[head_dim]`, shared by the
+/// heads: Qwen3, Gemma 3), applied before RoPE.
+pub(crate) const PER_HEAD_QK_NORMS: [TensorSpec; 2] = [
+    block_spec(
+        "attn_q_norm.weight",
+        "self_attn.q_norm.weight",
+        Role::QkNorm,
+        &[Dim::HeadDim],
+        Slot::QNorm,
+    ),
+    block_spec(
+        "attn_k_norm.weight",
+        "self_attn.k_norm.weight",
+        Role::QkNorm,
+        &[Dim::HeadDim],
+        Slot::KNorm,
+    ),
+];
+
+/// RMSNorm gains over the whole query and key projections (`[heads·head_dim]`:
+/// one rms couples all heads; OLMo 2, OLMoE), applied before RoPE.
+pub(crate) const WHOLE_QK_NORMS: [TensorSpec; 2] = [
+    block_spec(
+        "attn_q_norm.weight",
+        "self_attn.q_norm.weight",
+        Role::QkNorm,
+        &[Dim::QDim],
+        Slot::QNorm,
+    ),
+    block_spec(
+        "attn_k_norm.weight",
+        "self_attn.k_norm.weight",
+        Role::QkNorm,
+        &[Dim::KvDim],
+        Slot::KNorm,
+    ),
+];
+
 /// A Llama block table followed by an architecture's extra tensors.
 macro_rules! llama_block_with {
     ($($extra:expr),* $(,)?) => {

@@ -52,6 +52,14 @@ pub(crate) const fn experts(
     ]
 }
 
+/// The experts as Qwen3-MoE, OLMoE and DeepSeek name them in HF
+/// (`mlp.experts.{e}.{gate,up,down}_proj.weight`).
+pub(crate) const MLP_EXPERTS: [TensorSpec; 3] = experts(
+    "mlp.experts.{e}.gate_proj.weight",
+    "mlp.experts.{e}.up_proj.weight",
+    "mlp.experts.{e}.down_proj.weight",
+);
+
 /// Reads the experts of an HF config: `num_experts` (or `num_local_experts`,
 /// as Mixtral and transformers 5 call it), `num_experts_per_tok`, the expert
 /// width `moe_intermediate_size` (or `intermediate_size` where the experts are

@@ -11,7 +11,7 @@
 
 use super::{
     block_spec, hf_sets_rope_theta, no_extra_keys, no_gguf_keys, Arch, Dim, Role, Slot, TensorSpec,
-    LLAMA_GLOBALS,
+    LLAMA_GLOBALS, WHOLE_QK_NORMS,
 };
 use crate::config::ModelConfig;
 use anyhow::Result;
@@ -39,20 +39,8 @@ static BLOCK: [TensorSpec; 11] = [
         &[Dim::KvDim, Dim::Hidden],
         Slot::V,
     ),
-    block_spec(
-        "attn_q_norm.weight",
-        "self_attn.q_norm.weight",
-        Role::QkNorm,
-        &[Dim::QDim],
-        Slot::QNorm,
-    ),
-    block_spec(
-        "attn_k_norm.weight",
-        "self_attn.k_norm.weight",
-        Role::QkNorm,
-        &[Dim::KvDim],
-        Slot::KNorm,
-    ),
+    WHOLE_QK_NORMS[0],
+    WHOLE_QK_NORMS[1],
     block_spec(
         "attn_output.weight",
         "self_attn.o_proj.weight",

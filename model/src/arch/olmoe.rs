@@ -4,17 +4,11 @@
 //! as they are (`norm_topk_prob` false; llama.cpp never renormalises for
 //! `olmoe`). The expert width is `intermediate_size` / `feed_forward_length`.
 
-use super::{block_spec, moe, Arch, Dim, Role, Slot, TensorSpec, LLAMA_BLOCK, LLAMA_GLOBALS};
+use super::{moe, Arch, Slot, TensorSpec, LLAMA_BLOCK, LLAMA_GLOBALS, WHOLE_QK_NORMS};
 use crate::config::ModelConfig;
 use crate::gguf::{GgufFile, MetaValue};
 use anyhow::Result;
 use serde_json::{json, Map, Value};
-
-const EXPERTS: [TensorSpec; 3] = moe::experts(
-    "mlp.experts.{e}.gate_proj.weight",
-    "mlp.experts.{e}.up_proj.weight",
-    "mlp.experts.{e}.down_proj.weight",
-);
 
 static BLOCK: [TensorSpec; 12] = [
     LLAMA_BLOCK[0],
@@ -23,24 +17,12 @@ static BLOCK: [TensorSpec; 12] = [
     LLAMA_BLOCK[3],
     LLAMA_BLOCK[4],
     LLAMA_BLOCK[5],
-    block_spec(
-        "attn_q_norm.weight",
-        "self_attn.q_norm.weight",
-        Role::QkNorm,
-        &[Dim::QDim],
-        Slot::QNorm,
-    ),
-    block_spec(
-        "attn_k_norm.weight",
-        "self_attn.k_norm.weight",
-        Role::QkNorm,
-        &[Dim::KvDim],
-        Slot::KNorm,
-    ),
+    WHOLE_QK_NORMS[0],
+    WHOLE_QK_NORMS[1],
     moe::router("mlp.gate.weight"),
-    EXPERTS[0],
-    EXPERTS[1],
-    EXPERTS[2],
+    moe::MLP_EXPERTS[0],
+    moe::MLP_EXPERTS[1],
+    moe::MLP_EXPERTS[2],
 ];
 
 /// Only the attention norm folds (see `qwen3_moe`).

@@ -4,28 +4,13 @@
 //! `attention.key_length`); GGUF keeps HF's row order.
 
 use super::{
-    block_spec, llama_block_with, no_caveat, no_extra_keys, no_gguf_keys, no_hf_fields, Arch, Dim,
-    Role, Slot, TensorSpec, LLAMA_FOLDS, LLAMA_GLOBALS,
+    llama_block_with, no_caveat, no_extra_keys, no_gguf_keys, no_hf_fields, Arch, TensorSpec,
+    LLAMA_FOLDS, LLAMA_GLOBALS, PER_HEAD_QK_NORMS,
 };
 use crate::config::ModelConfig;
 use serde_json::{json, Map, Value};
 
-static BLOCK: [TensorSpec; 11] = llama_block_with![
-    block_spec(
-        "attn_q_norm.weight",
-        "self_attn.q_norm.weight",
-        Role::QkNorm,
-        &[Dim::HeadDim],
-        Slot::QNorm,
-    ),
-    block_spec(
-        "attn_k_norm.weight",
-        "self_attn.k_norm.weight",
-        Role::QkNorm,
-        &[Dim::HeadDim],
-        Slot::KNorm,
-    ),
-];
+static BLOCK: [TensorSpec; 11] = llama_block_with![PER_HEAD_QK_NORMS[0], PER_HEAD_QK_NORMS[1],];
 
 fn hf_extra(_: &ModelConfig) -> Map<String, Value> {
     let v = json!({"attention_bias": false, "use_sliding_window": false, "sliding_window": null});

@@ -5,17 +5,11 @@
 //! expert. GGUF `qwen3moe` keeps the expert width in `expert_feed_forward_length`
 //! and llama.cpp always renormalises.
 
-use super::{block_spec, moe, Arch, Dim, Role, Slot, TensorSpec, LLAMA_BLOCK, LLAMA_GLOBALS};
+use super::{moe, Arch, Slot, TensorSpec, LLAMA_BLOCK, LLAMA_GLOBALS, PER_HEAD_QK_NORMS};
 use crate::config::ModelConfig;
 use crate::gguf::{GgufFile, MetaValue};
 use anyhow::{bail, Result};
 use serde_json::{json, Map, Value};
-
-const EXPERTS: [TensorSpec; 3] = moe::experts(
-    "mlp.experts.{e}.gate_proj.weight",
-    "mlp.experts.{e}.up_proj.weight",
-    "mlp.experts.{e}.down_proj.weight",
-);
 
 static BLOCK: [TensorSpec; 12] = [
     LLAMA_BLOCK[0],
@@ -24,24 +18,12 @@ static BLOCK: [TensorSpec; 12] = [
     LLAMA_BLOCK[3],
     LLAMA_BLOCK[4],
     LLAMA_BLOCK[5],
-    block_spec(
-        "attn_q_norm.weight",
-        "self_attn.q_norm.weight",
-        Role::QkNorm,
-        &[Dim::HeadDim],
-        Slot::QNorm,
-    ),
-    block_spec(
-        "attn_k_norm.weight",
-        "self_attn.k_norm.weight",
-        Role::QkNorm,
-        &[Dim::HeadDim],
-        Slot::KNorm,
-    ),
+    PER_HEAD_QK_NORMS[0],
+    PER_HEAD_QK_NORMS[1],
     moe::router("mlp.gate.weight"),
-    EXPERTS[0],
-    EXPERTS[1],
-    EXPERTS[2],
+    moe::MLP_EXPERTS[0],
+    moe::MLP_EXPERTS[1],
+    moe::MLP_EXPERTS[2],
 ];
 
 /// Only the attention norm folds: each expert reads the MLP norm's output
