@@ -5,7 +5,7 @@
 //! llama.cpp's own `convert_hf_to_gguf.py` made of them. Our logits must match
 //! transformers' to 1e-4 of the largest logit, and every stage must run on each.
 
-use e2e::{compress, output_text, repo_root};
+use e2e::{compress, output_text, rel_max_error, repo_root};
 use model::safetensors_file::SafetensorsSet;
 use model::Model;
 use std::path::{Path, PathBuf};
@@ -53,17 +53,6 @@ fn reference_of(name: &str, key: &str) -> (Vec<u32>, Vec<f32>) {
         .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
         .collect();
     (tokens, logits)
-}
-
-/// max |ours − reference| / max |reference|.
-fn rel_max_error(ours: &[f32], reference: &[f32]) -> f64 {
-    assert_eq!(ours.len(), reference.len());
-    let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
-    let err = ours
-        .iter()
-        .zip(reference)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs())) as f64;
-    err / scale
 }
 
 fn logits_error(path: &Path, name: &str) -> f64 {

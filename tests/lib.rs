@@ -61,6 +61,18 @@ pub fn copy_with_config(src: &Path, dst: &Path, edit: &dyn Fn(&mut serde_json::V
     std::fs::write(dst.join("config.json"), v.to_string()).unwrap();
 }
 
+/// max |ours − reference| / max |reference|: how far logits are from a
+/// reference, relative to its largest logit.
+pub fn rel_max_error(ours: &[f32], reference: &[f32]) -> f64 {
+    assert_eq!(ours.len(), reference.len());
+    let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+    let err = ours
+        .iter()
+        .zip(reference)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs())) as f64;
+    err / scale
+}
+
 /// The `compress` binary built with the same profile as the tests.
 pub fn bin() -> PathBuf {
     // target/<profile>/deps/<test-binary> -> target/<profile>/compress

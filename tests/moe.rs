@@ -8,7 +8,7 @@
 //! without any, and the tokens we route to each expert must be the ones
 //! transformers' router chose.
 
-use e2e::{compress, output_text, repo_root};
+use e2e::{compress, output_text, rel_max_error, repo_root};
 use model::safetensors_file::SafetensorsSet;
 use model::Model;
 use std::path::{Path, PathBuf};
@@ -52,16 +52,6 @@ const INPUTS: [(&str, &str, &str); 2] = [
         "expert_token_counts_starved",
     ),
 ];
-
-fn rel_max_error(ours: &[f32], reference: &[f32]) -> f64 {
-    assert_eq!(ours.len(), reference.len());
-    let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
-    let err = ours
-        .iter()
-        .zip(reference)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs())) as f64;
-    err / scale
-}
 
 #[test]
 fn logits_match_transformers_from_hf_and_from_llama_cpp_gguf() {
