@@ -4,7 +4,7 @@
 //! GGUF is `llama` with `llama.expert_count` set, which is how this
 //! description claims it; the expert width is `feed_forward_length`.
 
-use super::{moe, Arch, Slot, TensorSpec, LLAMA_BLOCK, LLAMA_GLOBALS};
+use super::{moe, Arch, TensorSpec, LLAMA_BLOCK, LLAMA_GLOBALS};
 use crate::config::ModelConfig;
 use crate::gguf::{GgufFile, MetaValue};
 use anyhow::{bail, Result};
@@ -28,9 +28,6 @@ static BLOCK: [TensorSpec; 10] = [
     EXPERTS[1],
     EXPERTS[2],
 ];
-
-/// Only the attention norm folds (see `qwen3_moe`).
-const FOLDS: &[(Slot, &[Slot])] = &[(Slot::AttnNorm, &[Slot::Q, Slot::K, Slot::V])];
 
 fn read_hf(v: &Value, c: &mut ModelConfig) -> Result<()> {
     moe::read_hf(v, c, true)?;
@@ -77,7 +74,7 @@ pub static MIXTRAL: Arch = Arch {
     globals: &LLAMA_GLOBALS,
     gguf_permutes_qk: true,
     hf_extra,
-    scale_folds: FOLDS,
+    scale_folds: moe::ATTENTION_FOLDS,
     hf_norm_offset: 0.0,
     scales_embedding: false,
     read_hf,

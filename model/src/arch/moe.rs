@@ -52,6 +52,12 @@ pub(crate) const fn experts(
     ]
 }
 
+/// AWQ's exact folds in a mixture-of-experts block: only the attention norm
+/// into q/k/v. Each expert reads the MLP norm's output through its own
+/// columns, which one gain cannot serve.
+pub(crate) const ATTENTION_FOLDS: &[(Slot, &[Slot])] =
+    &[(Slot::AttnNorm, &[Slot::Q, Slot::K, Slot::V])];
+
 /// The experts as Qwen3-MoE, OLMoE and DeepSeek name them in HF
 /// (`mlp.experts.{e}.{gate,up,down}_proj.weight`).
 pub(crate) const MLP_EXPERTS: [TensorSpec; 3] = experts(

@@ -4,7 +4,7 @@
 //! as they are (`norm_topk_prob` false; llama.cpp never renormalises for
 //! `olmoe`). The expert width is `intermediate_size` / `feed_forward_length`.
 
-use super::{moe, Arch, Slot, TensorSpec, LLAMA_BLOCK, LLAMA_GLOBALS, WHOLE_QK_NORMS};
+use super::{moe, Arch, TensorSpec, LLAMA_BLOCK, LLAMA_GLOBALS, WHOLE_QK_NORMS};
 use crate::config::ModelConfig;
 use crate::gguf::{GgufFile, MetaValue};
 use anyhow::Result;
@@ -24,9 +24,6 @@ static BLOCK: [TensorSpec; 12] = [
     moe::MLP_EXPERTS[1],
     moe::MLP_EXPERTS[2],
 ];
-
-/// Only the attention norm folds (see `qwen3_moe`).
-const FOLDS: &[(Slot, &[Slot])] = &[(Slot::AttnNorm, &[Slot::Q, Slot::K, Slot::V])];
 
 fn read_hf(v: &Value, c: &mut ModelConfig) -> Result<()> {
     moe::read_hf(v, c, false)
@@ -67,7 +64,7 @@ pub static OLMOE: Arch = Arch {
     globals: &LLAMA_GLOBALS,
     gguf_permutes_qk: false,
     hf_extra,
-    scale_folds: FOLDS,
+    scale_folds: moe::ATTENTION_FOLDS,
     hf_norm_offset: 0.0,
     scales_embedding: false,
     read_hf,

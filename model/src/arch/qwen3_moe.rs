@@ -5,7 +5,7 @@
 //! expert. GGUF `qwen3moe` keeps the expert width in `expert_feed_forward_length`
 //! and llama.cpp always renormalises.
 
-use super::{moe, Arch, Slot, TensorSpec, LLAMA_BLOCK, LLAMA_GLOBALS, PER_HEAD_QK_NORMS};
+use super::{moe, Arch, TensorSpec, LLAMA_BLOCK, LLAMA_GLOBALS, PER_HEAD_QK_NORMS};
 use crate::config::ModelConfig;
 use crate::gguf::{GgufFile, MetaValue};
 use anyhow::{bail, Result};
@@ -25,10 +25,6 @@ static BLOCK: [TensorSpec; 12] = [
     moe::MLP_EXPERTS[1],
     moe::MLP_EXPERTS[2],
 ];
-
-/// Only the attention norm folds: each expert reads the MLP norm's output
-/// through its own columns, which one gain cannot serve.
-const FOLDS: &[(Slot, &[Slot])] = &[(Slot::AttnNorm, &[Slot::Q, Slot::K, Slot::V])];
 
 fn read_hf(v: &Value, c: &mut ModelConfig) -> Result<()> {
     // transformers' Qwen3MoeConfig default is false; released models set true.
@@ -85,7 +81,7 @@ pub static QWEN3_MOE: Arch = Arch {
     globals: &LLAMA_GLOBALS,
     gguf_permutes_qk: false,
     hf_extra,
-    scale_folds: FOLDS,
+    scale_folds: moe::ATTENTION_FOLDS,
     hf_norm_offset: 0.0,
     scales_embedding: false,
     read_hf,
