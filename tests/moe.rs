@@ -226,17 +226,26 @@ fn stages_without_expert_support_refuse_without_output() {
     for (args, says) in [
         (
             vec![
-                "quantize", b, "--method", "gptq", "--bits", "4", "--group", "32",
+                "quantize", b, "--method", "awq", "--bits", "4", "--group", "32",
             ],
-            "does not handle mixture-of-experts models yet",
+            "AWQ does not handle mixture-of-experts models yet",
         ),
         (
             vec!["prune", b, "--heads", "2"],
             "structured pruning of heads, FFN channels, blocks or width does not handle",
         ),
         (
-            vec!["prune", b, "--method", "wanda", "--sparsity", "0.5"],
-            "pruning does not handle mixture-of-experts models yet",
+            vec![
+                "prune",
+                b,
+                "--method",
+                "wanda",
+                "--sparsity",
+                "0.5",
+                "--format",
+                "compressed-tensors",
+            ],
+            "writing a compressed-tensors sparse folder does not handle",
         ),
     ] {
         let out = dir.path().join("out");
@@ -617,5 +626,302 @@ fn expert_pruning_keeps_the_most_salient_experts_in_both_formats() {
         assert_eq!(o.status.code(), Some(2), "{text}");
         assert!(text.contains(says), "expected '{says}' in {text}");
         assert!(!out.exists());
+    }
+}
+
+/// GPTQ over each fixture with `tokens_starved` as the only calibration
+/// sample: the walk's per-expert token counts are transformers' (every block:
+/// 8-bit GPTQ moves no routing decision, whose margins are ≥ 1e-3), the starved
+/// expert takes every token's statistics and is named so, and every expert of
+/// every stacked tensor is quantized to finite values.
+#[test]
+fn gptq_counts_each_experts_tokens_and_calibrates_the_starved_ones_on_every_token() {
+    use model::calib::walk::{ExpertCalibration, ExpertStatistics};
+    use quant::calibrated::gptq_model;
+    use quant::gptq::{GptqOptions, Grid};
+    for name in MOE {
+        let model = Model::open(&fixture(name)).unwrap();
+        let m = model.config.moe.clone().unwrap();
+        let tokens: Vec<u32> = reference_ints(name, "tokens_starved")
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
+        let theirs = reference_ints(name, "expert_token_counts_starved");
+        for all_experts in [false, true] {
+            let opts = GptqOptions {
+                experts: ExpertCalibration {
+                    all_experts,
+                    min_tokens: 1,
+                },
+                ..Default::default()
+            };
+            let grid = Grid::Int {
+                bits: 8,
+                group: 32,
+                sym: true,
+                clip: false,
+            };
+            let mut stacked = 0;
+            let (reports, _) = gptq_model(
+                &model,
+                std::slice::from_ref(&tokens),
+                &|_| grid,
+                &opts,
+                true,
+                &mut |n, item| {
+                    if let quant::calibrated::Item::Experts(qs) = item {
+                        assert_eq!(qs.len(), m.experts, "{name} {n}");
+                        for q in &qs {
+                            assert!(q.values.iter().all(|v| v.is_finite()), "{name} {n}");
+                        }
+                        stacked += 1;
+                    }
+                    Ok(())
+                },
+                &mut |_, _| {},
+            )
+            .unwrap();
+            let layers = model.config.num_hidden_layers;
+            assert_eq!(stacked, 3 * layers, "{name}");
+            // One entry per expert and kind; gate's carries the routing.
+            let mut ours = vec![0; layers * m.experts];
+            for r in reports.iter().filter(|r| r.name.contains("ffn_gate_exps")) {
+                let e = r.expert.expect("an expert's report");
+                let l = model::names::block_index(&r.name).unwrap();
+                ours[l * m.experts + e.expert] = e.routed_tokens;
+                let expected = match (all_experts, e.routed_tokens) {
+                    (true, _) => ExpertStatistics::AllTokensRequested,
+                    (false, 0) => ExpertStatistics::AllTokensStarved,
+                    (false, _) => ExpertStatistics::Routed,
+                };
+                assert_eq!(
+                    e.statistics, expected,
+                    "{name} {} expert {}",
+                    r.name, e.expert
+                );
+                assert!(r.rel_error.is_finite(), "{name} {}", r.name);
+            }
+            assert_eq!(ours, theirs, "{name}: per-expert token counts");
+            assert_eq!(
+                reports.iter().filter(|r| r.expert.is_some()).count(),
+                3 * layers * m.experts
+            );
+        }
+    }
+}
+
+/// `compress quantize --method gptq` on each fixture into a GPTQ folder (one
+/// packed linear per expert under HF's per-expert names, the router in f16)
+/// and into a Q4_0 GGUF (stacked experts): numpy unpacks every expert to
+/// exactly what we read back, gguf-py reads the GGUF as we do, both load and
+/// evaluate, and the report names the starved experts.
+#[test]
+fn gptq_writes_every_expert_to_gptq_folders_and_gguf() {
+    use model::safetensors_file::{Dtype, SafetensorsWriter};
+    let calib = e2e::asset("calib.txt");
+    let dir = tempfile::tempdir().unwrap();
+    for name in MOE {
+        let src = fixture(name);
+        let folder = dir.path().join(format!("{name}-gptq"));
+        let gguf = dir.path().join(format!("{name}-q4_0.gguf"));
+        let report = dir.path().join(format!("{name}.json"));
+        for (out, extra) in [(&folder, ["--bits", "4"]), (&gguf, ["--type", "Q4_0"])] {
+            let o = compress(&[
+                "quantize",
+                src.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--method",
+                "gptq",
+                extra[0],
+                extra[1],
+                "--group",
+                "32",
+                "--calib",
+                calib.to_str().unwrap(),
+                "--samples",
+                "2",
+                "--seq",
+                "32",
+                "--min-expert-tokens",
+                "12",
+                "--report",
+                report.to_str().unwrap(),
+            ]);
+            let text = output_text(&o);
+            assert!(o.status.success(), "{name}: {text}");
+            assert!(text.contains("experts: "), "{name}: {text}");
+            let r: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+            let layers = r["layers"].as_array().unwrap();
+            let experts: Vec<&serde_json::Value> =
+                layers.iter().filter(|l| !l["expert"].is_null()).collect();
+            let m = Model::open(&src).unwrap().config.moe.unwrap();
+            assert_eq!(experts.len(), 3 * 2 * m.experts, "{name}");
+            for e in &experts {
+                let tokens = e["expert"]["routed_tokens"].as_u64().unwrap();
+                let stats = e["expert"]["statistics"].as_str().unwrap();
+                let want = if tokens < 12 {
+                    "all_tokens_starved"
+                } else {
+                    "routed"
+                };
+                assert_eq!(stats, want, "{name}: {e}");
+                if stats == "all_tokens_starved" {
+                    assert!(
+                        text.contains(&format!(" ({tokens} tokens)")),
+                        "{name}: starved expert not named: {text}"
+                    );
+                }
+            }
+        }
+
+        // numpy's unpacking of every expert equals our reading of the folder.
+        let back = Model::open(&folder).unwrap();
+        let q = back.quantized.as_ref().expect("a GPTQ folder");
+        let c = &back.config;
+        let mut decl = Vec::new();
+        let mut data = Vec::new();
+        for n in model::names::all(c) {
+            if !model::hf_quant::is_block_linear(c.arch, &n) {
+                continue;
+            }
+            let shape = q
+                .shape(&n)
+                .unwrap_or_else(|| panic!("{name}: '{n}' not quantized"));
+            let values = back.tensor(&n).unwrap().to_f32().unwrap();
+            assert!(values.iter().all(|v| v.is_finite()), "{name} {n}");
+            let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+            let hf_names = c
+                .arch
+                .hf_expert_names(&n, m_experts(c))
+                .unwrap_or_else(|| vec![c.arch.hf_from_canonical(&n).unwrap()]);
+            for (hf, part) in hf_names.into_iter().zip(values.chunks(rows * cols)) {
+                decl.push((hf, Dtype::F32, vec![rows, cols]));
+                data.push(
+                    part.iter()
+                        .flat_map(|v| v.to_le_bytes())
+                        .collect::<Vec<u8>>(),
+                );
+            }
+        }
+        let reference = dir.path().join(format!("{name}-reference.safetensors"));
+        let mut w =
+            SafetensorsWriter::create(&reference, &decl, &std::collections::BTreeMap::new())
+                .unwrap();
+        for ((hf, _, _), bytes) in decl.iter().zip(&data) {
+            w.write(hf, bytes).unwrap();
+        }
+        w.finish().unwrap();
+        let n = decl.len();
+        assert_eq!(n, 2 * (4 + 3 * m_experts(c)), "{name}");
+        let said = e2e::run_python("check_gptq.py", &[&folder, &reference]);
+        assert!(
+            said.contains(&format!(": {n} of {n} linears equal REFERENCE exactly")),
+            "{name}: {said}"
+        );
+        let router = c.arch.router().unwrap().hf;
+        let set = SafetensorsSet::open(&folder.join("model.safetensors")).unwrap();
+        let (entry, _) = set
+            .get(&format!("model.layers.0.{router}"))
+            .unwrap_or_else(|| panic!("{name}: no router"));
+        assert_eq!(entry.dtype, Dtype::F16, "{name}: the router stays in float");
+
+        // gguf-py reads the GGUF's stacked experts as we do.
+        e2e::check_gguf_with_gguf_py(
+            &gguf,
+            &[
+                "blk.0.ffn_gate_exps.weight",
+                "blk.1.ffn_down_exps.weight",
+                "blk.1.ffn_gate_inp.weight",
+            ],
+            &dir.path().join(format!("{name}-dump")),
+        );
+
+        let eval = e2e::eval_text();
+        let o = compress(&[
+            "eval",
+            "--text",
+            eval.to_str().unwrap(),
+            "--ctx",
+            "64",
+            "--chunks",
+            "2",
+            "--base",
+            src.to_str().unwrap(),
+            folder.to_str().unwrap(),
+            gguf.to_str().unwrap(),
+        ]);
+        let text = output_text(&o);
+        assert!(o.status.success(), "{name}: {text}");
+        assert_eq!(text.matches("KLD mean").count(), 2, "{name}: {text}");
+    }
+}
+
+fn m_experts(c: &model::ModelConfig) -> usize {
+    c.moe.as_ref().map_or(0, |m| m.experts)
+}
+
+/// Wanda and SparseGPT prune each expert on its own tokens (the starved ones
+/// on every token) to the asked sparsity, and the pruned model loads.
+#[test]
+fn wanda_and_sparsegpt_prune_every_expert() {
+    let calib = e2e::asset("calib.txt");
+    let dir = tempfile::tempdir().unwrap();
+    for name in MOE {
+        for method in ["wanda", "sparsegpt"] {
+            let out = dir.path().join(format!("{name}-{method}"));
+            let report = dir.path().join(format!("{name}-{method}.json"));
+            let o = compress(&[
+                "prune",
+                fixture(name).to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--method",
+                method,
+                "--sparsity",
+                "0.5",
+                "--calib",
+                calib.to_str().unwrap(),
+                "--samples",
+                "2",
+                "--seq",
+                "32",
+                "--report",
+                report.to_str().unwrap(),
+            ]);
+            let text = output_text(&o);
+            assert!(o.status.success(), "{name} {method}: {text}");
+            let back = Model::open(&out).unwrap();
+            let c = &back.config;
+            for l in 0..c.num_hidden_layers {
+                let n = model::names::block(l, "ffn_down_exps.weight");
+                let t = back.tensor(&n).unwrap();
+                let e = m_experts(c);
+                let values = t.to_f32().unwrap();
+                for (i, part) in values.chunks(values.len() / e).enumerate() {
+                    let zeros = part.iter().filter(|v| **v == 0.0).count();
+                    assert_eq!(zeros * 2, part.len(), "{name} {method} {n} expert {i}");
+                }
+            }
+            let r: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+            let per_expert = r["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|l| !l["expert"].is_null())
+                .count();
+            assert_eq!(per_expert, 3 * c.num_hidden_layers * m_experts(c), "{name}");
+            let tokens: Vec<u32> = reference_ints(name, "tokens")
+                .into_iter()
+                .map(|t| t as u32)
+                .collect();
+            assert!(back
+                .logits(&tokens, 0)
+                .unwrap()
+                .iter()
+                .all(|v| v.is_finite()));
+        }
     }
 }

@@ -63,7 +63,7 @@ fn tensor_rows(m: &Model, base: Option<&Model>) -> Result<Vec<TensorRow>> {
         let quantized = m
             .quantized
             .as_ref()
-            .is_some_and(|q| q.prefix(&name).is_some());
+            .is_some_and(|q| q.prefixes(&name).is_some());
         let sparse = m.sparse.as_ref().filter(|s| s.prefix(&name).is_some());
         let ty = match (&m.quantized, sparse) {
             (Some(q), _) if quantized => format!("{:?} int{}", q.format(), q.bits()),

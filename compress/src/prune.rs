@@ -9,7 +9,7 @@
 use crate::DtypeArg;
 use anyhow::{bail, Context, Result};
 use model::calib::calibration_samples;
-use model::calib::walk::Timings;
+use model::calib::walk::{ExpertCalibration, Timings};
 use model::dense::output_file;
 use model::progress::Progress;
 use model::{names, Model};
@@ -126,6 +126,15 @@ pub struct Args {
     /// already pruned layers produce (`false`: every input from the original block).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     true_sequential: bool,
+    /// Mixture of experts: gather every routed expert's statistics from every
+    /// calibration token run through it (the block output still uses the true
+    /// routing), not only from the tokens routed to it.
+    #[arg(long)]
+    calibrate_all_experts: bool,
+    /// Mixture of experts: an expert routed fewer calibration tokens than this
+    /// takes its statistics from every calibration token.
+    #[arg(long, default_value_t = ExpertCalibration::default().min_tokens)]
+    min_expert_tokens: usize,
     /// Output: an HF-style folder (or a .safetensors file), or a .gguf file.
     #[arg(short, long)]
     output: PathBuf,
@@ -340,7 +349,7 @@ pub fn run(a: Args) -> Result<()> {
     for l in 0..blocks {
         for s in model.config.arch.linears() {
             let name = names::block(l, s);
-            pattern.check(model.tensor_meta(&name)?.1[1], &name)?;
+            pattern.check(*model.tensor_meta(&name)?.1.last().unwrap_or(&0), &name)?;
         }
     }
     let samples = if a.method == Method::Magnitude {
@@ -359,6 +368,10 @@ pub fn run(a: Args) -> Result<()> {
         true_sequential: a.true_sequential,
         dtype: a.dtype.ggml(),
         compressed_tensors: a.format == SparseFormat::CompressedTensors,
+        experts: ExpertCalibration {
+            all_experts: a.calibrate_all_experts,
+            min_tokens: a.min_expert_tokens,
+        },
     };
     let label = opts.method.label();
     if !samples.is_empty() {

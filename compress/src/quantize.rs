@@ -6,7 +6,7 @@
 
 use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
-use model::calib::walk::Timings;
+use model::calib::walk::{ExpertCalibration, Timings};
 use model::calib::{calibration_samples, Imatrix};
 use model::hf_quant::{HfQuantFormat, IntQuantConfig};
 use model::progress::Progress;
@@ -112,6 +112,16 @@ pub struct Args {
     /// original block).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     true_sequential: bool,
+    /// Mixture of experts: gather every routed expert's GPTQ statistics from
+    /// every calibration token run through it (the block output still uses the
+    /// true routing), not only from the tokens routed to it.
+    #[arg(long)]
+    calibrate_all_experts: bool,
+    /// Mixture of experts: an expert routed fewer calibration tokens than this
+    /// takes its GPTQ statistics from every calibration token (named in the
+    /// report and on the terminal).
+    #[arg(long, default_value_t = ExpertCalibration::default().min_tokens)]
+    min_expert_tokens: usize,
     /// Calibration text for --method gptq.
     #[arg(long, default_value = "asset:calib")]
     calib: String,
@@ -369,6 +379,10 @@ fn run_calibrated(a: Args) -> Result<()> {
         block_size: 128,
         act_order: a.act_order,
         static_groups: a.static_groups || a.mix.is_some(),
+        experts: ExpertCalibration {
+            all_experts: a.calibrate_all_experts,
+            min_tokens: a.min_expert_tokens,
+        },
     };
     let mix = a.mix.as_deref().map(Mix::from_name).transpose()?;
     let overrides = a
@@ -390,7 +404,7 @@ fn run_calibrated(a: Args) -> Result<()> {
         for l in 0..blocks {
             for s in model.config.arch.linears() {
                 let name = model::names::block(l, s);
-                let cols = model.tensor_meta(&name)?.1[1];
+                let cols = *model.tensor_meta(&name)?.1.last().unwrap_or(&0);
                 int_grid(cols).check(cols, &name)?;
                 if group.is_some_and(|g| !cols.is_multiple_of(g)) {
                     partial.insert(cols);
@@ -453,6 +467,9 @@ fn run_calibrated(a: Args) -> Result<()> {
             )?;
             bar.finish();
             eprintln!("{}", block_summary(&layers, method_name));
+            if let Some(line) = calibrated::expert_coverage(&layers) {
+                eprintln!("{line}");
+            }
             CalibratedReport {
                 method: method_name,
                 output: a.output.clone(),
@@ -484,7 +501,11 @@ fn run_calibrated(a: Args) -> Result<()> {
                 Format::CompressedTensors => HfQuantFormat::CompressedTensors,
             };
             let grid_of = |name: &str| -> Grid {
-                int_grid(model.tensor_meta(name).map(|m| m.1[1]).unwrap_or(0))
+                int_grid(
+                    model
+                        .tensor_meta(name)
+                        .map_or(0, |m| *m.1.last().unwrap_or(&0)),
+                )
             };
             let (layers, timings) = calibrated::calibrated_to_hf(
                 &model, &a.output, format, &cfg, &samples, &grid_of, calibrated,
@@ -495,6 +516,9 @@ fn run_calibrated(a: Args) -> Result<()> {
             let n_params = model.n_params()?;
             if !layers.is_empty() {
                 eprintln!("{}", block_summary(&layers, method_name));
+            }
+            if let Some(line) = calibrated::expert_coverage(&layers) {
+                eprintln!("{line}");
             }
             CalibratedReport {
                 method: method_name,

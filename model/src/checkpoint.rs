@@ -522,12 +522,13 @@ impl Model {
                 Ok(g.tensor_data(info).len() as u64)
             }
             Checkpoint::Safetensors(s) => {
-                let packed = match (&self.quantized, &self.sparse) {
-                    (Some(q), _) => q.prefix(name),
-                    (_, Some(sp)) => sp.prefix(name),
-                    _ => None,
-                };
-                if let Some(prefix) = packed {
+                if let Some(prefixes) = self.quantized.as_ref().and_then(|q| q.prefixes(name)) {
+                    return Ok(prefixes
+                        .iter()
+                        .map(|p| s.bytes_under(&format!("{p}.")))
+                        .sum());
+                }
+                if let Some(prefix) = self.sparse.as_ref().and_then(|sp| sp.prefix(name)) {
                     return Ok(s.bytes_under(&format!("{prefix}.")));
                 }
                 if self.implied_rope_freqs(name).is_some() {

@@ -778,9 +778,23 @@ fn hf_prefix(arch: &Arch, canonical: &str) -> Result<String> {
     Ok(hf.strip_suffix(".weight").unwrap_or(&hf).to_owned())
 }
 
+/// The HF prefixes of a canonical linear: its own, or one per expert of a
+/// stacked experts' tensor (`model.layers.0.mlp.experts.3.gate_proj`).
+fn hf_prefixes(arch: &Arch, experts: usize, canonical: &str) -> Result<Vec<String>> {
+    match arch.hf_expert_names(canonical, experts) {
+        Some(names) => Ok(names
+            .into_iter()
+            .map(|hf| hf.strip_suffix(".weight").unwrap_or(&hf).to_owned())
+            .collect()),
+        None => Ok(vec![hf_prefix(arch, canonical)?]),
+    }
+}
+
 /// Streams an HF-style folder: config.json (model config + quantization_config), model.safetensors, tokenizer files.
 pub struct HfQuantWriter {
     arch: &'static Arch,
+    /// Routed experts per mixture-of-experts block (0: none).
+    experts: usize,
     dir: PathBuf,
     scheme: Scheme,
     permuted_groups: bool,
@@ -824,10 +838,13 @@ impl HfQuantWriter {
         }
         let scheme = Scheme::from_config(format, cfg);
         let arch = model.config.arch;
+        let experts = model.config.moe.as_ref().map_or(0, |m| m.experts);
         // HF has no tensor for what its config computes (RoPE factors).
         let order: Vec<String> = write_order(&model.config)
             .into_iter()
-            .filter(|n| arch.hf_from_canonical(n).is_some())
+            .filter(|n| {
+                arch.hf_from_canonical(n).is_some() || arch.hf_expert_names(n, experts).is_some()
+            })
             .collect();
         let mut shapes = Vec::with_capacity(order.len());
         let mut decl = Vec::new();
@@ -836,13 +853,14 @@ impl HfQuantWriter {
                 .expected_shape(name)
                 .with_context(|| format!("no shape for tensor '{name}'"))?;
             if is_block_linear(arch, name) {
-                let prefix = hf_prefix(arch, name)?;
-                let (out, inp) = (shape[0], shape[1]);
+                let (out, inp) = (shape[shape.len() - 2], shape[shape.len() - 1]);
                 scheme.check_dims(out, inp).with_context(|| {
                     format!("cannot write '{name}' ({out} × {inp}) as {}", format.name())
                 })?;
-                for (suffix, dtype, s) in scheme.parts(out, inp) {
-                    decl.push((format!("{prefix}.{suffix}"), dtype, s));
+                for prefix in hf_prefixes(arch, experts, name)? {
+                    for (suffix, dtype, s) in scheme.parts(out, inp) {
+                        decl.push((format!("{prefix}.{suffix}"), dtype, s));
+                    }
                 }
             } else {
                 decl.push((arch.hf_name(name)?, Dtype::F16, shape.clone()));
@@ -862,9 +880,8 @@ impl HfQuantWriter {
             cfg.true_sequential.to_string(),
         );
         let out = SafetensorsWriter::create(&dir.join("model.safetensors"), &decl, &meta)?;
-        model.config.refuse_moe("writing a quantized HF folder")?;
         let mut config = model.config.to_hf_json("float16")?;
-        config["quantization_config"] = quantization_config(format, cfg);
+        config["quantization_config"] = quantization_config(format, cfg, arch);
         Ok(HfQuantWriter {
             dir: dir.to_path_buf(),
             scheme,
@@ -876,6 +893,7 @@ impl HfQuantWriter {
             config,
             tokenizer: model.tokenizer.clone(),
             arch,
+            experts,
         })
     }
 
@@ -899,24 +917,44 @@ impl HfQuantWriter {
     /// when symmetric and ≥ 1 in GPTQ, g_idx `i / group_size` unless act-order
     /// without static groups.
     pub fn write_linear(&mut self, canonical: &str, q: &IntLinear) -> Result<()> {
-        let shape = self.expect_next(canonical)?;
+        self.write_experts(canonical, std::slice::from_ref(q))
+    }
+
+    /// [`HfQuantWriter::write_linear`] for a linear that is one matrix per
+    /// expert (a stacked experts' tensor, `[experts, out, in]`): `qs` in expert
+    /// order, each written under its expert's HF name. A plain linear is the
+    /// one-matrix case.
+    pub fn write_experts(&mut self, canonical: &str, qs: &[IntLinear]) -> Result<()> {
+        let shape = self.expect_next(canonical)?.to_vec();
         if !is_block_linear(self.arch, canonical) {
             bail!("tensor '{canonical}' is not a block linear: write it with write_dense");
         }
-        if [q.out_features, q.in_features] != shape {
+        let (matrices, dims) = match shape.as_slice() {
+            [e, out, inp] => (*e, [*out, *inp]),
+            _ => (1, [shape[0], shape[1]]),
+        };
+        if qs.len() != matrices {
             bail!(
-                "tensor '{canonical}' is {} × {}, the model's is {shape:?}",
-                q.out_features,
-                q.in_features
+                "tensor '{canonical}' holds {matrices} matrices, {} were given",
+                qs.len()
             );
         }
-        self.scheme
-            .check_linear(q, self.permuted_groups)
-            .with_context(|| format!("tensor '{canonical}'"))?;
-        let prefix = hf_prefix(self.arch, canonical)?;
-        let parts = self.scheme.parts(q.out_features, q.in_features);
-        for ((suffix, _, _), bytes) in parts.iter().zip(self.scheme.encode(q)) {
-            self.out.write(&format!("{prefix}.{suffix}"), &bytes)?;
+        let prefixes = hf_prefixes(self.arch, self.experts, canonical)?;
+        for (q, prefix) in qs.iter().zip(&prefixes) {
+            if [q.out_features, q.in_features] != dims {
+                bail!(
+                    "tensor '{canonical}' is {} × {}, the model's is {shape:?}",
+                    q.out_features,
+                    q.in_features
+                );
+            }
+            self.scheme
+                .check_linear(q, self.permuted_groups)
+                .with_context(|| format!("tensor '{prefix}'"))?;
+            let parts = self.scheme.parts(q.out_features, q.in_features);
+            for ((suffix, _, _), bytes) in parts.iter().zip(self.scheme.encode(q)) {
+                self.out.write(&format!("{prefix}.{suffix}"), &bytes)?;
+            }
         }
         self.next += 1;
         Ok(())
@@ -965,7 +1003,13 @@ impl HfQuantWriter {
 }
 
 /// config.json's `quantization_config` for `cfg` in `format`.
-fn quantization_config(format: HfQuantFormat, cfg: &IntQuantConfig) -> Value {
+fn quantization_config(format: HfQuantFormat, cfg: &IntQuantConfig, arch: &Arch) -> Value {
+    // The router stays in float (GPTQ writers and vLLM leave it so too).
+    let mut ignore = vec![json!("lm_head")];
+    if let Some(router) = arch.router() {
+        let module = router.hf.strip_suffix(".weight").unwrap_or(router.hf);
+        ignore.push(json!(format!("re:.*{}$", module.replace('.', "\\."))));
+    }
     let tool = format!("compress:{}", env!("CARGO_PKG_VERSION"));
     match format {
         HfQuantFormat::Gptq => json!({
@@ -1014,7 +1058,7 @@ fn quantization_config(format: HfQuantFormat, cfg: &IntQuantConfig) -> Value {
                         "output_activations": null,
                     }
                 },
-                "ignore": ["lm_head"],
+                "ignore": ignore,
                 "kv_cache_scheme": null,
                 "global_compression_ratio": null,
                 "sparsity_config": null,
@@ -1030,8 +1074,9 @@ fn quantization_config(format: HfQuantFormat, cfg: &IntQuantConfig) -> Value {
 #[derive(Debug)]
 pub struct HfQuantized {
     scheme: Scheme,
-    /// Canonical name → (HF prefix, [out, in]).
-    layers: HashMap<String, (String, [usize; 2])>,
+    /// Canonical name → (HF prefix of each matrix: one, or one per expert of
+    /// a stacked experts' tensor; the canonical shape).
+    layers: HashMap<String, (Vec<String>, Vec<usize>)>,
 }
 
 impl HfQuantized {
@@ -1063,19 +1108,51 @@ impl HfQuantized {
             HfQuantFormat::Gptq => "qweight",
             HfQuantFormat::CompressedTensors => "weight_packed",
         };
+        let experts = config.moe.as_ref().map_or(0, |m| m.experts);
         let mut layers = HashMap::new();
         for name in names {
             if !is_block_linear(config.arch, &name) {
                 continue;
             }
-            let prefix = hf_prefix(config.arch, &name)?;
-            if set.get(&format!("{prefix}.{marker}")).is_none() {
+            let prefixes = hf_prefixes(config.arch, experts, &name)?;
+            let packed = prefixes
+                .iter()
+                .filter(|p| set.get(&format!("{p}.{marker}")).is_some())
+                .count();
+            if packed == 0 {
                 continue;
             }
-            let l = scheme
-                .locate(set, &prefix)
-                .with_context(|| format!("{path}: bad quantized linear '{name}'"))?;
-            layers.insert(name, (prefix, [l.out, l.inp]));
+            if packed < prefixes.len() {
+                bail!(
+                    "{path}: '{name}' has {packed} of its {} experts stored quantized \
+                     (expected all or none)",
+                    prefixes.len()
+                );
+            }
+            let mut dims = None;
+            for prefix in &prefixes {
+                let l = scheme
+                    .locate(set, prefix)
+                    .with_context(|| format!("{path}: bad quantized linear '{prefix}'"))?;
+                match dims {
+                    None => dims = Some([l.out, l.inp]),
+                    Some(d) if d != [l.out, l.inp] => bail!(
+                        "{path}: quantized linear '{prefix}' is {} × {}, its other experts {} × {}",
+                        l.out,
+                        l.inp,
+                        d[0],
+                        d[1]
+                    ),
+                    Some(_) => {}
+                }
+            }
+            let [out, inp] = dims.expect("at least one matrix");
+            let shape = if config.arch.hf_expert_names(&name, experts).is_some() {
+                vec![prefixes.len(), out, inp]
+            } else {
+                vec![out, inp]
+            };
+            layers.insert(name, (prefixes, shape));
         }
         Ok(Some(HfQuantized { scheme, layers }))
     }
@@ -1090,41 +1167,54 @@ impl HfQuantized {
         self.scheme.bits
     }
 
-    /// `[out, in]` of a canonical tensor stored quantized; None for dense tensors.
+    /// The shape of a canonical tensor stored quantized (`[out, in]`, or
+    /// `[experts, out, in]` for a stacked experts' tensor); None for dense tensors.
     pub fn shape(&self, canonical: &str) -> Option<Vec<usize>> {
         self.layers.get(canonical).map(|(_, s)| s.to_vec())
     }
 
-    /// The HF name prefix of a canonical tensor stored quantized (its parts are
-    /// `{prefix}.qweight`, …); None for dense tensors.
-    pub fn prefix(&self, canonical: &str) -> Option<&str> {
-        self.layers.get(canonical).map(|(p, _)| p.as_str())
+    /// The HF name prefixes of a canonical tensor stored quantized (its parts
+    /// are `{prefix}.qweight`, …; one prefix per expert of a stacked experts'
+    /// tensor); None for dense tensors.
+    pub fn prefixes(&self, canonical: &str) -> Option<&[String]> {
+        self.layers.get(canonical).map(|(p, _)| p.as_slice())
     }
 
-    /// The quantized linear `canonical` as stored; None for dense tensors.
-    pub fn linear(&self, set: &SafetensorsSet, canonical: &str) -> Result<Option<IntLinear>> {
-        let Some((prefix, _)) = self.layers.get(canonical) else {
+    /// The quantized matrices of `canonical` as stored (one, or one per
+    /// expert); None for dense tensors.
+    pub fn linears(&self, set: &SafetensorsSet, canonical: &str) -> Result<Option<Vec<IntLinear>>> {
+        let Some((prefixes, _)) = self.layers.get(canonical) else {
             return Ok(None);
         };
-        let q = self.scheme.decode(set, prefix).with_context(|| {
-            format!(
-                "{}: bad quantized linear '{canonical}'",
-                set.path().display()
-            )
-        })?;
-        Ok(Some(q))
+        prefixes
+            .iter()
+            .map(|prefix| {
+                self.scheme.decode(set, prefix).with_context(|| {
+                    format!("{}: bad quantized linear '{prefix}'", set.path().display())
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// The quantized linear `canonical` as stored, when it is one matrix;
+    /// None for dense tensors.
+    pub fn linear(&self, set: &SafetensorsSet, canonical: &str) -> Result<Option<IntLinear>> {
+        Ok(self
+            .linears(set, canonical)?
+            .and_then(|qs| (qs.len() == 1).then(|| qs.into_iter().next())?))
     }
 
     /// The f32 little-endian bytes of the dequantized linear `canonical` (HF layout,
-    /// out × in); None for dense tensors.
+    /// out × in, expert after expert); None for dense tensors.
     pub fn dequantized_bytes(
         &self,
         set: &SafetensorsSet,
         canonical: &str,
     ) -> Result<Option<Vec<u8>>> {
-        Ok(self.linear(set, canonical)?.map(|q| {
-            q.dequantize()
-                .into_iter()
+        Ok(self.linears(set, canonical)?.map(|qs| {
+            qs.iter()
+                .flat_map(IntLinear::dequantize)
                 .flat_map(f32::to_le_bytes)
                 .collect()
         }))
@@ -1578,7 +1668,9 @@ mod tests {
                         method: "gptq".into(),
                     };
                     let written = Scheme::from_config(format, &cfg);
-                    let parsed = parse_scheme(&quantization_config(format, &cfg)).unwrap();
+                    let parsed =
+                        parse_scheme(&quantization_config(format, &cfg, &crate::arch::LLAMA))
+                            .unwrap();
                     assert_eq!(parsed, written, "{format:?} {cfg:?}");
                 }
             }

@@ -266,6 +266,7 @@ fn channel_stats(
         &FactorOptions::default(),
         true,
         true,
+        &walk::ExpertCalibration::default(),
         &mut |name: &str, w: &Tensor, input: &LayerInput, _t: &mut Timings| {
             let (l, suffix) = model::arch::split_block(name).unwrap_or((0, name));
             let diag = input.diagonal();

@@ -10,7 +10,9 @@ use crate::{schedule, score, sparsegpt, Pattern};
 use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
 use model::calib::factor::{output_error, FactorOptions};
-use model::calib::walk::{self, f32_tensor, finite_weights, LayerInput, Timings};
+use model::calib::walk::{
+    self, f32_tensor, finite_weights, ExpertCalibration, ExpertInput, LayerInput, Timings,
+};
 use model::dense::DenseWriter;
 use model::hf_quant::{is_block_linear, write_order};
 use model::progress::Progress;
@@ -69,6 +71,8 @@ pub struct PruneOptions {
     pub dtype: GgmlType,
     /// Write compressed-tensors' sparse layout instead of dense tensors.
     pub compressed_tensors: bool,
+    /// Where a mixture of experts' routed experts take their statistics from.
+    pub experts: ExpertCalibration,
 }
 
 /// How one layer went.
@@ -83,6 +87,10 @@ pub struct LayerPrune {
     /// `‖(W − Ŵ)X‖² / ‖WX‖²` on the calibration inputs (SparseGPT only: it has
     /// the full Hessian).
     pub rel_error: Option<f64>,
+    /// For one routed expert of a stacked experts' tensor: which, its routed
+    /// calibration tokens, and where its statistics came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert: Option<ExpertInput>,
 }
 
 /// Prunes one layer's weights for `target` sparsity (the layer's share under the
@@ -149,15 +157,19 @@ pub fn prune_model(
     opts: &PruneOptions,
     output: &Path,
 ) -> Result<PruneOutcome> {
-    model.config.refuse_moe("pruning")?;
     let pattern = opts.pattern;
     let method = opts.method;
     let blocks = model.config.num_hidden_layers;
     for l in 0..blocks {
         for s in model.config.arch.linears() {
             let name = names::block(l, s);
-            pattern.check(model.tensor_meta(&name)?.1[1], &name)?;
+            pattern.check(*model.tensor_meta(&name)?.1.last().unwrap_or(&0), &name)?;
         }
+    }
+    if opts.compressed_tensors {
+        model
+            .config
+            .refuse_moe("writing a compressed-tensors sparse folder")?;
     }
     let factor = FactorOptions {
         damp_percent: opts.damp,
@@ -176,6 +188,7 @@ pub fn prune_model(
             &factor,
             opts.true_sequential,
             true,
+            &opts.experts,
             &mut |name: &str, w: &Tensor, input: &LayerInput, _t: &mut Timings| {
                 let values = finite_weights(model, name, w)?;
                 let norms: Vec<f32> = input.diagonal().iter().map(|d| d.max(0.0).sqrt()).collect();
@@ -239,12 +252,19 @@ pub fn prune_model(
             let mut values = finite_weights(model, name, &t)?;
             if is_block_linear(model.config.arch, name) {
                 let target = targets[names::block_index(name).unwrap_or(0)];
-                values = prune_layer(method, pattern, target, &values, t.shape[1], None)?;
+                // One matrix, or expert by expert of a stacked experts' tensor.
+                let (rows, cols) = (t.shape[t.shape.len() - 2], t.shape[t.shape.len() - 1]);
+                let mut pruned = Vec::with_capacity(values.len());
+                for m in values.chunks(rows * cols) {
+                    pruned.extend(prune_layer(method, pattern, target, m, cols, None)?);
+                }
+                values = pruned;
                 layers.push(LayerPrune {
                     name: name.clone(),
                     target,
                     sparsity: score::zero_fraction(&values),
                     rel_error: None,
+                    expert: None,
                 });
             }
             writer.write(name, &t.shape, &values)?;
@@ -261,12 +281,17 @@ pub fn prune_model(
         Timings::default()
     } else {
         let mut bar = Progress::new(blocks as u64, label);
+        // Stacked experts' tensors being gathered, expert by expert.
+        let mut stacked: std::collections::HashMap<String, Vec<f32>> = Default::default();
         let mut step = |name: &str,
                         w: &Tensor,
                         input: &LayerInput,
                         t: &mut Timings|
          -> Result<Tensor<'static>> {
-            write_upto(Some(name), &mut writer, &mut layers, &mut next)?;
+            // While experts are gathered, the stacked tensors are not yet due.
+            if stacked.is_empty() {
+                write_upto(Some(name), &mut writer, &mut layers, &mut next)?;
+            }
             let (rows, cols) = (w.shape[0], w.shape[1]);
             let values = finite_weights(model, name, w)?;
             let target = targets[names::block_index(name).unwrap_or(0)];
@@ -286,9 +311,24 @@ pub fn prune_model(
                 target,
                 sparsity: score::zero_fraction(&pruned),
                 rel_error,
+                expert: input.expert,
             });
-            writer.write(name, &w.shape, &pruned)?;
-            next += 1;
+            // A stacked experts' tensor is written once its last expert is pruned.
+            match input.expert {
+                None => {
+                    writer.write(name, &w.shape, &pruned)?;
+                    next += 1;
+                }
+                Some(e) => {
+                    let stack = stacked.entry(name.to_owned()).or_default();
+                    stack.extend_from_slice(&pruned);
+                    if e.expert + 1 == e.experts {
+                        let values = stacked.remove(name).unwrap_or_default();
+                        writer.write(name, &[e.experts, rows, cols], &values)?;
+                        next += 1;
+                    }
+                }
+            }
             Ok(f32_tensor(name, rows, cols, &pruned))
         };
         let t = walk::sequential_blocks(
@@ -297,6 +337,7 @@ pub fn prune_model(
             &factor,
             opts.true_sequential,
             method == Method::Wanda,
+            &opts.experts,
             &mut step,
             &mut |d, _| bar.set(d as u64, &format!("block {d}")),
         )?;
@@ -309,7 +350,9 @@ pub fn prune_model(
         let mut zeros = 0f64;
         let mut total = 0f64;
         for l in &layers {
-            let n = model.tensor_meta(&l.name)?.1.iter().product::<usize>() as f64;
+            let whole = model.tensor_meta(&l.name)?.1.iter().product::<usize>() as f64;
+            // An expert's entry covers its share of the stacked tensor.
+            let n = whole / l.expert.map_or(1, |e| e.experts) as f64;
             zeros += l.sparsity * n;
             total += n;
         }

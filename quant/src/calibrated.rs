@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use model::arch::{Role, Slot};
 use model::calib::factor::output_error;
 use model::calib::walk::{
-    embed_samples, f32_tensor, finite_weights, sequential_blocks, LayerInput, Timings,
+    embed_samples, f32_tensor, finite_weights, sequential_blocks, ExpertInput, LayerInput, Timings,
 };
 use model::calib::{Hessian, Imatrix};
 use model::gguf::GgufWriter;
@@ -42,6 +42,10 @@ pub struct LayerReport {
     pub rtn_rel_error: f64,
     /// The same with GPTQ.
     pub rel_error: f64,
+    /// For one routed expert of a stacked experts' tensor: which, the
+    /// calibration tokens routed to it, and where its statistics came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert: Option<ExpertInput>,
     /// Dampening, dead inputs, fallback and timings.
     #[serde(flatten)]
     pub stats: GptqStats,
@@ -64,12 +68,102 @@ pub fn grid_label(grid: &Grid) -> String {
     }
 }
 
+/// One line on how a mixture of experts' routed experts were calibrated: how
+/// many took their statistics from their routed tokens, and which took them
+/// from every token (starved, with their token counts, or all by request);
+/// None for a model without experts.
+pub fn expert_coverage(layers: &[LayerReport]) -> Option<String> {
+    use model::calib::walk::ExpertStatistics as S;
+    // Gate, up and down of an expert share its routing: one entry per expert.
+    let mut experts: Vec<(usize, ExpertInput)> = layers
+        .iter()
+        .filter_map(|r| Some((names::block_index(&r.name)?, r.expert?)))
+        .collect();
+    experts.sort_by_key(|(l, e)| (*l, e.expert));
+    experts.dedup_by_key(|(l, e)| (*l, e.expert));
+    if experts.is_empty() {
+        return None;
+    }
+    let count = |s: S| experts.iter().filter(|(_, e)| e.statistics == s).count();
+    let starved: Vec<String> = experts
+        .iter()
+        .filter(|(_, e)| e.statistics == S::AllTokensStarved)
+        .map(|(l, e)| format!("block {l} expert {} ({} tokens)", e.expert, e.routed_tokens))
+        .collect();
+    let mut line = format!(
+        "experts: {} calibrated on their routed tokens",
+        count(S::Routed)
+    );
+    if count(S::AllTokensRequested) > 0 {
+        line += &format!(
+            ", {} on every token (--calibrate-all-experts)",
+            count(S::AllTokensRequested)
+        );
+    }
+    if !starved.is_empty() {
+        line += &format!(
+            "; {} routed too few tokens took every token's statistics instead: {}",
+            starved.len(),
+            starved.join(", ")
+        );
+    }
+    Some(line)
+}
+
 /// What a runner hands its writer, in write order.
 pub enum Item {
-    /// A tensor changed in float (an RMSNorm gain with AWQ scales folded in).
+    /// A tensor changed in float (an RMSNorm gain with AWQ scales folded in,
+    /// a layer or stacked experts kept in a float type).
     Dense(Vec<f32>),
     /// A quantized linear layer.
     Linear(QuantizedMatrix),
+    /// A stacked experts' tensor, each expert quantized, in expert order.
+    Experts(Vec<QuantizedMatrix>),
+}
+
+/// Gathers the stacked experts' tensors as the walk hands them over (expert
+/// by expert, each expert's gate, up and down in turn), each into one [`Item`].
+#[derive(Default)]
+struct ExpertStack {
+    items: HashMap<String, Vec<Item>>,
+}
+
+impl ExpertStack {
+    /// `item` for layer `name` as `input` describes it: itself for a plain
+    /// layer, the whole stack after its last expert, else `None` (still
+    /// gathering).
+    fn push(&mut self, name: &str, input: &LayerInput, item: Item) -> Option<Item> {
+        let Some(e) = input.expert else {
+            return Some(item);
+        };
+        let items = self.items.entry(name.to_owned()).or_default();
+        items.push(item);
+        if e.expert + 1 < e.experts {
+            return None;
+        }
+        let items = self.items.remove(name).unwrap_or_default();
+        Some(if items.iter().all(|i| matches!(i, Item::Dense(_))) {
+            Item::Dense(
+                items
+                    .into_iter()
+                    .flat_map(|i| match i {
+                        Item::Dense(v) => v,
+                        _ => unreachable!(),
+                    })
+                    .collect(),
+            )
+        } else {
+            Item::Experts(
+                items
+                    .into_iter()
+                    .filter_map(|i| match i {
+                        Item::Linear(q) => Some(q),
+                        _ => None,
+                    })
+                    .collect(),
+            )
+        })
+    }
 }
 
 /// Runs GPTQ over every linear layer of every block of `model` on `samples`
@@ -86,6 +180,7 @@ pub fn gptq_model(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Vec<LayerReport>, Timings)> {
     let mut reports = Vec::new();
+    let mut stack = ExpertStack::default();
     let mut step = |name: &str, w: &Tensor, input: &LayerInput, t: &mut Timings| {
         let (rows, cols) = (w.shape[0], w.shape[1]);
         let grid = grid_of(name);
@@ -97,7 +192,9 @@ pub fn gptq_model(
                 let bytes = crate::gguf_quantize::quantize_matrix(&values, cols, ty, None)?;
                 let mut stored = vec![0f32; values.len()];
                 kernels::quants::dequantize(ty, &bytes, &mut stored)?;
-                sink(name, Item::Dense(values))?;
+                if let Some(item) = stack.push(name, input, Item::Dense(values)) {
+                    sink(name, item)?;
+                }
                 return Ok(f32_tensor(name, rows, cols, &stored));
             }
         }
@@ -117,15 +214,18 @@ pub fn gptq_model(
             grid: grid_label(&grid),
             rtn_rel_error: output_error(&values, Some(&r.values), &hf, cols) / energy,
             rel_error: output_error(&values, Some(&q.values), &hf, cols) / energy,
+            expert: input.expert,
             stats,
         };
         t.report_seconds += clock.elapsed().as_secs_f64();
         if report.stats.fell_back_to_rtn {
-            eprintln!("{name}: the Hessian stayed singular after dampening up to 1.0: rounded to nearest instead");
+            eprintln!("{}: the Hessian stayed singular after dampening up to 1.0: rounded to nearest instead", w.name);
         }
         reports.push(report);
         let tensor = f32_tensor(name, rows, cols, &q.values);
-        sink(name, Item::Linear(q))?;
+        if let Some(item) = stack.push(name, input, Item::Linear(q)) {
+            sink(name, item)?;
+        }
         Ok(tensor)
     };
     let t = sequential_blocks(
@@ -134,6 +234,7 @@ pub fn gptq_model(
         &opts.factor_options(),
         true_sequential,
         false,
+        &opts.experts,
         &mut step,
         progress,
     )?;
@@ -188,6 +289,7 @@ pub fn awq_model(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Vec<LayerReport>, Timings)> {
     let c = &model.config;
+    c.refuse_moe("AWQ")?;
     let arch = c.arch;
     // Each fold's consumers must share one input: one linear group.
     let group_of = |slot: Slot| LINEAR_GROUPS.iter().position(|g| g.contains(&slot));
@@ -336,6 +438,7 @@ pub fn awq_model(
                 grid: grid_label(&grid),
                 rtn_rel_error: output_error(original, Some(&plain.values), h, cols) / energy,
                 rel_error: output_error(original, Some(&effective), h, cols) / energy,
+                expert: None,
                 stats: GptqStats::default(),
             });
             t.report_seconds += clock.elapsed().as_secs_f64();
@@ -367,9 +470,6 @@ pub fn calibrated_to_gguf(
     out: &Path,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(QuantizeReport, Vec<LayerReport>, Timings)> {
-    model
-        .config
-        .refuse_moe("calibrated quantization (GPTQ, AWQ)")?;
     let start = Instant::now();
     let by_name: HashMap<&str, &PlannedTensor> =
         plan.iter().map(|t| (t.name.as_str(), t)).collect();
@@ -383,13 +483,14 @@ pub fn calibrated_to_gguf(
     for l in 0..model.config.num_hidden_layers {
         for s in model.config.arch.linears() {
             let t = planned(&names::block(l, s))?;
+            let cols = *t.shape.last().unwrap_or(&0);
             if t.ty.is_float() && matches!(method, Calibrated::Gptq(..)) {
                 // GPTQ leaves it in float; the layers after it see that.
                 eprintln!(
-                    "'{}' stays {}: no block of the mix fits its {} columns",
-                    t.name, t.ty, t.shape[1]
+                    "'{}' stays {}: no block of the mix fits its {cols} columns",
+                    t.name, t.ty
                 );
-            } else if gptq::Grid::Gguf(t.ty).check(t.shape[1], &t.name).is_err() {
+            } else if gptq::Grid::Gguf(t.ty).check(cols, &t.name).is_err() {
                 bail!(
                     "'{}' is planned as {}: {} needs a block-quantized type that fits its {} columns",
                     t.name,
@@ -398,7 +499,7 @@ pub fn calibrated_to_gguf(
                         Calibrated::Gptq(..) => "GPTQ",
                         Calibrated::Awq => "AWQ",
                     },
-                    t.shape[1]
+                    cols
                 );
             }
         }
@@ -441,6 +542,19 @@ pub fn calibrated_to_gguf(
                         unreachable!("GGUF grids store GGUF blocks")
                     };
                     (q.values, ty, bytes, q.rows)
+                }
+                // Expert-major rows: the stacked tensor is the experts' blocks in order.
+                Item::Experts(qs) => {
+                    let (mut values, mut bytes, mut rows) = (Vec::new(), Vec::new(), 0);
+                    for q in qs {
+                        let Stored::Gguf(_, b) = q.stored else {
+                            unreachable!("GGUF grids store GGUF blocks")
+                        };
+                        values.extend(q.values);
+                        bytes.extend(b);
+                        rows += q.rows;
+                    }
+                    (values, t.ty, bytes, rows)
                 }
                 Item::Dense(values) => {
                     let cols = *t.shape.last().unwrap_or(&1);
@@ -522,9 +636,9 @@ pub fn calibrated_to_hf(
     grid_of: &dyn Fn(&str) -> Grid,
     method: Calibrated,
 ) -> Result<(Vec<LayerReport>, Timings)> {
-    model
-        .config
-        .refuse_moe("calibrated quantization (GPTQ, AWQ)")?;
+    if matches!(method, Calibrated::Awq) {
+        model.config.refuse_moe("AWQ")?;
+    }
     let mut writer = HfQuantWriter::create(dir, model, format, cfg)?;
     let order = writer.order().to_vec();
     let mut next = 0usize;
@@ -540,9 +654,17 @@ pub fn calibrated_to_hf(
                 let name = &order[*next];
                 let values = model.tensor(name)?.to_f32()?;
                 if is_block_linear(model.config.arch, name) {
-                    let cols = model.tensor_meta(name)?.1[1];
-                    let q = gptq::rtn(&values, cols, &grid_of(name), None);
-                    writer.write_linear(name, &int_linear(q, cfg.bits, group_of(name)))?;
+                    // One matrix, or one per expert of a stacked experts' tensor.
+                    let shape = model.tensor_meta(name)?.1;
+                    let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+                    let qs: Vec<IntLinear> = values
+                        .chunks(rows * cols)
+                        .map(|m| {
+                            let q = gptq::rtn(m, cols, &grid_of(name), None);
+                            int_linear(q, cfg.bits, group_of(name))
+                        })
+                        .collect();
+                    writer.write_experts(name, &qs)?;
                 } else {
                     writer.write_dense(name, &values)?;
                 }
@@ -568,6 +690,13 @@ pub fn calibrated_to_hf(
                 match item {
                     Item::Linear(q) => {
                         writer.write_linear(name, &int_linear(q, cfg.bits, group_of(name)))?
+                    }
+                    Item::Experts(qs) => {
+                        let qs: Vec<IntLinear> = qs
+                            .into_iter()
+                            .map(|q| int_linear(q, cfg.bits, group_of(name)))
+                            .collect();
+                        writer.write_experts(name, &qs)?
                     }
                     Item::Dense(values) => writer.write_dense(name, &values)?,
                 }

@@ -33,6 +33,7 @@ use kernels::GgmlType;
 #[cfg(test)]
 use model::calib::factor::output_error;
 pub use model::calib::factor::{FactorOptions, Factored};
+use model::calib::walk::ExpertCalibration;
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -111,6 +112,8 @@ pub struct GptqOptions {
     /// With act-order, keep groups as natural column ranges (static groups)
     /// rather than consecutive act-order positions. Always on for GGUF grids.
     pub static_groups: bool,
+    /// Where a mixture of experts' routed experts take their statistics from.
+    pub experts: ExpertCalibration,
 }
 
 impl GptqOptions {
@@ -130,6 +133,7 @@ impl Default for GptqOptions {
             block_size: 128,
             act_order: false,
             static_groups: false,
+            experts: ExpertCalibration::default(),
         }
     }
 }

@@ -15,12 +15,23 @@
 //! this costs no more than one pass. Without it every Hessian comes from the
 //! original block, and a second pass with the changed block produces the next
 //! block's inputs.
+//!
+//! A mixture-of-experts block's experts are calibrated one by one: each
+//! routed expert's gate/up Hessian comes from the rows of the tokens the
+//! (float) router sends to it, its down Hessian from its own activations on
+//! those tokens (through its changed gate/up, true-sequentially). An expert
+//! with fewer routed tokens than [`ExpertCalibration::min_tokens`], or every
+//! expert under [`ExpertCalibration::all_experts`], takes its statistics from
+//! every calibration token run through it instead, while the block's output
+//! always uses the true routing. So no expert is left without statistics: each
+//! is changed, and its [`LayerInput::expert`] says how.
 
+use crate::arch::Slot;
 use crate::calib::factor::{FactorOptions, Factored};
 use crate::calib::Hessian;
-use crate::llama::{BlockCursor, LINEAR_GROUPS};
+use crate::llama::{gated_mlp, BlockCursor, BlockWeights, LINEAR_GROUPS};
 use crate::{names, Model, Tensor};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
 use serde::Serialize;
 use std::borrow::Cow;
@@ -42,6 +53,52 @@ pub struct Timings {
     pub report_seconds: f64,
 }
 
+/// How a mixture of experts' routed experts get their calibration statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ExpertCalibration {
+    /// Every expert's statistics from every calibration token (llm-compressor's
+    /// `calibrate_all_experts`); the block output still uses the true routing.
+    pub all_experts: bool,
+    /// An expert routed fewer tokens than this takes its statistics from every
+    /// calibration token instead: a Hessian from fewer tokens than its width is
+    /// singular, and GPTQ on it fits the few tokens it saw.
+    pub min_tokens: usize,
+}
+
+impl Default for ExpertCalibration {
+    fn default() -> Self {
+        ExpertCalibration {
+            all_experts: false,
+            min_tokens: 64,
+        }
+    }
+}
+
+/// Where a routed expert's statistics came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpertStatistics {
+    /// The tokens routed to it.
+    Routed,
+    /// Every token: it was routed fewer than the minimum.
+    AllTokensStarved,
+    /// Every token: `--calibrate-all-experts`.
+    AllTokensRequested,
+}
+
+/// The routed expert a [`LayerInput`] belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ExpertInput {
+    /// Its number.
+    pub expert: usize,
+    /// Its experts' count in the stacked tensor.
+    pub experts: usize,
+    /// Calibration tokens routed to it (over all samples).
+    pub routed_tokens: usize,
+    /// Tokens its statistics come from.
+    pub statistics: ExpertStatistics,
+}
+
 /// The input statistics of one linear layer, handed to the per-layer step of
 /// [`sequential_blocks`]: the Hessian `2XᵀX/n` (only its diagonal when the walk
 /// was asked for diagonals), mean |x|, and the damped inverse factor that GPTQ
@@ -54,11 +111,27 @@ pub struct LayerInput {
     pub cols: usize,
     /// Mean |x| per input feature.
     pub mean_abs: Vec<f32>,
+    /// For one routed expert of a stacked experts' tensor (the step is then
+    /// handed that expert's matrix and returns its new one): which, and how
+    /// its statistics were gathered.
+    pub expert: Option<ExpertInput>,
     opts: FactorOptions,
     factored: OnceCell<Factored>,
 }
 
 impl LayerInput {
+    /// The statistics of `h` for a layer (or expert, with `expert`).
+    fn new(h: Hessian, opts: &FactorOptions, expert: Option<ExpertInput>) -> Self {
+        LayerInput {
+            hessian: h.matrix(),
+            cols: h.cols(),
+            mean_abs: h.mean_abs(),
+            expert,
+            opts: *opts,
+            factored: OnceCell::new(),
+        }
+    }
+
     /// The Hessian factored for the walk's options (dead inputs, order, dampening).
     pub fn factored(&self) -> &Factored {
         self.factored
@@ -80,7 +153,9 @@ impl LayerInput {
 
 /// The per-layer step of [`sequential_blocks`]: given a layer's canonical name,
 /// its weight and its input statistics, returns the layer's new weight (which the
-/// rest of the walk runs with).
+/// rest of the walk runs with). For a stacked experts' tensor it is called once
+/// per expert, in expert order, with that expert's matrix and
+/// [`LayerInput::expert`] set.
 pub type LayerStep<'a> =
     dyn FnMut(&str, &Tensor, &LayerInput, &mut Timings) -> Result<Tensor<'static>> + 'a;
 
@@ -128,8 +203,9 @@ pub fn embed_samples(
 /// in the group's order). Sequential: block `l` sees the outputs of the blocks
 /// before it as `step` changed them; true-sequential also inside the block (see
 /// the module comment). With `diagonal_only` only `diag H` is accumulated
-/// (Wanda's column norms), which skips the `XᵀX` GEMMs. `progress(block,
-/// blocks)` after each block.
+/// (Wanda's column norms), which skips the `XᵀX` GEMMs. Routed experts as
+/// `experts` says (see the module comment). `progress(block, blocks)` after
+/// each block.
 #[allow(clippy::too_many_arguments)]
 pub fn sequential_blocks(
     model: &Model,
@@ -137,11 +213,11 @@ pub fn sequential_blocks(
     opts: &FactorOptions,
     true_sequential: bool,
     diagonal_only: bool,
+    experts: &ExpertCalibration,
     step: &mut LayerStep,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Timings> {
     let c = &model.config;
-    c.refuse_moe("calibration (GPTQ, AWQ, Wanda, SparseGPT, structured cuts)")?;
     let arch = c.arch;
     let n = samples.first().map_or(0, Vec::len);
     let mut t = Timings::default();
@@ -159,30 +235,42 @@ pub fn sequential_blocks(
             .collect();
         t.forward_seconds += clock.elapsed().as_secs_f64();
         for (g, group) in LINEAR_GROUPS.iter().enumerate() {
+            let routed = changed.router.is_some() && group.contains(&Slot::Gate);
+            let expert_down = changed.router.is_some() && group.contains(&Slot::Down);
+            if routed {
+                let h: Vec<&[f32]> = cursors.iter().map(BlockCursor::input).collect();
+                let stacked = calibrate_experts(
+                    model,
+                    &changed,
+                    l,
+                    &h,
+                    n,
+                    opts,
+                    true_sequential,
+                    diagonal_only,
+                    experts,
+                    step,
+                    &mut t,
+                )?;
+                for (slot, tensor) in stacked {
+                    changed.replace(slot, tensor)?;
+                }
+            }
             let specs: Vec<_> = group
                 .iter()
                 .filter_map(|&s| Some((s, arch.slot(s)?)))
                 .collect();
             let cols = cursors.first().map_or(0, |c| c.input().len() / n.max(1));
             let clock = Instant::now();
-            let mut h = if diagonal_only {
-                Hessian::diagonal(cols)
-            } else {
-                Hessian::new(cols)
-            };
-            for cursor in &cursors {
-                h.add(cursor.input());
+            let mut h = new_hessian(cols, diagonal_only);
+            if !(routed || expert_down) {
+                for cursor in &cursors {
+                    h.add(cursor.input());
+                }
             }
-            let input = LayerInput {
-                hessian: h.matrix(),
-                cols: h.cols(),
-                mean_abs: h.mean_abs(),
-                opts: *opts,
-                factored: OnceCell::new(),
-            };
-            drop(h);
+            let input = LayerInput::new(h, opts, None);
             t.hessian_seconds += clock.elapsed().as_secs_f64();
-            for (slot, spec) in specs {
+            for (slot, spec) in specs.into_iter().filter(|_| !(routed || expert_down)) {
                 let name = names::block(l, spec.gguf);
                 let weight = changed
                     .linear(slot)
@@ -223,4 +311,173 @@ pub fn sequential_blocks(
         progress(l + 1, blocks);
     }
     Ok(t)
+}
+
+/// A Hessian of `cols` columns, or only its diagonal.
+fn new_hessian(cols: usize, diagonal_only: bool) -> Hessian {
+    if diagonal_only {
+        Hessian::diagonal(cols)
+    } else {
+        Hessian::new(cols)
+    }
+}
+
+/// Hands every routed expert of block `l` (weights `w`, the step's changes so
+/// far) to `step`, gate and up then down, expert by expert: `h` holds each
+/// sample's MLP input (`n` rows each). Returns the stacked gate, up and down
+/// tensors with every expert changed.
+#[allow(clippy::too_many_arguments)]
+fn calibrate_experts(
+    model: &Model,
+    w: &BlockWeights,
+    l: usize,
+    h: &[&[f32]],
+    n: usize,
+    opts: &FactorOptions,
+    true_sequential: bool,
+    diagonal_only: bool,
+    calibration: &ExpertCalibration,
+    step: &mut LayerStep,
+    t: &mut Timings,
+) -> Result<Vec<(Slot, Tensor<'static>)>> {
+    let c = &model.config;
+    let arch = c.arch;
+    let router = w.router.as_deref().expect("a routed block");
+    let experts = c.moe.as_ref().map_or(0, |m| m.experts);
+    let hidden = c.hidden_size;
+    let routes = h
+        .iter()
+        .map(|x| model.expert_routes(router, x, n))
+        .collect::<Result<Vec<_>>>()?;
+    let used = routes.first().map_or(1, |r| r.len() / n.max(1)).max(1);
+    let slots = [Slot::Gate, Slot::Up, Slot::Down];
+    let mut changed: Vec<Vec<f32>> = vec![Vec::new(); slots.len()];
+    let mut shapes: Vec<[usize; 2]> = vec![[0, 0]; slots.len()];
+    for e in 0..experts {
+        // Each sample's positions routed to `e`.
+        let positions: Vec<Vec<usize>> = routes
+            .iter()
+            .map(|r| {
+                r.chunks(used)
+                    .enumerate()
+                    .filter(|(_, picks)| picks.iter().any(|p| p.0 == e))
+                    .map(|(pos, _)| pos)
+                    .collect()
+            })
+            .collect();
+        let routed_tokens: usize = positions.iter().map(Vec::len).sum();
+        let statistics = if calibration.all_experts {
+            ExpertStatistics::AllTokensRequested
+        } else if routed_tokens < calibration.min_tokens.max(1) {
+            ExpertStatistics::AllTokensStarved
+        } else {
+            ExpertStatistics::Routed
+        };
+        let tag = Some(ExpertInput {
+            expert: e,
+            experts,
+            routed_tokens,
+            statistics,
+        });
+        // The rows the statistics come from, per sample.
+        let rows: Vec<Vec<f32>> = h
+            .iter()
+            .zip(&positions)
+            .map(|(x, pos)| match statistics {
+                ExpertStatistics::Routed => pos
+                    .iter()
+                    .flat_map(|&p| &x[p * hidden..(p + 1) * hidden])
+                    .copied()
+                    .collect(),
+                _ => x.to_vec(),
+            })
+            .collect();
+        let clock = Instant::now();
+        let mut hg = new_hessian(hidden, diagonal_only);
+        for r in &rows {
+            hg.add(r);
+        }
+        t.hessian_seconds += clock.elapsed().as_secs_f64();
+        let input = LayerInput::new(hg, opts, tag);
+        let mut mine: Vec<Tensor<'static>> = Vec::with_capacity(slots.len());
+        for (i, &slot) in slots[..2].iter().enumerate() {
+            let original = w.linear(slot).expect("a linear slot").expert(e)?;
+            let new = step(
+                &names::block(l, gguf_suffix(arch, slot)?),
+                &original,
+                &input,
+                t,
+            )?;
+            check_expert_shape(&original, &new)?;
+            shapes[i] = [new.shape[0], new.shape[1]];
+            mine.push(new);
+        }
+        t.factor_seconds += input.factor_seconds();
+        drop(input);
+        // The down projection's input: this expert's activations on those rows.
+        let (gate, up) = if true_sequential {
+            (mine[0].borrowed(), mine[1].borrowed())
+        } else {
+            (
+                w.linear(Slot::Gate).expect("a linear slot").expert(e)?,
+                w.linear(Slot::Up).expect("a linear slot").expert(e)?,
+            )
+        };
+        let width = gate.shape[0];
+        let mut hd = new_hessian(width, diagonal_only);
+        for r in rows.iter().filter(|r| !r.is_empty()) {
+            let clock = Instant::now();
+            let a = gated_mlp(r, r.len() / hidden, &gate, &up, c.hidden_act)?;
+            t.forward_seconds += clock.elapsed().as_secs_f64();
+            let clock = Instant::now();
+            hd.add(&a);
+            t.hessian_seconds += clock.elapsed().as_secs_f64();
+        }
+        drop((gate, up));
+        let input = LayerInput::new(hd, opts, tag);
+        let original = w.linear(Slot::Down).expect("a linear slot").expert(e)?;
+        let new = step(
+            &names::block(l, gguf_suffix(arch, Slot::Down)?),
+            &original,
+            &input,
+            t,
+        )?;
+        check_expert_shape(&original, &new)?;
+        shapes[2] = [new.shape[0], new.shape[1]];
+        t.factor_seconds += input.factor_seconds();
+        mine.push(new);
+        for (acc, tensor) in changed.iter_mut().zip(&mine) {
+            acc.extend(tensor.to_f32()?);
+        }
+    }
+    Ok(slots
+        .iter()
+        .zip(changed)
+        .zip(shapes)
+        .map(|((&slot, values), [rows, cols])| {
+            let mut tensor = f32_tensor(&format!("{slot:?}"), experts * rows, cols, &values);
+            tensor.shape = vec![experts, rows, cols];
+            (slot, tensor)
+        })
+        .collect())
+}
+
+/// The GGUF suffix of the tensor in `slot` of the architecture.
+fn gguf_suffix(arch: &crate::arch::Arch, slot: Slot) -> Result<&'static str> {
+    arch.slot(slot)
+        .map(|s| s.gguf)
+        .with_context(|| format!("a '{}' block has no {slot:?} tensor", arch.gguf_name))
+}
+
+/// A step must hand an expert's matrix back in its shape.
+fn check_expert_shape(original: &Tensor, new: &Tensor) -> Result<()> {
+    if new.shape != original.shape {
+        bail!(
+            "'{}' came back as {:?}, expected {:?}",
+            original.name,
+            new.shape,
+            original.shape
+        );
+    }
+    Ok(())
 }
