@@ -8,7 +8,7 @@
 //! first, while the budget allows. (The measured-sensitivity refinement of a
 //! later issue replaces the error proxy, not the allocator.)
 
-use crate::gguf_quantize::{quantize_matrix, PlannedTensor};
+use crate::gguf_quantize::{importance_of, quantize_stacked, PlannedTensor};
 use anyhow::{bail, Result};
 use kernels::GgmlType;
 use model::calib::Imatrix;
@@ -45,16 +45,21 @@ pub struct Candidate {
 }
 
 /// Importance-weighted relative squared error of `restored` against `values`.
+/// `imp` holds one row of `cols` weights per matrix: one, or one per expert
+/// of a stacked experts' tensor (whose rows are expert-major).
 pub fn weighted_rel_error(
     values: &[f32],
     restored: &[f32],
     cols: usize,
     imp: Option<&[f32]>,
 ) -> f64 {
+    let matrices = imp.map_or(1, |i| (i.len() / cols.max(1)).max(1));
+    let rows_per_matrix = (values.len() / cols.max(1) / matrices).max(1);
     let (mut num, mut den) = (0f64, 0f64);
-    for (row_v, row_r) in values.chunks(cols).zip(restored.chunks(cols)) {
+    for (r, (row_v, row_r)) in values.chunks(cols).zip(restored.chunks(cols)).enumerate() {
+        let m = (r / rows_per_matrix).min(matrices - 1);
         for (j, (&v, &r)) in row_v.iter().zip(row_r).enumerate() {
-            let w = imp.map_or(1.0, |i| i[j] as f64);
+            let w = imp.map_or(1.0, |i| i[m * cols + j] as f64);
             num += w * ((v - r) as f64).powi(2);
             den += w * (v as f64).powi(2);
         }
@@ -114,13 +119,11 @@ pub fn measure(
                 values[bad]
             );
         }
-        let imp = imatrix
-            .and_then(|m| m.importance(name))
-            .filter(|i| i.len() == cols);
+        let imp = importance_of(imatrix, name, &t.shape)?;
         let mut opts = Vec::new();
         let mut restored = vec![0f32; values.len()];
         for ty in types_for(cols, allowed) {
-            let bytes = quantize_matrix(&values, cols, ty, imp.as_deref())?;
+            let bytes = quantize_stacked(&values, &t.shape, ty, imp.as_deref())?;
             kernels::quants::dequantize(ty, &bytes, &mut restored)?;
             let err = weighted_rel_error(&values, &restored, cols, imp.as_deref());
             opts.push(Candidate {
@@ -337,5 +340,16 @@ mod tests {
         let r = [1.0f32, 0.0, 1.0, 0.0];
         assert!((weighted_rel_error(&v, &r, 2, None) - 0.5).abs() < 1e-12);
         assert!((weighted_rel_error(&v, &r, 2, Some(&[3.0, 1.0])) - 0.25).abs() < 1e-12);
+    }
+
+    #[test]
+    fn weighted_error_of_stacked_experts_uses_each_experts_importance() {
+        // Two experts of one row each: the first errs in column 1, the second in column 0.
+        let v = [1.0f32, 1.0, 1.0, 1.0];
+        let r = [1.0f32, 0.0, 0.0, 1.0];
+        // Expert 0 weighs column 1 by 3, expert 1 weighs column 0 by 1: error (3 + 1) / (4 + 2).
+        let imp = [1.0, 3.0, 1.0, 1.0];
+        let e = weighted_rel_error(&v, &r, 2, Some(&imp));
+        assert!((e - 4.0 / 6.0).abs() < 1e-12, "{e}");
     }
 }

@@ -1,6 +1,7 @@
 //! The GGUF quantization mixes llama.cpp users know (`Q4_K_M`, `Q3_K_S`, …): a base
-//! type plus per-tensor upgrades (output/embedding, `attn_v`, `ffn_down`,
-//! `attn_output`) following `llama_tensor_get_type` for the llama architecture,
+//! type plus per-tensor upgrades (output/embedding, `attn_v`, `ffn_down` and the
+//! experts' `ffn_down_exps`, `attn_output`; `attn_k`/`attn_v`/`attn_output` of
+//! 8-expert models) following `llama_tensor_get_type` for the llama architecture,
 //! then a fallback for rows that do not fit the type's block size, and the user's
 //! `REGEX=TYPE` overrides.
 
@@ -195,7 +196,21 @@ fn mix_type(mix: Mix, name: &str, cfg: &ModelConfig, has_imatrix: bool) -> GgmlT
         return base;
     };
     use GgmlType as T;
+    // llama.cpp's rules for a model of exactly 8 experts (Mixtral): K and V
+    // to Q8_0 ("trades just ~128MB"), the attention output to Q5_K in the low-bit mixes.
+    let eight_experts = cfg.moe.as_ref().is_some_and(|m| m.experts == 8);
     match slot {
+        Slot::V | Slot::K if eight_experts => T::Q8_0,
+        Slot::O if eight_experts => match mix {
+            Mix::Q2_K
+            | Mix::Q3_K_S
+            | Mix::Q3_K_M
+            | Mix::IQ4_NL
+            | Mix::Q4_K_S
+            | Mix::Q4_K_M
+            | Mix::IQ4_XS => T::Q5_K,
+            _ => base,
+        },
         Slot::V => match mix {
             Mix::Q2_K => {
                 if gqa >= 4 {
@@ -431,6 +446,69 @@ mod tests {
         assert_eq!(
             layers,
             vec![0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+        );
+    }
+
+    #[test]
+    fn eight_expert_models_get_llama_cpps_attention_bumps() {
+        // Mixtral 8x7B's shape: 32 layers, 4096 wide, GQA 32/8, 8 experts.
+        let mut c = smol();
+        c.arch = &model::arch::MIXTRAL;
+        c.hidden_size = 4096;
+        c.num_hidden_layers = 32;
+        c.num_attention_heads = 32;
+        c.num_key_value_heads = 8;
+        c.head_dim = 128;
+        c.tie_word_embeddings = false;
+        c.moe = Some(model::config::MoeConfig {
+            experts: 8,
+            used: 2,
+            expert_ffn: 14336,
+            norm_topk_prob: true,
+        });
+        let ty = |mix, name: &str, shape: &[usize]| choose(mix, name, shape, &c, false, &[]).ty;
+        for mix in [Mix::Q4_K_M, Mix::Q3_K_S, Mix::Q4_0] {
+            assert_eq!(
+                ty(mix, "blk.9.attn_k.weight", &[1024, 4096]),
+                GgmlType::Q8_0
+            );
+            assert_eq!(
+                ty(mix, "blk.9.attn_v.weight", &[1024, 4096]),
+                GgmlType::Q8_0
+            );
+        }
+        assert_eq!(
+            ty(Mix::Q4_K_M, "blk.9.attn_output.weight", &[4096, 4096]),
+            GgmlType::Q5_K
+        );
+        assert_eq!(
+            ty(Mix::Q4_0, "blk.9.attn_output.weight", &[4096, 4096]),
+            GgmlType::Q4_0
+        );
+        // ffn_down_exps follows ffn_down's rule by block index: Q6_K in the "more bits" blocks.
+        let down = [8, 4096, 14336];
+        assert_eq!(
+            ty(Mix::Q4_K_M, "blk.0.ffn_down_exps.weight", &down),
+            GgmlType::Q6_K
+        );
+        assert_eq!(
+            ty(Mix::Q4_K_M, "blk.5.ffn_down_exps.weight", &down),
+            GgmlType::Q4_K
+        );
+        assert_eq!(
+            ty(Mix::Q4_K_M, "blk.0.ffn_gate_exps.weight", &[8, 14336, 4096]),
+            GgmlType::Q4_K
+        );
+        // With another expert count the dense rules hold.
+        c.moe.as_mut().unwrap().experts = 128;
+        let ty = |mix, name: &str, shape: &[usize]| choose(mix, name, shape, &c, false, &[]).ty;
+        assert_eq!(
+            ty(Mix::Q4_K_M, "blk.9.attn_k.weight", &[1024, 4096]),
+            GgmlType::Q4_K
+        );
+        assert_eq!(
+            ty(Mix::Q4_K_M, "blk.0.attn_v.weight", &[1024, 4096]),
+            GgmlType::Q6_K
         );
     }
 

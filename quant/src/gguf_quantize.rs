@@ -152,6 +152,50 @@ pub fn quantize_matrix(
     Ok(out)
 }
 
+/// The imatrix importance of tensor `name` of shape `shape`: one row of
+/// columns per matrix (per expert of a stacked experts' tensor `[experts,
+/// rows, cols]`). An entry of another size is an error naming the tensor.
+pub fn importance_of(
+    imatrix: Option<&Imatrix>,
+    name: &str,
+    shape: &[usize],
+) -> Result<Option<Vec<f32>>> {
+    let cols = *shape.last().unwrap_or(&1);
+    let matrices = if shape.len() == 3 { shape[0] } else { 1 };
+    match imatrix.and_then(|m| m.importance(name)) {
+        Some(imp) if imp.len() == cols * matrices => Ok(Some(imp)),
+        Some(imp) => bail!(
+            "the imatrix entry for '{name}' has {} values, the tensor needs {cols} columns × {matrices} matrices: it was made for another model",
+            imp.len()
+        ),
+        None => Ok(None),
+    }
+}
+
+/// [`quantize_matrix`] for a tensor of shape `shape` whose `importance` has a
+/// row per matrix ([`importance_of`]): a stacked experts' tensor is quantized
+/// expert by expert, each with its own importance.
+pub fn quantize_stacked(
+    values: &[f32],
+    shape: &[usize],
+    ty: GgmlType,
+    importance: Option<&[f32]>,
+) -> Result<Vec<u8>> {
+    let cols = *shape.last().unwrap_or(&1);
+    match importance {
+        Some(imp) if imp.len() > cols => {
+            let per_matrix = values.len() / (imp.len() / cols);
+            values
+                .chunks(per_matrix)
+                .zip(imp.chunks(cols))
+                .map(|(v, i)| quantize_matrix(v, cols, ty, Some(i)))
+                .collect::<Result<Vec<_>>>()
+                .map(|parts| parts.concat())
+        }
+        _ => quantize_matrix(values, cols, ty, importance),
+    }
+}
+
 /// Quantizes one planned tensor of `model` (with its imatrix weights, if any):
 /// the GGUF-ordered bytes to write and the tensor's report.
 pub fn quantize_tensor(
@@ -169,28 +213,9 @@ pub fn quantize_tensor(
         );
     }
     let cols = *t.shape.last().unwrap_or(&1);
-    // A stacked experts' tensor has one importance row per expert.
-    let matrices = if t.shape.len() == 3 { t.shape[0] } else { 1 };
-    let importance = match imatrix.and_then(|m| m.importance(&t.name)) {
-        Some(imp) if imp.len() == cols * matrices => Some(imp),
-        Some(imp) => bail!(
-            "the imatrix entry for '{}' has {} values, the tensor needs {cols} columns × {matrices} matrices: it was made for another model",
-            t.name,
-            imp.len()
-        ),
-        None => None,
-    };
-    let per_matrix = values.len() / matrices;
-    let bytes = match &importance {
-        Some(imp) if matrices > 1 => values
-            .chunks(per_matrix)
-            .zip(imp.chunks(cols))
-            .map(|(v, i)| quantize_matrix(v, cols, t.ty, Some(i)))
-            .collect::<Result<Vec<_>, _>>()
-            .map(|parts| parts.concat()),
-        _ => quantize_matrix(&values, cols, t.ty, importance.as_deref()),
-    }
-    .with_context(|| format!("quantizing '{}' to {}", t.name, t.ty))?;
+    let importance = importance_of(imatrix, &t.name, &t.shape)?;
+    let bytes = quantize_stacked(&values, &t.shape, t.ty, importance.as_deref())
+        .with_context(|| format!("quantizing '{}' to {}", t.name, t.ty))?;
     let mut restored = vec![0f32; values.len()];
     kernels::quants::dequantize(t.ty, &bytes, &mut restored)?;
     let report = TensorReport {
