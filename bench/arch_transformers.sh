@@ -37,7 +37,7 @@ while [ $# -gt 0 ]; do
         *) arches+=("$1"); shift ;;
     esac
 done
-[ ${#arches[@]} -gt 0 ] || arches=(llama3 qwen2 qwen3 mistral smollm3 olmo2 gemma3 qwen3_moe mixtral olmoe)
+[ ${#arches[@]} -gt 0 ] || arches=(llama3 qwen2 qwen3 mistral smollm3 olmo2 gemma3 qwen3_moe mixtral olmoe llama4)
 
 compress="$root/target/release/compress"
 python="${COMPRESS_TORCH_VENV:-$root/.cache/venv-torch}/bin/python"

@@ -15,6 +15,11 @@ use std::path::{Path, PathBuf};
 
 const MOE: [&str; 3] = ["qwen3_moe", "mixtral", "olmoe"];
 
+/// Every mixture-of-experts fixture we read: [`MOE`] and Llama 4 (dense and
+/// expert blocks interleaved, a shared expert, input-weighted routing, fused
+/// HF experts).
+const ALL_MOE: [&str; 4] = ["qwen3_moe", "mixtral", "olmoe", "llama4"];
+
 fn fixture(name: &str) -> PathBuf {
     repo_root().join("tests/fixtures/moe").join(name)
 }
@@ -55,7 +60,7 @@ const INPUTS: [(&str, &str, &str); 2] = [
 
 #[test]
 fn logits_match_transformers_from_hf_and_from_llama_cpp_gguf() {
-    for name in MOE {
+    for name in ALL_MOE {
         for path in [fixture(name), fixture(name).join("model.gguf")] {
             let model = Model::open(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
             assert_eq!(model.config.arch.name, name, "{}", path.display());
@@ -76,7 +81,7 @@ fn logits_match_transformers_from_hf_and_from_llama_cpp_gguf() {
     }
 }
 
-/// Tokens per expert of every block: the router run on the MLP's input as the
+/// Tokens per expert of every expert block: the router run on the MLP's input as the
 /// forward pass computes it, routed by the inference path's own
 /// [`Model::expert_routes`].
 fn expert_token_counts(model: &Model, tokens: &[u32]) -> Vec<Vec<usize>> {
@@ -91,14 +96,15 @@ fn expert_token_counts(model: &Model, tokens: &[u32]) -> Vec<Vec<usize>> {
         // Attention and its output projection: the cursor then holds the MLP input.
         model.block_step(&w, &mut cursor).unwrap();
         model.block_step(&w, &mut cursor).unwrap();
-        let routes = model
-            .expert_routes(w.router.as_ref().unwrap(), cursor.input(), n)
-            .unwrap();
-        let mut per_expert = vec![0; m.experts];
-        for (e, _) in routes {
-            per_expert[e] += 1;
+        // Dense blocks (Llama 4's) route nothing.
+        if let Some(router) = &w.router {
+            let routes = model.expert_routes(router, cursor.input(), n).unwrap();
+            let mut per_expert = vec![0; m.experts];
+            for (e, _) in routes {
+                per_expert[e] += 1;
+            }
+            counts.push(per_expert);
         }
-        counts.push(per_expert);
         model.block_step(&w, &mut cursor).unwrap();
         model.block_step(&w, &mut cursor).unwrap();
         x = cursor.into_residual();
@@ -108,7 +114,7 @@ fn expert_token_counts(model: &Model, tokens: &[u32]) -> Vec<Vec<usize>> {
 
 #[test]
 fn every_expert_gets_the_tokens_transformers_routes_to_it() {
-    for name in MOE {
+    for name in ALL_MOE {
         for path in [fixture(name), fixture(name).join("model.gguf")] {
             let model = Model::open(&path).unwrap();
             for (tokens_key, _, counts_key) in INPUTS {
@@ -162,6 +168,27 @@ fn expert_counts_that_contradict_the_tensors_are_refused_by_name() {
     let d = with_config("olmoe", &|v| v["num_experts_per_tok"] = 7.into());
     let e = open_error(d.path());
     assert!(e.contains("7 of 6 experts"), "{e}");
+    // Llama 4: expert blocks that contradict the tensors or the interleave, a
+    // layer pattern that is not chunked-RoPE / full-NoPE.
+    for (edit, says) in [
+        (
+            (|v: &mut serde_json::Value| v["interleave_moe_layer_step"] = 1.into())
+                as fn(&mut serde_json::Value),
+            "field 'moe_layers' is [1,3], but interleave_moe_layer_step 1 over 4 layers means [0, 1, 2, 3]",
+        ),
+        (
+            |v| v["intermediate_size_mlp"] = 40.into(),
+            "tensor 'blk.0.ffn_gate.weight' has shape [48, 64], the config implies [40, 64]",
+        ),
+        (
+            |v| v["layer_types"][0] = "full_attention".into(),
+            "field 'layer_types' entry 0 is \"full_attention\" but no_rope_layers says the layer has RoPE",
+        ),
+    ] {
+        let d = with_config("llama4", &edit);
+        let e = open_error(d.path());
+        assert!(e.contains(says), "expected '{says}' in: {e}");
+    }
     // A missing expert count.
     let d = with_config("olmoe", &|v| {
         v.as_object_mut().unwrap().remove("num_experts");
@@ -223,7 +250,21 @@ fn stages_without_expert_support_refuse_without_output() {
     let dir = tempfile::tempdir().unwrap();
     let base = fixture("qwen3_moe");
     let b = base.to_str().unwrap();
+    let llama4 = fixture("llama4");
     for (args, says) in [
+        (
+            vec![
+                "quantize",
+                llama4.to_str().unwrap(),
+                "--method",
+                "gptq",
+                "--bits",
+                "4",
+                "--group",
+                "32",
+            ],
+            "is stored by HF fused across experts",
+        ),
         (
             vec![
                 "quantize", b, "--method", "awq", "--bits", "4", "--group", "32",
@@ -269,7 +310,7 @@ fn stages_without_expert_support_refuse_without_output() {
 #[test]
 fn gguf_writing_stacks_the_experts_and_keeps_the_router_in_float() {
     let dir = tempfile::tempdir().unwrap();
-    for name in MOE {
+    for name in ALL_MOE {
         let tokens: Vec<u32> = reference_ints(name, "tokens")
             .into_iter()
             .map(|t| t as u32)
@@ -324,7 +365,7 @@ fn gguf_writing_stacks_the_experts_and_keeps_the_router_in_float() {
 #[test]
 fn imatrix_has_one_matrix_per_expert_from_the_tokens_routed_to_it() {
     use model::calib::Imatrix;
-    for name in MOE {
+    for name in ALL_MOE {
         let model = Model::open(&fixture(name)).unwrap();
         let tokens: Vec<u32> = reference_ints(name, "tokens_starved")
             .into_iter()
@@ -334,7 +375,8 @@ fn imatrix_has_one_matrix_per_expert_from_the_tokens_routed_to_it() {
         let m = Imatrix::collect(&model, &tokens, n, Some(1), "reference", &mut |_, _| {}).unwrap();
         let counts = reference_ints(name, "expert_token_counts_starved");
         let experts = model.config.moe.as_ref().unwrap().experts;
-        for (l, want) in counts.chunks(experts).enumerate() {
+        let layers = reference_ints(name, "moe_layers");
+        for (&l, want) in layers.iter().zip(counts.chunks(experts)) {
             for kind in ["gate", "up", "down"] {
                 let e = &m.entries[&format!("blk.{l}.ffn_{kind}_exps.weight")];
                 let got: Vec<usize> = e.counts.iter().map(|&c| c as usize).collect();
@@ -456,7 +498,7 @@ fn llama_cpp_moe_imatrix_is_read_and_ours_agrees_with_it() {
 fn eval_and_convert_run_from_hf_and_gguf() {
     let eval = e2e::eval_text();
     let dir = tempfile::tempdir().unwrap();
-    for name in MOE {
+    for name in ALL_MOE {
         // GGUF → HF (experts split per expert) and HF → HF read back to
         // transformers' logits; `eval` runs on all four.
         let from_gguf = dir.path().join(format!("{name}-from-gguf"));
@@ -507,7 +549,7 @@ fn eval_and_convert_run_from_hf_and_gguf() {
 fn expert_pruning_keeps_the_most_salient_experts_in_both_formats() {
     let calib = e2e::asset("calib.txt");
     let dir = tempfile::tempdir().unwrap();
-    for name in MOE {
+    for name in ALL_MOE {
         let base = Model::open(&fixture(name)).unwrap();
         let experts = base.config.moe.as_ref().unwrap().experts;
         let hidden = base.config.hidden_size;
@@ -546,6 +588,11 @@ fn expert_pruning_keeps_the_most_salient_experts_in_both_formats() {
         for (l, kept) in r["kept_experts"].as_array().unwrap().iter().enumerate() {
             let kept: Vec<usize> = serde_json::from_value(kept.clone()).unwrap();
             let scores: Vec<f64> = serde_json::from_value(r["expert_scores"][l].clone()).unwrap();
+            if !base.config.is_moe_block(l) {
+                // A dense block (Llama 4's) has no experts to score or cut.
+                assert!(kept.is_empty() && scores.is_empty(), "{name} blk.{l}");
+                continue;
+            }
             assert_eq!(kept.len(), experts - experts / 2, "{name} blk.{l}");
             // No removed expert is more salient than a kept one.
             let lowest_kept = kept.iter().map(|&e| scores[e]).fold(f64::MAX, f64::min);
@@ -639,7 +686,7 @@ fn gptq_counts_each_experts_tokens_and_calibrates_the_starved_ones_on_every_toke
     use model::calib::walk::{ExpertCalibration, ExpertStatistics};
     use quant::calibrated::gptq_model;
     use quant::gptq::{GptqOptions, Grid};
-    for name in MOE {
+    for name in ALL_MOE {
         let model = Model::open(&fixture(name)).unwrap();
         let m = model.config.moe.clone().unwrap();
         let tokens: Vec<u32> = reference_ints(name, "tokens_starved")
@@ -681,13 +728,15 @@ fn gptq_counts_each_experts_tokens_and_calibrates_the_starved_ones_on_every_toke
                 &mut |_, _| {},
             )
             .unwrap();
-            let layers = model.config.num_hidden_layers;
+            let moe_layers = reference_ints(name, "moe_layers");
+            let layers = moe_layers.len();
             assert_eq!(stacked, 3 * layers, "{name}");
             // One entry per expert and kind; gate's carries the routing.
             let mut ours = vec![0; layers * m.experts];
             for r in reports.iter().filter(|r| r.name.contains("ffn_gate_exps")) {
                 let e = r.expert.expect("an expert's report");
-                let l = model::names::block_index(&r.name).unwrap();
+                let block = model::names::block_index(&r.name).unwrap();
+                let l = moe_layers.iter().position(|&x| x == block).unwrap();
                 ours[l * m.experts + e.expert] = e.routed_tokens;
                 let expected = match (all_experts, e.routed_tokens) {
                     (true, _) => ExpertStatistics::AllTokensRequested,
@@ -868,7 +917,7 @@ fn m_experts(c: &model::ModelConfig) -> usize {
 fn wanda_and_sparsegpt_prune_every_expert() {
     let calib = e2e::asset("calib.txt");
     let dir = tempfile::tempdir().unwrap();
-    for name in MOE {
+    for name in ALL_MOE {
         for method in ["wanda", "sparsegpt"] {
             let out = dir.path().join(format!("{name}-{method}"));
             let report = dir.path().join(format!("{name}-{method}.json"));
@@ -894,7 +943,7 @@ fn wanda_and_sparsegpt_prune_every_expert() {
             assert!(o.status.success(), "{name} {method}: {text}");
             let back = Model::open(&out).unwrap();
             let c = &back.config;
-            for l in 0..c.num_hidden_layers {
+            for l in (0..c.num_hidden_layers).filter(|&l| c.is_moe_block(l)) {
                 let n = model::names::block(l, "ffn_down_exps.weight");
                 let t = back.tensor(&n).unwrap();
                 let e = m_experts(c);
@@ -912,7 +961,8 @@ fn wanda_and_sparsegpt_prune_every_expert() {
                 .iter()
                 .filter(|l| !l["expert"].is_null())
                 .count();
-            assert_eq!(per_expert, 3 * c.num_hidden_layers * m_experts(c), "{name}");
+            let moe_blocks = reference_ints(name, "moe_layers").len();
+            assert_eq!(per_expert, 3 * moe_blocks * m_experts(c), "{name}");
             let tokens: Vec<u32> = reference_ints(name, "tokens")
                 .into_iter()
                 .map(|t| t as u32)

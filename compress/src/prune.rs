@@ -245,6 +245,9 @@ fn run_structured(a: &Args, start: Instant) -> Result<()> {
         eprintln!("removed blocks {:?}", report.removed_blocks);
     }
     for (l, kept) in report.kept_experts.iter().enumerate() {
+        if report.expert_scores[l].is_empty() {
+            continue; // a dense block
+        }
         let removed: Vec<String> = (0..report.expert_scores[l].len())
             .filter(|e| !kept.contains(e))
             .map(|e| {
@@ -347,7 +350,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let blocks = model.config.num_hidden_layers;
     for l in 0..blocks {
-        for s in model.config.arch.linears() {
+        for s in model.config.arch.layer_linears(&model.config, l) {
             let name = names::block(l, s);
             pattern.check(*model.tensor_meta(&name)?.1.last().unwrap_or(&0), &name)?;
         }

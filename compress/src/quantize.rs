@@ -402,7 +402,7 @@ fn run_calibrated(a: Args) -> Result<()> {
     if mix.is_none() {
         let mut partial = std::collections::BTreeSet::new();
         for l in 0..blocks {
-            for s in model.config.arch.linears() {
+            for s in model.config.arch.layer_linears(&model.config, l) {
                 let name = model::names::block(l, s);
                 let cols = *model.tensor_meta(&name)?.1.last().unwrap_or(&0);
                 int_grid(cols).check(cols, &name)?;

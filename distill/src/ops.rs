@@ -647,22 +647,27 @@ mod tests {
                 llama::AttnMask {
                     scale: 1.0 / 10f32.sqrt(),
                     window: None,
+                    chunk: None,
                 },
                 llama::AttnMask {
                     scale: 0.3,
                     window: Some(1),
+                    chunk: None,
                 },
                 llama::AttnMask {
                     scale: 1.0 / (d as f32).sqrt(),
                     window: Some(3),
+                    chunk: None,
                 },
                 llama::AttnMask {
                     scale: 0.7,
                     window: Some(n),
+                    chunk: None,
                 },
                 llama::AttnMask {
                     scale: 0.7,
                     window: Some(4 * n),
+                    chunk: None,
                 },
             ];
             for mask in masks {

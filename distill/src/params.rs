@@ -188,6 +188,9 @@ impl<T> BlockParams<T> {
             Slot::KNorm => &self.k_norm,
             Slot::AttnPostNorm => &self.attn_post_norm,
             Slot::FfnPostNorm => &self.ffn_post_norm,
+            Slot::SharedGate | Slot::SharedUp | Slot::SharedDown => {
+                unreachable!("distillation refuses mixture-of-experts models when it loads them")
+            }
         }
     }
 
@@ -210,6 +213,9 @@ impl<T> BlockParams<T> {
             Slot::KNorm => &mut self.k_norm,
             Slot::AttnPostNorm => &mut self.attn_post_norm,
             Slot::FfnPostNorm => &mut self.ffn_post_norm,
+            Slot::SharedGate | Slot::SharedUp | Slot::SharedDown => {
+                unreachable!("distillation refuses mixture-of-experts models when it loads them")
+            }
         }
     }
 

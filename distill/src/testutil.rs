@@ -63,6 +63,8 @@ pub fn tiny_arch_config(arch: &'static Arch, tied: bool, head_dim: usize) -> Mod
         rope_local_theta: None,
         query_pre_attn_scalar: None,
         moe: None,
+        chunked_attention: None,
+        rope_interleaved: false,
     };
     c.validate().expect("tiny config is consistent");
     c

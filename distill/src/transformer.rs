@@ -172,6 +172,7 @@ fn layer_mask(c: &ModelConfig, l: usize) -> AttnMask {
     AttnMask {
         scale: c.attention_scale(),
         window: c.layer_window(l),
+        chunk: None,
     }
 }
 

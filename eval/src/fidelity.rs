@@ -43,7 +43,7 @@ pub fn output_fidelity(
     let layers = base.config.num_hidden_layers;
     let mut names = Vec::new();
     for layer in 0..layers {
-        for suffix in base.config.arch.linears() {
+        for suffix in base.config.arch.layer_linears(&base.config, layer) {
             let name = model::names::block(layer, suffix);
             let same = match (base.tensor_meta(&name), artifact.tensor_meta(&name)) {
                 (Ok((_, a)), Ok((_, b))) => a == b,

@@ -52,10 +52,12 @@ fn main() {
         let causal = time(AttnMask {
             scale,
             window: None,
+            chunk: None,
         });
         let windowed = time(AttnMask {
             scale,
             window: Some(window),
+            chunk: None,
         });
         println!(
             "| {n} | {causal:.3} | {windowed:.3} | {:.2} |",

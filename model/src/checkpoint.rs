@@ -2,7 +2,7 @@
 //! canonical tensor names, HF row layout for Q/K, shapes checked against the
 //! config, and tensors read lazily (a tensor's bytes are touched only when asked for).
 
-use crate::arch::Role;
+use crate::arch::{HfLayout, Role};
 use crate::config::ModelConfig;
 use crate::gguf::GgufFile;
 use crate::hf_quant::HfQuantized;
@@ -433,6 +433,29 @@ impl Model {
                 let (e, _) = s.get(&hf).with_context(|| {
                     format!("{}: tensor '{hf}' is missing", self.path.display())
                 })?;
+                let layout = self.config.arch.hf_layout(name);
+                if layout != HfLayout::Plain {
+                    let shape = layout.canonical_shape(&e.shape).with_context(|| {
+                        format!(
+                            "{}: tensor '{hf}' has shape {:?}, expected [experts, in, {}]",
+                            self.path.display(),
+                            e.shape,
+                            if matches!(layout, HfLayout::FusedHalf(_)) {
+                                "2·out"
+                            } else {
+                                "out"
+                            }
+                        )
+                    })?;
+                    let ty = e.dtype.as_ggml().with_context(|| {
+                        format!(
+                            "{}: tensor '{hf}' has dtype {}, expected F32, F16 or BF16",
+                            self.path.display(),
+                            e.dtype.name()
+                        )
+                    })?;
+                    return Ok((ty, shape));
+                }
                 if self.hf_offset(name).is_some() {
                     // Read as f32 with the offset added (see `tensor`).
                     return Ok((GgmlType::F32, e.shape.clone()));
@@ -479,7 +502,12 @@ impl Model {
                     None => {
                         let hf = self.config.arch.hf_name(name)?;
                         let (e, bytes) = s.get(&hf).expect("checked by tensor_meta");
+                        let layout = self.config.arch.hf_layout(name);
                         match self.hf_offset(name) {
+                            None if layout != HfLayout::Plain => {
+                                let elem = ty.bytes_for(1).unwrap_or(4);
+                                Cow::Owned(layout.to_canonical(bytes, elem, &e.shape))
+                            }
                             None => Cow::Borrowed(bytes),
                             Some(off) => {
                                 let ty = e.dtype.as_ggml().expect("checked by tensor_meta");

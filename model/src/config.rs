@@ -223,9 +223,47 @@ pub struct ModelConfig {
     /// Attention scores are scaled by `query_pre_attn_scalar^−½` (Gemma);
     /// `head_dim^−½` when unset.
     pub query_pre_attn_scalar: Option<f64>,
-    /// The routed experts that replace every block's MLP (mixture-of-experts
-    /// architectures); `None` for a dense MLP.
+    /// The routed experts that replace the MLP of every block, or of every
+    /// `interleave`-th (mixture-of-experts architectures); `None` for a dense MLP.
     pub moe: Option<MoeConfig>,
+    /// RoPE rotates adjacent pairs `(2i, 2i + 1)` of each head (Llama 4's
+    /// complex rotation, llama.cpp's "normal" mode on unpermuted rows) instead of
+    /// HF's usual halves `(i, i + d/2)`.
+    pub rope_interleaved: bool,
+    /// Llama 4's attention: chunked with an L2 q/k norm on the RoPE layers,
+    /// temperature-tuned on the NoPE ones; `None` elsewhere.
+    pub chunked_attention: Option<ChunkedAttention>,
+}
+
+/// Llama 4's attention beyond RoPE per layer ([`LayerType::rope`]): each RoPE
+/// layer attends only within chunks of `chunk` positions and normalises q and
+/// k per head by their RMS (no gain, after the rotation) when `qk_norm`; each
+/// NoPE layer attends to everything before it, its queries scaled by
+/// `1 + attn_scale·ln(⌊(pos + 1) / floor_scale⌋ + 1)` when `temperature_tuning`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ChunkedAttention {
+    /// Positions per attention chunk of the RoPE layers.
+    pub chunk: usize,
+    /// The weightless q/k RMS norm after RoPE on the RoPE layers.
+    pub qk_norm: bool,
+    /// Whether the NoPE layers scale their queries by position.
+    pub temperature_tuning: bool,
+    /// The temperature's position scale.
+    pub floor_scale: f64,
+    /// The temperature's strength.
+    pub attn_scale: f64,
+}
+
+/// How a router turns a token's scores into its experts and their weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// The `used` most probable experts under the softmax over all experts,
+    /// weighted by those probabilities (renormalised when `norm_topk_prob`);
+    /// each expert's output is weighted.
+    Softmax,
+    /// Llama 4: the `used` highest raw scores, each weighted by the sigmoid of
+    /// its score; the weight scales the expert's *input*, not its output.
+    SigmoidInput,
 }
 
 /// A mixture-of-experts MLP: a router scores every token against `experts`
@@ -243,6 +281,29 @@ pub struct MoeConfig {
     /// Whether the chosen experts' probabilities are renormalised to sum to 1
     /// (`norm_topk_prob`; Mixtral's softmax over the chosen logits is the same).
     pub norm_topk_prob: bool,
+    /// How the router's scores become experts and weights.
+    pub routing: Routing,
+    /// Width of the shared expert every token also runs through (0: none).
+    pub shared_ffn: usize,
+    /// Every `interleave`-th block is a mixture of experts (blocks `l` with
+    /// `(l + 1) % interleave == 0`, as llama.cpp counts); the others keep a
+    /// dense MLP of `intermediate_size`. 1: every block.
+    pub interleave: usize,
+}
+
+impl MoeConfig {
+    /// A softmax-routed mixture of experts in every block, with no shared expert.
+    pub fn softmax(experts: usize, used: usize, expert_ffn: usize, norm_topk_prob: bool) -> Self {
+        MoeConfig {
+            experts,
+            used,
+            expert_ffn,
+            norm_topk_prob,
+            routing: Routing::Softmax,
+            shared_ffn: 0,
+            interleave: 1,
+        }
+    }
 }
 
 impl ModelConfig {
@@ -364,6 +425,8 @@ impl ModelConfig {
             rope_local_theta: None,
             query_pre_attn_scalar: None,
             moe: None,
+            chunked_attention: None,
+            rope_interleaved: false,
         };
         (arch.read_gguf)(g, &mut cfg).with_context(|| format!("{path}: {name} hyperparameters"))?;
         cfg.validate()
@@ -524,6 +587,8 @@ impl ModelConfig {
             rope_local_theta: None,
             query_pre_attn_scalar: None,
             moe: None,
+            chunked_attention: None,
+            rope_interleaved: false,
         };
         (arch.read_hf)(v, &mut cfg)?;
         // A window the description did not take up would be silently dropped.
@@ -602,6 +667,9 @@ impl ModelConfig {
             }
         }
         if let Some(m) = &self.moe {
+            if m.interleave == 0 {
+                bail!("the mixture of experts is in every 0th block: expected an interleave of at least 1");
+            }
             if m.experts == 0 || m.expert_ffn == 0 || m.used == 0 || m.used > m.experts {
                 bail!(
                     "the mixture of experts routes each token to {} of {} experts of width {}: \
@@ -623,6 +691,24 @@ impl ModelConfig {
             }
         }
         Ok(())
+    }
+
+    /// Whether block `l` is a mixture of experts (else it has a dense MLP).
+    pub fn is_moe_block(&self, l: usize) -> bool {
+        self.moe
+            .as_ref()
+            .is_some_and(|m| (l + 1).is_multiple_of(m.interleave))
+    }
+
+    /// Whether block `l` holds the block tensor `spec` (dense MLP tensors only
+    /// in dense blocks, routed-expert tensors only in mixture-of-experts ones).
+    pub fn block_has(&self, l: usize, spec: &crate::arch::TensorSpec) -> bool {
+        use crate::arch::Blocks;
+        match spec.blocks {
+            Blocks::All => true,
+            Blocks::Dense => !self.is_moe_block(l),
+            Blocks::Moe => self.is_moe_block(l),
+        }
     }
 
     /// Refuses a mixture-of-experts model in a stage that does not yet handle

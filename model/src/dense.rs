@@ -4,6 +4,7 @@
 //! changes weights in float (pruning, structured cuts, distillation) streams its
 //! tensors through, as safetensors or GGUF.
 
+use crate::arch::HfLayout;
 use crate::checkpoint::{permute_qk_rows, Checkpoint};
 use crate::gguf::GgufWriter;
 use crate::gguf_export;
@@ -99,7 +100,10 @@ pub fn convert(input: &Path, output: &Path, dtype: GgmlType) -> Result<()> {
     let mut names: Vec<(String, Vec<usize>)> = Vec::new();
     for n in model.tensor_names() {
         let shape = model.tensor_meta(&n)?.1;
-        if !hf_tensors(c, &n, &shape).is_empty() {
+        // HF has no tensor for what its config computes (RoPE factors); a
+        // fused tensor's later halves declare nothing but are written.
+        let fused = matches!(c.arch.hf_layout(&n), HfLayout::FusedHalf(_));
+        if fused || !hf_tensors(c, &n, &shape).is_empty() {
             names.push((n, shape));
         }
     }
@@ -112,9 +116,10 @@ pub fn convert(input: &Path, output: &Path, dtype: GgmlType) -> Result<()> {
     meta.insert("format".to_owned(), "pt".to_owned());
     let mut writer = SafetensorsWriter::create(&out_file, &decl, &meta)?;
     let mut bar = Progress::new(names.len() as u64, "convert");
+    let mut fusing = Fusing::new();
     for (i, (n, shape)) in names.iter().enumerate() {
         let values = model.tensor(n)?.to_f32()?;
-        write_hf(&mut writer, c, n, shape, &values, dtype)?;
+        write_hf(&mut writer, &mut fusing, c, n, shape, &values, dtype)?;
         bar.set(i as u64 + 1, n);
     }
     writer.finish()?;
@@ -135,6 +140,19 @@ pub fn convert(input: &Path, output: &Path, dtype: GgmlType) -> Result<()> {
 /// tensor, or none for what HF's config computes (RoPE factors).
 fn hf_tensors(c: &ModelConfig, name: &str, shape: &[usize]) -> Vec<(String, Vec<usize>)> {
     let experts = c.moe.as_ref().map_or(0, |m| m.experts);
+    let layout = c.arch.hf_layout(name);
+    if layout != HfLayout::Plain {
+        // A fused HF tensor is declared once, with its first half.
+        return match layout {
+            HfLayout::FusedHalf(p) if p > 0 => Vec::new(),
+            _ => c
+                .arch
+                .hf_from_canonical(name)
+                .map(|hf| (hf, layout.hf_shape(shape)))
+                .into_iter()
+                .collect(),
+        };
+    }
     match c.arch.hf_expert_names(name, experts) {
         Some(parts) => parts
             .into_iter()
@@ -149,16 +167,42 @@ fn hf_tensors(c: &ModelConfig, name: &str, shape: &[usize]) -> Vec<(String, Vec<
     }
 }
 
+/// HF tensors that fuse several canonical ones (Llama 4's `gate_up_proj`),
+/// gathered until their last part arrives: HF name → (values, parts still due).
+type Fusing = BTreeMap<String, (Vec<f32>, usize)>;
+
 /// Writes canonical tensor `name` (`values`, HF row order) as its HF tensors
-/// ([`hf_tensors`]), norm gains as HF stores them.
+/// ([`hf_tensors`]), norm gains as HF stores them; a fused tensor's halves are
+/// gathered in `fusing` and written with the last.
 fn write_hf(
     writer: &mut SafetensorsWriter,
+    fusing: &mut Fusing,
     c: &ModelConfig,
     name: &str,
     shape: &[usize],
     values: &[f32],
     dtype: GgmlType,
 ) -> Result<()> {
+    let layout = c.arch.hf_layout(name);
+    if layout != HfLayout::Plain {
+        let hf = c.arch.hf_name(name)?;
+        let hf_shape = layout.hf_shape(shape);
+        let parts = if matches!(layout, HfLayout::FusedHalf(_)) {
+            2
+        } else {
+            1
+        };
+        let (buffer, due) = fusing
+            .entry(hf.clone())
+            .or_insert_with(|| (vec![0f32; hf_shape.iter().product()], parts));
+        layout.fill_hf(values, shape, buffer);
+        *due -= 1;
+        if *due == 0 {
+            let (buffer, _) = fusing.remove(&hf).expect("just filled");
+            writer.write(&hf, &encode_floats(&buffer, dtype))?;
+        }
+        return Ok(());
+    }
     let values = c.arch.hf_values(name, values);
     let parts = hf_tensors(c, name, shape);
     let per = values.len() / parts.len().max(1);
@@ -180,6 +224,7 @@ enum DenseOut {
     Safetensors {
         writer: SafetensorsWriter,
         dir: PathBuf,
+        fusing: Fusing,
     },
     Gguf(GgufWriter),
 }
@@ -237,6 +282,7 @@ impl DenseWriter {
             out: DenseOut::Safetensors {
                 writer: SafetensorsWriter::create(&file, &decl, &meta)?,
                 dir,
+                fusing: Fusing::new(),
             },
         })
     }
@@ -244,9 +290,15 @@ impl DenseWriter {
     /// Writes the next declared tensor (HF row order).
     pub fn write(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<()> {
         match &mut self.out {
-            DenseOut::Safetensors { writer, .. } => {
-                write_hf(writer, &self.config, name, shape, values, self.dtype)
-            }
+            DenseOut::Safetensors { writer, fusing, .. } => write_hf(
+                writer,
+                fusing,
+                &self.config,
+                name,
+                shape,
+                values,
+                self.dtype,
+            ),
             DenseOut::Gguf(writer) => {
                 let ty = if shape.len() == 1 {
                     GgmlType::F32
@@ -268,7 +320,7 @@ impl DenseWriter {
     /// config.json and the tokenizer beside a safetensors file).
     pub fn finish(self, model: &Model) -> Result<()> {
         match self.out {
-            DenseOut::Safetensors { writer, dir } => {
+            DenseOut::Safetensors { writer, dir, .. } => {
                 writer.finish()?;
                 let config = serde_json::to_string_pretty(
                     &self.config.to_hf_json(torch_dtype(self.dtype))?,

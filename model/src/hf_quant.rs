@@ -821,6 +821,18 @@ impl HfQuantWriter {
     ) -> Result<Self> {
         cfg.check(format)
             .with_context(|| format!("cannot write {}", format.name()))?;
+        let arch = model.config.arch;
+        if let Some(fused) = write_order(&model.config)
+            .iter()
+            .find(|n| is_block_linear(arch, n) && arch.hf_layout(n) != crate::arch::HfLayout::Plain)
+        {
+            bail!(
+                "cannot write {}: '{fused}' is stored by HF fused across experts ({}), which has no per-layer packed form; \
+                 write a GGUF instead (--type)",
+                format.name(),
+                arch.hf_name(fused)?
+            );
+        }
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let is_gguf = matches!(model.checkpoint, crate::checkpoint::Checkpoint::Gguf(_));
         if let (false, Some(src), Ok(dst)) = (
@@ -837,7 +849,6 @@ impl HfQuantWriter {
             }
         }
         let scheme = Scheme::from_config(format, cfg);
-        let arch = model.config.arch;
         let experts = model.config.moe.as_ref().map_or(0, |m| m.experts);
         // HF has no tensor for what its config computes (RoPE factors).
         let order: Vec<String> = write_order(&model.config)

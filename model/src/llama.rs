@@ -88,6 +88,8 @@ pub struct BlockWeights<'a> {
     /// The router `[experts, hidden]` of a mixture-of-experts block; `gate`,
     /// `up` and `down` then stack the experts' matrices (`[experts, …]`).
     pub router: Option<Vec<f32>>,
+    /// The shared expert (gate, up, down) of a mixture-of-experts block that has one.
+    pub shared: Option<[Tensor<'a>; 3]>,
 }
 
 impl<'a> BlockWeights<'a> {
@@ -101,6 +103,9 @@ impl<'a> BlockWeights<'a> {
             Slot::Gate => &self.gate,
             Slot::Up => &self.up,
             Slot::Down => &self.down,
+            Slot::SharedGate => &self.shared.as_ref()?[0],
+            Slot::SharedUp => &self.shared.as_ref()?[1],
+            Slot::SharedDown => &self.shared.as_ref()?[2],
             _ => return None,
         })
     }
@@ -122,6 +127,10 @@ impl<'a> BlockWeights<'a> {
             down: self.down.borrowed(),
             extras: self.extras.clone(),
             router: self.router.clone(),
+            shared: self
+                .shared
+                .as_ref()
+                .map(|[g, u, d]| [g.borrowed(), u.borrowed(), d.borrowed()]),
         }
     }
 
@@ -135,6 +144,9 @@ impl<'a> BlockWeights<'a> {
             Slot::Gate => &mut self.gate,
             Slot::Up => &mut self.up,
             Slot::Down => &mut self.down,
+            Slot::SharedGate => &mut self.shared.as_mut()?[0],
+            Slot::SharedUp => &mut self.shared.as_mut()?[1],
+            Slot::SharedDown => &mut self.shared.as_mut()?[2],
             _ => return None,
         })
     }
@@ -170,8 +182,23 @@ impl<'a> BlockWeights<'a> {
 /// Each token's experts and their weights from router scores `scores`
 /// (`n × experts`): the softmax over all experts, the `used` most probable
 /// (the lower index first on a tie), renormalised to sum to 1 when the config
-/// says so. `n × used` pairs (expert, weight), each token's best first.
+/// says so; with [`crate::config::Routing::SigmoidInput`] the `used` highest
+/// scores, each weighted by its sigmoid. `n × used` pairs (expert, weight),
+/// each token's best first.
 pub fn route(scores: &[f32], m: &crate::config::MoeConfig) -> Vec<(usize, f32)> {
+    if m.routing == crate::config::Routing::SigmoidInput {
+        return scores
+            .chunks(m.experts)
+            .flat_map(|row| {
+                let mut order: Vec<usize> = (0..m.experts).collect();
+                order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+                order[..m.used]
+                    .iter()
+                    .map(|&e| (e, 1.0 / (1.0 + (-row[e]).exp())))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+    }
     scores
         .chunks(m.experts)
         .flat_map(|row| {
@@ -293,6 +320,33 @@ pub fn apply_rope(x: &mut [f32], n_heads: usize, head_dim: usize, cos: &[f32], s
         });
 }
 
+/// Applies RoPE to adjacent pairs: element `2i` pairs with `2i + 1` (Llama 4's
+/// complex rotation, llama.cpp's "normal" mode).
+pub fn apply_rope_interleaved(
+    x: &mut [f32],
+    n_heads: usize,
+    head_dim: usize,
+    cos: &[f32],
+    sin: &[f32],
+) {
+    let half = head_dim / 2;
+    x.par_chunks_mut(n_heads * head_dim)
+        .enumerate()
+        .for_each(|(p, row)| {
+            let (c, s) = (
+                &cos[p * half..(p + 1) * half],
+                &sin[p * half..(p + 1) * half],
+            );
+            for head in row.chunks_mut(head_dim) {
+                for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                    let (x0, x1) = (pair[0], pair[1]);
+                    pair[0] = x0 * c[i] - x1 * s[i];
+                    pair[1] = x1 * c[i] + x0 * s[i];
+                }
+            }
+        });
+}
+
 /// What a query may see and how its scores are scaled.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AttnMask {
@@ -300,6 +354,8 @@ pub struct AttnMask {
     pub scale: f32,
     /// `Some(W)`: query `i` sees keys `i − W < j ≤ i`; `None`: every `j ≤ i`.
     pub window: Option<usize>,
+    /// `Some(C)`: query `i` sees only keys of its own chunk `⌊i/C⌋·C ≤ j ≤ i`.
+    pub chunk: Option<usize>,
 }
 
 impl AttnMask {
@@ -308,12 +364,15 @@ impl AttnMask {
         AttnMask {
             scale: 1.0 / (d as f32).sqrt(),
             window: None,
+            chunk: None,
         }
     }
 
-    /// The first key query `i` sees.
+    /// The first key query `i` sees (never decreasing in `i`).
     pub fn first_key(&self, i: usize) -> usize {
-        self.window.map_or(0, |w| (i + 1).saturating_sub(w))
+        let windowed = self.window.map_or(0, |w| (i + 1).saturating_sub(w));
+        let chunked = self.chunk.map_or(0, |c| i / c.max(1) * c.max(1));
+        windowed.max(chunked)
     }
 }
 
@@ -403,8 +462,8 @@ pub fn attention(
 pub const LINEAR_GROUPS: [&[Slot]; 4] = [
     &[Slot::Q, Slot::K, Slot::V],
     &[Slot::O],
-    &[Slot::Gate, Slot::Up],
-    &[Slot::Down],
+    &[Slot::Gate, Slot::Up, Slot::SharedGate, Slot::SharedUp],
+    &[Slot::Down, Slot::SharedDown],
 ];
 
 /// One routed expert's pass over the tokens routed to it.
@@ -413,12 +472,13 @@ pub struct ExpertOutput {
     pub expert: usize,
     /// The tokens routed to it (position, router weight), in position order.
     pub tokens: Vec<(usize, f32)>,
-    /// Its output for those tokens, `tokens.len() × hidden`, before weighting.
+    /// Its output for those tokens, `tokens.len() × hidden`, before weighting
+    /// (for input-weighted routing, on the weighted inputs).
     pub out: Vec<f32>,
 }
 
 /// The slots a mixture-of-experts block fills with its stacked experts.
-const EXPERT_SLOTS: [Slot; 3] = [Slot::Gate, Slot::Up, Slot::Down];
+pub const EXPERT_SLOTS: [Slot; 3] = [Slot::Gate, Slot::Up, Slot::Down];
 
 /// Sees a linear layer's input: (its weight's GGUF suffix, the routed expert
 /// for a stacked experts' tensor, its rows).
@@ -441,6 +501,9 @@ pub struct BlockCursor {
     group: usize,
     /// Positions.
     n: usize,
+    /// A mixture-of-experts block's routed output, waiting for the shared
+    /// expert's down projection (whose input the cursor then holds).
+    routed: Option<Vec<f32>>,
 }
 
 impl BlockCursor {
@@ -459,15 +522,15 @@ impl Model {
     /// Reads the weights of block `layer`, each slot from the tensor the
     /// architecture's description puts there.
     pub fn block_weights(&self, layer: usize) -> Result<BlockWeights<'_>> {
-        let arch = self.config.arch;
+        let (arch, c) = (self.config.arch, &self.config);
         let t = |slot: Slot| -> Result<Tensor<'_>> {
             let spec = arch
-                .slot(slot)
+                .layer_slot(c, layer, slot)
                 .with_context(|| format!("a '{}' block has no {slot:?} tensor", arch.gguf_name))?;
             self.tensor(&crate::names::block(layer, spec.gguf))
         };
         let vector = |slot: Slot| -> Result<Option<Vec<f32>>> {
-            match arch.slot(slot) {
+            match arch.layer_slot(c, layer, slot) {
                 None => Ok(None),
                 Some(spec) => Ok(Some(
                     self.tensor(&crate::names::block(layer, spec.gguf))?
@@ -497,11 +560,20 @@ impl Model {
             },
             router: arch
                 .router()
+                .filter(|spec| c.block_has(layer, spec))
                 .map(|spec| {
                     self.tensor(&crate::names::block(layer, spec.gguf))?
                         .to_f32()
                 })
                 .transpose()?,
+            shared: match arch.layer_slot(c, layer, Slot::SharedGate) {
+                None => None,
+                Some(_) => Some([
+                    t(Slot::SharedGate)?,
+                    t(Slot::SharedUp)?,
+                    t(Slot::SharedDown)?,
+                ]),
+            },
         })
     }
 
@@ -550,17 +622,19 @@ impl Model {
         n: usize,
         observe: &mut LinearObserver,
     ) -> Result<()> {
-        let arch = self.config.arch;
+        let (arch, c) = (self.config.arch, &self.config);
         let mut cursor = self.block_start(w, x.to_vec(), n);
+        let routed = w.router.is_some();
         for group in LINEAR_GROUPS {
-            let experts = w.router.is_some() && group.iter().any(|s| EXPERT_SLOTS.contains(s));
-            if !experts {
-                for spec in group.iter().filter_map(|&slot| arch.slot(slot)) {
-                    observe(spec.gguf, None, cursor.input());
-                }
+            for spec in group
+                .iter()
+                .filter(|s| !(routed && EXPERT_SLOTS.contains(s)))
+                .filter_map(|&slot| arch.layer_slot(c, w.layer, slot))
+            {
+                observe(spec.gguf, None, cursor.input());
             }
             self.block_step_observed(w, &mut cursor, &mut |e, slot, input| {
-                if let Some(spec) = arch.slot(slot) {
+                if let Some(spec) = arch.layer_slot(c, w.layer, slot) {
                     observe(spec.gguf, Some(e), input);
                 }
             })?;
@@ -600,6 +674,7 @@ impl Model {
             input,
             group: 0,
             n,
+            routed: None,
         }
     }
 
@@ -631,15 +706,32 @@ impl Model {
             2 => {
                 let act = self.config.hidden_act;
                 cursor.input = match &w.router {
-                    // The experts' summed output: group 3 only adds it.
-                    Some(router) => self.moe_mlp(w, router, &cursor.input, n, observe)?,
+                    Some(router) => {
+                        let routed = self.moe_mlp(w, router, &cursor.input, n, observe)?;
+                        match &w.shared {
+                            // The shared expert's activation is the next input;
+                            // the routed output waits for its down projection.
+                            Some([g, u, _]) => {
+                                cursor.routed = Some(routed);
+                                gated_mlp(&cursor.input, n, g, u, act)?
+                            }
+                            // The experts' summed output: group 3 only adds it.
+                            None => routed,
+                        }
+                    }
                     None => gated_mlp(&cursor.input, n, &w.gate, &w.up, act)?,
                 };
             }
             3 => {
-                let d = match w.router {
-                    Some(_) => std::mem::take(&mut cursor.input),
-                    None => linear(&cursor.input, n, &w.down)?,
+                let d = match (&w.router, &w.shared) {
+                    (Some(_), Some([_, _, down])) => {
+                        let mut d = linear(&cursor.input, n, down)?;
+                        let routed = cursor.routed.take().unwrap_or_default();
+                        d.iter_mut().zip(&routed).for_each(|(d, r)| *d += r);
+                        d
+                    }
+                    (Some(_), None) => std::mem::take(&mut cursor.input),
+                    (None, _) => linear(&cursor.input, n, &w.down)?,
                 };
                 self.add_branch(&mut cursor.x, d, &w.ffn_post_norm);
                 cursor.input = Vec::new();
@@ -675,15 +767,26 @@ impl Model {
         observe: &mut ExpertObserver,
     ) -> Result<Vec<f32>> {
         let hidden = self.config.hidden_size;
+        let input_weighted = self.input_weighted_experts();
         let mut out = vec![0f32; n * hidden];
         for pass in self.expert_outputs(w, router, h, n, observe)? {
             for (&(t, weight), row) in pass.tokens.iter().zip(pass.out.chunks(hidden)) {
+                let weight = if input_weighted { 1.0 } else { weight };
                 for (o, v) in out[t * hidden..(t + 1) * hidden].iter_mut().zip(row) {
                     *o += weight * v;
                 }
             }
         }
         Ok(out)
+    }
+
+    /// Whether the router's weight scales each expert's input (Llama 4) rather
+    /// than its output.
+    pub fn input_weighted_experts(&self) -> bool {
+        self.config
+            .moe
+            .as_ref()
+            .is_some_and(|m| m.routing == crate::config::Routing::SigmoidInput)
     }
 
     /// Every routed expert's output on the tokens routed to it, for the MLP
@@ -715,10 +818,15 @@ impl Model {
             if tokens.is_empty() {
                 continue;
             }
+            let input_weighted = self.input_weighted_experts();
             let x: Vec<f32> = tokens
                 .iter()
-                .flat_map(|&(t, _)| &h[t * hidden..(t + 1) * hidden])
-                .copied()
+                .flat_map(|&(t, weight)| {
+                    let scale = if input_weighted { weight } else { 1.0 };
+                    h[t * hidden..(t + 1) * hidden]
+                        .iter()
+                        .map(move |v| v * scale)
+                })
                 .collect();
             observe(e, Slot::Gate, &x);
             observe(e, Slot::Up, &x);
@@ -763,14 +871,41 @@ impl Model {
         let mut q = project(wq, &extras.q_bias, &extras.q_norm)?;
         let mut k = project(wk, &extras.k_bias, &extras.k_norm)?;
         let v = project(wv, &extras.v_bias, &None)?;
-        if let Some(freqs) = c.layer_rope_frequencies(w.layer) {
-            let (cos, sin) = rope_tables(n, &freqs);
-            apply_rope(&mut q, heads, hd, &cos, &sin);
-            apply_rope(&mut k, kv_heads, hd, &cos, &sin);
+        let rope = c.layer_rope_frequencies(w.layer);
+        if let Some(freqs) = &rope {
+            let (cos, sin) = rope_tables(n, freqs);
+            let rotate = if c.rope_interleaved {
+                apply_rope_interleaved
+            } else {
+                apply_rope
+            };
+            rotate(&mut q, heads, hd, &cos, &sin);
+            rotate(&mut k, kv_heads, hd, &cos, &sin);
+        }
+        let mut chunk = None;
+        if let Some(ca) = &c.chunked_attention {
+            if rope.is_some() {
+                chunk = Some(ca.chunk);
+                if ca.qk_norm {
+                    let ones = vec![1f32; hd];
+                    for x in [&mut q, &mut k] {
+                        let mut normed = vec![0f32; x.len()];
+                        rms_norm(x, &ones, c.rms_norm_eps, &mut normed);
+                        *x = normed;
+                    }
+                }
+            } else if ca.temperature_tuning {
+                for (p, row) in q.chunks_mut(heads * hd).enumerate() {
+                    let t = 1.0
+                        + ca.attn_scale * (((p + 1) as f64 / ca.floor_scale).floor() + 1.0).ln();
+                    row.iter_mut().for_each(|v| *v *= t as f32);
+                }
+            }
         }
         let mask = AttnMask {
             scale: c.attention_scale(),
             window: c.layer_window(w.layer),
+            chunk,
         };
         Ok(attention(&q, &k, &v, n, heads, kv_heads, hd, mask))
     }
@@ -823,12 +958,7 @@ mod tests {
 
     #[test]
     fn routing_picks_the_most_probable_experts_and_weights_them() {
-        let mut m = crate::config::MoeConfig {
-            experts: 4,
-            used: 2,
-            expert_ffn: 1,
-            norm_topk_prob: false,
-        };
+        let mut m = crate::config::MoeConfig::softmax(4, 2, 1, false);
         // Token 0: experts 2 and 0 lead; token 1: a tie between 1 and 3 goes to 1.
         let scores = [1.0f32, 0.0, 2.0, -1.0, 0.0, 0.5, 0.0, 0.5];
         let p = |row: &[f32], e: usize| row[e].exp() / row.iter().map(|x| x.exp()).sum::<f32>();
@@ -891,7 +1021,11 @@ mod tests {
             let kvh = h / (heads / kv);
             for i in 0..n {
                 let qi = &q[i * heads * d + h * d..][..d];
-                let seen: Vec<usize> = (mask.first_key(i)..=i).collect();
+                // Written from the definitions, not from `first_key`.
+                let seen: Vec<usize> = (0..=i)
+                    .filter(|&j| mask.window.is_none_or(|w| i - j < w))
+                    .filter(|&j| mask.chunk.is_none_or(|c| j / c == i / c))
+                    .collect();
                 let s: Vec<f64> = seen
                     .iter()
                     .map(|&j| {
@@ -923,15 +1057,23 @@ mod tests {
             .collect();
         let k: Vec<f32> = (0..n * kv * d).map(|i| (i as f32 * 0.71).cos()).collect();
         let v: Vec<f32> = (0..n * kv * d).map(|i| (i as f32 * 0.13).sin()).collect();
-        for window in [None, Some(1), Some(8), Some(70), Some(500)] {
-            let mask = AttnMask { scale: 0.3, window };
+        let cases = [None, Some(1), Some(8), Some(70), Some(500)]
+            .map(|window| (window, None))
+            .into_iter()
+            .chain([(None, Some(16)), (None, Some(1)), (Some(8), Some(20))]);
+        for (window, chunk) in cases {
+            let mask = AttnMask {
+                scale: 0.3,
+                window,
+                chunk,
+            };
             let got = attention(&q, &k, &v, n, heads, kv, d, mask);
             let want = naive_attention(&q, &k, &v, (n, heads, kv, d), mask);
             let err = got
                 .iter()
                 .zip(&want)
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(err < 1e-5, "window {window:?}: {err}");
+            assert!(err < 1e-5, "window {window:?} chunk {chunk:?}: {err}");
         }
         // A window of 1 is the value at the query's own position.
         let one = attention(
@@ -945,6 +1087,7 @@ mod tests {
             AttnMask {
                 scale: 1.0,
                 window: Some(1),
+                chunk: None,
             },
         );
         assert_eq!(

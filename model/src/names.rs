@@ -34,7 +34,12 @@ pub fn all(c: &ModelConfig) -> Vec<String> {
         names.push(spec.gguf.to_owned());
     }
     for l in 0..c.num_hidden_layers {
-        names.extend(arch.block.iter().map(|s| block(l, s.gguf)));
+        names.extend(
+            arch.block
+                .iter()
+                .filter(|s| c.block_has(l, s))
+                .map(|s| block(l, s.gguf)),
+        );
     }
     for spec in arch.globals {
         let present = match spec.role {

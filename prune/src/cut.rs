@@ -416,8 +416,11 @@ pub fn run(
         };
         keep.ffn.push(ffn);
         if cuts.experts > 0 {
-            keep.experts
-                .push(keep_highest(&expert_scores[l], cuts.experts));
+            keep.experts.push(match expert_scores[l].is_empty() {
+                // A dense block keeps no experts list.
+                true => Vec::new(),
+                false => keep_highest(&expert_scores[l], cuts.experts),
+            });
         }
     }
 
@@ -529,8 +532,10 @@ pub fn run(
 
 /// Per block and routed expert, REAP's saliency on the calibration samples
 /// (the mean over the tokens routed to the expert of its router weight times
-/// the norm of its output; 0 for an expert no token reached) and how many
-/// tokens reached it. Each block runs on every sample's stream before the next.
+/// the norm of its output, or of the norm of its output alone where the weight
+/// scales its input; 0 for an expert no token reached) and how many tokens
+/// reached it; empty for a dense block. Each block runs on every sample's
+/// stream before the next.
 #[allow(clippy::type_complexity)]
 fn expert_stats(
     model: &Model,
@@ -546,10 +551,20 @@ fn expert_stats(
     let (mut scores, mut tokens) = (Vec::new(), Vec::new());
     for l in 0..c.num_hidden_layers {
         let w = model.block_weights(l)?;
-        let router = w
-            .router
-            .as_ref()
-            .with_context(|| format!("block {l} has no router"))?;
+        let Some(router) = w.router.as_ref() else {
+            // A dense block (Llama 4 interleaves them): nothing to score.
+            for x in xs.iter_mut() {
+                let n = x.len() / c.hidden_size;
+                model.forward_block(&w, x, n)?;
+            }
+            scores.push(Vec::new());
+            tokens.push(Vec::new());
+            progress(l + 1, c.num_hidden_layers);
+            continue;
+        };
+        // Where the router's weight scales the expert's input, the output is
+        // already the expert's whole contribution.
+        let input_weighted = model.input_weighted_experts();
         let (mut sum, mut count) = (vec![0f64; experts], vec![0u64; experts]);
         for x in xs.iter_mut() {
             let n = x.len() / c.hidden_size;
@@ -560,7 +575,8 @@ fn expert_stats(
             for pass in model.expert_outputs(&w, router, cursor.input(), n, &mut |_, _, _| {})? {
                 for (&(_, weight), row) in pass.tokens.iter().zip(pass.out.chunks(c.hidden_size)) {
                     let norm = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
-                    sum[pass.expert] += weight as f64 * norm;
+                    let weight = if input_weighted { 1.0 } else { weight as f64 };
+                    sum[pass.expert] += weight * norm;
                     count[pass.expert] += 1;
                 }
             }

@@ -161,7 +161,7 @@ pub fn prune_model(
     let method = opts.method;
     let blocks = model.config.num_hidden_layers;
     for l in 0..blocks {
-        for s in model.config.arch.linears() {
+        for s in model.config.arch.layer_linears(&model.config, l) {
             let name = names::block(l, s);
             pattern.check(*model.tensor_meta(&name)?.1.last().unwrap_or(&0), &name)?;
         }

@@ -224,6 +224,10 @@ pub fn fold(w: &BlockWeights, folds: &[Fold]) -> Result<BlockWeights<'static>> {
         down: m(&w.down)?,
         extras: w.extras.clone(),
         router: w.router.clone(),
+        shared: match &w.shared {
+            None => None,
+            Some([g, u, d]) => Some([m(g)?, m(u)?, m(d)?]),
+        },
     };
     for f in folds {
         for &slot in f.to {

@@ -481,7 +481,7 @@ pub fn calibrated_to_gguf(
             .with_context(|| format!("tensor '{n}' is missing from the plan"))
     };
     for l in 0..model.config.num_hidden_layers {
-        for s in model.config.arch.linears() {
+        for s in model.config.arch.layer_linears(&model.config, l) {
             let t = planned(&names::block(l, s))?;
             let cols = *t.shape.last().unwrap_or(&0);
             if t.ty.is_float() && matches!(method, Calibrated::Gptq(..)) {

@@ -424,6 +424,8 @@ mod tests {
             rope_local_theta: None,
             query_pre_attn_scalar: None,
             moe: None,
+            chunked_attention: None,
+            rope_interleaved: false,
         }
     }
 
@@ -460,12 +462,7 @@ mod tests {
         c.num_key_value_heads = 8;
         c.head_dim = 128;
         c.tie_word_embeddings = false;
-        c.moe = Some(model::config::MoeConfig {
-            experts: 8,
-            used: 2,
-            expert_ffn: 14336,
-            norm_topk_prob: true,
-        });
+        c.moe = Some(model::config::MoeConfig::softmax(8, 2, 14336, true));
         let ty = |mix, name: &str, shape: &[usize]| choose(mix, name, shape, &c, false, &[]).ty;
         for mix in [Mix::Q4_K_M, Mix::Q3_K_S, Mix::Q4_0] {
             assert_eq!(

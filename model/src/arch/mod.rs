@@ -16,6 +16,7 @@
 
 mod gemma3;
 mod llama;
+mod llama4;
 mod mistral;
 mod mixtral;
 mod moe;
@@ -28,6 +29,7 @@ mod smollm3;
 
 pub use gemma3::GEMMA3;
 pub use llama::LLAMA;
+pub use llama4::LLAMA4;
 pub use mistral::MISTRAL;
 pub use mixtral::MIXTRAL;
 pub use olmo2::OLMO2;
@@ -45,6 +47,7 @@ use serde_json::Value;
 /// Every supported architecture (the registration table).
 pub static ARCHES: &[&Arch] = &[
     &LLAMA, &QWEN2, &QWEN3, &MISTRAL, &SMOLLM3, &OLMO2, &GEMMA3, &QWEN3_MOE, &MIXTRAL, &OLMOE,
+    &LLAMA4,
 ];
 
 /// What a tensor is for: decides whether stages may change it.
@@ -121,6 +124,40 @@ pub enum Slot {
     AttnPostNorm,
     /// Norm gain on the MLP branch's output, before the residual add.
     FfnPostNorm,
+    /// The shared expert's gate projection (a mixture of experts' dense MLP
+    /// that every token runs through beside its routed experts).
+    SharedGate,
+    /// The shared expert's up projection.
+    SharedUp,
+    /// The shared expert's down projection.
+    SharedDown,
+}
+
+/// Which blocks hold a block tensor, in a model whose blocks alternate between
+/// a dense MLP and a mixture of experts ([`crate::config::MoeConfig::interleave`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blocks {
+    /// Every block.
+    All,
+    /// The blocks with a dense MLP.
+    Dense,
+    /// The mixture-of-experts blocks.
+    Moe,
+}
+
+/// How HF stores a canonical block tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HfLayout {
+    /// As the canonical tensor, under [`TensorSpec::hf`] (one per expert when
+    /// the name holds `{e}`).
+    Plain,
+    /// Half `part` (0 or 1) of a fused `[experts, in, 2·out]` tensor that HF
+    /// multiplies as `x · W` (Llama 4's `gate_up_proj`): the canonical
+    /// `[experts, out, in]` is that half transposed.
+    FusedHalf(usize),
+    /// A `[experts, in, out]` tensor that HF multiplies as `x · W` (Llama 4's
+    /// experts' `down_proj`): the canonical `[experts, out, in]` transposed.
+    Transposed,
 }
 
 /// One dimension of a tensor, in terms of the config.
@@ -144,6 +181,8 @@ pub enum Dim {
     Experts,
     /// One routed expert's intermediate size.
     ExpertFfn,
+    /// The shared expert's intermediate size.
+    SharedFfn,
 }
 
 impl Dim {
@@ -159,6 +198,7 @@ impl Dim {
             Dim::HalfHeadDim => c.head_dim / 2,
             Dim::Experts => c.moe.as_ref().map_or(0, |m| m.experts),
             Dim::ExpertFfn => c.moe.as_ref().map_or(0, |m| m.expert_ffn),
+            Dim::SharedFfn => c.moe.as_ref().map_or(0, |m| m.shared_ffn),
         }
     }
 }
@@ -179,6 +219,92 @@ pub struct TensorSpec {
     pub shape: &'static [Dim],
     /// Its place in the block graph (block tensors only).
     pub slot: Option<Slot>,
+    /// Which blocks hold it.
+    pub blocks: Blocks,
+    /// How HF stores it.
+    pub hf_layout: HfLayout,
+}
+
+impl HfLayout {
+    /// The canonical `[experts, out, in]` of an HF tensor of shape `hf` in this layout.
+    pub fn canonical_shape(self, hf: &[usize]) -> Option<Vec<usize>> {
+        match (self, hf) {
+            (HfLayout::Plain, _) => Some(hf.to_vec()),
+            (HfLayout::FusedHalf(_), &[e, inp, two_out]) if two_out % 2 == 0 => {
+                Some(vec![e, two_out / 2, inp])
+            }
+            (HfLayout::Transposed, &[e, inp, out]) => Some(vec![e, out, inp]),
+            _ => None,
+        }
+    }
+
+    /// The shape of the HF tensor that holds a canonical `[experts, out, in]`.
+    pub fn hf_shape(self, canonical: &[usize]) -> Vec<usize> {
+        match (self, canonical) {
+            (HfLayout::FusedHalf(_), &[e, out, inp]) => vec![e, inp, 2 * out],
+            (HfLayout::Transposed, &[e, out, inp]) => vec![e, inp, out],
+            _ => canonical.to_vec(),
+        }
+    }
+
+    /// For each canonical element (expert, row, column) of `canonical`, in
+    /// order, its index in the HF tensor.
+    fn hf_indices(self, canonical: &[usize]) -> impl Iterator<Item = usize> {
+        let (e, out, inp) = match *canonical {
+            [e, out, inp] => (e, out, inp),
+            _ => (0, 0, 0),
+        };
+        let (width, offset) = match self {
+            HfLayout::FusedHalf(part) => (2 * out, part * out),
+            _ => (out, 0),
+        };
+        (0..e).flat_map(move |x| {
+            (0..out)
+                .flat_map(move |r| (0..inp).map(move |c| x * inp * width + c * width + offset + r))
+        })
+    }
+
+    /// The canonical bytes of an HF tensor's `bytes` (elements of `elem` bytes,
+    /// HF shape `hf`).
+    pub fn to_canonical(self, bytes: &[u8], elem: usize, hf: &[usize]) -> Vec<u8> {
+        let Some(canonical) = self.canonical_shape(hf) else {
+            return bytes.to_vec();
+        };
+        if self == HfLayout::Plain {
+            return bytes.to_vec();
+        }
+        self.hf_indices(&canonical)
+            .flat_map(|i| &bytes[i * elem..(i + 1) * elem])
+            .copied()
+            .collect()
+    }
+
+    /// Puts canonical `values` of shape `canonical` into `hf` (the HF tensor's
+    /// values, [`HfLayout::hf_shape`]): for a fused half, only its half.
+    pub fn fill_hf(self, values: &[f32], canonical: &[usize], hf: &mut [f32]) {
+        if self == HfLayout::Plain {
+            hf.copy_from_slice(values);
+            return;
+        }
+        for (i, &v) in self.hf_indices(canonical).zip(values) {
+            hf[i] = v;
+        }
+    }
+}
+
+impl TensorSpec {
+    /// This spec, held only by `blocks`.
+    pub(crate) const fn only_in(mut self, blocks: Blocks) -> Self {
+        self.blocks = blocks;
+        self
+    }
+
+    /// This spec, stored by HF as `layout` under `hf`.
+    pub(crate) const fn stored_as(mut self, hf: &'static str, layout: HfLayout) -> Self {
+        self.hf = hf;
+        self.hf_layout = layout;
+        self
+    }
 }
 
 /// The pre-attention norm, q/k/v/o, the pre-MLP norm and the SwiGLU MLP that
@@ -342,6 +468,8 @@ pub(crate) const fn block_spec(
         role,
         shape,
         slot: Some(slot),
+        blocks: Blocks::All,
+        hf_layout: HfLayout::Plain,
     }
 }
 
@@ -358,6 +486,8 @@ pub(crate) const fn global_spec(
         role,
         shape,
         slot: None,
+        blocks: Blocks::All,
+        hf_layout: HfLayout::Plain,
     }
 }
 
@@ -568,9 +698,32 @@ impl Arch {
         self.block.iter().find(|s| s.gguf == suffix)
     }
 
-    /// The spec of the block tensor that fills `slot`, if this architecture has one.
+    /// The spec of the block tensor that fills `slot`, if this architecture has
+    /// one (in a model of dense and mixture-of-experts blocks, the first listed:
+    /// see [`Arch::layer_slot`]).
     pub fn slot(&self, slot: Slot) -> Option<&'static TensorSpec> {
         self.block.iter().find(|s| s.slot == Some(slot))
+    }
+
+    /// The spec of the tensor that fills `slot` in block `l` of a model with
+    /// config `c` (a dense block's `ffn_gate` or an expert block's
+    /// `ffn_gate_exps`), if that block has one.
+    pub fn layer_slot(&self, c: &ModelConfig, l: usize, slot: Slot) -> Option<&'static TensorSpec> {
+        self.block
+            .iter()
+            .find(|s| s.slot == Some(slot) && c.block_has(l, s))
+    }
+
+    /// The GGUF suffixes of block `l`'s linears, in forward order.
+    pub fn layer_linears<'c>(
+        &'c self,
+        c: &'c ModelConfig,
+        l: usize,
+    ) -> impl Iterator<Item = &'static str> + 'c {
+        self.block
+            .iter()
+            .filter(move |s| s.role == Role::Linear && c.block_has(l, s))
+            .map(|s| s.gguf)
     }
 
     /// The spec of a global tensor by GGUF name.
@@ -615,6 +768,13 @@ impl Arch {
         Some(crate::names::block(layer, spec.gguf))
     }
 
+    /// How HF stores canonical block tensor `name` (plain for globals).
+    pub fn hf_layout(&self, name: &str) -> HfLayout {
+        split_block(name)
+            .and_then(|(_, suffix)| self.block_tensor(suffix))
+            .map_or(HfLayout::Plain, |s| s.hf_layout)
+    }
+
     /// The HF names of a canonical routed-experts tensor, one per expert, or
     /// `None` when the tensor is not stored per expert in HF.
     pub fn hf_expert_names(&self, canonical: &str, experts: usize) -> Option<Vec<String>> {
@@ -649,7 +809,8 @@ impl Arch {
         match split_block(name) {
             Some((layer, suffix)) => {
                 let spec = self.block_tensor(suffix)?;
-                // Stored one per expert: see `hf_expert_names`.
+                // Stored one per expert: see `hf_expert_names`. Fused halves
+                // name the HF tensor they share.
                 (!spec.hf.contains(EXPERT)).then(|| format!("model.layers.{layer}.{}", spec.hf))
             }
             None => {
@@ -721,8 +882,18 @@ mod tests {
                     }
                     None => vec![arch.hf_from_canonical(&name).unwrap()],
                 };
+                // A fused HF tensor reads back as the first canonical it holds.
+                let first_holder = arch
+                    .block
+                    .iter()
+                    .find(|s| s.hf == spec.hf)
+                    .map(|s| crate::names::block(3, s.gguf));
+                assert!(
+                    spec.hf_layout != HfLayout::FusedHalf(0)
+                        || first_holder.as_ref() == Some(&name)
+                );
                 for hf in hfs {
-                    assert_eq!(arch.canonical_from_hf(&hf).as_deref(), Some(name.as_str()));
+                    assert_eq!(arch.canonical_from_hf(&hf), first_holder, "{}", arch.name);
                 }
             }
             for spec in arch.globals.iter().filter(|s| !s.hf.is_empty()) {
@@ -731,6 +902,10 @@ mod tests {
             }
             assert_eq!(arch.canonical_from_hf("model.rotary_emb.inv_freq"), None);
             assert_eq!(Arch::from_hf_model_type(arch.hf_model_type()), Some(*arch));
+            if arch.block.iter().any(|s| s.blocks != Blocks::All) {
+                // Dense and expert blocks interleaved: checked by its own test.
+                continue;
+            }
             let mlp = if arch.router().is_some() {
                 [
                     "ffn_gate_exps.weight",
@@ -769,6 +944,82 @@ mod tests {
                 .as_deref(),
             Some("model.layers.0.self_attn.q_norm.weight")
         );
+    }
+
+    #[test]
+    fn llama4_blocks_alternate_dense_and_expert_mlps() {
+        let v = serde_json::from_str(
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../tests/fixtures/moe/llama4/config.json"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        let c = ModelConfig::from_hf_json(&v).unwrap();
+        let linears = |l| LLAMA4.layer_linears(&c, l).collect::<Vec<_>>();
+        let attention = [
+            "attn_q.weight",
+            "attn_k.weight",
+            "attn_v.weight",
+            "attn_output.weight",
+        ];
+        let dense = ["ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"];
+        let experts = [
+            "ffn_gate_exps.weight",
+            "ffn_up_exps.weight",
+            "ffn_down_exps.weight",
+            "ffn_gate_shexp.weight",
+            "ffn_up_shexp.weight",
+            "ffn_down_shexp.weight",
+        ];
+        assert_eq!(linears(0), [attention.as_slice(), &dense].concat());
+        assert_eq!(linears(1), [attention.as_slice(), &experts].concat());
+        assert_eq!(linears(2), linears(0));
+        assert_eq!(linears(3), linears(1));
+        assert_eq!(
+            LLAMA4.layer_slot(&c, 1, Slot::Gate).unwrap().gguf,
+            "ffn_gate_exps.weight"
+        );
+        assert_eq!(
+            LLAMA4.layer_slot(&c, 2, Slot::Gate).unwrap().gguf,
+            "ffn_gate.weight"
+        );
+        assert!(LLAMA4.layer_slot(&c, 2, Slot::SharedGate).is_none());
+        let names = crate::names::all(&c);
+        assert!(names.contains(&"blk.1.ffn_gate_inp.weight".to_owned()));
+        assert!(!names.contains(&"blk.0.ffn_gate_inp.weight".to_owned()));
+        assert!(!names.contains(&"blk.1.ffn_gate.weight".to_owned()));
+    }
+
+    #[test]
+    fn fused_layouts_round_trip() {
+        // [experts 2, in 3, 2·out 4] multiplied as x·W: gate = columns 0..2, up = 2..4.
+        let hf: Vec<f32> = (0..24).map(|i| i as f32).collect();
+        let bytes: Vec<u8> = hf.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let gate = HfLayout::FusedHalf(0);
+        assert_eq!(gate.canonical_shape(&[2, 3, 4]), Some(vec![2, 2, 3]));
+        let canon: Vec<f32> = gate
+            .to_canonical(&bytes, 4, &[2, 3, 4])
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        // Expert 0, gate row 1 = column 1 of W: elements 1, 5, 9.
+        assert_eq!(&canon[3..6], &[1.0, 5.0, 9.0]);
+        assert_eq!(&canon[6..9], &[12.0, 16.0, 20.0]);
+        let mut back = vec![0f32; 24];
+        gate.fill_hf(&canon, &[2, 2, 3], &mut back);
+        let up = HfLayout::FusedHalf(1);
+        let up_canon: Vec<f32> = up
+            .to_canonical(&bytes, 4, &[2, 3, 4])
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        up.fill_hf(&up_canon, &[2, 2, 3], &mut back);
+        assert_eq!(back, hf);
+        let t = HfLayout::Transposed;
+        assert_eq!(t.canonical_shape(&[2, 3, 4]), Some(vec![2, 4, 3]));
+        assert_eq!(t.hf_shape(&[2, 4, 3]), vec![2, 3, 4]);
     }
 
     #[test]

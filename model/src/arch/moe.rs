@@ -3,7 +3,7 @@
 //! `ffn_{gate,up,down}_exps`; HF stores one matrix per expert), and the expert
 //! counts in HF configs and GGUF keys.
 
-use super::{Dim, Role, Slot, TensorSpec};
+use super::{Blocks, Dim, HfLayout, Role, Slot, TensorSpec};
 use crate::config::{ModelConfig, MoeConfig};
 use crate::gguf::{GgufFile, MetaValue};
 use anyhow::{bail, Context, Result};
@@ -17,6 +17,8 @@ pub(crate) const fn router(hf: &'static str) -> TensorSpec {
         role: Role::Router,
         shape: &[Dim::Experts, Dim::Hidden],
         slot: None,
+        blocks: Blocks::Moe,
+        hf_layout: HfLayout::Plain,
     }
 }
 
@@ -34,21 +36,24 @@ pub(crate) const fn experts(
             Role::Linear,
             &[Dim::Experts, Dim::ExpertFfn, Dim::Hidden],
             Slot::Gate,
-        ),
+        )
+        .only_in(Blocks::Moe),
         super::block_spec(
             "ffn_up_exps.weight",
             up,
             Role::Linear,
             &[Dim::Experts, Dim::ExpertFfn, Dim::Hidden],
             Slot::Up,
-        ),
+        )
+        .only_in(Blocks::Moe),
         super::block_spec(
             "ffn_down_exps.weight",
             down,
             Role::Linear,
             &[Dim::Experts, Dim::Hidden, Dim::ExpertFfn],
             Slot::Down,
-        ),
+        )
+        .only_in(Blocks::Moe),
     ]
 }
 
@@ -95,12 +100,12 @@ pub(crate) fn read_hf(v: &Value, c: &mut ModelConfig, norm_default: bool) -> Res
         Some(Value::Bool(b)) => *b,
         Some(x) => bail!("field 'norm_topk_prob' is {x}, expected true or false"),
     };
-    c.moe = Some(MoeConfig {
+    c.moe = Some(MoeConfig::softmax(
         experts,
         used,
         expert_ffn,
         norm_topk_prob,
-    });
+    ));
     Ok(())
 }
 
@@ -116,12 +121,12 @@ pub(crate) fn read_gguf(g: &GgufFile, c: &mut ModelConfig, norm_topk_prob: bool)
         Some(_) => g.require_u64(&key("expert_feed_forward_length"))? as usize,
         None => c.intermediate_size,
     };
-    c.moe = Some(MoeConfig {
+    c.moe = Some(MoeConfig::softmax(
         experts,
         used,
         expert_ffn,
         norm_topk_prob,
-    });
+    ));
     Ok(())
 }
 

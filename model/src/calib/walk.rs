@@ -29,7 +29,7 @@
 use crate::arch::Slot;
 use crate::calib::factor::{FactorOptions, Factored};
 use crate::calib::Hessian;
-use crate::llama::{gated_mlp, BlockCursor, BlockWeights, LINEAR_GROUPS};
+use crate::llama::{gated_mlp, linear, BlockCursor, BlockWeights, EXPERT_SLOTS, LINEAR_GROUPS};
 use crate::{names, Model, Tensor};
 use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
@@ -235,9 +235,8 @@ pub fn sequential_blocks(
             .collect();
         t.forward_seconds += clock.elapsed().as_secs_f64();
         for (g, group) in LINEAR_GROUPS.iter().enumerate() {
-            let routed = changed.router.is_some() && group.contains(&Slot::Gate);
-            let expert_down = changed.router.is_some() && group.contains(&Slot::Down);
-            if routed {
+            let moe = changed.router.is_some();
+            if moe && group.contains(&Slot::Gate) {
                 let h: Vec<&[f32]> = cursors.iter().map(BlockCursor::input).collect();
                 let stacked = calibrate_experts(
                     model,
@@ -256,21 +255,24 @@ pub fn sequential_blocks(
                     changed.replace(slot, tensor)?;
                 }
             }
+            // The group's layers that read the cursor's input (routed experts
+            // are done above, each on its own tokens).
             let specs: Vec<_> = group
                 .iter()
-                .filter_map(|&s| Some((s, arch.slot(s)?)))
+                .filter(|s| !(moe && EXPERT_SLOTS.contains(s)))
+                .filter_map(|&s| Some((s, arch.layer_slot(c, l, s)?)))
                 .collect();
             let cols = cursors.first().map_or(0, |c| c.input().len() / n.max(1));
             let clock = Instant::now();
             let mut h = new_hessian(cols, diagonal_only);
-            if !(routed || expert_down) {
+            if !specs.is_empty() {
                 for cursor in &cursors {
                     h.add(cursor.input());
                 }
             }
             let input = LayerInput::new(h, opts, None);
             t.hessian_seconds += clock.elapsed().as_secs_f64();
-            for (slot, spec) in specs.into_iter().filter(|_| !(routed || expert_down)) {
+            for (slot, spec) in specs {
                 let name = names::block(l, spec.gguf);
                 let weight = changed
                     .linear(slot)
@@ -341,7 +343,6 @@ fn calibrate_experts(
     t: &mut Timings,
 ) -> Result<Vec<(Slot, Tensor<'static>)>> {
     let c = &model.config;
-    let arch = c.arch;
     let router = w.router.as_deref().expect("a routed block");
     let experts = c.moe.as_ref().map_or(0, |m| m.experts);
     let hidden = c.hidden_size;
@@ -350,6 +351,19 @@ fn calibrate_experts(
         .map(|x| model.expert_routes(router, x, n))
         .collect::<Result<Vec<_>>>()?;
     let used = routes.first().map_or(1, |r| r.len() / n.max(1)).max(1);
+    // Input-weighted routing (Llama 4): each sample's router scores.
+    let scores: Vec<Option<Vec<f32>>> = h
+        .iter()
+        .map(|x| {
+            model
+                .input_weighted_experts()
+                .then(|| {
+                    let r = Tensor::from_f32("router", vec![experts, hidden], router);
+                    linear(x, n, &r)
+                })
+                .transpose()
+        })
+        .collect::<Result<_>>()?;
     let slots = [Slot::Gate, Slot::Up, Slot::Down];
     let mut changed: Vec<Vec<f32>> = vec![Vec::new(); slots.len()];
     let mut shapes: Vec<[usize; 2]> = vec![[0, 0]; slots.len()];
@@ -379,17 +393,32 @@ fn calibrate_experts(
             routed_tokens,
             statistics,
         });
-        // The rows the statistics come from, per sample.
+        // The rows the statistics come from, per sample (scaled by the
+        // router's weight where it scales the expert's input: the sigmoid of
+        // the token's score for this expert).
         let rows: Vec<Vec<f32>> = h
             .iter()
             .zip(&positions)
-            .map(|(x, pos)| match statistics {
-                ExpertStatistics::Routed => pos
-                    .iter()
-                    .flat_map(|&p| &x[p * hidden..(p + 1) * hidden])
-                    .copied()
-                    .collect(),
-                _ => x.to_vec(),
+            .zip(&scores)
+            .map(|((x, pos), score)| {
+                let all: Vec<usize>;
+                let pos = match statistics {
+                    ExpertStatistics::Routed => pos,
+                    _ => {
+                        all = (0..n).collect();
+                        &all
+                    }
+                };
+                pos.iter()
+                    .flat_map(|&p| {
+                        let scale = score
+                            .as_ref()
+                            .map_or(1.0, |s| 1.0 / (1.0 + (-s[p * experts + e]).exp()));
+                        x[p * hidden..(p + 1) * hidden]
+                            .iter()
+                            .map(move |v| v * scale)
+                    })
+                    .collect()
             })
             .collect();
         let clock = Instant::now();
@@ -403,7 +432,7 @@ fn calibrate_experts(
         for (i, &slot) in slots[..2].iter().enumerate() {
             let original = w.linear(slot).expect("a linear slot").expert(e)?;
             let new = step(
-                &names::block(l, gguf_suffix(arch, slot)?),
+                &names::block(l, gguf_suffix(c, l, slot)?),
                 &original,
                 &input,
                 t,
@@ -437,7 +466,7 @@ fn calibrate_experts(
         let input = LayerInput::new(hd, opts, tag);
         let original = w.linear(Slot::Down).expect("a linear slot").expert(e)?;
         let new = step(
-            &names::block(l, gguf_suffix(arch, Slot::Down)?),
+            &names::block(l, gguf_suffix(c, l, Slot::Down)?),
             &original,
             &input,
             t,
@@ -462,11 +491,17 @@ fn calibrate_experts(
         .collect())
 }
 
-/// The GGUF suffix of the tensor in `slot` of the architecture.
-fn gguf_suffix(arch: &crate::arch::Arch, slot: Slot) -> Result<&'static str> {
-    arch.slot(slot)
+/// The GGUF suffix of the tensor in `slot` of block `l`.
+fn gguf_suffix(c: &crate::ModelConfig, l: usize, slot: Slot) -> Result<&'static str> {
+    c.arch
+        .layer_slot(c, l, slot)
         .map(|s| s.gguf)
-        .with_context(|| format!("a '{}' block has no {slot:?} tensor", arch.gguf_name))
+        .with_context(|| {
+            format!(
+                "block {l} of a '{}' model has no {slot:?} tensor",
+                c.arch.gguf_name
+            )
+        })
 }
 
 /// A step must hand an expert's matrix back in its shape.
