@@ -15,10 +15,16 @@ use std::path::{Path, PathBuf};
 
 const MOE: [&str; 3] = ["qwen3_moe", "mixtral", "olmoe"];
 
-/// Every mixture-of-experts fixture we read: [`MOE`] and Llama 4 (dense and
+/// Every mixture-of-experts fixture we read: [`MOE`], Llama 4 (dense and
 /// expert blocks interleaved, a shared expert, input-weighted routing, fused
-/// HF experts).
-const ALL_MOE: [&str; 4] = ["qwen3_moe", "mixtral", "olmoe", "llama4"];
+/// HF experts) and DeepSeek-V3 (latent attention, a leading dense block,
+/// group-limited sigmoid routing with a correction bias, a shared expert).
+const ALL_MOE: [&str; 5] = ["qwen3_moe", "mixtral", "olmoe", "llama4", "deepseek_v3"];
+
+/// The fixtures the calibration walk (GPTQ, Wanda, SparseGPT) runs on and
+/// whose experts can be cut: all but DeepSeek-V3, whose latent attention the
+/// walk refuses and whose expert groups of 2 cannot lose an expert.
+const CALIBRATED: [&str; 4] = ["qwen3_moe", "mixtral", "olmoe", "llama4"];
 
 fn fixture(name: &str) -> PathBuf {
     repo_root().join("tests/fixtures/moe").join(name)
@@ -98,7 +104,9 @@ fn expert_token_counts(model: &Model, tokens: &[u32]) -> Vec<Vec<usize>> {
         model.block_step(&w, &mut cursor).unwrap();
         // Dense blocks (Llama 4's) route nothing.
         if let Some(router) = &w.router {
-            let routes = model.expert_routes(router, cursor.input(), n).unwrap();
+            let routes = model
+                .expert_routes(router, w.router_bias.as_deref(), cursor.input(), n)
+                .unwrap();
             let mut per_expert = vec![0; m.experts];
             for (e, _) in routes {
                 per_expert[e] += 1;
@@ -189,6 +197,30 @@ fn expert_counts_that_contradict_the_tensors_are_refused_by_name() {
         let e = open_error(d.path());
         assert!(e.contains(says), "expected '{says}' in: {e}");
     }
+    // DeepSeek-V3: groups that do not split the experts, a dense block the
+    // tensors do not have, widths the latent attention's tensors contradict.
+    for (edit, says) in [
+        (
+            (|v: &mut serde_json::Value| v["n_group"] = 3.into()) as fn(&mut serde_json::Value),
+            "8 experts in 3 groups with 2 groups used per token",
+        ),
+        (
+            |v| v["first_k_dense_replace"] = 0.into(),
+            "tensor 'model.layers.0.mlp.gate.weight' is missing",
+        ),
+        (
+            |v| v["qk_nope_head_dim"] = 10.into(),
+            "tensor 'blk.0.attn_q_b.weight' has shape [80, 32], the config implies [72, 32]",
+        ),
+        (
+            |v| v["q_lora_rank"] = serde_json::Value::Null,
+            "field 'q_lora_rank' is null",
+        ),
+    ] {
+        let d = with_config("deepseek_v3", &edit);
+        let e = open_error(d.path());
+        assert!(e.contains(says), "expected '{says}' in: {e}");
+    }
     // A missing expert count.
     let d = with_config("olmoe", &|v| {
         v.as_object_mut().unwrap().remove("num_experts");
@@ -251,7 +283,30 @@ fn stages_without_expert_support_refuse_without_output() {
     let base = fixture("qwen3_moe");
     let b = base.to_str().unwrap();
     let llama4 = fixture("llama4");
+    let deepseek = fixture("deepseek_v3");
     for (args, says) in [
+        (
+            vec![
+                "quantize",
+                deepseek.to_str().unwrap(),
+                "--method",
+                "gptq",
+                "--type",
+                "Q8_0",
+            ],
+            "does not handle multi-head latent attention yet",
+        ),
+        (
+            vec![
+                "prune",
+                deepseek.to_str().unwrap(),
+                "--method",
+                "sparsegpt",
+                "--sparsity",
+                "0.5",
+            ],
+            "does not handle multi-head latent attention yet",
+        ),
         (
             vec![
                 "quantize",
@@ -396,7 +451,7 @@ fn imatrix_has_one_matrix_per_expert_from_the_tokens_routed_to_it() {
                 );
             }
             assert_eq!(
-                m.entries[&format!("blk.{l}.attn_q.weight")].counts,
+                m.entries[&format!("blk.{l}.attn_output.weight")].counts,
                 [n as u64]
             );
         }
@@ -549,7 +604,8 @@ fn eval_and_convert_run_from_hf_and_gguf() {
 fn expert_pruning_keeps_the_most_salient_experts_in_both_formats() {
     let calib = e2e::asset("calib.txt");
     let dir = tempfile::tempdir().unwrap();
-    for name in ALL_MOE {
+    // DeepSeek's fixture has groups of 2 experts, none of which may go (below).
+    for name in CALIBRATED {
         let base = Model::open(&fixture(name)).unwrap();
         let experts = base.config.moe.as_ref().unwrap().experts;
         let hidden = base.config.hidden_size;
@@ -657,6 +713,11 @@ fn expert_pruning_keeps_the_most_salient_experts_in_both_formats() {
             "3",
             "leaves 1 of 4 experts, but every token runs through 2",
         ),
+        (
+            fixture("deepseek_v3"),
+            "4",
+            "--experts 4 cannot come evenly out of 4 expert groups of 2 leaving at least 2 in each",
+        ),
     ] {
         let out = d.path().join("out");
         let o = compress(&[
@@ -686,7 +747,7 @@ fn gptq_counts_each_experts_tokens_and_calibrates_the_starved_ones_on_every_toke
     use model::calib::walk::{ExpertCalibration, ExpertStatistics};
     use quant::calibrated::gptq_model;
     use quant::gptq::{GptqOptions, Grid};
-    for name in ALL_MOE {
+    for name in CALIBRATED {
         let model = Model::open(&fixture(name)).unwrap();
         let m = model.config.moe.clone().unwrap();
         let tokens: Vec<u32> = reference_ints(name, "tokens_starved")
@@ -917,7 +978,7 @@ fn m_experts(c: &model::ModelConfig) -> usize {
 fn wanda_and_sparsegpt_prune_every_expert() {
     let calib = e2e::asset("calib.txt");
     let dir = tempfile::tempdir().unwrap();
-    for name in ALL_MOE {
+    for name in CALIBRATED {
         for method in ["wanda", "sparsegpt"] {
             let out = dir.path().join(format!("{name}-{method}"));
             let report = dir.path().join(format!("{name}-{method}.json"));

@@ -188,7 +188,17 @@ impl<T> BlockParams<T> {
             Slot::KNorm => &self.k_norm,
             Slot::AttnPostNorm => &self.attn_post_norm,
             Slot::FfnPostNorm => &self.ffn_post_norm,
-            Slot::SharedGate | Slot::SharedUp | Slot::SharedDown => {
+            Slot::SharedGate
+            | Slot::SharedUp
+            | Slot::SharedDown
+            | Slot::RouterBias
+            | Slot::QA
+            | Slot::QANorm
+            | Slot::QB
+            | Slot::KvA
+            | Slot::KvANorm
+            | Slot::KB
+            | Slot::VB => {
                 unreachable!("distillation refuses mixture-of-experts models when it loads them")
             }
         }
@@ -213,7 +223,17 @@ impl<T> BlockParams<T> {
             Slot::KNorm => &mut self.k_norm,
             Slot::AttnPostNorm => &mut self.attn_post_norm,
             Slot::FfnPostNorm => &mut self.ffn_post_norm,
-            Slot::SharedGate | Slot::SharedUp | Slot::SharedDown => {
+            Slot::SharedGate
+            | Slot::SharedUp
+            | Slot::SharedDown
+            | Slot::RouterBias
+            | Slot::QA
+            | Slot::QANorm
+            | Slot::QB
+            | Slot::KvA
+            | Slot::KvANorm
+            | Slot::KB
+            | Slot::VB => {
                 unreachable!("distillation refuses mixture-of-experts models when it loads them")
             }
         }

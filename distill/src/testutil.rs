@@ -65,6 +65,7 @@ pub fn tiny_arch_config(arch: &'static Arch, tied: bool, head_dim: usize) -> Mod
         moe: None,
         chunked_attention: None,
         rope_interleaved: false,
+        mla: None,
     };
     c.validate().expect("tiny config is consistent");
     c

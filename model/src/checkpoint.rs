@@ -435,18 +435,18 @@ impl Model {
                 })?;
                 let layout = self.config.arch.hf_layout(name);
                 if layout != HfLayout::Plain {
-                    let shape = layout.canonical_shape(&e.shape).with_context(|| {
-                        format!(
-                            "{}: tensor '{hf}' has shape {:?}, expected [experts, in, {}]",
+                    // The canonical shape is the config's; HF's tensor must hold it.
+                    let shape = self
+                        .expected_shape(name)
+                        .with_context(|| format!("no shape for tensor '{name}'"))?;
+                    let want = layout.hf_shape(&shape, &self.config);
+                    if e.shape != want {
+                        bail!(
+                            "{}: tensor '{hf}' has shape {:?}, the config implies {want:?}",
                             self.path.display(),
-                            e.shape,
-                            if matches!(layout, HfLayout::FusedHalf(_)) {
-                                "2·out"
-                            } else {
-                                "out"
-                            }
-                        )
-                    })?;
+                            e.shape
+                        );
+                    }
                     let ty = e.dtype.as_ggml().with_context(|| {
                         format!(
                             "{}: tensor '{hf}' has dtype {}, expected F32, F16 or BF16",
@@ -506,7 +506,7 @@ impl Model {
                         match self.hf_offset(name) {
                             None if layout != HfLayout::Plain => {
                                 let elem = ty.bytes_for(1).unwrap_or(4);
-                                Cow::Owned(layout.to_canonical(bytes, elem, &e.shape))
+                                Cow::Owned(layout.to_canonical(bytes, elem, &e.shape, &shape))
                             }
                             None => Cow::Borrowed(bytes),
                             Some(off) => {

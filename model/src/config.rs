@@ -230,6 +230,9 @@ pub struct ModelConfig {
     /// complex rotation, llama.cpp's "normal" mode on unpermuted rows) instead of
     /// HF's usual halves `(i, i + d/2)`.
     pub rope_interleaved: bool,
+    /// Multi-head latent attention in place of q/k/v projections (DeepSeek);
+    /// `head_dim` is then its RoPE part.
+    pub mla: Option<MlaConfig>,
     /// Llama 4's attention: chunked with an L2 q/k norm on the RoPE layers,
     /// temperature-tuned on the NoPE ones; `None` elsewhere.
     pub chunked_attention: Option<ChunkedAttention>,
@@ -254,8 +257,41 @@ pub struct ChunkedAttention {
     pub attn_scale: f64,
 }
 
-/// How a router turns a token's scores into its experts and their weights.
+/// Multi-head latent attention (DeepSeek-V2/V3, Kimi K2): queries through a
+/// low-rank projection and its norm; keys and values from one shared latent
+/// vector per position (`kv_lora_rank` wide, normed) and one shared RoPE key;
+/// each head splits its query and key into a part without RoPE
+/// (`qk_nope_head_dim`) and a rotated part (`qk_rope_head_dim`, the config's
+/// `head_dim`), and its value is `v_head_dim` wide.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MlaConfig {
+    /// Rank of the query's low-rank projection.
+    pub q_lora_rank: usize,
+    /// Width of the shared key/value latent.
+    pub kv_lora_rank: usize,
+    /// Per-head query/key width without RoPE.
+    pub qk_nope_head_dim: usize,
+    /// Per-head value width.
+    pub v_head_dim: usize,
+}
+
+/// DeepSeek-V3's group-limited selection (`noaux_tc`): experts in
+/// `groups` consecutive groups, each group scored by the sum of its two best
+/// selection scores, only the `groups_used` best groups eligible.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupedRouting {
+    /// Scores are sigmoids of the router's logits (else their softmax).
+    pub sigmoid: bool,
+    /// Expert groups (`n_group`); 1: no group limit.
+    pub groups: usize,
+    /// Groups a token may pick experts from (`topk_group`).
+    pub groups_used: usize,
+    /// The chosen experts' weights are multiplied by this (`routed_scaling_factor`).
+    pub scale: f32,
+}
+
+/// How a router turns a token's scores into its experts and their weights.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Routing {
     /// The `used` most probable experts under the softmax over all experts,
     /// weighted by those probabilities (renormalised when `norm_topk_prob`);
@@ -264,6 +300,10 @@ pub enum Routing {
     /// Llama 4: the `used` highest raw scores, each weighted by the sigmoid of
     /// its score; the weight scales the expert's *input*, not its output.
     SigmoidInput,
+    /// DeepSeek: sigmoid (or softmax) scores, a per-expert correction bias
+    /// added for the selection only, group-limited top-k, the chosen unbiased
+    /// scores as weights (renormalised when `norm_topk_prob`) times a scale.
+    Grouped(GroupedRouting),
 }
 
 /// A mixture-of-experts MLP: a router scores every token against `experts`
@@ -289,6 +329,9 @@ pub struct MoeConfig {
     /// `(l + 1) % interleave == 0`, as llama.cpp counts); the others keep a
     /// dense MLP of `intermediate_size`. 1: every block.
     pub interleave: usize,
+    /// The first `first_dense` blocks keep a dense MLP (DeepSeek's
+    /// `first_k_dense_replace`).
+    pub first_dense: usize,
 }
 
 impl MoeConfig {
@@ -302,6 +345,7 @@ impl MoeConfig {
             routing: Routing::Softmax,
             shared_ffn: 0,
             interleave: 1,
+            first_dense: 0,
         }
     }
 }
@@ -332,11 +376,15 @@ impl ModelConfig {
         let n_heads = g.require_u64(&key("attention.head_count"))? as usize;
         let hidden = g.require_u64(&key("embedding_length"))? as usize;
         let n_kv = opt_u64("attention.head_count_kv")?.map_or(n_heads, |v| v as usize);
+        // Latent attention's key/value lengths are its latent's (the absorbed
+        // form llama.cpp computes); its description reads its own widths.
+        let latent = g.get(&key("attention.kv_lora_rank")).is_some();
         let head_dim = match opt_u64("attention.key_length")? {
+            Some(_) if latent => opt_u64("rope.dimension_count")?.unwrap_or(0) as usize,
             Some(v) => v as usize,
             None => hidden.checked_div(n_heads).unwrap_or(0),
         };
-        if let Some(v) = opt_u64("attention.value_length")? {
+        if let Some(v) = opt_u64("attention.value_length")?.filter(|_| !latent) {
             if v as usize != head_dim {
                 bail!("{path}: {name}.attention.value_length is {v}, but key_length (head width) is {head_dim}; heads of two widths are not supported");
             }
@@ -427,6 +475,7 @@ impl ModelConfig {
             moe: None,
             chunked_attention: None,
             rope_interleaved: false,
+            mla: None,
         };
         (arch.read_gguf)(g, &mut cfg).with_context(|| format!("{path}: {name} hyperparameters"))?;
         cfg.validate()
@@ -589,6 +638,7 @@ impl ModelConfig {
             moe: None,
             chunked_attention: None,
             rope_interleaved: false,
+            mla: None,
         };
         (arch.read_hf)(v, &mut cfg)?;
         // A window the description did not take up would be silently dropped.
@@ -697,7 +747,7 @@ impl ModelConfig {
     pub fn is_moe_block(&self, l: usize) -> bool {
         self.moe
             .as_ref()
-            .is_some_and(|m| (l + 1).is_multiple_of(m.interleave))
+            .is_some_and(|m| l >= m.first_dense && (l + 1).is_multiple_of(m.interleave))
     }
 
     /// Whether block `l` holds the block tensor `spec` (dense MLP tensors only

@@ -102,7 +102,7 @@ pub fn convert(input: &Path, output: &Path, dtype: GgmlType) -> Result<()> {
         let shape = model.tensor_meta(&n)?.1;
         // HF has no tensor for what its config computes (RoPE factors); a
         // fused tensor's later halves declare nothing but are written.
-        let fused = matches!(c.arch.hf_layout(&n), HfLayout::FusedHalf(_));
+        let fused = c.arch.hf_layout(&n).parts() > 1;
         if fused || !hf_tensors(c, &n, &shape).is_empty() {
             names.push((n, shape));
         }
@@ -142,13 +142,14 @@ fn hf_tensors(c: &ModelConfig, name: &str, shape: &[usize]) -> Vec<(String, Vec<
     let experts = c.moe.as_ref().map_or(0, |m| m.experts);
     let layout = c.arch.hf_layout(name);
     if layout != HfLayout::Plain {
-        // A fused HF tensor is declared once, with its first half.
+        // A fused HF tensor is declared once, with its first part.
         return match layout {
             HfLayout::FusedHalf(p) if p > 0 => Vec::new(),
+            HfLayout::LatentValues => Vec::new(),
             _ => c
                 .arch
                 .hf_from_canonical(name)
-                .map(|hf| (hf, layout.hf_shape(shape)))
+                .map(|hf| (hf, layout.hf_shape(shape, c)))
                 .into_iter()
                 .collect(),
         };
@@ -186,16 +187,11 @@ fn write_hf(
     let layout = c.arch.hf_layout(name);
     if layout != HfLayout::Plain {
         let hf = c.arch.hf_name(name)?;
-        let hf_shape = layout.hf_shape(shape);
-        let parts = if matches!(layout, HfLayout::FusedHalf(_)) {
-            2
-        } else {
-            1
-        };
+        let hf_shape = layout.hf_shape(shape, c);
         let (buffer, due) = fusing
             .entry(hf.clone())
-            .or_insert_with(|| (vec![0f32; hf_shape.iter().product()], parts));
-        layout.fill_hf(values, shape, buffer);
+            .or_insert_with(|| (vec![0f32; hf_shape.iter().product()], layout.parts()));
+        layout.fill_hf(values, shape, &hf_shape, buffer);
         *due -= 1;
         if *due == 0 {
             let (buffer, _) = fusing.remove(&hf).expect("just filled");

@@ -95,7 +95,13 @@ pub fn metadata(model: &Model, file_type: u32) -> Result<Vec<(String, MetaValue)
                     MetaValue::U32(c.head_dim as u32),
                 ));
             }
-            kv.extend((c.arch.gguf_extra)(c));
+            // The family's keys replace shared ones of the same name.
+            for (k, v) in (c.arch.gguf_extra)(c) {
+                match kv.iter_mut().find(|(x, _)| *x == k) {
+                    Some(slot) => slot.1 = v,
+                    None => kv.push((k, v)),
+                }
+            }
             if let Some(caveat) = (c.arch.gguf_caveat)(c) {
                 eprintln!("note: {caveat}");
             }

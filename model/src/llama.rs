@@ -90,6 +90,46 @@ pub struct BlockWeights<'a> {
     pub router: Option<Vec<f32>>,
     /// The shared expert (gate, up, down) of a mixture-of-experts block that has one.
     pub shared: Option<[Tensor<'a>; 3]>,
+    /// The router's per-expert selection bias (DeepSeek's
+    /// `e_score_correction_bias`), where it has one.
+    pub router_bias: Option<Vec<f32>>,
+    /// Multi-head latent attention's weights (DeepSeek), which replace `q`,
+    /// `k` and `v` (then empty placeholders).
+    pub mla: Option<MlaWeights<'a>>,
+}
+
+/// The weights of multi-head latent attention ([`crate::config::MlaConfig`]).
+pub struct MlaWeights<'a> {
+    /// Query down-projection `[q_lora, hidden]`.
+    pub q_a: Tensor<'a>,
+    /// Its RMSNorm gain `[q_lora]`.
+    pub q_a_norm: Vec<f32>,
+    /// Query up-projection `[heads·(nope + rope), q_lora]`.
+    pub q_b: Tensor<'a>,
+    /// Latent and shared RoPE key `[kv_lora + rope, hidden]`.
+    pub kv_a: Tensor<'a>,
+    /// The latent's RMSNorm gain `[kv_lora]`.
+    pub kv_a_norm: Vec<f32>,
+    /// Per head, the latent → key (no-RoPE part) map as llama.cpp stores it:
+    /// `[heads, kv_lora, nope]`.
+    pub k_b: Tensor<'a>,
+    /// Per head, the latent → value map `[heads, v, kv_lora]`.
+    pub v_b: Tensor<'a>,
+}
+
+impl MlaWeights<'_> {
+    /// A copy that borrows these weights.
+    fn borrowed(&self) -> MlaWeights<'_> {
+        MlaWeights {
+            q_a: self.q_a.borrowed(),
+            q_a_norm: self.q_a_norm.clone(),
+            q_b: self.q_b.borrowed(),
+            kv_a: self.kv_a.borrowed(),
+            kv_a_norm: self.kv_a_norm.clone(),
+            k_b: self.k_b.borrowed(),
+            v_b: self.v_b.borrowed(),
+        }
+    }
 }
 
 impl<'a> BlockWeights<'a> {
@@ -131,6 +171,8 @@ impl<'a> BlockWeights<'a> {
                 .shared
                 .as_ref()
                 .map(|[g, u, d]| [g.borrowed(), u.borrowed(), d.borrowed()]),
+            router_bias: self.router_bias.clone(),
+            mla: self.mla.as_ref().map(MlaWeights::borrowed),
         }
     }
 
@@ -164,6 +206,7 @@ impl<'a> BlockWeights<'a> {
             Slot::AttnPostNorm => Some(&mut self.attn_post_norm),
             Slot::FfnNorm => Some(&mut self.ffn_norm),
             Slot::FfnPostNorm => Some(&mut self.ffn_post_norm),
+            Slot::RouterBias => Some(&mut self.router_bias),
             _ => self.extras.get_mut(slot),
         }
     }
@@ -185,7 +228,17 @@ impl<'a> BlockWeights<'a> {
 /// says so; with [`crate::config::Routing::SigmoidInput`] the `used` highest
 /// scores, each weighted by its sigmoid. `n × used` pairs (expert, weight),
 /// each token's best first.
-pub fn route(scores: &[f32], m: &crate::config::MoeConfig) -> Vec<(usize, f32)> {
+pub fn route(
+    scores: &[f32],
+    m: &crate::config::MoeConfig,
+    bias: Option<&[f32]>,
+) -> Vec<(usize, f32)> {
+    if let crate::config::Routing::Grouped(g) = m.routing {
+        return scores
+            .chunks(m.experts)
+            .flat_map(|row| route_grouped(row, m, &g, bias))
+            .collect();
+    }
     if m.routing == crate::config::Routing::SigmoidInput {
         return scores
             .chunks(m.experts)
@@ -219,6 +272,59 @@ pub fn route(scores: &[f32], m: &crate::config::MoeConfig) -> Vec<(usize, f32)> 
                 .collect::<Vec<_>>()
         })
         .collect()
+}
+
+/// One token's experts under DeepSeek's routing: scores `s` (sigmoid or
+/// softmax of `logits`), selection scores `s + bias`; groups of `E / groups`
+/// consecutive experts ranked by the sum of their two best selection scores,
+/// only the best `groups_used` eligible; the `used` best eligible experts
+/// (the lower index first on a tie), weighted by their unbiased scores,
+/// renormalised when `norm_topk_prob` (÷ (Σ + 1e-20), as transformers and
+/// DeepSeek's reference), times `scale`.
+fn route_grouped(
+    logits: &[f32],
+    m: &crate::config::MoeConfig,
+    g: &crate::config::GroupedRouting,
+    bias: Option<&[f32]>,
+) -> Vec<(usize, f32)> {
+    let e = logits.len();
+    let s: Vec<f32> = if g.sigmoid {
+        logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect()
+    } else {
+        let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let exp: Vec<f32> = logits.iter().map(|&x| (x - max).exp()).collect();
+        let sum: f32 = exp.iter().sum();
+        exp.iter().map(|x| x / sum).collect()
+    };
+    let mut sel: Vec<f32> = match bias {
+        Some(b) => s.iter().zip(b).map(|(s, b)| s + b).collect(),
+        None => s.clone(),
+    };
+    if g.groups > 1 {
+        let per = e / g.groups;
+        let group_score = |k: usize| {
+            let mut v: Vec<f32> = sel[k * per..(k + 1) * per].to_vec();
+            v.sort_by(|a, b| b.total_cmp(a));
+            v.iter().take(2).sum::<f32>()
+        };
+        let scores: Vec<f32> = (0..g.groups).map(group_score).collect();
+        let mut order: Vec<usize> = (0..g.groups).collect();
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        for &k in &order[g.groups_used.min(g.groups)..] {
+            sel[k * per..(k + 1) * per]
+                .iter_mut()
+                .for_each(|x| *x = f32::NEG_INFINITY);
+        }
+    }
+    let mut order: Vec<usize> = (0..e).collect();
+    order.sort_by(|&a, &b| sel[b].total_cmp(&sel[a]).then(a.cmp(&b)));
+    let chosen = &order[..m.used];
+    let norm = if m.norm_topk_prob {
+        chosen.iter().map(|&x| s[x]).sum::<f32>() + 1e-20
+    } else {
+        1.0
+    };
+    chosen.iter().map(|&x| (x, s[x] / norm * g.scale)).collect()
 }
 
 /// Adds `bias` to every row of `x`.
@@ -538,12 +644,36 @@ impl Model {
                 )),
             }
         };
+        let mla = match c.mla {
+            None => None,
+            Some(_) => {
+                let gain = |slot: Slot| -> Result<Vec<f32>> {
+                    vector(slot)?.with_context(|| {
+                        format!("a '{}' block has no {slot:?} gain", arch.gguf_name)
+                    })
+                };
+                Some(MlaWeights {
+                    q_a: t(Slot::QA)?,
+                    q_a_norm: gain(Slot::QANorm)?,
+                    q_b: t(Slot::QB)?,
+                    kv_a: t(Slot::KvA)?,
+                    kv_a_norm: gain(Slot::KvANorm)?,
+                    k_b: t(Slot::KB)?,
+                    v_b: t(Slot::VB)?,
+                })
+            }
+        };
+        // Latent attention has no q/k/v projections: empty placeholders.
+        let qkv = |slot: Slot| match mla {
+            Some(_) => Ok(Tensor::from_f32("none", vec![0, 0], &[])),
+            None => t(slot),
+        };
         Ok(BlockWeights {
             layer,
             attn_norm: vector(Slot::AttnNorm)?,
-            q: t(Slot::Q)?,
-            k: t(Slot::K)?,
-            v: t(Slot::V)?,
+            q: qkv(Slot::Q)?,
+            k: qkv(Slot::K)?,
+            v: qkv(Slot::V)?,
             o: t(Slot::O)?,
             attn_post_norm: vector(Slot::AttnPostNorm)?,
             ffn_norm: vector(Slot::FfnNorm)?,
@@ -574,6 +704,8 @@ impl Model {
                     t(Slot::SharedDown)?,
                 ]),
             },
+            router_bias: vector(Slot::RouterBias)?,
+            mla,
         })
     }
 
@@ -625,6 +757,22 @@ impl Model {
         let (arch, c) = (self.config.arch, &self.config);
         let mut cursor = self.block_start(w, x.to_vec(), n);
         let routed = w.router.is_some();
+        if let Some(mla) = &w.mla {
+            // Latent attention's projections of the block input, and the
+            // query's up-projection of the normed down-projection.
+            let h = cursor.input();
+            for slot in [Slot::QA, Slot::KvA] {
+                if let Some(spec) = arch.layer_slot(c, w.layer, slot) {
+                    observe(spec.gguf, None, h);
+                }
+            }
+            let q_a = linear(h, n, &mla.q_a)?;
+            let mut normed = vec![0f32; q_a.len()];
+            rms_norm(&q_a, &mla.q_a_norm, c.rms_norm_eps, &mut normed);
+            if let Some(spec) = arch.layer_slot(c, w.layer, Slot::QB) {
+                observe(spec.gguf, None, &normed);
+            }
+        }
         for group in LINEAR_GROUPS {
             for spec in group
                 .iter()
@@ -745,14 +893,20 @@ impl Model {
     /// Each token's experts and weights ([`route`]) for the MLP input `h`
     /// (`n × hidden`) under `router` (`[experts, hidden]`, a block's
     /// [`BlockWeights::router`]).
-    pub fn expert_routes(&self, router: &[f32], h: &[f32], n: usize) -> Result<Vec<(usize, f32)>> {
+    pub fn expert_routes(
+        &self,
+        router: &[f32],
+        bias: Option<&[f32]>,
+        h: &[f32],
+        n: usize,
+    ) -> Result<Vec<(usize, f32)>> {
         let c = &self.config;
         let m = c
             .moe
             .as_ref()
             .context("a block with a router but no experts in the config")?;
         let router = Tensor::from_f32("router", vec![m.experts, c.hidden_size], router);
-        Ok(route(&linear(h, n, &router)?, m))
+        Ok(route(&linear(h, n, &router)?, m, bias))
     }
 
     /// A mixture-of-experts MLP on its input `h` (`n × hidden`): each token's
@@ -807,7 +961,7 @@ impl Model {
             .as_ref()
             .context("a block with a router but no experts in the config")?;
         let hidden = c.hidden_size;
-        let routes = self.expert_routes(router, h, n)?;
+        let routes = self.expert_routes(router, w.router_bias.as_deref(), h, n)?;
         let mut passes = Vec::new();
         for e in 0..m.experts {
             let tokens: Vec<(usize, f32)> = routes
@@ -853,6 +1007,9 @@ impl Model {
     /// RoPE, causal or sliding-window grouped-query attention; the input of the
     /// output projection, `n × q_dim`.
     pub fn attention_mix(&self, w: &BlockWeights, h: &[f32], n: usize) -> Result<Vec<f32>> {
+        if let (Some(mla), Some(cfg)) = (&w.mla, &self.config.mla) {
+            return self.latent_attention(mla, cfg, h, n);
+        }
         let (wq, wk, wv, extras) = (&w.q, &w.k, &w.v, &w.extras);
         let c = &self.config;
         let (hd, heads, kv_heads) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
@@ -910,6 +1067,98 @@ impl Model {
         Ok(attention(&q, &k, &v, n, heads, kv_heads, hd, mask))
     }
 
+    /// Multi-head latent attention on `h` (`n` positions from 0), written as
+    /// transformers computes it: q = q_b·norm(q_a·h) per head split into a
+    /// part without RoPE and a rotated part; the latent c = norm(kv_a·h)[..kv_lora]
+    /// and one rotated key part shared by the heads; per head the key's
+    /// no-RoPE part c·k_b[h] and the value v_b[h]·c; causal attention scaled by
+    /// `(nope + rope)^−½`. The input of the output projection, `n × heads·v`.
+    fn latent_attention(
+        &self,
+        w: &MlaWeights,
+        m: &crate::config::MlaConfig,
+        h: &[f32],
+        n: usize,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let (heads, rope, nope, vd, lora) = (
+            c.num_attention_heads,
+            c.head_dim,
+            m.qk_nope_head_dim,
+            m.v_head_dim,
+            m.kv_lora_rank,
+        );
+        let qk = nope + rope;
+        let mut qa = vec![0f32; n * m.q_lora_rank];
+        rms_norm(&linear(h, n, &w.q_a)?, &w.q_a_norm, c.rms_norm_eps, &mut qa);
+        let q = linear(&qa, n, &w.q_b)?;
+        let kva = linear(h, n, &w.kv_a)?;
+        let mut latent = vec![0f32; n * lora];
+        let mut k_rope = vec![0f32; n * rope];
+        for (p, row) in kva.chunks(lora + rope).enumerate() {
+            rms_norm(
+                &row[..lora],
+                &w.kv_a_norm,
+                c.rms_norm_eps,
+                &mut latent[p * lora..(p + 1) * lora],
+            );
+            k_rope[p * rope..(p + 1) * rope].copy_from_slice(&row[lora..]);
+        }
+        let mut q_rope: Vec<f32> = q
+            .chunks(qk)
+            .flat_map(|head| head[nope..].to_vec())
+            .collect();
+        if let Some(freqs) = c.layer_rope_frequencies(0) {
+            let (cos, sin) = rope_tables(n, &freqs);
+            let rotate = if c.rope_interleaved {
+                apply_rope_interleaved
+            } else {
+                apply_rope
+            };
+            rotate(&mut q_rope, heads, rope, &cos, &sin);
+            rotate(&mut k_rope, 1, rope, &cos, &sin);
+        }
+        // Per head: its key's no-RoPE part and its value from the latent.
+        let d = qk.max(vd);
+        let (mut qs, mut ks, mut vs) = (
+            vec![0f32; n * heads * d],
+            vec![0f32; n * heads * d],
+            vec![0f32; n * heads * d],
+        );
+        for head in 0..heads {
+            let kb = w.k_b.expert(head)?.to_f32()?;
+            // k_b[h] is [kv_lora, nope]: the key is latent · k_b[h].
+            let kb_t: Vec<f32> = (0..nope)
+                .flat_map(|j| (0..lora).map(move |i| (i, j)))
+                .map(|(i, j)| kb[i * nope + j])
+                .collect();
+            let k_nope = linear(
+                &latent,
+                n,
+                &Tensor::from_f32("k_b", vec![nope, lora], &kb_t),
+            )?;
+            let v = linear(&latent, n, &w.v_b.expert(head)?)?;
+            for p in 0..n {
+                let at = (p * heads + head) * d;
+                let qrow = &q[(p * heads + head) * qk..(p * heads + head + 1) * qk];
+                qs[at..at + nope].copy_from_slice(&qrow[..nope]);
+                qs[at + nope..at + qk].copy_from_slice(
+                    &q_rope[(p * heads + head) * rope..(p * heads + head + 1) * rope],
+                );
+                ks[at..at + nope].copy_from_slice(&k_nope[p * nope..(p + 1) * nope]);
+                ks[at + nope..at + qk].copy_from_slice(&k_rope[p * rope..(p + 1) * rope]);
+                vs[at..at + vd].copy_from_slice(&v[p * vd..(p + 1) * vd]);
+            }
+        }
+        let mask = AttnMask {
+            scale: 1.0 / (qk as f32).sqrt(),
+            window: None,
+            chunk: None,
+        };
+        let out = attention(&qs, &ks, &vs, n, heads, heads, d, mask);
+        Ok(out.chunks(d).flat_map(|head| head[..vd].to_vec()).collect())
+    }
+
     /// Final norm and output head for the rows `from..n` of the residual stream `x`:
     /// `(n − from) × vocab` logits.
     pub fn head_logits(&self, x: &[f32], from: usize) -> Result<Vec<f32>> {
@@ -962,12 +1211,12 @@ mod tests {
         // Token 0: experts 2 and 0 lead; token 1: a tie between 1 and 3 goes to 1.
         let scores = [1.0f32, 0.0, 2.0, -1.0, 0.0, 0.5, 0.0, 0.5];
         let p = |row: &[f32], e: usize| row[e].exp() / row.iter().map(|x| x.exp()).sum::<f32>();
-        let r = route(&scores, &m);
+        let r = route(&scores, &m, None);
         assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), [2, 0, 1, 3]);
         assert!((r[0].1 - p(&scores[..4], 2)).abs() < 1e-6);
         assert!((r[1].1 - p(&scores[..4], 0)).abs() < 1e-6);
         m.norm_topk_prob = true;
-        let r = route(&scores, &m);
+        let r = route(&scores, &m, None);
         assert!((r[0].1 + r[1].1 - 1.0).abs() < 1e-6 && (r[2].1 - 0.5).abs() < 1e-6);
         assert!((r[0].1 - 1.0 / (1.0 + (-1f32).exp())).abs() < 1e-6);
     }

@@ -16,6 +16,7 @@ use kernels::GgmlType;
 use model::arch::{Arch, Dim, Role, TensorSpec};
 use model::calib::factor::FactorOptions;
 use model::calib::walk::{self, f32_tensor, finite_weights, LayerInput, Timings};
+use model::config::Routing;
 use model::dense::DenseWriter;
 use model::llama::LINEAR_GROUPS;
 use model::{names, Model, ModelConfig, Tensor};
@@ -133,6 +134,23 @@ pub fn plan_config(c: &ModelConfig, cuts: &Cuts) -> Result<ModelConfig> {
                 m.experts,
                 m.used
             );
+        }
+        if let Routing::Grouped(g) = m.routing {
+            // Group-limited routing keeps its groups: as many experts go from
+            // each, and each keeps the two whose sum scores it.
+            let per = m.experts / g.groups;
+            if g.groups > 1
+                && (!cuts.experts.is_multiple_of(g.groups) || per - cuts.experts / g.groups < 2)
+            {
+                bail!(
+                    "--experts {} cannot come evenly out of {} expert groups of {per} leaving at least 2 in each \
+                     (the router scores a group by its two best experts); cut a multiple of {} up to {}",
+                    cuts.experts,
+                    g.groups,
+                    g.groups,
+                    g.groups * per.saturating_sub(2)
+                );
+            }
         }
         m.experts -= cuts.experts;
     }
@@ -419,7 +437,7 @@ pub fn run(
             keep.experts.push(match expert_scores[l].is_empty() {
                 // A dense block keeps no experts list.
                 true => Vec::new(),
-                false => keep_highest(&expert_scores[l], cuts.experts),
+                false => keep_experts(c, &expert_scores[l], cuts.experts),
             });
         }
     }
@@ -530,6 +548,24 @@ pub fn run(
     })
 }
 
+/// The experts a block keeps when `remove` of them go by `scores`: the most
+/// salient overall, or within each group under group-limited routing (as
+/// many from each group, see [`plan_config`]).
+fn keep_experts(c: &ModelConfig, scores: &[f64], remove: usize) -> Vec<usize> {
+    let groups = match c.moe.as_ref().map(|m| m.routing) {
+        Some(Routing::Grouped(g)) if g.groups > 1 => g.groups,
+        _ => return keep_highest(scores, remove),
+    };
+    let per = scores.len() / groups;
+    (0..groups)
+        .flat_map(|k| {
+            keep_highest(&scores[k * per..(k + 1) * per], remove / groups)
+                .into_iter()
+                .map(move |e| k * per + e)
+        })
+        .collect()
+}
+
 /// Per block and routed expert, REAP's saliency on the calibration samples
 /// (the mean over the tokens routed to the expert of its router weight times
 /// the norm of its output, or of the norm of its output alone where the weight
@@ -594,4 +630,57 @@ fn expert_stats(
         progress(l + 1, c.num_hidden_layers);
     }
     Ok((scores, tokens))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model::config::{GroupedRouting, MoeConfig};
+
+    fn grouped(groups: usize) -> ModelConfig {
+        let mut c = ModelConfig::from_hf_json(&serde_json::json!({
+            "model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}))
+        .unwrap();
+        let mut m = MoeConfig::softmax(8, 2, 4, true);
+        m.routing = Routing::Grouped(GroupedRouting {
+            sigmoid: true,
+            groups,
+            groups_used: 1,
+            scale: 1.0,
+        });
+        c.moe = Some(m);
+        c
+    }
+
+    #[test]
+    fn grouped_experts_are_cut_evenly_from_each_group() {
+        // Groups {0..4} and {4..8}: the globally least salient are 0, 1 and 2,
+        // but each group loses its own two least salient.
+        let scores = [0.1, 0.2, 0.3, 0.9, 0.8, 0.7, 0.6, 0.5];
+        assert_eq!(keep_experts(&grouped(2), &scores, 4), vec![2, 3, 4, 5]);
+        assert_eq!(keep_experts(&grouped(1), &scores, 4), vec![3, 4, 5, 6]);
+        let cuts = |experts| Cuts {
+            experts,
+            ..Cuts::default()
+        };
+        assert_eq!(
+            plan_config(&grouped(2), &cuts(4))
+                .unwrap()
+                .moe
+                .unwrap()
+                .experts,
+            4
+        );
+        // Odd cuts, or groups left with fewer than 2, are refused.
+        for bad in [3, 6] {
+            let e = plan_config(&grouped(2), &cuts(bad))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("cannot come evenly out of 2 expert groups of 4"),
+                "{e}"
+            );
+        }
+    }
 }

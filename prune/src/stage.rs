@@ -171,6 +171,9 @@ pub fn prune_model(
             .config
             .refuse_moe("writing a compressed-tensors sparse folder")?;
     }
+    if !samples.is_empty() {
+        walk::refuse_unwalkable(&model.config)?;
+    }
     let factor = FactorOptions {
         damp_percent: opts.damp,
         ..FactorOptions::default()

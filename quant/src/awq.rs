@@ -228,6 +228,9 @@ pub fn fold(w: &BlockWeights, folds: &[Fold]) -> Result<BlockWeights<'static>> {
             None => None,
             Some([g, u, d]) => Some([m(g)?, m(u)?, m(d)?]),
         },
+        router_bias: w.router_bias.clone(),
+        // AWQ refuses mixtures of experts, latent attention among them.
+        mla: None,
     };
     for f in folds {
         for &slot in f.to {

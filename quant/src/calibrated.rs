@@ -470,6 +470,7 @@ pub fn calibrated_to_gguf(
     out: &Path,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(QuantizeReport, Vec<LayerReport>, Timings)> {
+    model::calib::walk::refuse_unwalkable(&model.config)?;
     let start = Instant::now();
     let by_name: HashMap<&str, &PlannedTensor> =
         plan.iter().map(|t| (t.name.as_str(), t)).collect();
@@ -638,6 +639,9 @@ pub fn calibrated_to_hf(
 ) -> Result<(Vec<LayerReport>, Timings)> {
     if matches!(method, Calibrated::Awq) {
         model.config.refuse_moe("AWQ")?;
+    }
+    if !samples.is_empty() {
+        model::calib::walk::refuse_unwalkable(&model.config)?;
     }
     let mut writer = HfQuantWriter::create(dir, model, format, cfg)?;
     let order = writer.order().to_vec();

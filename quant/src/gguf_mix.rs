@@ -426,6 +426,7 @@ mod tests {
             moe: None,
             chunked_attention: None,
             rope_interleaved: false,
+            mla: None,
         }
     }
 

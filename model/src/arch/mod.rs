@@ -14,6 +14,7 @@
 //! [`Role::kept_float`] which to leave alone, and [`Arch::block_tensor`] what a
 //! name means.
 
+mod deepseek_v3;
 mod gemma3;
 mod llama;
 mod llama4;
@@ -27,6 +28,7 @@ mod qwen3;
 mod qwen3_moe;
 mod smollm3;
 
+pub use deepseek_v3::DEEPSEEK_V3;
 pub use gemma3::GEMMA3;
 pub use llama::LLAMA;
 pub use llama4::LLAMA4;
@@ -46,8 +48,18 @@ use serde_json::Value;
 
 /// Every supported architecture (the registration table).
 pub static ARCHES: &[&Arch] = &[
-    &LLAMA, &QWEN2, &QWEN3, &MISTRAL, &SMOLLM3, &OLMO2, &GEMMA3, &QWEN3_MOE, &MIXTRAL, &OLMOE,
+    &LLAMA,
+    &QWEN2,
+    &QWEN3,
+    &MISTRAL,
+    &SMOLLM3,
+    &OLMO2,
+    &GEMMA3,
+    &QWEN3_MOE,
+    &MIXTRAL,
+    &OLMOE,
     &LLAMA4,
+    &DEEPSEEK_V3,
 ];
 
 /// What a tensor is for: decides whether stages may change it.
@@ -131,6 +143,22 @@ pub enum Slot {
     SharedUp,
     /// The shared expert's down projection.
     SharedDown,
+    /// The router's per-expert selection bias (DeepSeek).
+    RouterBias,
+    /// Latent attention: the query's down-projection.
+    QA,
+    /// Latent attention: the norm gain after `QA`.
+    QANorm,
+    /// Latent attention: the query's up-projection.
+    QB,
+    /// Latent attention: the latent and shared RoPE key projection.
+    KvA,
+    /// Latent attention: the norm gain of the latent.
+    KvANorm,
+    /// Latent attention: per head, latent → key (no-RoPE part).
+    KB,
+    /// Latent attention: per head, latent → value.
+    VB,
 }
 
 /// Which blocks hold a block tensor, in a model whose blocks alternate between
@@ -158,6 +186,14 @@ pub enum HfLayout {
     /// A `[experts, in, out]` tensor that HF multiplies as `x · W` (Llama 4's
     /// experts' `down_proj`): the canonical `[experts, out, in]` transposed.
     Transposed,
+    /// The key half of latent attention's `kv_b_proj` `[heads·(nope + v),
+    /// kv_lora]` (per head its `nope` rows, then `v` rows): canonical
+    /// `[heads, kv_lora, nope]`, each head's key rows transposed (llama.cpp's
+    /// `attn_k_b`).
+    LatentKeys,
+    /// The value half of `kv_b_proj`: canonical `[heads, v, kv_lora]`, each
+    /// head's value rows (llama.cpp's `attn_v_b`).
+    LatentValues,
 }
 
 /// One dimension of a tensor, in terms of the config.
@@ -183,6 +219,22 @@ pub enum Dim {
     ExpertFfn,
     /// The shared expert's intermediate size.
     SharedFfn,
+    /// Query heads.
+    Heads,
+    /// Latent attention: the query's rank.
+    QLora,
+    /// Latent attention: the key/value latent's width.
+    KvLora,
+    /// Latent attention: latent plus the shared RoPE key.
+    KvLoraRope,
+    /// Latent attention: all heads' queries (`heads·(nope + rope)`).
+    MlaQ,
+    /// Latent attention: per-head query/key width without RoPE.
+    Nope,
+    /// Latent attention: per-head value width.
+    VHead,
+    /// Latent attention: all heads' values (`heads·v`).
+    MlaO,
 }
 
 impl Dim {
@@ -199,6 +251,16 @@ impl Dim {
             Dim::Experts => c.moe.as_ref().map_or(0, |m| m.experts),
             Dim::ExpertFfn => c.moe.as_ref().map_or(0, |m| m.expert_ffn),
             Dim::SharedFfn => c.moe.as_ref().map_or(0, |m| m.shared_ffn),
+            Dim::Heads => c.num_attention_heads,
+            Dim::QLora => c.mla.map_or(0, |m| m.q_lora_rank),
+            Dim::KvLora => c.mla.map_or(0, |m| m.kv_lora_rank),
+            Dim::KvLoraRope => c.mla.map_or(0, |m| m.kv_lora_rank + c.head_dim),
+            Dim::MlaQ => c.mla.map_or(0, |m| {
+                c.num_attention_heads * (m.qk_nope_head_dim + c.head_dim)
+            }),
+            Dim::Nope => c.mla.map_or(0, |m| m.qk_nope_head_dim),
+            Dim::VHead => c.mla.map_or(0, |m| m.v_head_dim),
+            Dim::MlaO => c.mla.map_or(0, |m| c.num_attention_heads * m.v_head_dim),
         }
     }
 }
@@ -226,67 +288,98 @@ pub struct TensorSpec {
 }
 
 impl HfLayout {
-    /// The canonical `[experts, out, in]` of an HF tensor of shape `hf` in this layout.
-    pub fn canonical_shape(self, hf: &[usize]) -> Option<Vec<usize>> {
-        match (self, hf) {
-            (HfLayout::Plain, _) => Some(hf.to_vec()),
-            (HfLayout::FusedHalf(_), &[e, inp, two_out]) if two_out % 2 == 0 => {
-                Some(vec![e, two_out / 2, inp])
-            }
-            (HfLayout::Transposed, &[e, inp, out]) => Some(vec![e, out, inp]),
-            _ => None,
+    /// How many canonical tensors share the HF tensor (a fused tensor is
+    /// written once all of them are there).
+    pub fn parts(self) -> usize {
+        match self {
+            HfLayout::Plain | HfLayout::Transposed => 1,
+            HfLayout::FusedHalf(_) | HfLayout::LatentKeys | HfLayout::LatentValues => 2,
         }
     }
 
-    /// The shape of the HF tensor that holds a canonical `[experts, out, in]`.
-    pub fn hf_shape(self, canonical: &[usize]) -> Vec<usize> {
+    /// The shape of the HF tensor that holds a canonical tensor of shape
+    /// `canonical` in a model with config `c`.
+    pub fn hf_shape(self, canonical: &[usize], c: &ModelConfig) -> Vec<usize> {
         match (self, canonical) {
             (HfLayout::FusedHalf(_), &[e, out, inp]) => vec![e, inp, 2 * out],
             (HfLayout::Transposed, &[e, out, inp]) => vec![e, inp, out],
+            (HfLayout::LatentKeys | HfLayout::LatentValues, _) => {
+                let m = c.mla.unwrap_or(crate::config::MlaConfig {
+                    q_lora_rank: 0,
+                    kv_lora_rank: 0,
+                    qk_nope_head_dim: 0,
+                    v_head_dim: 0,
+                });
+                vec![
+                    c.num_attention_heads * (m.qk_nope_head_dim + m.v_head_dim),
+                    m.kv_lora_rank,
+                ]
+            }
             _ => canonical.to_vec(),
         }
     }
 
-    /// For each canonical element (expert, row, column) of `canonical`, in
-    /// order, its index in the HF tensor.
-    fn hf_indices(self, canonical: &[usize]) -> impl Iterator<Item = usize> {
-        let (e, out, inp) = match *canonical {
-            [e, out, inp] => (e, out, inp),
-            _ => (0, 0, 0),
+    /// For each canonical element of `canonical`, in order, its index in the
+    /// HF tensor of shape `hf`.
+    fn hf_indices(self, canonical: &[usize], hf: &[usize]) -> Vec<usize> {
+        let [a, b, d] = match *canonical {
+            [a, b, d] => [a, b, d],
+            _ => return Vec::new(),
         };
-        let (width, offset) = match self {
-            HfLayout::FusedHalf(part) => (2 * out, part * out),
-            _ => (out, 0),
-        };
-        (0..e).flat_map(move |x| {
-            (0..out)
-                .flat_map(move |r| (0..inp).map(move |c| x * inp * width + c * width + offset + r))
-        })
+        let mut out = Vec::with_capacity(a * b * d);
+        for x in 0..a {
+            for r in 0..b {
+                for col in 0..d {
+                    out.push(match self {
+                        // [e, out, in] ← [e, in, width] at (x, col, offset + r).
+                        HfLayout::FusedHalf(part) => x * d * 2 * b + col * 2 * b + part * b + r,
+                        HfLayout::Transposed => x * d * b + col * b + r,
+                        // [h, lora, nope] ← row h·(nope + v) + col, column r.
+                        HfLayout::LatentKeys => {
+                            let per_head = hf[0] / a;
+                            (x * per_head + col) * hf[1] + r
+                        }
+                        // [h, v, lora] ← row h·(nope + v) + nope + r, column col.
+                        HfLayout::LatentValues => {
+                            let per_head = hf[0] / a;
+                            let nope = per_head - b;
+                            (x * per_head + nope + r) * hf[1] + col
+                        }
+                        HfLayout::Plain => (x * b + r) * d + col,
+                    });
+                }
+            }
+        }
+        out
     }
 
-    /// The canonical bytes of an HF tensor's `bytes` (elements of `elem` bytes,
-    /// HF shape `hf`).
-    pub fn to_canonical(self, bytes: &[u8], elem: usize, hf: &[usize]) -> Vec<u8> {
-        let Some(canonical) = self.canonical_shape(hf) else {
-            return bytes.to_vec();
-        };
+    /// The canonical bytes of an HF tensor's `bytes` (elements of `elem`
+    /// bytes, HF shape `hf`), for a canonical tensor of shape `canonical`.
+    pub fn to_canonical(
+        self,
+        bytes: &[u8],
+        elem: usize,
+        hf: &[usize],
+        canonical: &[usize],
+    ) -> Vec<u8> {
         if self == HfLayout::Plain {
             return bytes.to_vec();
         }
-        self.hf_indices(&canonical)
+        self.hf_indices(canonical, hf)
+            .into_iter()
             .flat_map(|i| &bytes[i * elem..(i + 1) * elem])
             .copied()
             .collect()
     }
 
-    /// Puts canonical `values` of shape `canonical` into `hf` (the HF tensor's
-    /// values, [`HfLayout::hf_shape`]): for a fused half, only its half.
-    pub fn fill_hf(self, values: &[f32], canonical: &[usize], hf: &mut [f32]) {
+    /// Puts canonical `values` of shape `canonical` into `hf` (the HF
+    /// tensor's values, of shape `hf_shape`): only this part's elements.
+    pub fn fill_hf(self, values: &[f32], canonical: &[usize], hf_shape: &[usize], hf: &mut [f32]) {
         if self == HfLayout::Plain {
             hf.copy_from_slice(values);
             return;
         }
-        for (i, &v) in self.hf_indices(canonical).zip(values) {
+        for (i, &v) in self.hf_indices(canonical, hf_shape).into_iter().zip(values) {
             hf[i] = v;
         }
     }
@@ -994,46 +1087,68 @@ mod tests {
 
     #[test]
     fn fused_layouts_round_trip() {
+        let c = crate::config::ModelConfig::from_hf_json(&serde_json::json!({
+            "model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}))
+        .unwrap();
+        let f32s = |b: Vec<u8>| -> Vec<f32> {
+            b.chunks(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect()
+        };
         // [experts 2, in 3, 2·out 4] multiplied as x·W: gate = columns 0..2, up = 2..4.
         let hf: Vec<f32> = (0..24).map(|i| i as f32).collect();
         let bytes: Vec<u8> = hf.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let gate = HfLayout::FusedHalf(0);
-        assert_eq!(gate.canonical_shape(&[2, 3, 4]), Some(vec![2, 2, 3]));
-        let canon: Vec<f32> = gate
-            .to_canonical(&bytes, 4, &[2, 3, 4])
-            .chunks(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
+        let (gate, up) = (HfLayout::FusedHalf(0), HfLayout::FusedHalf(1));
+        assert_eq!(gate.hf_shape(&[2, 2, 3], &c), vec![2, 3, 4]);
+        let canon = f32s(gate.to_canonical(&bytes, 4, &[2, 3, 4], &[2, 2, 3]));
         // Expert 0, gate row 1 = column 1 of W: elements 1, 5, 9.
         assert_eq!(&canon[3..6], &[1.0, 5.0, 9.0]);
         assert_eq!(&canon[6..9], &[12.0, 16.0, 20.0]);
         let mut back = vec![0f32; 24];
-        gate.fill_hf(&canon, &[2, 2, 3], &mut back);
-        let up = HfLayout::FusedHalf(1);
-        let up_canon: Vec<f32> = up
-            .to_canonical(&bytes, 4, &[2, 3, 4])
-            .chunks(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        up.fill_hf(&up_canon, &[2, 2, 3], &mut back);
+        gate.fill_hf(&canon, &[2, 2, 3], &[2, 3, 4], &mut back);
+        let up_canon = f32s(up.to_canonical(&bytes, 4, &[2, 3, 4], &[2, 2, 3]));
+        up.fill_hf(&up_canon, &[2, 2, 3], &[2, 3, 4], &mut back);
         assert_eq!(back, hf);
         let t = HfLayout::Transposed;
-        assert_eq!(t.canonical_shape(&[2, 3, 4]), Some(vec![2, 4, 3]));
-        assert_eq!(t.hf_shape(&[2, 4, 3]), vec![2, 3, 4]);
+        assert_eq!(t.hf_shape(&[2, 4, 3], &c), vec![2, 3, 4]);
+        let canon = f32s(t.to_canonical(&bytes, 4, &[2, 3, 4], &[2, 4, 3]));
+        // Expert 1, row 2 = column 2 of W[1]: 14, 18, 22.
+        assert_eq!(&canon[18..21], &[14.0, 18.0, 22.0]);
+        // kv_b [heads 2 × (nope 2 + v 1), lora 3]: head 1's key rows are 3 and 4.
+        let kvb: Vec<f32> = (0..18).map(|i| i as f32).collect();
+        let bytes: Vec<u8> = kvb.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let keys = f32s(HfLayout::LatentKeys.to_canonical(&bytes, 4, &[6, 3], &[2, 3, 2]));
+        // k_b[1] is [lora 3, nope 2] = rows 3, 4 transposed.
+        assert_eq!(&keys[6..], &[9.0, 12.0, 10.0, 13.0, 11.0, 14.0]);
+        let values = f32s(HfLayout::LatentValues.to_canonical(&bytes, 4, &[6, 3], &[2, 1, 3]));
+        // v_b[h] is row h·3 + 2.
+        assert_eq!(values, [6.0, 7.0, 8.0, 15.0, 16.0, 17.0]);
+        let mut back = vec![0f32; 18];
+        HfLayout::LatentKeys.fill_hf(&keys, &[2, 3, 2], &[6, 3], &mut back);
+        HfLayout::LatentValues.fill_hf(&values, &[2, 1, 3], &[6, 3], &mut back);
+        assert_eq!(back, kvb);
     }
 
     #[test]
     fn every_block_has_the_shared_graph() {
         for arch in ARCHES {
-            for slot in [
-                Slot::Q,
-                Slot::K,
-                Slot::V,
-                Slot::O,
-                Slot::Gate,
-                Slot::Up,
-                Slot::Down,
-            ] {
+            // Latent attention replaces q/k/v with its own projections.
+            let attention: &[Slot] = if arch.slot(Slot::KvA).is_some() {
+                &[
+                    Slot::QA,
+                    Slot::QANorm,
+                    Slot::QB,
+                    Slot::KvA,
+                    Slot::KvANorm,
+                    Slot::KB,
+                    Slot::VB,
+                    Slot::O,
+                ]
+            } else {
+                &[Slot::Q, Slot::K, Slot::V, Slot::O]
+            };
+            for &slot in attention.iter().chain(&[Slot::Gate, Slot::Up, Slot::Down]) {
                 assert!(arch.slot(slot).is_some(), "{} lacks {slot:?}", arch.name);
             }
         }

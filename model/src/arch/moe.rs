@@ -90,7 +90,7 @@ pub(crate) fn read_hf(v: &Value, c: &mut ModelConfig, norm_default: bool) -> Res
         }
         Ok(None)
     };
-    let experts = count(&["num_experts", "num_local_experts"])?
+    let experts = count(&["num_experts", "num_local_experts", "n_routed_experts"])?
         .context("field 'num_experts' (or 'num_local_experts') is missing: a mixture of experts needs its expert count")?;
     let used =
         count(&["num_experts_per_tok"])?.context("field 'num_experts_per_tok' is missing")?;

@@ -218,6 +218,7 @@ pub fn sequential_blocks(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Timings> {
     let c = &model.config;
+    refuse_unwalkable(c)?;
     let arch = c.arch;
     let n = samples.first().map_or(0, Vec::len);
     let mut t = Timings::default();
@@ -315,6 +316,19 @@ pub fn sequential_blocks(
     Ok(t)
 }
 
+/// Refuses a model the walk cannot calibrate (latent attention), before a
+/// stage writes anything.
+pub fn refuse_unwalkable(c: &crate::ModelConfig) -> Result<()> {
+    if c.mla.is_some() {
+        bail!(
+            "calibration (GPTQ, AWQ, Wanda, SparseGPT, structured cuts) does not handle multi-head latent attention yet (this '{}' model); \
+             GGUF `quantize --type`, `imatrix`, `eval`, `convert` and `prune --experts` do",
+            c.arch.name
+        );
+    }
+    Ok(())
+}
+
 /// A Hessian of `cols` columns, or only its diagonal.
 fn new_hessian(cols: usize, diagonal_only: bool) -> Hessian {
     if diagonal_only {
@@ -348,7 +362,7 @@ fn calibrate_experts(
     let hidden = c.hidden_size;
     let routes = h
         .iter()
-        .map(|x| model.expert_routes(router, x, n))
+        .map(|x| model.expert_routes(router, w.router_bias.as_deref(), x, n))
         .collect::<Result<Vec<_>>>()?;
     let used = routes.first().map_or(1, |r| r.len() / n.max(1)).max(1);
     // Input-weighted routing (Llama 4): each sample's router scores.
