@@ -15,7 +15,8 @@
 # through an f16 table). Needs target/release/compress (cargo build --release -p compress), the
 # evaluation text (compress fetch) and llama.cpp's tools
 # (scripts/build-llama-cpp.sh). Prints a Markdown table and writes
-# bench/results/arch_llama_cpp.json. About 1 minute on 2 cores.
+# bench/results/arch_llama_cpp.json (with --kv f32: arch_llama_cpp_kv_f32.json).
+# About 1 minute on 2 cores.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,7 +31,7 @@ while [ $# -gt 0 ]; do
         *) arches+=("$1"); shift ;;
     esac
 done
-[ ${#arches[@]} -gt 0 ] || arches=(llama3 qwen2 qwen3 mistral smollm3 olmo2 gemma3 qwen3_moe mixtral olmoe)
+[ ${#arches[@]} -gt 0 ] || arches=(llama3 qwen2 qwen3 mistral smollm3 olmo2 gemma3 qwen3_moe mixtral olmoe llama4 deepseek_v3)
 
 compress="$root/target/release/compress"
 llama="${LLAMA_CPP_DIR:-$root/.cache/llama.cpp}/bin/llama-perplexity"
@@ -91,6 +92,7 @@ for r in rows:
     r["ratio"] = r["ppl_ours"] / r["ppl_llama_cpp"]
     print(f"| {r['arch']} | {r['type']} | {r['ppl_ours']:.2f} | {r['ppl_llama_cpp']:.2f} | {r['ratio']:.4f} |")
 out = {"ctx": ctx, "chunks": chunks, "llama_cpp_kv_cache": kv, "rows": rows}
-json.dump(out, open("bench/results/arch_llama_cpp.json", "w"), indent=1)
-print("wrote bench/results/arch_llama_cpp.json")
+path = "bench/results/arch_llama_cpp.json" if kv == "f16" else f"bench/results/arch_llama_cpp_kv_{kv}.json"
+json.dump(out, open(path, "w"), indent=1)
+print(f"wrote {path}")
 EOF

@@ -463,7 +463,7 @@ fn llama_cpp_moe_imatrix_is_read_and_ours_agrees_with_it() {
     use model::calib::Imatrix;
     let calib = e2e::asset("calib.txt");
     let dir = tempfile::tempdir().unwrap();
-    for name in MOE {
+    for name in ALL_MOE {
         // What llama-imatrix computed on the fixture's GGUF (see the fixtures' README).
         let theirs = Imatrix::load(&fixture(name).join("llama-imatrix.gguf")).unwrap();
         let ours_path = dir.path().join(format!("{name}.imatrix.gguf"));
@@ -500,18 +500,25 @@ fn llama_cpp_moe_imatrix_is_read_and_ours_agrees_with_it() {
                 .zip(&t.sum_sq)
                 .map(|(a, b)| (a - b).abs() / b.abs().max(1e-12))
                 .fold(0f64, f64::max);
-            // llama.cpp's activations pass through f16 (its KV cache): 4e-3 at most here.
-            assert!(worst < 1e-2, "{name} {weight}: sums differ by {worst:e}");
+            // llama.cpp's activations pass through f16 (its KV cache): 4e-3 at
+            // most here; DeepSeek's cache holds the f16 latent every head's
+            // keys and values come from (1.2e-2 on one expert's sum).
+            let tolerance = if name == "deepseek_v3" { 2e-2 } else { 1e-2 };
+            assert!(
+                worst < tolerance,
+                "{name} {weight}: sums differ by {worst:e}"
+            );
         }
         // Both quantize the model; an imatrix of another model is refused by name.
         for (imatrix, ok) in [
             (fixture(name).join("llama-imatrix.gguf"), true),
             (ours_path.clone(), true),
             (
-                fixture(if name == "mixtral" {
-                    "olmoe"
-                } else {
-                    "mixtral"
+                // One with another expert count in a block both have experts in.
+                fixture(match name {
+                    "mixtral" => "olmoe",
+                    "llama4" => "qwen3_moe",
+                    _ => "mixtral",
                 })
                 .join("llama-imatrix.gguf"),
                 false,
@@ -539,8 +546,9 @@ fn llama_cpp_moe_imatrix_is_read_and_ours_agrees_with_it() {
             } else {
                 assert_eq!(o.status.code(), Some(2), "{name}: {text}");
                 assert!(text.contains("made for another model"), "{name}: {text}");
-                // Mixtral and OLMoE differ only in their expert count.
-                if name != "qwen3_moe" {
+                // Mixtral, OLMoE and DeepSeek's blocks differ from the other
+                // file's first in their expert count.
+                if !matches!(name, "qwen3_moe" | "llama4") {
                     assert!(text.contains("_exps.weight' has"), "{name}: {text}");
                 }
                 assert!(!out.exists());
