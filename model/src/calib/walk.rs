@@ -379,7 +379,8 @@ fn calibrate_experts(
         })
         .collect::<Result<_>>()?;
     let slots = [Slot::Gate, Slot::Up, Slot::Down];
-    let mut changed: Vec<Vec<f32>> = vec![Vec::new(); slots.len()];
+    // The changed stacked tensors' f32 bytes, expert after expert.
+    let mut changed: Vec<Vec<u8>> = vec![Vec::new(); slots.len()];
     let mut shapes: Vec<[usize; 2]> = vec![[0, 0]; slots.len()];
     for e in 0..experts {
         // Each sample's positions routed to `e`.
@@ -490,16 +491,20 @@ fn calibrate_experts(
         t.factor_seconds += input.factor_seconds();
         mine.push(new);
         for (acc, tensor) in changed.iter_mut().zip(&mine) {
-            acc.extend(tensor.to_f32()?);
+            acc.extend(tensor.to_f32()?.iter().flat_map(|v| v.to_le_bytes()));
         }
     }
     Ok(slots
         .iter()
         .zip(changed)
         .zip(shapes)
-        .map(|((&slot, values), [rows, cols])| {
-            let mut tensor = f32_tensor(&format!("{slot:?}"), experts * rows, cols, &values);
-            tensor.shape = vec![experts, rows, cols];
+        .map(|((&slot, bytes), [rows, cols])| {
+            let tensor = Tensor {
+                name: format!("{slot:?}"),
+                ty: GgmlType::F32,
+                shape: vec![experts, rows, cols],
+                data: Cow::Owned(bytes),
+            };
             (slot, tensor)
         })
         .collect())
