@@ -894,56 +894,90 @@ fn gptq_writes_every_expert_to_gptq_folders_and_gguf() {
             }
         }
 
-        // numpy's unpacking of every expert equals our reading of the folder.
-        let back = Model::open(&folder).unwrap();
-        let q = back.quantized.as_ref().expect("a GPTQ folder");
-        let c = &back.config;
-        let mut decl = Vec::new();
-        let mut data = Vec::new();
-        for n in model::names::all(c) {
-            if !model::hf_quant::is_block_linear(c.arch, &n) {
-                continue;
-            }
-            let shape = q
-                .shape(&n)
-                .unwrap_or_else(|| panic!("{name}: '{n}' not quantized"));
-            let values = back.tensor(&n).unwrap().to_f32().unwrap();
-            assert!(values.iter().all(|v| v.is_finite()), "{name} {n}");
-            let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
-            let hf_names = c
-                .arch
-                .hf_expert_names(&n, m_experts(c))
-                .unwrap_or_else(|| vec![c.arch.hf_from_canonical(&n).unwrap()]);
-            for (hf, part) in hf_names.into_iter().zip(values.chunks(rows * cols)) {
-                decl.push((hf, Dtype::F32, vec![rows, cols]));
-                data.push(
-                    part.iter()
-                        .flat_map(|v| v.to_le_bytes())
-                        .collect::<Vec<u8>>(),
-                );
-            }
-        }
-        let reference = dir.path().join(format!("{name}-reference.safetensors"));
-        let mut w =
-            SafetensorsWriter::create(&reference, &decl, &std::collections::BTreeMap::new())
+        // The same in compressed-tensors' layout.
+        let ct = dir.path().join(format!("{name}-ct"));
+        let o = compress(&[
+            "quantize",
+            src.to_str().unwrap(),
+            "-o",
+            ct.to_str().unwrap(),
+            "--method",
+            "gptq",
+            "--bits",
+            "4",
+            "--group",
+            "32",
+            "--format",
+            "compressed-tensors",
+            "--calib",
+            calib.to_str().unwrap(),
+            "--samples",
+            "2",
+            "--seq",
+            "32",
+        ]);
+        assert!(o.status.success(), "{name}: {}", output_text(&o));
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(ct.join("config.json")).unwrap())
                 .unwrap();
-        for ((hf, _, _), bytes) in decl.iter().zip(&data) {
-            w.write(hf, bytes).unwrap();
-        }
-        w.finish().unwrap();
-        let n = decl.len();
-        assert_eq!(n, 2 * (4 + 3 * m_experts(c)), "{name}");
-        let said = e2e::run_python("check_gptq.py", &[&folder, &reference]);
+        let ignore = config["quantization_config"]["ignore"].to_string();
         assert!(
-            said.contains(&format!(": {n} of {n} linears equal REFERENCE exactly")),
-            "{name}: {said}"
+            ignore.contains("gate"),
+            "{name}: the router is not ignored: {ignore}"
         );
-        let router = c.arch.router().unwrap().hf;
-        let set = SafetensorsSet::open(&folder.join("model.safetensors")).unwrap();
-        let (entry, _) = set
-            .get(&format!("model.layers.0.{router}"))
-            .unwrap_or_else(|| panic!("{name}: no router"));
-        assert_eq!(entry.dtype, Dtype::F16, "{name}: the router stays in float");
+        for folder in [&folder, &ct] {
+            // numpy's unpacking of every expert equals our reading of the folder.
+            let back = Model::open(folder).unwrap();
+            let q = back.quantized.as_ref().expect("a quantized folder");
+            let c = &back.config;
+            let mut decl = Vec::new();
+            let mut data = Vec::new();
+            for n in model::names::all(c) {
+                if !model::hf_quant::is_block_linear(c.arch, &n) {
+                    continue;
+                }
+                let shape = q
+                    .shape(&n)
+                    .unwrap_or_else(|| panic!("{name}: '{n}' not quantized"));
+                let values = back.tensor(&n).unwrap().to_f32().unwrap();
+                assert!(values.iter().all(|v| v.is_finite()), "{name} {n}");
+                let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+                let hf_names = c
+                    .arch
+                    .hf_expert_names(&n, m_experts(c))
+                    .unwrap_or_else(|| vec![c.arch.hf_from_canonical(&n).unwrap()]);
+                for (hf, part) in hf_names.into_iter().zip(values.chunks(rows * cols)) {
+                    decl.push((hf, Dtype::F32, vec![rows, cols]));
+                    data.push(
+                        part.iter()
+                            .flat_map(|v| v.to_le_bytes())
+                            .collect::<Vec<u8>>(),
+                    );
+                }
+            }
+            let reference = dir.path().join(format!("{name}-reference.safetensors"));
+            let mut w =
+                SafetensorsWriter::create(&reference, &decl, &std::collections::BTreeMap::new())
+                    .unwrap();
+            for ((hf, _, _), bytes) in decl.iter().zip(&data) {
+                w.write(hf, bytes).unwrap();
+            }
+            w.finish().unwrap();
+            let n = decl.len();
+            assert_eq!(n, 2 * (4 + 3 * m_experts(c)), "{name}");
+            let said = e2e::run_python("check_gptq.py", &[folder, &reference]);
+            assert!(
+                said.contains(&format!(": {n} of {n} linears equal REFERENCE exactly")),
+                "{name} {}: {said}",
+                folder.display()
+            );
+            let router = c.arch.router().unwrap().hf;
+            let set = SafetensorsSet::open(&folder.join("model.safetensors")).unwrap();
+            let (entry, _) = set
+                .get(&format!("model.layers.0.{router}"))
+                .unwrap_or_else(|| panic!("{name}: no router"));
+            assert_eq!(entry.dtype, Dtype::F16, "{name}: the router stays in float");
+        }
 
         // gguf-py reads the GGUF's stacked experts as we do.
         e2e::check_gguf_with_gguf_py(
@@ -1042,5 +1076,87 @@ fn wanda_and_sparsegpt_prune_every_expert() {
                 .iter()
                 .all(|v| v.is_finite()));
         }
+    }
+}
+
+/// Sensitivity measures each expert block's stacked experts as one unit per
+/// kind (with each expert's own imatrix row), the shared expert and latent
+/// attention's matrices as tensors, and never the router; its report
+/// allocates bits for a mixture of experts.
+#[test]
+fn sensitivity_measures_expert_groups_and_shared_experts_and_allocates_from_them() {
+    let calib = e2e::asset("calib.txt");
+    let eval = e2e::eval_text();
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["llama4", "deepseek_v3"] {
+        let report = dir.path().join(format!("{name}.json"));
+        let o = compress(&[
+            "sensitivity",
+            fixture(name).to_str().unwrap(),
+            "--calib",
+            calib.to_str().unwrap(),
+            "--text",
+            eval.to_str().unwrap(),
+            "--types",
+            "Q4_0,Q8_0",
+            "--sparsity",
+            "0.5",
+            "-o",
+            report.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{name}: {}", output_text(&o));
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        let units: Vec<&str> = r["units"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["name"].as_str().unwrap())
+            .collect();
+        let block = reference_ints(name, "moe_layers")[0];
+        for kind in [
+            "gate_exps",
+            "up_exps",
+            "down_exps",
+            "gate_shexp",
+            "down_shexp",
+        ] {
+            let unit = format!("blk.{block}.ffn_{kind}.weight");
+            assert!(units.contains(&unit.as_str()), "{name}: no unit {unit}");
+        }
+        assert!(
+            !units
+                .iter()
+                .any(|u| u.contains("ffn_gate_inp") || u.contains("exp_probs_b")),
+            "{name}: the router is never measured: {units:?}"
+        );
+        if name == "deepseek_v3" {
+            assert!(units.contains(&"blk.1.attn_kv_a_mqa.weight"), "{units:?}");
+        }
+        // Every Q4_0 cell of an expert unit moved the model.
+        for c in r["cells"].as_array().unwrap() {
+            let unit = units[c["unit"].as_u64().unwrap() as usize];
+            if unit.contains("_exps") && c["applied"] == "Q4_0" {
+                assert!(c["shift"]["kld"].as_f64().unwrap() > 0.0, "{name} {unit}");
+            }
+        }
+        let out = dir.path().join(format!("{name}.gguf"));
+        let o = compress(&[
+            "quantize",
+            fixture(name).to_str().unwrap(),
+            "--sensitivity",
+            report.to_str().unwrap(),
+            "--target-bpw",
+            "6",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{name}: {}", output_text(&o));
+        let tokens: Vec<u32> = reference_ints(name, "tokens")
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
+        let logits = Model::open(&out).unwrap().logits(&tokens, 0).unwrap();
+        assert!(logits.iter().all(|v| v.is_finite()), "{name}");
     }
 }

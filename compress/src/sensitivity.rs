@@ -133,11 +133,23 @@ fn parse_settings(types: &[String], sparsity: &[String]) -> Result<Vec<(Setting,
     Ok(out)
 }
 
+/// Whether a tensor of `model` is measured: a matrix (or a mixture of
+/// experts' stacked matrices, measured as one unit per block and kind) that
+/// stages may change; norms, biases and routers stay as they are.
+fn measured(model: &Model, name: &str, shape: &[usize]) -> bool {
+    shape.len() >= 2
+        && model
+            .config
+            .arch
+            .role(name)
+            .is_none_or(|r| r.kept_float().is_none())
+}
+
 /// The tensors a unit changes.
 fn unit_tensors(model: &Model, granularity: Granularity) -> Result<Vec<(String, Vec<String>)>> {
     let mut matrices = Vec::new();
     for name in model.tensor_names() {
-        if model.tensor_meta(&name)?.1.len() == 2 {
+        if measured(model, &name, &model.tensor_meta(&name)?.1) {
             matrices.push(name);
         }
     }
@@ -168,16 +180,15 @@ fn change_tensor(
 ) -> Result<Option<Changed>> {
     let t = model.tensor(name)?;
     let shape = t.shape.clone();
-    let cols = shape[1];
+    let cols = *shape.last().unwrap_or(&1);
     let values = t.to_f32()?;
-    let importance = imatrix
-        .and_then(|m| m.importance(name))
-        .filter(|i| i.len() == cols);
+    // One importance row per matrix: per expert of a stacked experts' tensor.
+    let importance = quant::gguf_quantize::importance_of(imatrix, name, &shape)?;
     let (tensor, applied, restored) = match change {
         Change::Quant(ty) => {
             let ty = gguf_mix::fallback(ty, cols);
             let bytes =
-                quant::gguf_quantize::quantize_matrix(&values, cols, ty, importance.as_deref())
+                quant::gguf_quantize::quantize_stacked(&values, &shape, ty, importance.as_deref())
                     .with_context(|| format!("quantizing '{name}' to {ty}"))?;
             let mut restored = vec![0f32; values.len()];
             kernels::quants::dequantize(ty, &bytes, &mut restored)?;
@@ -194,16 +205,24 @@ fn change_tensor(
                 return Ok(None); // the pruners leave the embedding and head alone
             }
             pattern.check(cols, name)?;
-            let scores = match &importance {
-                Some(imp) => {
-                    let norms: Vec<f32> = imp.iter().map(|v| v.sqrt()).collect();
-                    prune::score::wanda_scores(&values, &norms)
-                }
-                None => prune::score::magnitude_scores(&values),
-            };
-            let mask = prune::score::mask(&scores, cols, pattern, true);
+            // Matrix by matrix (expert by expert), each with its own importance.
+            let matrices = (importance.as_ref().map_or(cols, Vec::len) / cols).max(1);
+            let per = values.len() / matrices;
             let mut pruned = values.clone();
-            prune::score::apply(&mut pruned, &mask);
+            for (m, part) in pruned.chunks_mut(per).enumerate() {
+                let scores = match &importance {
+                    Some(imp) => {
+                        let norms: Vec<f32> = imp[m * cols..(m + 1) * cols]
+                            .iter()
+                            .map(|v| v.sqrt())
+                            .collect();
+                        prune::score::wanda_scores(part, &norms)
+                    }
+                    None => prune::score::magnitude_scores(part),
+                };
+                let mask = prune::score::mask(&scores, cols, pattern, true);
+                prune::score::apply(part, &mask);
+            }
             (
                 Tensor::from_f32(name, shape, &pruned),
                 String::new(),
@@ -452,7 +471,7 @@ pub fn candidates(report: &SensitivityReport, model: &Model) -> Result<Vec<Vec<C
             err: 0.0,
         };
         let Some(&u) = by_name.get(name.as_str()) else {
-            if shape.len() >= 2 {
+            if measured(model, &name, &shape) {
                 bail!("the sensitivity report has no row for '{name}' (made with --only?)",);
             }
             out.push(vec![keep()]);

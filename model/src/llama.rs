@@ -146,6 +146,11 @@ impl<'a> BlockWeights<'a> {
             Slot::SharedGate => &self.shared.as_ref()?[0],
             Slot::SharedUp => &self.shared.as_ref()?[1],
             Slot::SharedDown => &self.shared.as_ref()?[2],
+            Slot::QA => &self.mla.as_ref()?.q_a,
+            Slot::QB => &self.mla.as_ref()?.q_b,
+            Slot::KvA => &self.mla.as_ref()?.kv_a,
+            Slot::KB => &self.mla.as_ref()?.k_b,
+            Slot::VB => &self.mla.as_ref()?.v_b,
             _ => return None,
         })
     }
@@ -189,6 +194,11 @@ impl<'a> BlockWeights<'a> {
             Slot::SharedGate => &mut self.shared.as_mut()?[0],
             Slot::SharedUp => &mut self.shared.as_mut()?[1],
             Slot::SharedDown => &mut self.shared.as_mut()?[2],
+            Slot::QA => &mut self.mla.as_mut()?.q_a,
+            Slot::QB => &mut self.mla.as_mut()?.q_b,
+            Slot::KvA => &mut self.mla.as_mut()?.kv_a,
+            Slot::KB => &mut self.mla.as_mut()?.k_b,
+            Slot::VB => &mut self.mla.as_mut()?.v_b,
             _ => return None,
         })
     }
@@ -217,6 +227,12 @@ impl<'a> BlockWeights<'a> {
             *v = Some(t.to_f32()?);
         } else if let Some(l) = self.linear_mut(slot) {
             *l = t;
+        } else {
+            bail!(
+                "block {} has no {slot:?} to replace with '{}'",
+                self.layer,
+                t.name
+            );
         }
         Ok(())
     }
