@@ -18,7 +18,7 @@ use model::gguf::GgufWriter;
 use model::gguf_export;
 pub use model::hf_quant::write_order;
 use model::hf_quant::{is_block_linear, HfQuantFormat, HfQuantWriter, IntLinear, IntQuantConfig};
-use model::llama::LINEAR_GROUPS;
+use model::llama::{EXPERT_SLOTS, LINEAR_GROUPS};
 use model::progress::Progress;
 use model::{names, Model, Tensor};
 use serde::Serialize;
@@ -90,6 +90,11 @@ pub fn expert_coverage(layers: &[LayerReport]) -> Option<String> {
         .filter(|(_, e)| e.statistics == S::AllTokensStarved)
         .map(|(l, e)| format!("block {l} expert {} ({} tokens)", e.expert, e.routed_tokens))
         .collect();
+    let pooled: Vec<String> = experts
+        .iter()
+        .filter(|(_, e)| e.statistics == S::PooledStarved)
+        .map(|(l, e)| format!("block {l} expert {}", e.expert))
+        .collect();
     let mut line = format!(
         "experts: {} calibrated on their routed tokens",
         count(S::Routed)
@@ -105,6 +110,13 @@ pub fn expert_coverage(layers: &[LayerReport]) -> Option<String> {
             "; {} routed too few tokens took every token's statistics instead: {}",
             starved.len(),
             starved.join(", ")
+        );
+    }
+    if !pooled.is_empty() {
+        line += &format!(
+            "; {} reached by no token took the pooled statistics of their block's experts: {}",
+            pooled.len(),
+            pooled.join(", ")
         );
     }
     Some(line)
@@ -289,7 +301,6 @@ pub fn awq_model(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Vec<LayerReport>, Timings)> {
     let c = &model.config;
-    c.refuse_moe("AWQ")?;
     let arch = c.arch;
     // Each fold's consumers must share one input: one linear group.
     let group_of = |slot: Slot| LINEAR_GROUPS.iter().position(|g| g.contains(&slot));
@@ -310,17 +321,6 @@ pub fn awq_model(
             );
         }
     }
-    // The suffix that stands for each group's input when the forward shows it.
-    let group_suffix: Vec<Option<&str>> = LINEAR_GROUPS
-        .iter()
-        .map(|g| g.iter().find_map(|&s| arch.slot(s)).map(|spec| spec.gguf))
-        .collect();
-    let linears: Vec<(Slot, &str)> = arch
-        .block
-        .iter()
-        .filter(|s| s.role == Role::Linear)
-        .filter_map(|s| Some((s.slot?, s.gguf)))
-        .collect();
     let n = samples.first().map_or(0, Vec::len);
     let mut t = Timings::default();
     let mut reports = Vec::new();
@@ -329,24 +329,68 @@ pub fn awq_model(
     for l in 0..blocks {
         let w = model.block_weights(l)?;
         let name = |s: &str| names::block(l, s);
+        // A routed expert's linears are rounded one expert at a time, each on
+        // the inputs of the tokens routed to it; the other linears by group.
+        let routed = |slot: Slot| w.router.is_some() && EXPERT_SLOTS.contains(&slot);
+        let linears: Vec<(Slot, &str)> = arch
+            .block
+            .iter()
+            .filter(|s| s.role == Role::Linear && c.block_has(l, s))
+            .filter_map(|s| Some((s.slot?, s.gguf)))
+            .collect();
+        // The suffix that stands for each group's input when the forward shows it.
+        let group_suffix: Vec<Option<&str>> = LINEAR_GROUPS
+            .iter()
+            .map(|g| {
+                g.iter()
+                    .filter(|&&s| !routed(s))
+                    .find_map(|&s| arch.layer_slot(c, l, s))
+                    .map(|spec| spec.gguf)
+            })
+            .collect();
         let mut hessians: Vec<Option<Hessian>> = LINEAR_GROUPS
             .iter()
             .map(|g| {
-                let slot = g.iter().find(|&&s| arch.slot(s).is_some())?;
+                let slot = g
+                    .iter()
+                    .find(|&&s| !routed(s) && arch.layer_slot(c, l, s).is_some())?;
                 Some(Hessian::new(w.linear(*slot)?.shape[1]))
             })
             .collect();
+        // Per routed expert and linear suffix: Σx² per column and tokens.
+        let mut expert_sq: HashMap<(&'static str, usize), (Vec<f64>, u64)> = HashMap::new();
         for x in &xs {
             let mut y = x.clone();
             let clock = Instant::now();
             let mut hessian_seconds = 0.0;
-            model.forward_block_observed(&w, &mut y, n, &mut |suffix, _, input| {
-                let Some(g) = group_suffix.iter().position(|s| *s == Some(suffix)) else {
-                    return;
-                };
+            model.forward_block_observed(&w, &mut y, n, &mut |suffix, expert, input| {
                 let clock = Instant::now();
-                if let Some(h) = &mut hessians[g] {
-                    h.add(input);
+                match expert {
+                    Some(e) => {
+                        let entry = expert_sq.entry((suffix, e)).or_default();
+                        let width = model
+                            .config
+                            .arch
+                            .block_tensor(suffix)
+                            .and_then(|spec| spec.shape.last())
+                            .map_or(1, |d| d.size(&model.config));
+                        if entry.0.is_empty() {
+                            entry.0 = vec![0f64; width];
+                        }
+                        for row in input.chunks(width) {
+                            for (acc, &v) in entry.0.iter_mut().zip(row) {
+                                *acc += (v as f64) * (v as f64);
+                            }
+                        }
+                        entry.1 += (input.len() / width.max(1)) as u64;
+                    }
+                    None => {
+                        if let Some(g) = group_suffix.iter().position(|s| *s == Some(suffix)) {
+                            if let Some(h) = &mut hessians[g] {
+                                h.add(input);
+                            }
+                        }
+                    }
                 }
                 hessian_seconds += clock.elapsed().as_secs_f64();
             })?;
@@ -398,6 +442,15 @@ pub fn awq_model(
         for (i, &(slot, suffix)) in linears.iter().enumerate() {
             let lname = name(suffix);
             let ft = folded.linear(slot).expect("a linear slot");
+            if routed(slot) {
+                let clock = Instant::now();
+                let (qs, stacked) =
+                    round_experts(ft, suffix, &expert_sq, &grids[i], &lname, &mut reports)?;
+                t.loop_seconds += clock.elapsed().as_secs_f64();
+                sink(&lname, Item::Experts(qs))?;
+                folded.replace(slot, stacked)?;
+                continue;
+            }
             let (rows, cols) = (ft.shape[0], ft.shape[1]);
             let ones_cols = vec![1f32; cols];
             let ones_rows = vec![1f32; rows];
@@ -454,6 +507,79 @@ pub fn awq_model(
         progress(l + 1, blocks);
     }
     Ok((reports, t))
+}
+
+/// Rounds a stacked experts' tensor `w` (`[experts, rows, cols]`, GGUF suffix
+/// `suffix`) on `grid` expert by expert, each weighted by the mean x² of the
+/// inputs routed to it (`sq`: per (suffix, expert) Σx² per column and tokens);
+/// an expert no token reached takes the pooled statistics of its block's
+/// experts. Reports each expert; returns the quantized experts and the stacked
+/// f32 result.
+fn round_experts(
+    w: &Tensor,
+    suffix: &str,
+    sq: &HashMap<(&'static str, usize), (Vec<f64>, u64)>,
+    grid: &Grid,
+    name: &str,
+    reports: &mut Vec<LayerReport>,
+) -> Result<(Vec<QuantizedMatrix>, Tensor<'static>)> {
+    use model::calib::walk::ExpertStatistics;
+    let &[experts, rows, cols] = w.shape.as_slice() else {
+        bail!(
+            "'{name}' has shape {:?}, expected [experts, rows, cols]",
+            w.shape
+        );
+    };
+    grid.check(cols, name)?;
+    let mut pooled = (vec![0f64; cols], 0u64);
+    for e in 0..experts {
+        if let Some((s, n)) = sq.get(&(suffix, e)).filter(|(s, _)| s.len() == cols) {
+            pooled.0.iter_mut().zip(s).for_each(|(p, v)| *p += v);
+            pooled.1 += n;
+        }
+    }
+    let mean = |(s, n): &(Vec<f64>, u64)| -> Vec<f32> {
+        s.iter().map(|v| (v / (*n).max(1) as f64) as f32).collect()
+    };
+    let mut qs = Vec::with_capacity(experts);
+    let mut bytes = Vec::with_capacity(experts * rows * cols * 4);
+    for e in 0..experts {
+        let values = w.expert(e)?.to_f32()?;
+        let own = sq
+            .get(&(suffix, e))
+            .filter(|(s, n)| *n > 0 && s.len() == cols);
+        let (importance, statistics, tokens) = match own {
+            Some(stats) => (mean(stats), ExpertStatistics::Routed, stats.1),
+            None if pooled.1 > 0 => (mean(&pooled), ExpertStatistics::PooledStarved, 0),
+            None => (vec![1f32; cols], ExpertStatistics::PooledStarved, 0),
+        };
+        let q = gptq::rtn(&values, cols, grid, Some(&importance));
+        let err = crate::bit_alloc::weighted_rel_error(&values, &q.values, cols, Some(&importance));
+        reports.push(LayerReport {
+            name: name.to_owned(),
+            rows,
+            cols,
+            grid: grid_label(grid),
+            rtn_rel_error: err,
+            rel_error: err,
+            expert: Some(ExpertInput {
+                expert: e,
+                experts,
+                routed_tokens: tokens as usize,
+                statistics,
+            }),
+            stats: GptqStats::default(),
+        });
+        bytes.extend(q.values.iter().flat_map(|v| v.to_le_bytes()));
+        qs.push(q);
+    }
+    let stacked = Tensor {
+        name: name.to_owned(),
+        ty: kernels::GgmlType::F32,
+        shape: vec![experts, rows, cols],
+        data: std::borrow::Cow::Owned(bytes),
+    };
+    Ok((qs, stacked))
 }
 
 /// Writes `model` as a GGUF file whose block linears are quantized by `method`
@@ -637,9 +763,6 @@ pub fn calibrated_to_hf(
     grid_of: &dyn Fn(&str) -> Grid,
     method: Calibrated,
 ) -> Result<(Vec<LayerReport>, Timings)> {
-    if matches!(method, Calibrated::Awq) {
-        model.config.refuse_moe("AWQ")?;
-    }
     if !samples.is_empty() {
         model::calib::walk::refuse_unwalkable(&model.config)?;
     }

@@ -84,6 +84,9 @@ pub enum ExpertStatistics {
     AllTokensStarved,
     /// Every token: `--calibrate-all-experts`.
     AllTokensRequested,
+    /// No token reached it: the pooled statistics of its block's experts (every
+    /// token routed to any of them), as the imatrix does (AWQ's rounding).
+    PooledStarved,
 }
 
 /// The routed expert a [`LayerInput`] belongs to.
