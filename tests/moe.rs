@@ -888,7 +888,8 @@ fn gptq_writes_every_expert_to_gptq_folders_and_gguf() {
             }
         }
 
-        // The same in compressed-tensors' layout.
+        // The same in compressed-tensors' layout, every expert calibrated on
+        // every token.
         let ct = dir.path().join(format!("{name}-ct"));
         let o = compress(&[
             "quantize",
@@ -903,14 +904,32 @@ fn gptq_writes_every_expert_to_gptq_folders_and_gguf() {
             "32",
             "--format",
             "compressed-tensors",
+            "--calibrate-all-experts",
             "--calib",
             calib.to_str().unwrap(),
             "--samples",
             "2",
             "--seq",
             "32",
+            "--report",
+            report.to_str().unwrap(),
         ]);
-        assert!(o.status.success(), "{name}: {}", output_text(&o));
+        let text = output_text(&o);
+        assert!(o.status.success(), "{name}: {text}");
+        let m = Model::open(&src).unwrap().config.moe.unwrap();
+        let said = format!(
+            "experts: 0 calibrated on their routed tokens, {} on every token (--calibrate-all-experts)",
+            2 * m.experts
+        );
+        assert!(text.contains(&said), "{name}: expected '{said}' in {text}");
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        assert!(r["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| !l["expert"].is_null())
+            .all(|l| l["expert"]["statistics"] == "all_tokens_requested"));
         let config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(ct.join("config.json")).unwrap())
                 .unwrap();
