@@ -1020,6 +1020,42 @@ fn gptq_writes_every_expert_to_gptq_folders_and_gguf() {
         let text = output_text(&o);
         assert!(o.status.success(), "{name}: {text}");
         assert_eq!(text.matches("KLD mean").count(), 2, "{name}: {text}");
+
+        // Per-layer fidelity, per expert on the tokens the base routes to it.
+        let o = compress(&[
+            "eval",
+            "--text",
+            eval.to_str().unwrap(),
+            "--ctx",
+            "64",
+            "--chunks",
+            "1",
+            "--base",
+            src.to_str().unwrap(),
+            gguf.to_str().unwrap(),
+            "--calib",
+            calib.to_str().unwrap(),
+            "--calib-tokens",
+            "128",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{name}: {}", output_text(&o));
+        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let m = Model::open(&src).unwrap().config.moe.unwrap();
+        for row in r["tensors"].as_array().unwrap() {
+            let tensor = row["name"].as_str().unwrap();
+            if !tensor.contains("_exps") {
+                continue;
+            }
+            let experts = row["output_experts"].as_array().unwrap();
+            assert_eq!(experts.len(), m.experts, "{name} {tensor}");
+            let tokens: u64 = experts.iter().map(|e| e["tokens"].as_u64().unwrap()).sum();
+            assert_eq!(tokens, 128 * m.used as u64, "{name} {tensor}");
+            assert!(
+                row["output_rel_error"].as_f64().unwrap() > 0.0,
+                "{name} {tensor}"
+            );
+        }
     }
 }
 

@@ -51,6 +51,10 @@ struct TensorRow {
     output_rel_error: Option<f64>,
     /// Cosine of the layer's output with the base's.
     output_cosine: Option<f64>,
+    /// For a stacked experts' tensor: each expert's output fidelity on the
+    /// calibration tokens the base routed to it, with their count.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    output_experts: Vec<eval::fidelity::ExpertFidelity>,
 }
 
 /// Storage of every tensor of `m` and, with a base, each weight's relative error.
@@ -87,6 +91,7 @@ fn tensor_rows(m: &Model, base: Option<&Model>) -> Result<Vec<TensorRow>> {
             weight_rel_error,
             output_rel_error: None,
             output_cosine: None,
+            output_experts: Vec::new(),
         });
     }
     Ok(rows)
@@ -336,6 +341,7 @@ fn add_output_fidelity(
         if let Some(l) = by_name.get(r.name.as_str()) {
             r.output_rel_error = Some(l.rel_error);
             r.output_cosine = Some(l.cosine);
+            r.output_experts = l.experts.clone();
         }
     }
     Ok(())

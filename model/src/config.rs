@@ -769,7 +769,7 @@ impl ModelConfig {
             None => Ok(()),
             Some(m) => bail!(
                 "{stage} does not handle mixture-of-experts models yet (this '{}' model routes each token to {} of {} experts); \
-                 `eval`, `imatrix`, `convert`, `sensitivity`, `quantize` (GGUF types, GPTQ, AWQ, RTN) and `prune` (magnitude, Wanda, SparseGPT, `--experts`) do",
+                 `eval` (with `--calib`), `imatrix`, `convert`, `sensitivity`, `quantize` (GGUF types, GPTQ, AWQ, RTN) and `prune` (magnitude, Wanda, SparseGPT, `--experts`) do",
                 self.arch.name,
                 m.used,
                 m.experts
