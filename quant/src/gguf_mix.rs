@@ -172,6 +172,19 @@ fn mix_type(mix: Mix, name: &str, cfg: &ModelConfig, has_imatrix: bool) -> GgmlT
     if mix.is_float() {
         return base;
     }
+    // The layers llama.cpp counts for ffn_down's rules: every tensor named
+    // ffn_down* (one per block in a dense model).
+    let n_down: usize = (0..cfg.num_hidden_layers)
+        .map(|l| {
+            cfg.arch
+                .block
+                .iter()
+                .filter(|s| {
+                    matches!(s.slot, Some(Slot::Down | Slot::SharedDown)) && cfg.block_has(l, s)
+                })
+                .count()
+        })
+        .sum();
     let n = cfg.num_hidden_layers;
     let gqa = cfg.num_attention_heads / cfg.num_key_value_heads.max(1);
     let arch = cfg.arch;
@@ -232,22 +245,25 @@ fn mix_type(mix: Mix, name: &str, cfg: &ModelConfig, has_imatrix: bool) -> GgmlT
             Mix::Q4_K_S if layer < 4 => T::Q5_K,
             _ => base,
         },
-        Slot::Down => match mix {
+        // ffn_down, the experts' ffn_down_exps and the shared ffn_down_shexp
+        // alike (llama.cpp matches "ffn_down" in the name), by block index;
+        // llama.cpp's layer count is then the number of such tensors.
+        Slot::Down | Slot::SharedDown => match mix {
             Mix::Q2_K => T::Q3_K,
             Mix::Q3_K_M => {
-                if layer < n / 16 {
+                if layer < n_down / 16 {
                     T::Q5_K
                 } else {
                     T::Q4_K
                 }
             }
             Mix::Q3_K_L => T::Q5_K,
-            Mix::Q4_K_M if use_more_bits(layer, n) => T::Q6_K,
-            Mix::IQ4_NL | Mix::IQ4_XS if layer < n / 8 && !has_imatrix => T::Q5_K,
-            Mix::Q5_K_M if use_more_bits(layer, n) => T::Q6_K,
-            Mix::Q4_K_S if layer < n / 8 => T::Q5_K,
-            Mix::Q4_0 if has_imatrix && layer < n / 8 => T::Q4_1,
-            Mix::Q5_0 if has_imatrix && layer < n / 8 => T::Q5_1,
+            Mix::Q4_K_M if use_more_bits(layer, n_down) => T::Q6_K,
+            Mix::IQ4_NL | Mix::IQ4_XS if layer < n_down / 8 && !has_imatrix => T::Q5_K,
+            Mix::Q5_K_M if use_more_bits(layer, n_down) => T::Q6_K,
+            Mix::Q4_K_S if layer < n_down / 8 => T::Q5_K,
+            Mix::Q4_0 if has_imatrix && layer < n_down / 8 => T::Q4_1,
+            Mix::Q5_0 if has_imatrix && layer < n_down / 8 => T::Q5_1,
             _ => base,
         },
         Slot::O => match mix {
@@ -495,6 +511,38 @@ mod tests {
         );
         assert_eq!(
             ty(Mix::Q4_K_M, "blk.0.ffn_gate_exps.weight", &[8, 14336, 4096]),
+            GgmlType::Q4_K
+        );
+        // llama.cpp counts every ffn_down* tensor as a layer for ffn_down's rule:
+        // Llama 4 (48 blocks, experts in every other, a shared expert in each
+        // of those) has 24 + 2·24 = 72, so block 7 (< 72/8) of a Q4_K_S gets Q5_K
+        // in its ffn_down_shexp, and block 8's dense ffn_down too; block 11's not.
+        let mut l4 = c.clone();
+        l4.arch = &model::arch::LLAMA4;
+        l4.num_hidden_layers = 48;
+        let m = l4.moe.as_mut().unwrap();
+        m.experts = 16;
+        m.interleave = 2;
+        m.shared_ffn = 8192;
+        let ty = |mix, name: &str, shape: &[usize]| choose(mix, name, shape, &l4, false, &[]).ty;
+        assert_eq!(
+            ty(Mix::Q4_K_S, "blk.7.ffn_down_shexp.weight", &[4096, 8192]),
+            GgmlType::Q5_K
+        );
+        assert_eq!(
+            ty(Mix::Q4_K_S, "blk.8.ffn_down.weight", &[4096, 16384]),
+            GgmlType::Q5_K
+        );
+        assert_eq!(
+            ty(Mix::Q4_K_S, "blk.7.ffn_gate_shexp.weight", &[8192, 4096]),
+            GgmlType::Q4_K
+        );
+        assert_eq!(
+            ty(
+                Mix::Q4_K_S,
+                "blk.11.ffn_down_exps.weight",
+                &[16, 4096, 8192]
+            ),
             GgmlType::Q4_K
         );
         // With another expert count the dense rules hold.
