@@ -1063,8 +1063,9 @@ fn m_experts(c: &model::ModelConfig) -> usize {
     c.moe.as_ref().map_or(0, |m| m.experts)
 }
 
-/// Wanda and SparseGPT prune each expert on its own tokens (the starved ones
-/// on every token) to the asked sparsity, and the pruned model loads.
+/// Wanda (unstructured) and SparseGPT (2:4) prune each expert on its own
+/// tokens (the starved ones on every token) to the asked sparsity, and the
+/// pruned model loads.
 #[test]
 fn wanda_and_sparsegpt_prune_every_expert() {
     let calib = e2e::asset("calib.txt");
@@ -1080,8 +1081,13 @@ fn wanda_and_sparsegpt_prune_every_expert() {
                 out.to_str().unwrap(),
                 "--method",
                 method,
-                "--sparsity",
-                "0.5",
+                // Wanda unstructured, SparseGPT 2:4.
+                if method == "wanda" {
+                    "--sparsity"
+                } else {
+                    "--nm"
+                },
+                if method == "wanda" { "0.5" } else { "2:4" },
                 "--calib",
                 calib.to_str().unwrap(),
                 "--samples",
@@ -1103,6 +1109,13 @@ fn wanda_and_sparsegpt_prune_every_expert() {
                 for (i, part) in values.chunks(values.len() / e).enumerate() {
                     let zeros = part.iter().filter(|v| **v == 0.0).count();
                     assert_eq!(zeros * 2, part.len(), "{name} {method} {n} expert {i}");
+                    if method == "sparsegpt" {
+                        assert!(
+                            part.chunks(4)
+                                .all(|g| g.iter().filter(|v| **v == 0.0).count() >= 2),
+                            "{name} {n} expert {i}: not 2:4"
+                        );
+                    }
                 }
             }
             let r: serde_json::Value =
