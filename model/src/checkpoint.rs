@@ -375,6 +375,17 @@ impl Model {
         self.config.arch.hf_expert_names(name, m.experts)
     }
 
+    /// The float type of HF tensor `hf` stored as `dtype`, or an error naming it.
+    fn float_dtype(&self, hf: &str, dtype: Dtype) -> Result<GgmlType> {
+        dtype.as_ggml().with_context(|| {
+            format!(
+                "{}: tensor '{hf}' has dtype {}, expected F32, F16 or BF16",
+                self.path.display(),
+                dtype.name()
+            )
+        })
+    }
+
     /// Type and shape `[experts, …]` of the HF per-expert tensors `parts`, which
     /// must all be there with one type and one shape.
     fn stacked_meta(&self, s: &SafetensorsSet, parts: &[String]) -> Result<(GgmlType, Vec<usize>)> {
@@ -396,13 +407,10 @@ impl Model {
             }
         }
         let (hf, dtype, shape) = first.context("a mixture of experts with no experts")?;
-        let ty = dtype.as_ggml().with_context(|| {
-            format!(
-                "{path}: tensor '{hf}' has dtype {}, expected F32, F16 or BF16",
-                dtype.name()
-            )
-        })?;
-        Ok((ty, [vec![parts.len()], shape].concat()))
+        Ok((
+            self.float_dtype(hf, dtype)?,
+            [vec![parts.len()], shape].concat(),
+        ))
     }
 
     /// Storage type and HF-order shape of a tensor, without touching its data.
@@ -447,27 +455,13 @@ impl Model {
                             e.shape
                         );
                     }
-                    let ty = e.dtype.as_ggml().with_context(|| {
-                        format!(
-                            "{}: tensor '{hf}' has dtype {}, expected F32, F16 or BF16",
-                            self.path.display(),
-                            e.dtype.name()
-                        )
-                    })?;
-                    return Ok((ty, shape));
+                    return Ok((self.float_dtype(&hf, e.dtype)?, shape));
                 }
                 if self.hf_offset(name).is_some() {
                     // Read as f32 with the offset added (see `tensor`).
                     return Ok((GgmlType::F32, e.shape.clone()));
                 }
-                let ty = e.dtype.as_ggml().with_context(|| {
-                    format!(
-                        "{}: tensor '{hf}' has dtype {}, expected F32, F16 or BF16",
-                        self.path.display(),
-                        e.dtype.name()
-                    )
-                })?;
-                Ok((ty, e.shape.clone()))
+                Ok((self.float_dtype(&hf, e.dtype)?, e.shape.clone()))
             }
         }
     }

@@ -29,15 +29,11 @@ const fn attn(
     super::block_spec(gguf, hf, role, shape, slot)
 }
 
-/// A shared-expert tensor.
-const fn shared(
-    gguf: &'static str,
-    hf: &'static str,
-    shape: &'static [Dim],
-    slot: Slot,
-) -> TensorSpec {
-    super::block_spec(gguf, hf, Role::Linear, shape, slot).only_in(Blocks::Moe)
-}
+const SHARED: [TensorSpec; 3] = moe::shared_expert(
+    "mlp.shared_experts.gate_proj.weight",
+    "mlp.shared_experts.up_proj.weight",
+    "mlp.shared_experts.down_proj.weight",
+);
 
 static BLOCK: [TensorSpec; 21] = [
     LLAMA_BLOCK[0],
@@ -115,36 +111,13 @@ static BLOCK: [TensorSpec; 21] = [
     moe::MLP_EXPERTS[0],
     moe::MLP_EXPERTS[1],
     moe::MLP_EXPERTS[2],
-    shared(
-        "ffn_gate_shexp.weight",
-        "mlp.shared_experts.gate_proj.weight",
-        &[Dim::SharedFfn, Dim::Hidden],
-        Slot::SharedGate,
-    ),
-    shared(
-        "ffn_up_shexp.weight",
-        "mlp.shared_experts.up_proj.weight",
-        &[Dim::SharedFfn, Dim::Hidden],
-        Slot::SharedUp,
-    ),
-    shared(
-        "ffn_down_shexp.weight",
-        "mlp.shared_experts.down_proj.weight",
-        &[Dim::Hidden, Dim::SharedFfn],
-        Slot::SharedDown,
-    ),
+    SHARED[0],
+    SHARED[1],
+    SHARED[2],
 ];
 
 fn read_hf(v: &Value, c: &mut ModelConfig) -> Result<()> {
-    let uint = |k: &str| -> Result<Option<usize>> {
-        match v.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(x) => x
-                .as_u64()
-                .map(|u| Some(u as usize))
-                .with_context(|| format!("field '{k}' is {x}, expected a non-negative integer")),
-        }
-    };
+    let uint = |k: &str| moe::hf_uint(v, k);
     let need = |k: &str| -> Result<usize> {
         uint(k)?.with_context(|| format!("field '{k}' is missing: latent attention needs it"))
     };

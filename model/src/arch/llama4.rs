@@ -28,15 +28,11 @@ const fn dense(
     super::block_spec(gguf, hf, Role::Linear, shape, slot).only_in(Blocks::Dense)
 }
 
-/// A shared-expert tensor.
-const fn shared(
-    gguf: &'static str,
-    hf: &'static str,
-    shape: &'static [Dim],
-    slot: Slot,
-) -> TensorSpec {
-    super::block_spec(gguf, hf, Role::Linear, shape, slot).only_in(Blocks::Moe)
-}
+const SHARED: [TensorSpec; 3] = moe::shared_expert(
+    "feed_forward.shared_expert.gate_proj.weight",
+    "feed_forward.shared_expert.up_proj.weight",
+    "feed_forward.shared_expert.down_proj.weight",
+);
 
 static BLOCK: [TensorSpec; 16] = [
     LLAMA_BLOCK[0],
@@ -67,24 +63,9 @@ static BLOCK: [TensorSpec; 16] = [
     moe::MLP_EXPERTS[0].stored_as("feed_forward.experts.gate_up_proj", HfLayout::FusedHalf(0)),
     moe::MLP_EXPERTS[1].stored_as("feed_forward.experts.gate_up_proj", HfLayout::FusedHalf(1)),
     moe::MLP_EXPERTS[2].stored_as("feed_forward.experts.down_proj", HfLayout::Transposed),
-    shared(
-        "ffn_gate_shexp.weight",
-        "feed_forward.shared_expert.gate_proj.weight",
-        &[Dim::SharedFfn, Dim::Hidden],
-        Slot::SharedGate,
-    ),
-    shared(
-        "ffn_up_shexp.weight",
-        "feed_forward.shared_expert.up_proj.weight",
-        &[Dim::SharedFfn, Dim::Hidden],
-        Slot::SharedUp,
-    ),
-    shared(
-        "ffn_down_shexp.weight",
-        "feed_forward.shared_expert.down_proj.weight",
-        &[Dim::Hidden, Dim::SharedFfn],
-        Slot::SharedDown,
-    ),
+    SHARED[0],
+    SHARED[1],
+    SHARED[2],
 ];
 
 /// llama.cpp's hard-coded Llama 4 attention (Scout's defaults).
@@ -117,15 +98,7 @@ fn llama_cpp_layer_types(n: usize) -> Vec<LayerType> {
 
 fn read_hf(v: &Value, c: &mut ModelConfig) -> Result<()> {
     let n = c.num_hidden_layers;
-    let uint = |k: &str| -> Result<Option<usize>> {
-        match v.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(x) => x
-                .as_u64()
-                .map(|u| Some(u as usize))
-                .with_context(|| format!("field '{k}' is {x}, expected a non-negative integer")),
-        }
-    };
+    let uint = |k: &str| moe::hf_uint(v, k);
     let float = |k: &str, default: f64| -> Result<f64> {
         match v.get(k) {
             None | Some(Value::Null) => Ok(default),

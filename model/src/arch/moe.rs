@@ -57,6 +57,52 @@ pub(crate) const fn experts(
     ]
 }
 
+/// A shared expert's gate, up and down matrices (`ffn_{gate,up,down}_shexp`,
+/// in expert blocks only), under the HF names given.
+pub(crate) const fn shared_expert(
+    gate: &'static str,
+    up: &'static str,
+    down: &'static str,
+) -> [TensorSpec; 3] {
+    [
+        super::block_spec(
+            "ffn_gate_shexp.weight",
+            gate,
+            Role::Linear,
+            &[Dim::SharedFfn, Dim::Hidden],
+            Slot::SharedGate,
+        )
+        .only_in(Blocks::Moe),
+        super::block_spec(
+            "ffn_up_shexp.weight",
+            up,
+            Role::Linear,
+            &[Dim::SharedFfn, Dim::Hidden],
+            Slot::SharedUp,
+        )
+        .only_in(Blocks::Moe),
+        super::block_spec(
+            "ffn_down_shexp.weight",
+            down,
+            Role::Linear,
+            &[Dim::Hidden, Dim::SharedFfn],
+            Slot::SharedDown,
+        )
+        .only_in(Blocks::Moe),
+    ]
+}
+
+/// An optional non-negative integer field of an HF config.
+pub(crate) fn hf_uint(v: &Value, k: &str) -> Result<Option<usize>> {
+    match v.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_u64()
+            .map(|u| Some(u as usize))
+            .with_context(|| format!("field '{k}' is {x}, expected a non-negative integer")),
+    }
+}
+
 /// AWQ's exact folds in a mixture-of-experts block: only the attention norm
 /// into q/k/v. Each expert reads the MLP norm's output through its own
 /// columns, which one gain cannot serve.
@@ -79,13 +125,8 @@ pub(crate) const MLP_EXPERTS: [TensorSpec; 3] = experts(
 pub(crate) fn read_hf(v: &Value, c: &mut ModelConfig, norm_default: bool) -> Result<()> {
     let count = |keys: &[&str]| -> Result<Option<usize>> {
         for k in keys {
-            match v.get(*k) {
-                None | Some(Value::Null) => continue,
-                Some(x) => {
-                    return x.as_u64().map(|n| Some(n as usize)).with_context(|| {
-                        format!("field '{k}' is {x}, expected a non-negative integer")
-                    })
-                }
+            if let Some(n) = hf_uint(v, k)? {
+                return Ok(Some(n));
             }
         }
         Ok(None)
