@@ -18,17 +18,6 @@ use crate::gguf::{GgufFile, MetaValue};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 
-/// A latent-attention tensor.
-const fn attn(
-    gguf: &'static str,
-    hf: &'static str,
-    role: Role,
-    shape: &'static [Dim],
-    slot: Slot,
-) -> TensorSpec {
-    super::block_spec(gguf, hf, role, shape, slot)
-}
-
 const SHARED: [TensorSpec; 3] = moe::shared_expert(
     "mlp.shared_experts.gate_proj.weight",
     "mlp.shared_experts.up_proj.weight",
@@ -37,42 +26,42 @@ const SHARED: [TensorSpec; 3] = moe::shared_expert(
 
 static BLOCK: [TensorSpec; 21] = [
     LLAMA_BLOCK[0],
-    attn(
+    super::block_spec(
         "attn_q_a.weight",
         "self_attn.q_a_proj.weight",
         Role::Linear,
         &[Dim::QLora, Dim::Hidden],
         Slot::QA,
     ),
-    attn(
+    super::block_spec(
         "attn_q_a_norm.weight",
         "self_attn.q_a_layernorm.weight",
         Role::QkNorm,
         &[Dim::QLora],
         Slot::QANorm,
     ),
-    attn(
+    super::block_spec(
         "attn_q_b.weight",
         "self_attn.q_b_proj.weight",
         Role::Linear,
         &[Dim::MlaQ, Dim::QLora],
         Slot::QB,
     ),
-    attn(
+    super::block_spec(
         "attn_kv_a_mqa.weight",
         "self_attn.kv_a_proj_with_mqa.weight",
         Role::Linear,
         &[Dim::KvLoraRope, Dim::Hidden],
         Slot::KvA,
     ),
-    attn(
+    super::block_spec(
         "attn_kv_a_norm.weight",
         "self_attn.kv_a_layernorm.weight",
         Role::QkNorm,
         &[Dim::KvLora],
         Slot::KvANorm,
     ),
-    attn(
+    super::block_spec(
         "attn_k_b.weight",
         "",
         Role::Linear,
@@ -80,7 +69,7 @@ static BLOCK: [TensorSpec; 21] = [
         Slot::KB,
     )
     .stored_as("self_attn.kv_b_proj.weight", HfLayout::LatentKeys),
-    attn(
+    super::block_spec(
         "attn_v_b.weight",
         "",
         Role::Linear,
@@ -88,7 +77,7 @@ static BLOCK: [TensorSpec; 21] = [
         Slot::VB,
     )
     .stored_as("self_attn.kv_b_proj.weight", HfLayout::LatentValues),
-    attn(
+    super::block_spec(
         "attn_output.weight",
         "self_attn.o_proj.weight",
         Role::Linear,
