@@ -916,13 +916,22 @@ impl Model {
         h: &[f32],
         n: usize,
     ) -> Result<Vec<(usize, f32)>> {
-        let c = &self.config;
-        let m = c
+        Ok(route(&self.router_logits(router, h, n)?, self.moe()?, bias))
+    }
+
+    /// The router's scores `n × experts` for the MLP input `h` (`n × hidden`).
+    pub fn router_logits(&self, router: &[f32], h: &[f32], n: usize) -> Result<Vec<f32>> {
+        let m = self.moe()?;
+        let router = Tensor::from_f32("router", vec![m.experts, self.config.hidden_size], router);
+        linear(h, n, &router)
+    }
+
+    /// The config's mixture of experts, for a block that has a router.
+    fn moe(&self) -> Result<&crate::config::MoeConfig> {
+        self.config
             .moe
             .as_ref()
-            .context("a block with a router but no experts in the config")?;
-        let router = Tensor::from_f32("router", vec![m.experts, c.hidden_size], router);
-        Ok(route(&linear(h, n, &router)?, m, bias))
+            .context("a block with a router but no experts in the config")
     }
 
     /// A mixture-of-experts MLP on its input `h` (`n × hidden`): each token's

@@ -29,7 +29,7 @@
 use crate::arch::Slot;
 use crate::calib::factor::{FactorOptions, Factored};
 use crate::calib::Hessian;
-use crate::llama::{gated_mlp, linear, BlockCursor, BlockWeights, EXPERT_SLOTS, LINEAR_GROUPS};
+use crate::llama::{gated_mlp, route, BlockCursor, BlockWeights, EXPERT_SLOTS, LINEAR_GROUPS};
 use crate::{names, Model, Tensor};
 use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
@@ -361,26 +361,25 @@ fn calibrate_experts(
 ) -> Result<Vec<(Slot, Tensor<'static>)>> {
     let c = &model.config;
     let router = w.router.as_deref().expect("a routed block");
-    let experts = c.moe.as_ref().map_or(0, |m| m.experts);
     let hidden = c.hidden_size;
-    let routes = h
+    let m = c
+        .moe
+        .as_ref()
+        .context("a block with a router but no experts in the config")?;
+    let logits = h
         .iter()
-        .map(|x| model.expert_routes(router, w.router_bias.as_deref(), x, n))
+        .map(|x| model.router_logits(router, x, n))
         .collect::<Result<Vec<_>>>()?;
-    let used = routes.first().map_or(1, |r| r.len() / n.max(1)).max(1);
-    // Input-weighted routing (Llama 4): each sample's router scores.
-    let scores: Vec<Option<Vec<f32>>> = h
+    let routes: Vec<Vec<(usize, f32)>> = logits
         .iter()
-        .map(|x| {
-            model
-                .input_weighted_experts()
-                .then(|| {
-                    let r = Tensor::from_f32("router", vec![experts, hidden], router);
-                    linear(x, n, &r)
-                })
-                .transpose()
-        })
-        .collect::<Result<_>>()?;
+        .map(|s| route(s, m, w.router_bias.as_deref()))
+        .collect();
+    let (experts, used) = (m.experts, m.used);
+    // Input-weighted routing (Llama 4) scales each row by the sigmoid of its score.
+    let scores: Vec<Option<&[f32]>> = logits
+        .iter()
+        .map(|s| model.input_weighted_experts().then_some(s.as_slice()))
+        .collect();
     let slots = [Slot::Gate, Slot::Up, Slot::Down];
     // The changed stacked tensors' f32 bytes, expert after expert.
     let mut changed: Vec<Vec<u8>> = vec![Vec::new(); slots.len()];
