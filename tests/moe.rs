@@ -1298,3 +1298,215 @@ fn awq_rounds_every_expert_on_its_routed_inputs() {
         }
     }
 }
+
+/// `compress eval --base` mean KLD of `model` against `base` on the evaluation
+/// text.
+fn kld_against(model: &Path, base: &Path) -> f64 {
+    let eval = e2e::eval_text();
+    let o = compress(&[
+        "eval",
+        "--text",
+        eval.to_str().unwrap(),
+        "--ctx",
+        "64",
+        "--chunks",
+        "4",
+        "--base",
+        base.to_str().unwrap(),
+        model.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["kld"]["mean"].as_f64().unwrap()
+}
+
+#[test]
+fn distillation_trains_the_experts_and_leaves_the_router_alone() {
+    let calib = e2e::asset("calib.txt");
+    let dir = tempfile::tempdir().unwrap();
+    let distill = |teacher: &Path, student: &Path, out: &Path, train: &[&str]| {
+        let mut args = vec![
+            "distill",
+            "--teacher",
+            teacher.to_str().unwrap(),
+            "--student",
+            student.to_str().unwrap(),
+            "--text",
+            calib.to_str().unwrap(),
+            "--tokens",
+            "4096",
+            "--seq",
+            "64",
+            "--batch",
+            "2",
+            "--lr",
+            "3e-3",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend(train);
+        compress(&args)
+    };
+    for name in MOE {
+        let teacher = fixture(name);
+        let student = dir.path().join(format!("{name}-pruned"));
+        let o = compress(&[
+            "prune",
+            teacher.to_str().unwrap(),
+            "--method",
+            "magnitude",
+            "--sparsity",
+            "0.5",
+            "-o",
+            student.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{name}: {}", output_text(&o));
+        let before = kld_against(&student, &teacher);
+        // Adapters learn less from this budget than the weights themselves.
+        for (train, bar) in [("all", 0.8), ("lora", 0.9)] {
+            let out = dir.path().join(format!("{name}-{train}"));
+            let report = dir.path().join(format!("{name}-{train}.json"));
+            let o = distill(
+                &teacher,
+                &student,
+                &out,
+                &[
+                    "--train",
+                    train,
+                    "--lora-rank",
+                    "8",
+                    "--report",
+                    report.to_str().unwrap(),
+                ],
+            );
+            assert!(o.status.success(), "{name} {train}: {}", output_text(&o));
+            let after = kld_against(&out, &teacher);
+            eprintln!("{name} --train {train}: held-out KLD {before:.4} → {after:.4}");
+            assert!(
+                after < bar * before,
+                "{name} {train}: KLD {before} → {after}"
+            );
+
+            let (s, t) = (Model::open(&student).unwrap(), Model::open(&out).unwrap());
+            let m = s.config.moe.clone().unwrap();
+            if train == "lora" {
+                // Rank 8 on q, k, v, o and one adapter per expert on each of
+                // the three stacks: 8·(in + out) values per matrix.
+                let c = &s.config;
+                let (h, q, kv, f) = (c.hidden_size, c.q_dim(), c.kv_dim(), m.expert_ffn);
+                let per_block = 8 * (2 * (h + q) + 2 * (h + kv) + 3 * m.experts * (h + f));
+                let r: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+                assert_eq!(
+                    r["trained_values"].as_u64().unwrap() as usize,
+                    c.num_hidden_layers * per_block,
+                    "{name}"
+                );
+            }
+            for l in 0..s.config.num_hidden_layers {
+                let tensor = |model: &Model, suffix: &str| {
+                    let name = model::names::block(l, suffix);
+                    model.tensor(&name).unwrap().to_f32().unwrap()
+                };
+                // The router is the student's, bit for bit, under any --train.
+                let (r0, r1) = (
+                    tensor(&s, "ffn_gate_inp.weight"),
+                    tensor(&t, "ffn_gate_inp.weight"),
+                );
+                assert!(
+                    r0.iter().zip(&r1).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{name} {train}: block {l}'s router changed"
+                );
+                // Every expert trained (a token reached each on 4096 tokens),
+                // and its pruned zeros stayed zero.
+                for suffix in ["ffn_gate_exps.weight", "ffn_down_exps.weight"] {
+                    let (w0, w1) = (tensor(&s, suffix), tensor(&t, suffix));
+                    let per = w0.len() / m.experts;
+                    for e in 0..m.experts {
+                        let range = e * per..(e + 1) * per;
+                        let (a, b) = (&w0[range.clone()], &w1[range]);
+                        assert!(
+                            a != b,
+                            "{name} {train}: expert {e} of {suffix} block {l} unchanged"
+                        );
+                        assert!(
+                            a.iter().zip(b).all(|(x, y)| *x != 0.0 || *y == 0.0),
+                            "{name} {train}: a pruned weight of expert {e} came back"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // The models whose attention or routing the training forward lacks are
+    // refused by name, with no output.
+    for (name, says) in [
+        ("llama4", "chunked attention"),
+        ("deepseek_v3", "latent attention"),
+    ] {
+        let out = dir.path().join(format!("{name}-never"));
+        let o = distill(&fixture(name), &fixture(name), &out, &[]);
+        let text = output_text(&o);
+        assert_eq!(o.status.code(), Some(2), "{name}: {text}");
+        assert!(text.contains(says), "{name}: {text}");
+        assert!(!out.exists(), "{name}: left {}", out.display());
+    }
+}
+
+#[test]
+fn a_quantized_moe_student_trains_through_its_codec_and_keeps_its_types() {
+    let calib = e2e::asset("calib.txt");
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = fixture("qwen3_moe");
+    let student = dir.path().join("q4_0.gguf");
+    let out = dir.path().join("distilled.gguf");
+    let o = compress(&[
+        "quantize",
+        teacher.to_str().unwrap(),
+        "--type",
+        "Q4_0",
+        "-o",
+        student.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    let o = compress(&[
+        "distill",
+        "--teacher",
+        teacher.to_str().unwrap(),
+        "--student",
+        student.to_str().unwrap(),
+        "--text",
+        calib.to_str().unwrap(),
+        "--tokens",
+        "4096",
+        "--seq",
+        "64",
+        "--batch",
+        "2",
+        "--lr",
+        "1e-3",
+        "--train",
+        "blocks",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    let (before, after) = (kld_against(&student, &teacher), kld_against(&out, &teacher));
+    eprintln!("qwen3_moe Q4_0 student: held-out KLD {before:.4} → {after:.4}");
+    assert!(after < 0.9 * before, "KLD {before} → {after}");
+    let (s, t) = (Model::open(&student).unwrap(), Model::open(&out).unwrap());
+    for name in s.tensor_names() {
+        let (ty, _) = s.tensor_meta(&name).unwrap();
+        assert_eq!(t.tensor_meta(&name).unwrap().0, ty, "{name}");
+        if name.ends_with("ffn_gate_inp.weight") {
+            let (a, b) = (s.tensor(&name).unwrap(), t.tensor(&name).unwrap());
+            assert_eq!(a.to_f32().unwrap(), b.to_f32().unwrap(), "{name} changed");
+        }
+    }
+    e2e::check_gguf_with_gguf_py(
+        &out,
+        &["blk.0.ffn_down_exps.weight", "blk.1.ffn_gate_inp.weight"],
+        &dir.path().join("dump"),
+    );
+}

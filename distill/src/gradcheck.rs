@@ -8,14 +8,16 @@
 //! (pre- and post-norms, GELU-tanh, embedding scale, `query_pre_attn_scalar`,
 //! a sliding layer with its own RoPE base beside a global one), an OLMo-2-like
 //! one (no pre-norms, post-norms, q/k norms over the whole projection) and a
-//! SmolLM3/Mistral-like one (a NoPE layer, windows on every layer). The
-//! sequence (5 tokens) is longer than every window (2, 3).
+//! SmolLM3/Mistral-like one (a NoPE layer, windows on every layer), and the
+//! mixtures of experts (Qwen3-MoE, Mixtral, OLMoE: four experts, two per
+//! token, the router's gradient included). The sequence (5 tokens) is longer
+//! than every window (2, 3) and routes to every expert of the tiny MoEs.
 
 use crate::float::Float;
 use crate::loss::{forward_kl, next_token_cross_entropy, reverse_kl};
 use crate::params::{Grads, Params};
 use crate::testutil::{
-    all_tiny_configs, random_params, random_vec, tiny_config, tiny_gemma_config,
+    all_tiny_configs, moe_configs, random_params, random_vec, tiny_config, tiny_gemma_config,
     tiny_nope_window_config, tiny_olmo_config, tiny_qwen2_config, tiny_qwen3_config,
 };
 use crate::transformer::{backward, forward, Activations};
@@ -100,9 +102,14 @@ fn norm(v: impl Iterator<Item = f64>) -> f64 {
 /// `c`; returns the worst per-tensor relative error and panics naming every
 /// tensor that fails.
 fn check_against_finite_differences(c: &ModelConfig) -> f64 {
+    check_with_seed(c, if c.tie_word_embeddings { 1 } else { 2 })
+}
+
+/// [`check_against_finite_differences`] at the parameters drawn from `seed`.
+fn check_with_seed(c: &ModelConfig, seed: u64) -> f64 {
     let c = c.clone();
     let tied = c.tie_word_embeddings;
-    let p = random_params::<f64>(&c, if tied { 1 } else { 2 });
+    let p = random_params::<f64>(&c, seed);
     let s = Setup::new(&c);
     let g = analytic(&p, &s);
     let step = 1e-5;
@@ -197,6 +204,28 @@ fn gradients_match_finite_differences_olmo_like() {
     for tied in [true, false] {
         let worst = check_against_finite_differences(&tiny_olmo_config(tied));
         println!("olmo-like, tied {tied}: worst per-tensor relative error {worst:.2e}");
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences_mixtures_of_experts() {
+    for c in moe_configs() {
+        // The check covers every expert only where each receives a token: the
+        // first seed whose parameters route to all four in both blocks.
+        let tokens = Setup::new(&c).tokens;
+        let seed = (1..100)
+            .find(|&seed| {
+                let acts = forward(&random_params::<f64>(&c, seed), &tokens).unwrap();
+                acts.blocks
+                    .iter()
+                    .all(|b| b.moe.as_ref().expect("an expert block").passes.len() == 4)
+            })
+            .expect("a seed that routes to every expert");
+        let worst = check_with_seed(&c, seed);
+        println!(
+            "{}, tied {}: worst per-tensor relative error {worst:.2e}",
+            c.arch.name, c.tie_word_embeddings
+        );
     }
 }
 

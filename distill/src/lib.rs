@@ -32,6 +32,7 @@ pub mod float;
 pub mod gemm;
 mod load;
 pub mod loss;
+pub mod moe;
 pub mod ops;
 pub mod params;
 pub mod run;

@@ -20,7 +20,7 @@ impl Params<f32> {
     /// Every weight of `model` as dense f32, shaped by `model.config` (tied head
     /// when the config ties it).
     pub fn from_model(model: &Model) -> Result<Self> {
-        model.config.refuse_moe("distillation")?;
+        crate::params::refuse_untrainable(&model.config)?;
         let mut p = Params::<f32>::zeros(&model.config);
         for t in p.tensors_mut() {
             let src = model
@@ -90,6 +90,17 @@ mod tests {
             ("smollm3", &model::arch::SMOLLM3, &model::arch::SMOLLM3),
             ("olmo2", &model::arch::OLMO2, &model::arch::OLMO2),
             ("gemma3", &model::arch::GEMMA3, &model::arch::GEMMA3),
+            (
+                "../moe/qwen3_moe",
+                &model::arch::QWEN3_MOE,
+                &model::arch::QWEN3_MOE,
+            ),
+            (
+                "../moe/mixtral",
+                &model::arch::MIXTRAL,
+                &model::arch::MIXTRAL,
+            ),
+            ("../moe/olmoe", &model::arch::OLMOE, &model::arch::OLMOE),
         ] {
             for (file, arch) in [("", hf_arch), ("model.gguf", gguf_arch)] {
                 let path = root.join(name).join(file);
@@ -105,6 +116,19 @@ mod tests {
                 );
                 assert!(rel < 1e-5, "{}: logits differ by {rel:e}", path.display());
             }
+        }
+    }
+
+    #[test]
+    fn models_the_training_forward_lacks_are_refused_by_name() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/moe");
+        for (name, what) in [
+            ("llama4", "chunked attention"),
+            ("deepseek_v3", "latent attention"),
+        ] {
+            let m = Model::open(&root.join(name)).unwrap();
+            let e = Params::from_model(&m).unwrap_err().to_string();
+            assert!(e.contains(what) && e.contains(m.config.arch.name), "{e}");
         }
     }
 

@@ -13,6 +13,12 @@
 //! the whole projection. A [`BlockParams`] has a field for each of them; those
 //! the architecture lacks are empty vectors and are not listed by
 //! [`Params::tensors`].
+//!
+//! In a mixture-of-experts block (Qwen3-MoE, Mixtral, OLMoE) the gate, up and
+//! down fields hold the routed experts stacked as GGUF stores them
+//! (`ffn_{gate,up,down}_exps`, `[experts, out, in]`: expert `e`'s matrix is
+//! the `e`-th contiguous slice), and `router` holds `ffn_gate_inp`
+//! (`[experts, hidden]`), which the forward reads but training never changes.
 
 use crate::float::Float;
 use model::arch::{Role, Slot};
@@ -64,6 +70,9 @@ pub struct BlockParams<T> {
     /// RMSNorm gain on the MLP output before the residual add `[hidden]`;
     /// empty when none.
     pub ffn_post_norm: Vec<T>,
+    /// A mixture-of-experts block's router `[experts, hidden]`; empty in a
+    /// dense block. Frozen: its gradient is computed, never applied.
+    pub router: Vec<T>,
 }
 
 /// All weights of a model. The gradients of a model have the same layout and use
@@ -109,17 +118,30 @@ pub struct TensorMut<'a, T> {
     pub data: &'a mut [T],
 }
 
-/// The block tensors of `c`'s architecture in its description's (file) order:
-/// slot, GGUF suffix and shape.
-fn block_specs(c: &ModelConfig) -> Vec<(Slot, &'static str, Vec<usize>)> {
+/// Which field of [`BlockParams`] holds a block tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    /// The tensor that fills a slot of the block graph.
+    Slot(Slot),
+    /// The router, which the description gives no slot (no stage rewrites it).
+    Router,
+}
+
+/// The tensors of block `l` of a model with config `c`, in its description's
+/// (file) order: field, GGUF suffix and shape (a dense block's MLP, or a
+/// mixture-of-experts block's router and stacked experts).
+fn block_specs(c: &ModelConfig, l: usize) -> Vec<(Field, &'static str, Vec<usize>)> {
     c.arch
         .block
         .iter()
+        .filter(|s| c.block_has(l, s))
         .map(|s| {
-            let slot = s
-                .slot
-                .expect("every block tensor of a description has a slot");
-            (slot, s.gguf, s.shape.iter().map(|d| d.size(c)).collect())
+            let field = match (s.slot, s.role) {
+                (Some(slot), _) => Field::Slot(slot),
+                (None, Role::Router) => Field::Router,
+                (None, role) => unreachable!("block tensor '{}' ({role:?}) has no slot", s.gguf),
+            };
+            (field, s.gguf, s.shape.iter().map(|d| d.size(c)).collect())
         })
         .collect()
 }
@@ -144,28 +166,30 @@ impl<T> BlockParams<T> {
             k_norm: Vec::new(),
             attn_post_norm: Vec::new(),
             ffn_post_norm: Vec::new(),
+            router: Vec::new(),
         }
     }
 
-    /// Every field with the slot of the block graph it fills.
-    fn fields_mut(&mut self) -> [(Slot, &mut Vec<T>); 16] {
+    /// Every field with the block tensor it holds.
+    fn fields_mut(&mut self) -> [(Field, &mut Vec<T>); 17] {
         [
-            (Slot::AttnNorm, &mut self.attn_norm),
-            (Slot::Q, &mut self.wq),
-            (Slot::K, &mut self.wk),
-            (Slot::V, &mut self.wv),
-            (Slot::O, &mut self.wo),
-            (Slot::FfnNorm, &mut self.ffn_norm),
-            (Slot::Gate, &mut self.w_gate),
-            (Slot::Up, &mut self.w_up),
-            (Slot::Down, &mut self.w_down),
-            (Slot::QBias, &mut self.bq),
-            (Slot::KBias, &mut self.bk),
-            (Slot::VBias, &mut self.bv),
-            (Slot::QNorm, &mut self.q_norm),
-            (Slot::KNorm, &mut self.k_norm),
-            (Slot::AttnPostNorm, &mut self.attn_post_norm),
-            (Slot::FfnPostNorm, &mut self.ffn_post_norm),
+            (Field::Slot(Slot::AttnNorm), &mut self.attn_norm),
+            (Field::Slot(Slot::Q), &mut self.wq),
+            (Field::Slot(Slot::K), &mut self.wk),
+            (Field::Slot(Slot::V), &mut self.wv),
+            (Field::Slot(Slot::O), &mut self.wo),
+            (Field::Slot(Slot::FfnNorm), &mut self.ffn_norm),
+            (Field::Slot(Slot::Gate), &mut self.w_gate),
+            (Field::Slot(Slot::Up), &mut self.w_up),
+            (Field::Slot(Slot::Down), &mut self.w_down),
+            (Field::Slot(Slot::QBias), &mut self.bq),
+            (Field::Slot(Slot::KBias), &mut self.bk),
+            (Field::Slot(Slot::VBias), &mut self.bv),
+            (Field::Slot(Slot::QNorm), &mut self.q_norm),
+            (Field::Slot(Slot::KNorm), &mut self.k_norm),
+            (Field::Slot(Slot::AttnPostNorm), &mut self.attn_post_norm),
+            (Field::Slot(Slot::FfnPostNorm), &mut self.ffn_post_norm),
+            (Field::Router, &mut self.router),
         ]
     }
 
@@ -199,7 +223,7 @@ impl<T> BlockParams<T> {
             | Slot::KvANorm
             | Slot::KB
             | Slot::VB => {
-                unreachable!("distillation refuses mixture-of-experts models when it loads them")
+                unreachable!("distillation refuses shared experts and latent attention when it loads a model")
             }
         }
     }
@@ -234,14 +258,14 @@ impl<T> BlockParams<T> {
             | Slot::KvANorm
             | Slot::KB
             | Slot::VB => {
-                unreachable!("distillation refuses mixture-of-experts models when it loads them")
+                unreachable!("distillation refuses shared experts and latent attention when it loads a model")
             }
         }
     }
 
-    /// The fields of `slots`, writable, in that order (each slot at most once).
-    fn slots_mut(&mut self, slots: impl Iterator<Item = Slot>) -> Vec<&mut Vec<T>> {
-        let mut fields: Vec<Option<(Slot, &mut Vec<T>)>> =
+    /// The fields of `slots`, writable, in that order (each at most once).
+    fn slots_mut(&mut self, slots: impl Iterator<Item = Field>) -> Vec<&mut Vec<T>> {
+        let mut fields: Vec<Option<(Field, &mut Vec<T>)>> =
             self.fields_mut().into_iter().map(Some).collect();
         slots
             .map(|slot| {
@@ -256,21 +280,59 @@ impl<T> BlockParams<T> {
     }
 }
 
+/// Refuses a model whose graph the training forward does not have: shared
+/// experts, routing other than a softmax (DeepSeek's grouped sigmoid, Llama 4's
+/// input-weighted top-1), multi-head latent attention and Llama 4's chunked
+/// attention. Qwen3-MoE, Mixtral and OLMoE (softmax routing, every block or
+/// interleaved with dense ones) train.
+pub fn refuse_untrainable(c: &ModelConfig) -> anyhow::Result<()> {
+    let arch = c.arch.name;
+    let missing = if c.mla.is_some() {
+        Some("multi-head latent attention")
+    } else if c.chunked_attention.is_some() || c.rope_interleaved {
+        Some("Llama 4's chunked attention and adjacent-pair RoPE")
+    } else if let Some(m) = &c.moe {
+        if m.routing != model::config::Routing::Softmax {
+            Some("routing other than a softmax over the experts")
+        } else if m.shared_ffn > 0 {
+            Some("a shared expert")
+        } else {
+            None
+        }
+    } else {
+        None
+    };
+    match missing {
+        Some(what) => anyhow::bail!(
+            "distillation of a '{arch}' model needs {what}, which the training forward does not have yet; \
+             mixtures of experts with softmax routing and no shared expert (qwen3_moe, mixtral, olmoe) train"
+        ),
+        None => Ok(()),
+    }
+}
+
 impl<T: Float> Params<T> {
     /// All-zero parameters (or gradients) shaped by `config`: the block tensors
     /// its architecture describes (the others stay empty); the output head
     /// exists only when the config does not tie it to the embedding.
     pub fn zeros(config: &ModelConfig) -> Self {
         let z = |shape: &[usize]| vec![T::ZERO; shape.iter().product()];
-        let mut block = BlockParams::empty();
-        for (slot, _, shape) in block_specs(config) {
-            *block.slot_mut(slot) = z(&shape);
-        }
+        let blocks = (0..config.num_hidden_layers)
+            .map(|l| {
+                let mut block = BlockParams::empty();
+                let specs = block_specs(config, l);
+                let fields = block.slots_mut(specs.iter().map(|s| s.0));
+                for (field, (_, _, shape)) in fields.into_iter().zip(&specs) {
+                    *field = z(shape);
+                }
+                block
+            })
+            .collect();
         let (v, h) = (config.vocab_size, config.hidden_size);
         Params {
             config: config.clone(),
             token_embd: z(&[v, h]),
-            blocks: vec![block; config.num_hidden_layers],
+            blocks,
             output_norm: z(&[h]),
             output: (!config.tie_word_embeddings).then(|| z(&[v, h])),
         }
@@ -306,13 +368,16 @@ impl<T: Float> Params<T> {
             shape: vec![v, h],
             data: &self.token_embd[..],
         }];
-        let specs = block_specs(c);
         for (l, b) in self.blocks.iter().enumerate() {
-            for (slot, suffix, shape) in &specs {
+            for (field, suffix, shape) in block_specs(c, l) {
+                let data = match field {
+                    Field::Slot(slot) => b.slot(slot),
+                    Field::Router => &b.router,
+                };
                 out.push(TensorRef {
                     name: names::block(l, suffix),
-                    shape: shape.clone(),
-                    data: b.slot(*slot),
+                    shape,
+                    data,
                 });
             }
         }
@@ -335,13 +400,13 @@ impl<T: Float> Params<T> {
     pub fn tensors_mut(&mut self) -> Vec<TensorMut<'_, T>> {
         let c = &self.config;
         let (v, h) = (c.vocab_size, c.hidden_size);
-        let specs = block_specs(c);
         let mut out = vec![TensorMut {
             name: c.arch.global_name(Role::Embedding).into(),
             shape: vec![v, h],
             data: &mut self.token_embd[..],
         }];
         for (l, b) in self.blocks.iter_mut().enumerate() {
+            let specs = block_specs(c, l);
             let fields = b.slots_mut(specs.iter().map(|s| s.0));
             for ((_, suffix, shape), data) in specs.iter().zip(fields) {
                 out.push(TensorMut {

@@ -7,7 +7,10 @@
 //!   through (`∂L/∂W := ∂L/∂Ŵ`, the straight-through estimator), so the tuned
 //!   tensor is written back in its own type;
 //! - a low-rank adapter `W = W₀ + s·B·A` on a frozen block linear (`A` is
-//!   `[r, in]`, `B` is `[out, r]`, `s = α/r`), merged into the weights at the end.
+//!   `[r, in]`, `B` is `[out, r]`, `s = α/r`), merged into the weights at the end;
+//!   one adapter per expert on a stack of routed experts.
+//!
+//! A mixture-of-experts router never trains (see [`crate::moe`]).
 //!
 //! The exact zeros of a pruned student stay zero whichever kind trains: masked
 //! entries are reset after every update (adapters: in the merged weight).
@@ -57,11 +60,13 @@ enum Kind {
         cols: usize,
         master: Vec<f32>,
     },
-    /// `W = base + scale·B·A`.
+    /// `W_e = base_e + scale·B_e·A_e` for each of `experts` stacked
+    /// `[rows, cols]` matrices (one for a plain linear).
     Lora {
         base: Vec<f32>,
         a: Vec<f32>,
         b: Vec<f32>,
+        experts: usize,
         rank: usize,
         rows: usize,
         cols: usize,
@@ -138,7 +143,7 @@ impl Student {
         for (i, t) in params.tensors().into_iter().enumerate() {
             let ty = types.get(&t.name).copied().unwrap_or(GgmlType::F32);
             let quantized = !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
-            let matrix = t.shape.len() == 2;
+            let matrix = t.shape.len() >= 2;
             let kind = match method {
                 Method::Full(trainable) if trainable.includes(arch, &t.name) => {
                     if quantized {
@@ -158,7 +163,10 @@ impl Student {
                             t.name
                         );
                     }
-                    let (rows, cols) = (t.shape[0], t.shape[1]);
+                    // A stack of routed experts `[experts, rows, cols]` gets one
+                    // adapter per expert.
+                    let (lead, matrix) = t.shape.split_at(t.shape.len() - 2);
+                    let (experts, rows, cols) = (lead.iter().product(), matrix[0], matrix[1]);
                     if rank == 0 || rank > rows.min(cols) {
                         bail!(
                             "adapter rank {rank} for '{}' ({rows}×{cols}): it must be between 1 and {}",
@@ -169,11 +177,12 @@ impl Student {
                     Kind::Lora {
                         base: t.data.to_vec(),
                         a: uniform(
-                            rank * cols,
+                            experts * rank * cols,
                             1.0 / (cols as f32).sqrt(),
                             seed.wrapping_add(i as u64),
                         ),
-                        b: vec![0.0; rows * rank],
+                        b: vec![0.0; experts * rows * rank],
+                        experts,
                         rank,
                         rows,
                         cols,
@@ -289,6 +298,7 @@ impl Student {
                 Kind::Lora {
                     a,
                     b,
+                    experts,
                     rank,
                     rows,
                     cols,
@@ -298,10 +308,19 @@ impl Student {
                     let mut dw = g.to_vec();
                     self.masks.apply(&v.name, &mut dw);
                     let (r, m, n) = (*rank, *rows, *cols);
-                    // ∂A [r, n] = Bᵀ [r, m] · ∂W [m, n]
-                    let mut da = matmul(b, &dw, r, m, n, true, false);
-                    // ∂B [m, r] = ∂W [m, n] · Aᵀ [n, r]
-                    let mut db = matmul(&dw, a, m, n, r, false, true);
+                    let (mut da, mut db) =
+                        (Vec::with_capacity(a.len()), Vec::with_capacity(b.len()));
+                    for e in 0..*experts {
+                        let (a, b) = (
+                            &a[e * r * n..(e + 1) * r * n],
+                            &b[e * m * r..(e + 1) * m * r],
+                        );
+                        let dw = &dw[e * m * n..(e + 1) * m * n];
+                        // ∂A [r, n] = Bᵀ [r, m] · ∂W [m, n]
+                        da.extend(matmul(b, dw, r, m, n, true, false));
+                        // ∂B [m, r] = ∂W [m, n] · Aᵀ [n, r]
+                        db.extend(matmul(dw, a, m, n, r, false, true));
+                    }
                     da.iter_mut().chain(db.iter_mut()).for_each(|x| *x *= scale);
                     out.push(Cow::Owned(da));
                     out.push(Cow::Owned(db));
@@ -330,12 +349,22 @@ impl Student {
                     base,
                     a,
                     b,
+                    experts,
                     rank,
                     rows,
                     cols,
                     scale,
                 } => {
-                    let delta = matmul(b, a, *rows, *rank, *cols, false, false);
+                    let (r, m, n) = (*rank, *rows, *cols);
+                    let delta: Vec<f32> = (0..*experts)
+                        .flat_map(|e| {
+                            let (a, b) = (
+                                &a[e * r * n..(e + 1) * r * n],
+                                &b[e * m * r..(e + 1) * m * r],
+                            );
+                            matmul(b, a, m, r, n, false, false)
+                        })
+                        .collect();
                     w.iter_mut()
                         .zip(base.iter())
                         .zip(&delta)

@@ -28,13 +28,14 @@ pub fn tiny_qwen3_config(tied: bool) -> ModelConfig {
     tiny_arch_config(&model::arch::QWEN3, tied, 6)
 }
 
-/// Every tiny configuration: llama, qwen2, qwen3 and
-/// [`newer_family_configs`], each tied and untied.
+/// Every tiny configuration: llama, qwen2, qwen3, [`newer_family_configs`]
+/// and [`moe_configs`], each tied and untied.
 pub fn all_tiny_configs() -> Vec<ModelConfig> {
     [tiny_config, tiny_qwen2_config, tiny_qwen3_config]
         .into_iter()
         .flat_map(|f| [f(true), f(false)])
         .chain(newer_family_configs())
+        .chain(moe_configs())
         .collect()
 }
 
@@ -86,7 +87,8 @@ pub fn random_params<T: Float>(config: &ModelConfig, seed: u64) -> Params<T> {
         } else if t.name == "token_embd.weight" {
             Some(1.0)
         } else {
-            Some(1.5 / (t.shape[1] as f64).sqrt())
+            // In features: the last dimension (of each expert's matrix too).
+            Some(1.5 / (t.shape[t.shape.len() - 1] as f64).sqrt())
         };
         for x in t.data.iter_mut() {
             *x = match bound {
@@ -159,4 +161,34 @@ pub fn newer_family_configs() -> Vec<ModelConfig> {
         .into_iter()
         .flat_map(|f| [f(true), f(false)])
         .collect()
+}
+
+/// A tiny mixture of experts of architecture `arch` with heads of `head_dim`:
+/// four experts 6 wide, two per token, renormalised or not.
+pub fn tiny_moe_config(
+    arch: &'static Arch,
+    tied: bool,
+    head_dim: usize,
+    norm_topk_prob: bool,
+) -> ModelConfig {
+    let mut c = tiny_arch_config(arch, tied, head_dim);
+    c.moe = Some(model::config::MoeConfig::softmax(4, 2, 6, norm_topk_prob));
+    c.validate()
+        .expect("tiny mixture-of-experts config is consistent");
+    c
+}
+
+/// The trainable mixtures of experts: Qwen3-MoE (per-head q/k norms, heads 6
+/// wide, renormalised top-2), Mixtral (the llama block, renormalised) and
+/// OLMoE (q/k norms over the whole projection, top-2 probabilities as they
+/// are), each tied and untied.
+pub fn moe_configs() -> Vec<ModelConfig> {
+    [
+        (&model::arch::QWEN3_MOE, 6, true),
+        (&model::arch::MIXTRAL, 4, true),
+        (&model::arch::OLMOE, 4, false),
+    ]
+    .into_iter()
+    .flat_map(|(arch, hd, norm)| [true, false].map(|tied| tiny_moe_config(arch, tied, hd, norm)))
+    .collect()
 }

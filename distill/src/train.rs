@@ -10,7 +10,7 @@ use rayon::prelude::*;
 /// Which parameters train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trainable {
-    /// Every tensor.
+    /// Every tensor but a mixture-of-experts router.
     All,
     /// The RMSNorm gains only, per-head q/k norms included (a cheap
     /// recalibration of a pruned model's scales).
@@ -23,9 +23,13 @@ pub enum Trainable {
 
 impl Trainable {
     /// Whether tensor `name` of a model of architecture `arch` trains (decided
-    /// by the role the description gives it).
+    /// by the role the description gives it). A mixture-of-experts router never
+    /// does: the routing stays the one the model was calibrated with.
     pub fn includes(self, arch: &Arch, name: &str) -> bool {
         let role = arch.role(name);
+        if role == Some(Role::Router) {
+            return false;
+        }
         match self {
             Trainable::All => true,
             Trainable::Norms => matches!(role, Some(Role::Norm | Role::QkNorm)),
@@ -98,7 +102,8 @@ pub struct Masks {
 }
 
 impl Masks {
-    /// Records the zeros of every 2-D block tensor in which at least
+    /// Records the zeros of every block matrix (a stack of experts included)
+    /// in which at least
     /// `min_fraction` of the weights are exactly zero (a pruned layer; an
     /// unpruned one has almost none).
     pub fn of_zeros(params: &Params<f32>, min_fraction: f64) -> Masks {
@@ -107,7 +112,7 @@ impl Masks {
             .tensors()
             .iter()
             .filter_map(|t| {
-                if t.shape.len() != 2 || model::names::block_index(&t.name).is_none() {
+                if t.shape.len() < 2 || model::names::block_index(&t.name).is_none() {
                     return None;
                 }
                 let n = t.data.iter().filter(|&&x| x == 0.0).count();

@@ -20,6 +20,8 @@
 //!                                    olmo2), else y
 //!           h' = rmsnorm(x')·g_ffn                  (h' = x' without a pre-norm)
 //!           z  = (act(h'·Wgᵀ) ⊙ h'·Wuᵀ)·Wdᵀ        act = silu or gelu_tanh (gemma3)
+//!                or, in a mixture-of-experts block, the routed experts'
+//!                weighted sum ([`crate::moe`])
 //!           x  = x' + post(z)        post(z) = rmsnorm(z)·g_ffn_post, else z
 //! logits = rmsnorm(x_L)·g_out · Wₒᵀ          (Wₒ = E, unscaled, when tied)
 //! ```
@@ -32,6 +34,7 @@
 //! losses.
 
 use crate::float::Float;
+use crate::moe::{self, MoeActs};
 use crate::ops::{self, AttnShape, RopeTables};
 use crate::params::{Grads, Params};
 use anyhow::{bail, Result};
@@ -86,7 +89,9 @@ pub struct BlockActs<T> {
     /// Normalised `x_mid`, the input of the gate and up projections
     /// `[n, hidden]`; empty without a pre-MLP norm (they then read `x_mid`).
     pub h_ffn: Vec<T>,
-    /// Gate projection before the activation `[n, ffn]`.
+    /// Gate projection before the activation `[n, ffn]`; empty in a
+    /// mixture-of-experts block (the experts' values are in `moe`), like `up`
+    /// and `mlp`.
     pub gate: Vec<T>,
     /// Up projection `[n, ffn]`.
     pub up: Vec<T>,
@@ -98,6 +103,9 @@ pub struct BlockActs<T> {
     /// `1/√(mean(z²)+ε)` of `ffn_out`, per position `[n]`; empty without a
     /// post-norm.
     pub rstd_ffn_post: Vec<T>,
+    /// The routing and the experts' values of a mixture-of-experts block;
+    /// `None` in a dense block.
+    pub moe: Option<MoeActs<T>>,
 }
 
 /// Everything [`forward`] computed for one sequence.
@@ -180,6 +188,7 @@ fn layer_mask(c: &ModelConfig, l: usize) -> AttnMask {
 /// the tensors the architecture lacks (biases, q/k norms, pre- or post-norms)
 /// are empty.
 fn check_shapes<T: Float>(p: &Params<T>) -> Result<()> {
+    crate::params::refuse_untrainable(&p.config)?;
     if p.blocks.len() != p.config.num_hidden_layers {
         bail!(
             "{} blocks for a config of {} layers",
@@ -359,10 +368,16 @@ pub fn forward<T: Float>(p: &Params<T>, tokens: &[u32]) -> Result<Activations<T>
         } else {
             &h_ffn
         };
-        let gate = ops::linear_forward(input, &b.w_gate, n);
-        let up = ops::linear_forward(input, &b.w_up, n);
-        let mlp = ops::gated_forward(c.hidden_act, &gate, &up);
-        let z = ops::linear_forward(&mlp, &b.w_down, n);
+        let (gate, up, mlp, z, moe) = if c.is_moe_block(l) {
+            let (z, acts) = moe::forward(c, b, input, n);
+            (Vec::new(), Vec::new(), Vec::new(), z, Some(acts))
+        } else {
+            let gate = ops::linear_forward(input, &b.w_gate, n);
+            let up = ops::linear_forward(input, &b.w_up, n);
+            let mlp = ops::gated_forward(c.hidden_act, &gate, &up);
+            let z = ops::linear_forward(&mlp, &b.w_down, n);
+            (gate, up, mlp, z, None)
+        };
         let (mut x_out, ffn_out, rstd_ffn_post) = post_norm_forward(z, &b.ffn_post_norm, n, eps);
         x_out.iter_mut().zip(&x_mid).for_each(|(o, &r)| *o += r);
 
@@ -389,6 +404,7 @@ pub fn forward<T: Float>(p: &Params<T>, tokens: &[u32]) -> Result<Activations<T>
             mlp,
             ffn_out,
             rstd_ffn_post,
+            moe,
         });
     }
     let mut rstd_out = vec![T::ZERO; n];
@@ -487,7 +503,12 @@ pub fn backward<T: Float>(
         // x_out = x_mid + post(z): the residual passes dx through unchanged, so
         // dx already is the direct part of ∂L/∂x_mid; the branch gets
         // ∂L/∂z = post'ᵀ·dx.
-        let mut dmlp = vec![T::ZERO; n * c.intermediate_size];
+        let input = if b.ffn_norm.is_empty() {
+            &a.x_mid
+        } else {
+            &a.h_ffn
+        };
+        dh.fill(T::ZERO);
         {
             let dz = post_norm_backward(
                 &dx,
@@ -496,19 +517,19 @@ pub fn backward<T: Float>(
                 &a.rstd_ffn_post,
                 &mut g.ffn_post_norm,
             );
-            ops::linear_backward(&dz, &a.mlp, &b.w_down, n, &mut dmlp, &mut g.w_down);
+            match &a.moe {
+                Some(m) => moe::backward(c, b, m, &dz, input, n, &mut dh, g),
+                None => {
+                    let mut dmlp = vec![T::ZERO; a.mlp.len()];
+                    ops::linear_backward(&dz, &a.mlp, &b.w_down, n, &mut dmlp, &mut g.w_down);
+                    let mut dgate = vec![T::ZERO; dmlp.len()];
+                    let mut dup = vec![T::ZERO; dmlp.len()];
+                    ops::gated_backward(c.hidden_act, &dmlp, &a.gate, &a.up, &mut dgate, &mut dup);
+                    ops::linear_backward(&dgate, input, &b.w_gate, n, &mut dh, &mut g.w_gate);
+                    ops::linear_backward(&dup, input, &b.w_up, n, &mut dh, &mut g.w_up);
+                }
+            }
         }
-        let mut dgate = vec![T::ZERO; dmlp.len()];
-        let mut dup = vec![T::ZERO; dmlp.len()];
-        ops::gated_backward(c.hidden_act, &dmlp, &a.gate, &a.up, &mut dgate, &mut dup);
-        let input = if b.ffn_norm.is_empty() {
-            &a.x_mid
-        } else {
-            &a.h_ffn
-        };
-        dh.fill(T::ZERO);
-        ops::linear_backward(&dgate, input, &b.w_gate, n, &mut dh, &mut g.w_gate);
-        ops::linear_backward(&dup, input, &b.w_up, n, &mut dh, &mut g.w_up);
         pre_norm_backward(
             &dh,
             &a.x_mid,
