@@ -14,6 +14,9 @@
 #            embedding scale compensated);
 #   experts  half the routed experts of every block cut (`--experts E/2`, by
 #            REAP saliency; the router keeps the survivors' rows);
+#   distilled  (Qwen3-MoE, Mixtral, OLMoE) the fixture pruned to 50% by
+#            magnitude, then distilled from it with the router frozen
+#            (`compress distill`, 4096 tokens);
 # then `compress eval` and transformers (scripts/check_transformers_ppl.py, eager
 # attention, f32) measure each folder's perplexity with llama-perplexity's
 # protocol on the first CHUNKS chunks of CTX tokens of the evaluation text. CTX
@@ -58,8 +61,11 @@ for arch in "${arches[@]}"; do
     kinds=(convert heads layers width)
     if [ ! -d "$src" ]; then
         src="tests/fixtures/moe/$arch"
-        kinds=(convert experts)
-        # DeepSeek's fixture has expert groups of 2, of which none may go.
+        kinds=(convert experts distilled)
+        # Distillation lacks Llama 4's chunked attention and DeepSeek's latent
+        # attention; DeepSeek's fixture has expert groups of 2, of which none
+        # may go.
+        [ "$arch" = llama4 ] && kinds=(convert experts)
         [ "$arch" = deepseek_v3 ] && kinds=(convert)
     fi
     [ -d "$src" ] || { echo "arch_transformers: no fixture $arch in tests/fixtures/arch or moe" >&2; exit 1; }
@@ -74,6 +80,11 @@ for arch in "${arches[@]}"; do
     elif [ "${kinds[1]}" = experts ]; then
         half=$(python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); print((c.get("num_experts") or c.get("n_routed_experts") or c["num_local_experts"]) // 2)' "$src/config.json")
         run prune "$src" --experts "$half" "${calib[@]}" -o "$work/$arch-experts"
+        if [ "${kinds[2]:-}" = distilled ]; then
+            run prune "$src" --method magnitude --sparsity 0.5 -o "$work/$arch-pruned"
+            run distill --teacher "$src" --student "$work/$arch-pruned" --text "$cache/calib.txt" \
+                --tokens 4096 --seq 64 --batch 2 --lr 3e-3 -o "$work/$arch-distilled"
+        fi
     else
         run prune "$src" --heads 2 "${calib[@]}" -o "$work/$arch-heads"
         run prune "$src" --layers 1 "${calib[@]}" -o "$work/$arch-layers"
