@@ -154,10 +154,17 @@ fn unknown_rope_scaling_unknown_tensors_and_architectures_are_refused() {
     let d = tempfile::tempdir().unwrap();
     copy(d.path());
     edit_config(d.path(), &|v| {
-        v["rope_parameters"]["rope_type"] = "yarn".into()
+        v["rope_parameters"]["rope_type"] = "longrope".into()
     });
     let e = err_of(d.path());
-    assert!(e.contains("'yarn' is not supported"), "{e}");
+    assert!(e.contains("'longrope' is not supported"), "{e}");
+    // A YaRN factor that is no positive number.
+    edit_config(d.path(), &|v| {
+        v["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "rope_theta": 10000.0,
+            "factor": -2.0, "original_max_position_embeddings": 16})
+    });
+    let e = err_of(d.path());
+    assert!(e.contains("rope_scaling") && e.contains("factor -2"), "{e}");
 
     let d = tempfile::tempdir().unwrap();
     copy(d.path());
@@ -589,4 +596,84 @@ fn bad_layer_settings_are_refused_naming_the_key() {
         &gguf,
         "'gemma3.rope.freq_base_swa' (the sliding layers' RoPE base) is missing",
     );
+}
+
+/// The YaRN fixtures (`scripts/make-yarn-fixtures.py`): Qwen3 and DeepSeek-V3
+/// with YaRN over a quarter of their context.
+fn yarn_fixture(name: &str) -> PathBuf {
+    repo_root().join("tests/fixtures/yarn").join(name)
+}
+
+#[test]
+fn yarn_logits_match_transformers_from_hf_gguf_and_both_conversions() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["qwen3", "deepseek_v3"] {
+        let src = yarn_fixture(name);
+        let set = SafetensorsSet::open(&src.join("reference.safetensors")).unwrap();
+        let floats = |key: &str| -> Vec<f32> {
+            let (_, b) = set.get(key).unwrap();
+            b.chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect()
+        };
+        let (_, tok) = set.get("tokens").unwrap();
+        let tokens: Vec<u32> = tok
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as u32)
+            .collect();
+        let (want, unscaled) = (floats("logits"), floats("logits_unscaled"));
+        // Ours from HF and llama.cpp's GGUF, and from each converted by us to
+        // the other format (YaRN carried in config.json and in GGUF keys).
+        let to_hf = dir.path().join(format!("{name}-hf"));
+        let to_gguf = dir.path().join(format!("{name}.gguf"));
+        // `convert` writes HF only, and says so for a .gguf output.
+        let o = compress(&[
+            "convert",
+            src.to_str().unwrap(),
+            "-o",
+            to_gguf.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{}", output_text(&o));
+        assert!(
+            output_text(&o).contains("--type F32"),
+            "{}",
+            output_text(&o)
+        );
+        assert!(!to_gguf.exists());
+        run_ok(&[
+            "convert",
+            src.join("model.gguf").to_str().unwrap(),
+            "-o",
+            to_hf.to_str().unwrap(),
+        ]);
+        run_ok(&[
+            "quantize",
+            src.to_str().unwrap(),
+            "--type",
+            "F32",
+            "-o",
+            to_gguf.to_str().unwrap(),
+        ]);
+        assert!(to_gguf.is_file(), "{}", to_gguf.display());
+        for path in [src.clone(), src.join("model.gguf"), to_hf, to_gguf] {
+            let model = Model::open(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            let Some(model::config::RopeScaling::Yarn(y)) = &model.config.rope_scaling else {
+                panic!(
+                    "{}: no YaRN read: {:?}",
+                    path.display(),
+                    model.config.rope_scaling
+                );
+            };
+            assert_eq!((y.factor, y.original_max_position_embeddings), (4.0, 16.0));
+            let got = model.logits(&tokens, 0).unwrap();
+            let err = rel_max_error(&got, &want);
+            let off = rel_max_error(&got, &unscaled);
+            eprintln!(
+                "{name} {}: max |Δlogit| / max |logit| = {err:.2e} (unscaled RoPE: {off:.2e})",
+                path.display()
+            );
+            assert!(err < 1e-4, "{}: logits differ by {err:e}", path.display());
+            assert!(off > 1e-2, "{}: YaRN changes nothing", path.display());
+        }
+    }
 }

@@ -208,6 +208,14 @@ fn run_stage(command: Command) -> Result<()> {
             output,
             dtype,
         } => {
+            if output.extension().is_some_and(|e| e == "gguf") {
+                bail!(
+                    "convert writes HF safetensors, not {}: for a float GGUF run `compress quantize {} --type F32 -o {}`",
+                    output.display(),
+                    input,
+                    output.display()
+                );
+            }
             let input = resolve(&input)?;
             model::dense::convert(&input, &output, dtype.ggml())
         }

@@ -192,6 +192,32 @@ fn gradients_match_finite_differences_qwen3_qk_norms() {
 }
 
 #[test]
+fn gradients_match_finite_differences_yarn() {
+    // YaRN scales cos and sin (by 0.1·ln 4 + 1 here) besides the frequencies:
+    // RoPE's backward must carry the factor too.
+    let mut c = tiny_qwen3_config(false);
+    c.max_position_embeddings = 8;
+    let v = serde_json::json!({"rope_type": "yarn", "factor": 4.0,
+        "original_max_position_embeddings": 2});
+    c.rope_scaling = Some(model::config::RopeScaling::Yarn(yarn_of(&v)));
+    assert!((c.layer_rope_factor(0) - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-12);
+    let worst = check_against_finite_differences(&c);
+    println!("qwen3 with YaRN: worst per-tensor relative error {worst:.2e}");
+}
+
+/// The YaRN settings of an HF `rope_scaling` object.
+fn yarn_of(v: &serde_json::Value) -> model::config::Yarn {
+    let mut hf = serde_json::json!({"model_type": "qwen3", "vocab_size": 11, "hidden_size": 8,
+        "intermediate_size": 12, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "max_position_embeddings": 8});
+    hf["rope_scaling"] = v.clone();
+    match model::ModelConfig::from_hf_json(&hf).unwrap().rope_scaling {
+        Some(model::config::RopeScaling::Yarn(y)) => y,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn gradients_match_finite_differences_gemma_like() {
     for tied in [true, false] {
         let worst = check_against_finite_differences(&tiny_gemma_config(tied));

@@ -101,6 +101,7 @@ mod tests {
                 &model::arch::MIXTRAL,
             ),
             ("../moe/olmoe", &model::arch::OLMOE, &model::arch::OLMOE),
+            ("../yarn/qwen3", &model::arch::QWEN3, &model::arch::QWEN3),
         ] {
             for (file, arch) in [("", hf_arch), ("model.gguf", gguf_arch)] {
                 let path = root.join(name).join(file);

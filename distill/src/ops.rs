@@ -194,16 +194,17 @@ pub struct RopeTables<T> {
 }
 
 impl<T: Float> RopeTables<T> {
-    /// Tables for `n` positions and the frequencies `freqs` (one per pair).
-    pub fn new(n: usize, freqs: &[f64]) -> Self {
+    /// Tables for `n` positions and the frequencies `freqs` (one per pair),
+    /// cos and sin multiplied by `factor` (YaRN's attention factor, else 1).
+    pub fn new(n: usize, freqs: &[f64], factor: f64) -> Self {
         let half = freqs.len();
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
         for p in 0..n {
             for &f in freqs {
                 let angle = p as f64 * f;
-                cos.push(T::from_f64(angle.cos()));
-                sin.push(T::from_f64(angle.sin()));
+                cos.push(T::from_f64(angle.cos() * factor));
+                sin.push(T::from_f64(angle.sin() * factor));
             }
         }
         RopeTables { cos, sin, half }
@@ -618,8 +619,8 @@ mod tests {
         let freqs: Vec<f64> = (0..d / 2)
             .map(|i| f64::powf(theta, -2.0 * i as f64 / d as f64))
             .collect();
-        let (cos, sin) = llama::rope_tables(n, &freqs);
-        let t = RopeTables::<f32>::new(n, &freqs);
+        let (cos, sin) = llama::rope_tables(n, &freqs, 1.0);
+        let t = RopeTables::<f32>::new(n, &freqs, 1.0);
         assert_eq!((&t.cos, &t.sin), (&cos, &sin));
         let mut want = x.clone();
         llama::apply_rope(&mut want, heads, d, &cos, &sin);

@@ -156,16 +156,16 @@ fn layer_rope_tables<T: Float>(
     c: &ModelConfig,
     n: usize,
 ) -> (Vec<RopeTables<T>>, Vec<Option<usize>>) {
-    let mut freqs_seen: Vec<Vec<f64>> = Vec::new();
+    let mut freqs_seen: Vec<(Vec<f64>, f64)> = Vec::new();
     let mut tables = Vec::new();
     let index = (0..c.num_hidden_layers)
         .map(|l| {
-            let freqs = c.layer_rope_frequencies(l)?;
-            Some(match freqs_seen.iter().position(|f| *f == freqs) {
+            let key = (c.layer_rope_frequencies(l)?, c.layer_rope_factor(l));
+            Some(match freqs_seen.iter().position(|f| *f == key) {
                 Some(i) => i,
                 None => {
-                    tables.push(RopeTables::new(n, &freqs));
-                    freqs_seen.push(freqs);
+                    tables.push(RopeTables::new(n, &key.0, key.1));
+                    freqs_seen.push(key);
                     tables.len() - 1
                 }
             })

@@ -33,6 +33,98 @@ pub enum RopeScaling {
     /// One divisor per frequency, as GGUF stores Llama 3 scaling
     /// (`rope_freqs.weight`; llama.cpp's converter keeps only these).
     FreqFactors(Vec<f64>),
+    /// YaRN (`rope_type: "yarn"`: Qwen 2.5/3 long context, DeepSeek-V3, Kimi K2).
+    Yarn(Yarn),
+}
+
+/// YaRN's settings (Peng et al. 2023, as transformers computes them): the
+/// frequencies that turn fewer than `beta_slow` times over the original context
+/// are interpolated (divided by `factor`), those that turn more than
+/// `beta_fast` times are kept, a linear ramp over the dimensions between; cos
+/// and sin are multiplied by [`Yarn::attention_factor`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Yarn {
+    /// Context extension factor.
+    pub factor: f64,
+    /// The context length the model was pretrained with.
+    pub original_max_position_embeddings: f64,
+    /// Rotations above which a frequency is kept (default 32).
+    pub beta_fast: f64,
+    /// Rotations below which a frequency is fully interpolated (default 1).
+    pub beta_slow: f64,
+    /// Whether the ramp's ends are rounded outward to whole dimensions
+    /// (transformers' `truncate`, default true, as llama.cpp always does).
+    pub truncate: bool,
+    /// `mscale` (DeepSeek), as given.
+    pub mscale: Option<f64>,
+    /// `mscale_all_dim` (DeepSeek): also scales the attention scores by
+    /// `mscale(factor, mscale_all_dim)²` in DeepSeek-V3's attention.
+    pub mscale_all_dim: Option<f64>,
+    /// An explicit `attention_factor`, as given.
+    pub explicit_attention_factor: Option<f64>,
+}
+
+/// YaRN's magnitude correction `0.1·m·ln(s) + 1` (1 for `s ≤ 1`).
+fn yarn_mscale(scale: f64, m: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * m * scale.ln() + 1.0
+    }
+}
+
+impl Yarn {
+    /// What cos and sin are multiplied by: the explicit `attention_factor`,
+    /// else `mscale(factor, mscale) / mscale(factor, mscale_all_dim)` when both
+    /// are given and non-zero, else `mscale(factor, 1)`.
+    pub fn attention_factor(&self) -> f64 {
+        if let Some(a) = self.explicit_attention_factor {
+            return a;
+        }
+        match (self.mscale, self.mscale_all_dim) {
+            (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                yarn_mscale(self.factor, m) / yarn_mscale(self.factor, all)
+            }
+            _ => yarn_mscale(self.factor, 1.0),
+        }
+    }
+
+    /// DeepSeek-V3's extra factor on the attention scores:
+    /// `mscale(factor, mscale_all_dim)²` (1 without `mscale_all_dim`).
+    pub fn score_factor(&self) -> f64 {
+        match self.mscale_all_dim {
+            Some(all) if all != 0.0 => yarn_mscale(self.factor, all).powi(2),
+            _ => 1.0,
+        }
+    }
+
+    /// The divisor of each of the `head_dim / 2` frequencies.
+    fn divisors(&self, head_dim: usize, theta: f64) -> Vec<f64> {
+        let dim = head_dim as f64;
+        let correction_dim = |rotations: f64| {
+            dim * (self.original_max_position_embeddings / (rotations * 2.0 * std::f64::consts::PI))
+                .ln()
+                / (2.0 * theta.ln())
+        };
+        let (mut low, mut high) = (
+            correction_dim(self.beta_fast),
+            correction_dim(self.beta_slow),
+        );
+        if self.truncate {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        let (low, high) = (low.max(0.0), high.min(dim - 1.0));
+        let span = if low == high { 0.001 } else { high - low };
+        (0..head_dim / 2)
+            .map(|i| {
+                let ramp = ((i as f64 - low) / span).clamp(0.0, 1.0);
+                // The share of the original frequency: 1 − ramp (kept) below
+                // `low`, 0 (interpolated) above `high`.
+                let kept = 1.0 - ramp;
+                1.0 / ((1.0 - kept) / self.factor + kept)
+            })
+            .collect()
+    }
 }
 
 impl RopeScaling {
@@ -60,10 +152,73 @@ impl RopeScaling {
             "linear" => Some(RopeScaling::Linear {
                 factor: num("factor")?,
             }),
+            "yarn" => {
+                let opt = |k: &str| -> Result<Option<f64>> {
+                    match v.get(k) {
+                        None | Some(Value::Null) => Ok(None),
+                        Some(x) => x.as_f64().map(Some).ok_or_else(|| {
+                            anyhow!("rope scaling 'yarn': '{k}' is {x}, expected a number")
+                        }),
+                    }
+                };
+                let truncate = match v.get("truncate") {
+                    None | Some(Value::Null) => true,
+                    Some(Value::Bool(b)) => *b,
+                    Some(x) => bail!("rope scaling 'yarn': 'truncate' is {x}, expected true or false"),
+                };
+                // A missing original length (0 here) is the config's
+                // max_position_embeddings: see `ModelConfig::from_hf`.
+                Some(RopeScaling::Yarn(Yarn {
+                    factor: opt("factor")?.unwrap_or(0.0),
+                    original_max_position_embeddings: opt("original_max_position_embeddings")?
+                        .unwrap_or(0.0),
+                    beta_fast: opt("beta_fast")?.filter(|b| *b != 0.0).unwrap_or(32.0),
+                    beta_slow: opt("beta_slow")?.filter(|b| *b != 0.0).unwrap_or(1.0),
+                    truncate,
+                    mscale: opt("mscale")?,
+                    mscale_all_dim: opt("mscale_all_dim")?,
+                    explicit_attention_factor: opt("attention_factor")?,
+                }))
+            }
             other => bail!(
-                "rope scaling type '{other}' is not supported (supported: default, llama3, linear)"
+                "rope scaling type '{other}' is not supported (supported: default, llama3, linear, yarn)"
             ),
         })
+    }
+
+    /// Fills what an HF YaRN object may leave to the config: the original
+    /// context (`max_position_embeddings`), and the factor (their ratio, as
+    /// transformers computes it); then checks the values.
+    fn resolve(&mut self, max_position_embeddings: usize) -> Result<()> {
+        if let RopeScaling::Yarn(y) = self {
+            if y.original_max_position_embeddings == 0.0 {
+                y.original_max_position_embeddings = max_position_embeddings as f64;
+            }
+            if y.factor == 0.0 {
+                y.factor = max_position_embeddings as f64 / y.original_max_position_embeddings;
+            }
+            let ok = |x: f64| x.is_finite() && x > 0.0;
+            if !(ok(y.factor)
+                && ok(y.original_max_position_embeddings)
+                && ok(y.beta_fast)
+                && ok(y.beta_slow))
+            {
+                bail!(
+                    "rope scaling 'yarn': factor {}, original_max_position_embeddings {}, beta_fast {} and beta_slow {} must be positive numbers",
+                    y.factor, y.original_max_position_embeddings, y.beta_fast, y.beta_slow
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// What cos and sin are multiplied by (YaRN's attention factor; 1 for the
+    /// other scalings).
+    pub fn cos_sin_factor(&self) -> f64 {
+        match self {
+            RopeScaling::Yarn(y) => y.attention_factor(),
+            _ => 1.0,
+        }
     }
 
     /// The HF `rope_scaling` object (transformers 4 layout).
@@ -78,6 +233,24 @@ impl RopeScaling {
                         "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
                         "original_max_position_embeddings": *original_max_position_embeddings as u64}),
             RopeScaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
+            RopeScaling::Yarn(y) => {
+                let mut o = json!({"rope_type": "yarn", "factor": y.factor,
+                    "original_max_position_embeddings": y.original_max_position_embeddings as u64,
+                    "beta_fast": y.beta_fast, "beta_slow": y.beta_slow});
+                for (k, v) in [
+                    ("mscale", y.mscale),
+                    ("mscale_all_dim", y.mscale_all_dim),
+                    ("attention_factor", y.explicit_attention_factor),
+                ] {
+                    if let Some(v) = v {
+                        o[k] = json!(v);
+                    }
+                }
+                if !y.truncate {
+                    o["truncate"] = json!(false);
+                }
+                o
+            }
             RopeScaling::FreqFactors(_) => bail!(
                 "this model's RoPE scaling came from a GGUF 'rope_freqs.weight' tensor, which \
                  HF's config cannot express (llama.cpp's converter keeps only the per-frequency \
@@ -101,6 +274,7 @@ impl RopeScaling {
         match self {
             RopeScaling::Linear { factor } => vec![*factor; half],
             RopeScaling::FreqFactors(f) => f.clone(),
+            RopeScaling::Yarn(y) => y.divisors(head_dim, theta),
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -350,6 +524,45 @@ impl MoeConfig {
     }
 }
 
+/// YaRN as llama.cpp reads it from `{name}.rope.scaling.*`: the factor, the
+/// original context, the ramp's betas (32 and 1 when absent), and for
+/// `deepseek2` the `yarn_log_multiplier` that its converter writes as
+/// `0.1·mscale_all_dim` (llama.cpp then takes `mscale = mscale_all_dim`); an
+/// explicit `yarn_attn_factor` multiplies llama.cpp's default factor.
+fn yarn_from_gguf(g: &GgufFile, name: &str) -> Result<Yarn> {
+    let key = |k: &str| format!("{name}.rope.scaling.{k}");
+    let opt = |k: &str| -> Result<Option<f64>> {
+        match g.get(&key(k)) {
+            Some(_) => Ok(Some(g.require_f64(&key(k))?)),
+            None => Ok(None),
+        }
+    };
+    let factor = g.require_f64(&key("factor"))?;
+    let mscale_all_dim = match opt("yarn_log_multiplier")? {
+        // Stored as f32: the quotient is only as exact as that (1, not 1.0000000149).
+        Some(m) if name == "deepseek2" => Some((m / 0.1) as f32 as f64),
+        Some(m) => Some(m),
+        None => None,
+    };
+    let mscale = match (name, mscale_all_dim) {
+        ("deepseek2", Some(all)) => Some(all),
+        (_, Some(_)) => Some(1.0),
+        (_, None) => None,
+    };
+    Ok(Yarn {
+        factor,
+        original_max_position_embeddings: g.require_f64(&key("original_context_length"))?,
+        beta_fast: opt("yarn_beta_fast")?.unwrap_or(32.0),
+        beta_slow: opt("yarn_beta_slow")?.unwrap_or(1.0),
+        truncate: true,
+        mscale,
+        mscale_all_dim,
+        explicit_attention_factor: opt("yarn_attn_factor")?
+            .filter(|_| mscale_all_dim.is_none())
+            .map(|a| a * yarn_mscale(factor, 1.0)),
+    })
+}
+
 impl ModelConfig {
     /// Reads the `{arch}.*` hyperparameters of a GGUF file (and, for Llama 3 rope
     /// scaling, its `rope_freqs.weight` tensor).
@@ -417,8 +630,9 @@ impl ModelConfig {
             Some("linear") => Some(RopeScaling::Linear {
                 factor: g.require_f64(&key("rope.scaling.factor"))?,
             }),
+            Some("yarn") => Some(RopeScaling::Yarn(yarn_from_gguf(g, &name)?)),
             Some(other) => bail!(
-                "{path}: {name}.rope.scaling.type is '{other}', which is not supported (supported: none, linear, and llama3 as rope_freqs.weight)"
+                "{path}: {name}.rope.scaling.type is '{other}', which is not supported (supported: none, linear, yarn, and llama3 as rope_freqs.weight)"
             ),
         };
         if let Some(info) = g.tensor("rope_freqs.weight") {
@@ -641,6 +855,10 @@ impl ModelConfig {
             mla: None,
         };
         (arch.read_hf)(v, &mut cfg)?;
+        if let Some(s) = &mut cfg.rope_scaling {
+            s.resolve(cfg.max_position_embeddings)
+                .context("field 'rope_scaling'")?;
+        }
         // A window the description did not take up would be silently dropped.
         if use_window && cfg.sliding_window.is_none() {
             bail!(
@@ -824,6 +1042,18 @@ impl ModelConfig {
         }
     }
 
+    /// What layer `l`'s RoPE multiplies cos and sin by: YaRN's attention factor
+    /// where the layer uses the scaled frequencies, else 1.
+    pub fn layer_rope_factor(&self, l: usize) -> f64 {
+        let t = self.layer_types[l];
+        if t.sliding && self.rope_local_theta.is_some() {
+            return 1.0;
+        }
+        self.rope_scaling
+            .as_ref()
+            .map_or(1.0, RopeScaling::cos_sin_factor)
+    }
+
     /// The window of layer `l`: `Some(W)` on a sliding layer.
     pub fn layer_window(&self, l: usize) -> Option<usize> {
         self.layer_types[l]
@@ -953,11 +1183,51 @@ mod tests {
     }
 
     #[test]
+    fn yarn_divisors_and_factors_match_transformers() {
+        // transformers 5.23's `_compute_yarn_parameters` for head_dim 16, θ 10⁴,
+        // factor 8 over an original context of 64: base / inv_freq, and the
+        // attention factor it returns.
+        let mut v = smol();
+        v["max_position_embeddings"] = json!(512);
+        v["rope_scaling"] = json!({"rope_type": "yarn", "factor": 8.0,
+            "original_max_position_embeddings": 64});
+        let c = ModelConfig::from_hf_json(&v).unwrap();
+        let s = c.rope_scaling.as_ref().unwrap();
+        let got = s.divisors(16, 10000.0);
+        let want = [1.0, 1.411765, 2.4, 8.0, 8.0, 8.0, 8.0, 8.0];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-5, "{got:?}");
+        }
+        assert!((s.cos_sin_factor() - 1.2079441541679836).abs() < 1e-12);
+        let RopeScaling::Yarn(y) = s else {
+            panic!("{s:?}")
+        };
+        assert_eq!(y.score_factor(), 1.0);
+        // DeepSeek-V3's mscale = mscale_all_dim: cos and sin unscaled, the
+        // scores by mscale²; a missing original length is max_position_embeddings.
+        v["rope_scaling"] = json!({"type": "yarn", "factor": 40.0, "mscale": 1.0,
+            "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1});
+        let c = ModelConfig::from_hf_json(&v).unwrap();
+        let Some(RopeScaling::Yarn(y)) = &c.rope_scaling else {
+            panic!()
+        };
+        assert_eq!(y.original_max_position_embeddings, 512.0);
+        assert_eq!(y.attention_factor(), 1.0);
+        let m = 0.1 * 40f64.ln() + 1.0;
+        assert!((y.score_factor() - m * m).abs() < 1e-12);
+        // Written back as HF reads it.
+        let back = RopeScaling::from_hf(&RopeScaling::Yarn(y.clone()).to_hf().unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, RopeScaling::Yarn(y.clone()));
+    }
+
+    #[test]
     fn unknown_rope_scaling_and_architectures_are_refused() {
         let mut v = smol();
-        v["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
+        v["rope_scaling"] = json!({"rope_type": "longrope", "factor": 4.0});
         let err = format!("{:#}", ModelConfig::from_hf_json(&v).unwrap_err());
-        assert!(err.contains("'yarn' is not supported"), "{err}");
+        assert!(err.contains("'longrope' is not supported"), "{err}");
         let mut v = smol();
         v["model_type"] = json!("gemma3");
         let err = format!("{:#}", ModelConfig::from_hf_json(&v).unwrap_err());

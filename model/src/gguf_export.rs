@@ -81,9 +81,13 @@ pub fn metadata(model: &Model, file_type: u32) -> Result<Vec<(String, MetaValue)
                 (key("rope.freq_base"), MetaValue::F32(c.rope_theta as f32)),
                 (key("vocab_size"), MetaValue::U32(c.vocab_size as u32)),
             ];
-            if let Some(RopeScaling::Linear { factor }) = &c.rope_scaling {
-                kv.push((key("rope.scaling.type"), MetaValue::String("linear".into())));
-                kv.push((key("rope.scaling.factor"), MetaValue::F32(*factor as f32)));
+            match &c.rope_scaling {
+                Some(RopeScaling::Linear { factor }) => {
+                    kv.push((key("rope.scaling.type"), MetaValue::String("linear".into())));
+                    kv.push((key("rope.scaling.factor"), MetaValue::F32(*factor as f32)));
+                }
+                Some(RopeScaling::Yarn(y)) => kv.extend(yarn_keys(y, arch)),
+                _ => {}
             }
             if c.head_dim * c.num_attention_heads != c.hidden_size {
                 kv.push((
@@ -209,4 +213,36 @@ pub fn to_gguf_rows(model: &Model, name: &str, rows: usize, data: Vec<u8>) -> Ve
         }
         None => data,
     }
+}
+
+/// The `{arch}.rope.scaling.*` keys of YaRN as llama.cpp's converter writes
+/// them and llama.cpp reads them back (see `config::yarn_from_gguf`): for
+/// `deepseek2` `yarn_log_multiplier = 0.1·mscale_all_dim`; an explicit
+/// attention factor divided by llama.cpp's default, which it multiplies in.
+fn yarn_keys(y: &crate::config::Yarn, arch: &str) -> Vec<(String, MetaValue)> {
+    let key = |k: &str| format!("{arch}.rope.scaling.{k}");
+    let mut kv = vec![
+        (key("type"), MetaValue::String("yarn".into())),
+        (key("factor"), MetaValue::F32(y.factor as f32)),
+        (
+            key("original_context_length"),
+            MetaValue::U32(y.original_max_position_embeddings as u32),
+        ),
+        (key("yarn_beta_fast"), MetaValue::F32(y.beta_fast as f32)),
+        (key("yarn_beta_slow"), MetaValue::F32(y.beta_slow as f32)),
+    ];
+    if let (Some(all), "deepseek2") = (y.mscale_all_dim, arch) {
+        kv.push((
+            key("yarn_log_multiplier"),
+            MetaValue::F32((0.1 * all) as f32),
+        ));
+    }
+    if let Some(a) = y.explicit_attention_factor {
+        let default = 0.1 * y.factor.ln() + 1.0;
+        kv.push((
+            key("yarn_attn_factor"),
+            MetaValue::F32((a / default) as f32),
+        ));
+    }
+    kv
 }

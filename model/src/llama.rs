@@ -405,16 +405,18 @@ pub fn rms_norm(x: &[f32], gain: &[f32], eps: f64, out: &mut [f32]) {
 }
 
 /// Rotary tables: `cos[p·d/2 + i]`, `sin[…]` for positions `0..n` and the
-/// frequencies `freqs` (one per pair, [`crate::ModelConfig::rope_frequencies`]).
-pub fn rope_tables(n: usize, freqs: &[f64]) -> (Vec<f32>, Vec<f32>) {
+/// frequencies `freqs` (one per pair, [`crate::ModelConfig::rope_frequencies`]),
+/// both multiplied by `factor` (YaRN's attention factor,
+/// [`crate::ModelConfig::layer_rope_factor`]; 1 otherwise).
+pub fn rope_tables(n: usize, freqs: &[f64], factor: f64) -> (Vec<f32>, Vec<f32>) {
     let half = freqs.len();
     let mut cos = Vec::with_capacity(n * half);
     let mut sin = Vec::with_capacity(n * half);
     for p in 0..n {
         for &f in freqs {
             let angle = p as f64 * f;
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
+            cos.push((angle.cos() * factor) as f32);
+            sin.push((angle.sin() * factor) as f32);
         }
     }
     (cos, sin)
@@ -1055,7 +1057,7 @@ impl Model {
         let v = project(wv, &extras.v_bias, &None)?;
         let rope = c.layer_rope_frequencies(w.layer);
         if let Some(freqs) = &rope {
-            let (cos, sin) = rope_tables(n, freqs);
+            let (cos, sin) = rope_tables(n, freqs, c.layer_rope_factor(w.layer));
             let rotate = if c.rope_interleaved {
                 apply_rope_interleaved
             } else {
@@ -1134,7 +1136,7 @@ impl Model {
             .flat_map(|head| head[nope..].to_vec())
             .collect();
         if let Some(freqs) = c.layer_rope_frequencies(0) {
-            let (cos, sin) = rope_tables(n, &freqs);
+            let (cos, sin) = rope_tables(n, &freqs, c.layer_rope_factor(0));
             let rotate = if c.rope_interleaved {
                 apply_rope_interleaved
             } else {
@@ -1175,8 +1177,14 @@ impl Model {
                 vs[at..at + vd].copy_from_slice(&v[p * vd..(p + 1) * vd]);
             }
         }
+        let score_factor = match &c.rope_scaling {
+            Some(crate::config::RopeScaling::Yarn(y)) => y.score_factor(),
+            _ => 1.0,
+        };
         let mask = AttnMask {
-            scale: 1.0 / (qk as f32).sqrt(),
+            // DeepSeek-V3 with YaRN also scales the scores by mscale(factor,
+            // mscale_all_dim)², as transformers' `yarn_apply_mscale`.
+            scale: (score_factor / (qk as f64).sqrt()) as f32,
             window: None,
             chunk: None,
         };
@@ -1251,7 +1259,7 @@ mod tests {
         let freqs: Vec<f64> = (0..2)
             .map(|i| 10000f64.powf(-2.0 * i as f64 / 4.0))
             .collect();
-        let (cos, sin) = rope_tables(3, &freqs);
+        let (cos, sin) = rope_tables(3, &freqs, 1.0);
         // One head of dim 4 at position 2: pairs (0,2) and (1,3).
         let mut x = vec![0.0; 8];
         x.extend([1.0, 0.0, 0.0, 0.0]);
