@@ -21,9 +21,10 @@ const MOE: [&str; 3] = ["qwen3_moe", "mixtral", "olmoe"];
 /// group-limited sigmoid routing with a correction bias, a shared expert).
 const ALL_MOE: [&str; 5] = ["qwen3_moe", "mixtral", "olmoe", "llama4", "deepseek_v3"];
 
-/// The fixtures the calibration walk (GPTQ, Wanda, SparseGPT) runs on and
-/// whose experts can be cut: all but DeepSeek-V3, whose latent attention the
-/// walk refuses and whose expert groups of 2 cannot lose an expert.
+/// The fixtures whose experts can be cut and that have GPTQ folders: all but
+/// DeepSeek-V3, whose expert groups of 2 cannot lose an expert and whose
+/// `kv_b_proj` HF fuses across heads (its calibration walk is checked by
+/// `latent_attention_calibrates_per_head`).
 const CALIBRATED: [&str; 4] = ["qwen3_moe", "mixtral", "olmoe", "llama4"];
 
 fn fixture(name: &str) -> PathBuf {
@@ -290,22 +291,24 @@ fn stages_without_expert_support_refuse_without_output() {
                 "quantize",
                 deepseek.to_str().unwrap(),
                 "--method",
-                "gptq",
+                "awq",
                 "--type",
                 "Q8_0",
             ],
-            "does not handle multi-head latent attention yet",
+            "AWQ does not handle multi-head latent attention yet",
         ),
         (
             vec![
-                "prune",
+                "quantize",
                 deepseek.to_str().unwrap(),
                 "--method",
-                "sparsegpt",
-                "--sparsity",
-                "0.5",
+                "gptq",
+                "--bits",
+                "8",
+                "--group",
+                "4",
             ],
-            "does not handle multi-head latent attention yet",
+            "keys and values of every head",
         ),
         (
             vec![
@@ -318,7 +321,7 @@ fn stages_without_expert_support_refuse_without_output() {
                 "--group",
                 "32",
             ],
-            "is stored by HF fused across experts",
+            "is stored by HF fused with other tensors",
         ),
         (
             vec!["prune", b, "--heads", "2"],
@@ -1509,4 +1512,115 @@ fn a_quantized_moe_student_trains_through_its_codec_and_keeps_its_types() {
         &["blk.0.ffn_down_exps.weight", "blk.1.ffn_gate_inp.weight"],
         &dir.path().join("dump"),
     );
+}
+
+#[test]
+fn latent_attention_calibrates_per_head() {
+    // DeepSeek-V3's latent attention through the calibration walk: GPTQ into
+    // GGUF types, Wanda and SparseGPT, each head of `attn_k_b` / `attn_v_b` on
+    // its own inputs (`calib::walk`'s unit test checks they are the ones those
+    // matrices multiply).
+    let calib = e2e::asset("calib.txt");
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("deepseek_v3");
+    let c = Model::open(&src).unwrap().config;
+    let heads = c.num_attention_heads;
+    let gguf = dir.path().join("gptq.gguf");
+    let report = dir.path().join("gptq.json");
+    let common = [
+        "--calib",
+        calib.to_str().unwrap(),
+        "--samples",
+        "4",
+        "--seq",
+        "64",
+    ];
+    let mut args = vec![
+        "quantize",
+        src.to_str().unwrap(),
+        "--method",
+        "gptq",
+        "--type",
+        "Q8_0",
+        "-o",
+        gguf.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ];
+    args.extend(common);
+    let o = compress(&args);
+    assert!(o.status.success(), "{}", output_text(&o));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let layers = r["layers"].as_array().unwrap();
+    for suffix in ["attn_q_a.weight", "attn_q_b.weight", "attn_kv_a_mqa.weight"] {
+        for l in 0..c.num_hidden_layers {
+            let name = format!("blk.{l}.{suffix}");
+            let row = layers.iter().find(|x| x["name"] == name.as_str());
+            let row = row.unwrap_or_else(|| panic!("no GPTQ report for {name}"));
+            assert!(
+                row["rel_error"].as_f64().unwrap() <= row["rtn_rel_error"].as_f64().unwrap(),
+                "{name}: GPTQ worse than rounding"
+            );
+        }
+    }
+    e2e::check_gguf_with_gguf_py(
+        &gguf,
+        &["blk.0.attn_q_b.weight", "blk.1.attn_kv_a_mqa.weight"],
+        &dir.path().join("dump"),
+    );
+    let m = Model::open(&gguf).unwrap();
+    for name in m.tensor_names() {
+        let v = m.tensor(&name).unwrap().to_f32().unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "{name}");
+    }
+
+    for method in ["wanda", "sparsegpt"] {
+        let out = dir.path().join(method);
+        let report = dir.path().join(format!("{method}.json"));
+        let mut args = vec![
+            "prune",
+            src.to_str().unwrap(),
+            "--method",
+            method,
+            "--sparsity",
+            "0.5",
+            "-o",
+            out.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+        ];
+        args.extend(common);
+        let o = compress(&args);
+        assert!(o.status.success(), "{method}: {}", output_text(&o));
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        let layers = r["layers"].as_array().unwrap();
+        let pruned = Model::open(&out).unwrap();
+        for l in 0..c.num_hidden_layers {
+            for suffix in ["attn_k_b.weight", "attn_v_b.weight"] {
+                let name = format!("blk.{l}.{suffix}");
+                let rows: Vec<_> = layers
+                    .iter()
+                    .filter(|x| x["name"] == name.as_str())
+                    .collect();
+                let listed: Vec<u64> = rows.iter().map(|x| x["head"].as_u64().unwrap()).collect();
+                assert_eq!(
+                    listed,
+                    (0..heads as u64).collect::<Vec<_>>(),
+                    "{method} {name}"
+                );
+                // Every head half zero (the folder merges them into kv_b_proj
+                // and splits them back on reading).
+                let w = pruned.tensor(&name).unwrap().to_f32().unwrap();
+                for (h, head) in w.chunks(w.len() / heads).enumerate() {
+                    let zeros = head.iter().filter(|&&x| x == 0.0).count();
+                    assert_eq!(zeros * 2, head.len(), "{method} {name} head {h}");
+                }
+            }
+        }
+        assert!(
+            (r["sparsity"].as_f64().unwrap() - 0.5).abs() < 1e-9,
+            "{method}"
+        );
+    }
 }

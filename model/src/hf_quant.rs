@@ -827,7 +827,7 @@ impl HfQuantWriter {
             .find(|n| is_block_linear(arch, n) && arch.hf_layout(n) != crate::arch::HfLayout::Plain)
         {
             bail!(
-                "cannot write {}: '{fused}' is stored by HF fused across experts ({}), which has no per-layer packed form; \
+                "cannot write {}: '{fused}' is stored by HF fused with other tensors ({}: across experts, or keys and values of every head), which has no per-layer packed form; \
                  write a GGUF instead (--type)",
                 format.name(),
                 arch.hf_name(fused)?

@@ -590,6 +590,32 @@ pub const LINEAR_GROUPS: [&[Slot]; 4] = [
     &[Slot::Down, Slot::SharedDown],
 ];
 
+/// What multi-head latent attention computes before it attends
+/// ([`Model::latent_parts`]).
+pub struct LatentParts {
+    /// `norm(q_a·h)`, the input of `q_b`, `n × q_lora`.
+    pub q_a_normed: Vec<f32>,
+    /// `q_b·norm(q_a·h)` before RoPE, `n × heads·(nope + rope)`: each head's
+    /// no-RoPE part is the input of its `k_b` in the absorbed form llama.cpp
+    /// stores (`q_nope·k_b[h]ᵀ` against the latent).
+    pub q: Vec<f32>,
+    /// The normed latent `n × kv_lora`: what `v_b` reads, weighted per head by
+    /// the attention probabilities.
+    pub latent: Vec<f32>,
+    /// Queries, keys and values per head, each padded to `d`, `n × heads·d`.
+    pub qs: Vec<f32>,
+    /// See `qs`.
+    pub ks: Vec<f32>,
+    /// See `qs`.
+    pub vs: Vec<f32>,
+    /// Heads.
+    pub heads: usize,
+    /// Padded head width `max(nope + rope, v)`.
+    pub d: usize,
+    /// Causal, scaled by `(nope + rope)^−½` and YaRN's mscale².
+    pub mask: AttnMask,
+}
+
 /// One routed expert's pass over the tokens routed to it.
 pub struct ExpertOutput {
     /// The expert.
@@ -1099,7 +1125,8 @@ impl Model {
     /// part without RoPE and a rotated part; the latent c = norm(kv_a·h)[..kv_lora]
     /// and one rotated key part shared by the heads; per head the key's
     /// no-RoPE part c·k_b[h] and the value v_b[h]·c; causal attention scaled by
-    /// `(nope + rope)^−½`. The input of the output projection, `n × heads·v`.
+    /// `(nope + rope)^−½` (and YaRN's mscale²). The input of the output
+    /// projection, `n × heads·v`.
     fn latent_attention(
         &self,
         w: &MlaWeights,
@@ -1107,6 +1134,23 @@ impl Model {
         h: &[f32],
         n: usize,
     ) -> Result<Vec<f32>> {
+        let p = self.latent_parts(w, m, h, n)?;
+        let out = attention(&p.qs, &p.ks, &p.vs, n, p.heads, p.heads, p.d, p.mask);
+        Ok(out
+            .chunks(p.d)
+            .flat_map(|head| head[..m.v_head_dim].to_vec())
+            .collect())
+    }
+
+    /// The values [`Model::latent_attention`] attends with, and the inputs of
+    /// its per-head linears that calibration reads.
+    pub fn latent_parts(
+        &self,
+        w: &MlaWeights,
+        m: &crate::config::MlaConfig,
+        h: &[f32],
+        n: usize,
+    ) -> Result<LatentParts> {
         let c = &self.config;
         let (heads, rope, nope, vd, lora) = (
             c.num_attention_heads,
@@ -1188,8 +1232,17 @@ impl Model {
             window: None,
             chunk: None,
         };
-        let out = attention(&qs, &ks, &vs, n, heads, heads, d, mask);
-        Ok(out.chunks(d).flat_map(|head| head[..vd].to_vec()).collect())
+        Ok(LatentParts {
+            q_a_normed: qa,
+            q,
+            latent,
+            qs,
+            ks,
+            vs,
+            heads,
+            d,
+            mask,
+        })
     }
 
     /// Final norm and output head for the rows `from..n` of the residual stream `x`:

@@ -91,6 +91,9 @@ pub struct LayerPrune {
     /// calibration tokens, and where its statistics came from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expert: Option<ExpertInput>,
+    /// For one head of a per-head tensor (latent attention's `k_b`, `v_b`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub head: Option<usize>,
 }
 
 /// Prunes one layer's weights for `target` sparsity (the layer's share under the
@@ -170,9 +173,6 @@ pub fn prune_model(
         model
             .config
             .refuse_moe("writing a compressed-tensors sparse folder")?;
-    }
-    if !samples.is_empty() {
-        walk::refuse_unwalkable(&model.config)?;
     }
     let factor = FactorOptions {
         damp_percent: opts.damp,
@@ -268,6 +268,7 @@ pub fn prune_model(
                     sparsity: score::zero_fraction(&values),
                     rel_error: None,
                     expert: None,
+                    head: None,
                 });
             }
             writer.write(name, &t.shape, &values)?;
@@ -315,19 +316,21 @@ pub fn prune_model(
                 sparsity: score::zero_fraction(&pruned),
                 rel_error,
                 expert: input.expert,
+                head: input.head.map(|h| h.0),
             });
-            // A stacked experts' tensor is written once its last expert is pruned.
-            match input.expert {
+            // A stacked experts' (or per-head) tensor is written once its last
+            // expert (head) is pruned.
+            match input.part() {
                 None => {
                     writer.write(name, &w.shape, &pruned)?;
                     next += 1;
                 }
-                Some(e) => {
+                Some((part, parts)) => {
                     let stack = stacked.entry(name.to_owned()).or_default();
                     stack.extend_from_slice(&pruned);
-                    if e.expert + 1 == e.experts {
+                    if part + 1 == parts {
                         let values = stacked.remove(name).unwrap_or_default();
-                        writer.write(name, &[e.experts, rows, cols], &values)?;
+                        writer.write(name, &[parts, rows, cols], &values)?;
                         next += 1;
                     }
                 }
@@ -353,9 +356,15 @@ pub fn prune_model(
         let mut zeros = 0f64;
         let mut total = 0f64;
         for l in &layers {
-            let whole = model.tensor_meta(&l.name)?.1.iter().product::<usize>() as f64;
-            // An expert's entry covers its share of the stacked tensor.
-            let n = whole / l.expert.map_or(1, |e| e.experts) as f64;
+            let shape = model.tensor_meta(&l.name)?.1;
+            let whole = shape.iter().product::<usize>() as f64;
+            // An expert's (head's) entry covers its share of the stacked tensor.
+            let parts = match (l.expert, l.head) {
+                (Some(e), _) => e.experts,
+                (None, Some(_)) => shape[0],
+                (None, None) => 1,
+            };
+            let n = whole / parts as f64;
             zeros += l.sparsity * n;
             total += n;
         }

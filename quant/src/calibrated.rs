@@ -46,6 +46,9 @@ pub struct LayerReport {
     /// calibration tokens routed to it, and where its statistics came from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expert: Option<ExpertInput>,
+    /// For one head of a per-head tensor (latent attention's `k_b`, `v_b`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub head: Option<usize>,
     /// Dampening, dead inputs, fallback and timings.
     #[serde(flatten)]
     pub stats: GptqStats,
@@ -145,12 +148,12 @@ impl ExpertStack {
     /// layer, the whole stack after its last expert, else `None` (still
     /// gathering).
     fn push(&mut self, name: &str, input: &LayerInput, item: Item) -> Option<Item> {
-        let Some(e) = input.expert else {
+        let Some((part, parts)) = input.part() else {
             return Some(item);
         };
         let items = self.items.entry(name.to_owned()).or_default();
         items.push(item);
-        if e.expert + 1 < e.experts {
+        if part + 1 < parts {
             return None;
         }
         let items = self.items.remove(name).unwrap_or_default();
@@ -227,6 +230,7 @@ pub fn gptq_model(
             rtn_rel_error: output_error(&values, Some(&r.values), &hf, cols) / energy,
             rel_error: output_error(&values, Some(&q.values), &hf, cols) / energy,
             expert: input.expert,
+            head: input.head.map(|h| h.0),
             stats,
         };
         t.report_seconds += clock.elapsed().as_secs_f64();
@@ -492,6 +496,7 @@ pub fn awq_model(
                 rtn_rel_error: output_error(original, Some(&plain.values), h, cols) / energy,
                 rel_error: output_error(original, Some(&effective), h, cols) / energy,
                 expert: None,
+                head: None,
                 stats: GptqStats::default(),
             });
             t.report_seconds += clock.elapsed().as_secs_f64();
@@ -568,6 +573,7 @@ fn round_experts(
                 routed_tokens: tokens as usize,
                 statistics,
             }),
+            head: None,
             stats: GptqStats::default(),
         });
         bytes.extend(q.values.iter().flat_map(|v| v.to_le_bytes()));
@@ -596,7 +602,9 @@ pub fn calibrated_to_gguf(
     out: &Path,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(QuantizeReport, Vec<LayerReport>, Timings)> {
-    model::calib::walk::refuse_unwalkable(&model.config)?;
+    if matches!(method, Calibrated::Awq) {
+        model::calib::walk::refuse_latent_attention(&model.config, "AWQ")?;
+    }
     let start = Instant::now();
     let by_name: HashMap<&str, &PlannedTensor> =
         plan.iter().map(|t| (t.name.as_str(), t)).collect();
@@ -763,8 +771,8 @@ pub fn calibrated_to_hf(
     grid_of: &dyn Fn(&str) -> Grid,
     method: Calibrated,
 ) -> Result<(Vec<LayerReport>, Timings)> {
-    if !samples.is_empty() {
-        model::calib::walk::refuse_unwalkable(&model.config)?;
+    if matches!(method, Calibrated::Awq) {
+        model::calib::walk::refuse_latent_attention(&model.config, "AWQ")?;
     }
     let mut writer = HfQuantWriter::create(dir, model, format, cfg)?;
     let order = writer.order().to_vec();

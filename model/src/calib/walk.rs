@@ -118,6 +118,10 @@ pub struct LayerInput {
     /// handed that expert's matrix and returns its new one): which, and how
     /// its statistics were gathered.
     pub expert: Option<ExpertInput>,
+    /// For one head's matrix of a per-head tensor (latent attention's `k_b`
+    /// and `v_b`): `(head, heads)`. The step is handed that head's matrix and
+    /// returns its new one.
+    pub head: Option<(usize, usize)>,
     opts: FactorOptions,
     factored: OnceCell<Factored>,
 }
@@ -130,9 +134,16 @@ impl LayerInput {
             cols: h.cols(),
             mean_abs: h.mean_abs(),
             expert,
+            head: None,
             opts: *opts,
             factored: OnceCell::new(),
         }
+    }
+
+    /// Which part of a stacked tensor the step is handed, `(index, count)`:
+    /// an expert of a stacked experts' tensor or a head of a per-head one.
+    pub fn part(&self) -> Option<(usize, usize)> {
+        self.expert.map(|e| (e.expert, e.experts)).or(self.head)
     }
 
     /// The Hessian factored for the walk's options (dead inputs, order, dampening).
@@ -221,7 +232,6 @@ pub fn sequential_blocks(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Timings> {
     let c = &model.config;
-    refuse_unwalkable(c)?;
     let arch = c.arch;
     let n = samples.first().map_or(0, Vec::len);
     let mut t = Timings::default();
@@ -239,6 +249,22 @@ pub fn sequential_blocks(
             .collect();
         t.forward_seconds += clock.elapsed().as_secs_f64();
         for (g, group) in LINEAR_GROUPS.iter().enumerate() {
+            if changed.mla.is_some() && group.contains(&Slot::Q) {
+                let h: Vec<&[f32]> = cursors.iter().map(BlockCursor::input).collect();
+                for (slot, tensor) in calibrate_latent_attention(
+                    model,
+                    &changed,
+                    l,
+                    &h,
+                    n,
+                    opts,
+                    diagonal_only,
+                    step,
+                    &mut t,
+                )? {
+                    changed.replace(slot, tensor)?;
+                }
+            }
             let moe = changed.router.is_some();
             if moe && group.contains(&Slot::Gate) {
                 let h: Vec<&[f32]> = cursors.iter().map(BlockCursor::input).collect();
@@ -319,17 +345,229 @@ pub fn sequential_blocks(
     Ok(t)
 }
 
-/// Refuses a model the walk cannot calibrate (latent attention), before a
-/// stage writes anything.
-pub fn refuse_unwalkable(c: &crate::ModelConfig) -> Result<()> {
+/// Refuses latent attention in a calibrated stage that does not handle it
+/// (`what`: AWQ's scale folds, structured cuts), before it writes anything.
+pub fn refuse_latent_attention(c: &crate::ModelConfig, what: &str) -> Result<()> {
     if c.mla.is_some() {
         bail!(
-            "calibration (GPTQ, AWQ, Wanda, SparseGPT, structured cuts) does not handle multi-head latent attention yet (this '{}' model); \
-             GGUF `quantize --type`, `imatrix`, `eval`, `convert` and `prune --experts` do",
+            "{what} does not handle multi-head latent attention yet (this '{}' model); \
+             GPTQ into GGUF types, Wanda, SparseGPT, GGUF `quantize --type`, `imatrix`, `eval`, `convert` and `prune --experts` do",
             c.arch.name
         );
     }
     Ok(())
+}
+
+/// Hands the linears of block `l`'s multi-head latent attention to `step` in
+/// forward order, each as soon as its input statistics are complete, always
+/// true-sequential (each statistic computed with the layers before it already
+/// changed), in file order: `q_a` on the block input `h` (`n` rows per
+/// sample), `q_b` on the normed query latent, `kv_a` on `h`, each head's `k_b`
+/// on that head's query
+/// part without RoPE, each head's `v_b` on its attention-weighted latent
+/// (llama.cpp's absorbed form, in which `attn_k_b` maps the query into the
+/// latent space and `attn_v_b` maps the attended latent to the head's value).
+/// Returns the changed tensors.
+#[allow(clippy::too_many_arguments)]
+fn calibrate_latent_attention(
+    model: &Model,
+    w: &BlockWeights,
+    l: usize,
+    h: &[&[f32]],
+    n: usize,
+    opts: &FactorOptions,
+    diagonal_only: bool,
+    step: &mut LayerStep,
+    t: &mut Timings,
+) -> Result<Vec<(Slot, Tensor<'static>)>> {
+    let c = &model.config;
+    let m = c
+        .mla
+        .as_ref()
+        .context("latent attention without its config")?;
+    let mut w = w.borrowed();
+    let mut out: Vec<(Slot, Tensor<'static>)> = Vec::new();
+    let hessian_of = |rows: &[Vec<f32>], cols: usize, t: &mut Timings| {
+        let clock = Instant::now();
+        let mut hg = new_hessian(cols, diagonal_only);
+        for r in rows {
+            hg.add(r);
+        }
+        t.hessian_seconds += clock.elapsed().as_secs_f64();
+        hg
+    };
+    let mut run = |w: &mut BlockWeights, slot: Slot, input: &LayerInput, t: &mut Timings| {
+        let name = names::block(l, gguf_suffix(c, l, slot)?);
+        let weight = w.linear(slot).expect("latent attention's linears");
+        let new = step(&name, weight, input, t)?;
+        t.factor_seconds += input.factor_seconds();
+        out.push((
+            slot,
+            Tensor::from_f32(&name, new.shape.clone(), &new.to_f32()?),
+        ));
+        w.replace(slot, new)?;
+        Ok::<_, anyhow::Error>(())
+    };
+    // q_a and kv_a read the block input; the layers go in file order (q_a,
+    // q_b, kv_a, k_b, v_b), which the writers stream in.
+    let rows: Vec<Vec<f32>> = h.iter().map(|x| x.to_vec()).collect();
+    let block_input = LayerInput::new(hessian_of(&rows, c.hidden_size, t), opts, None);
+    drop(rows);
+    run(&mut w, Slot::QA, &block_input, t)?;
+    let parts = |w: &BlockWeights, t: &mut Timings| {
+        let clock = Instant::now();
+        let mla = w.mla.as_ref().expect("a latent-attention block");
+        let p = h
+            .iter()
+            .map(|x| model.latent_parts(mla, m, x, n))
+            .collect::<Result<Vec<_>>>();
+        t.forward_seconds += clock.elapsed().as_secs_f64();
+        p
+    };
+    // q_b reads the normed query latent.
+    let p = parts(&w, t)?;
+    let rows: Vec<Vec<f32>> = p.into_iter().map(|p| p.q_a_normed).collect();
+    let input = LayerInput::new(hessian_of(&rows, m.q_lora_rank, t), opts, None);
+    run(&mut w, Slot::QB, &input, t)?;
+    drop(input);
+    run(&mut w, Slot::KvA, &block_input, t)?;
+    drop(block_input);
+    // Per head: k_b reads the head's query part without RoPE.
+    let (heads, qk, nope, lora) = (
+        c.num_attention_heads,
+        m.qk_nope_head_dim + c.head_dim,
+        m.qk_nope_head_dim,
+        m.kv_lora_rank,
+    );
+    let p = parts(&w, t)?;
+    let kb = stack_heads(
+        &mut w,
+        Slot::KB,
+        heads,
+        |head, w, t| {
+            let rows: Vec<Vec<f32>> = p
+                .iter()
+                .map(|p| {
+                    p.q.chunks(qk)
+                        .skip(head)
+                        .step_by(heads)
+                        .flat_map(|r| r[..nope].to_vec())
+                        .collect()
+                })
+                .collect();
+            let mut input = LayerInput::new(hessian_of(&rows, nope, t), opts, None);
+            input.head = Some((head, heads));
+            let name = names::block(l, gguf_suffix(c, l, Slot::KB)?);
+            let original = w.linear(Slot::KB).expect("k_b").expert(head)?;
+            let new = step(&name, &original, &input, t)?;
+            t.factor_seconds += input.factor_seconds();
+            check_expert_shape(&original, &new)?;
+            Ok(new)
+        },
+        t,
+    )?;
+    out.push((
+        Slot::KB,
+        Tensor::from_f32("KB", kb.shape.clone(), &kb.to_f32()?),
+    ));
+    w.replace(Slot::KB, kb)?;
+    // Per head: v_b reads the latent weighted by the head's attention
+    // probabilities (with the changed k_b).
+    let p = parts(&w, t)?;
+    let clock = Instant::now();
+    let attended: Vec<Vec<f32>> = p.iter().map(|p| attended_latent(p, lora, n)).collect();
+    t.forward_seconds += clock.elapsed().as_secs_f64();
+    let vb = stack_heads(
+        &mut w,
+        Slot::VB,
+        heads,
+        |head, w, t| {
+            let rows: Vec<Vec<f32>> = attended
+                .iter()
+                .map(|a| {
+                    a.chunks(lora)
+                        .skip(head)
+                        .step_by(heads)
+                        .flatten()
+                        .copied()
+                        .collect()
+                })
+                .collect();
+            let mut input = LayerInput::new(hessian_of(&rows, lora, t), opts, None);
+            input.head = Some((head, heads));
+            let name = names::block(l, gguf_suffix(c, l, Slot::VB)?);
+            let original = w.linear(Slot::VB).expect("v_b").expert(head)?;
+            let new = step(&name, &original, &input, t)?;
+            t.factor_seconds += input.factor_seconds();
+            check_expert_shape(&original, &new)?;
+            Ok(new)
+        },
+        t,
+    )?;
+    out.push((Slot::VB, vb));
+    Ok(out)
+}
+
+/// Each head's matrix of the per-head tensor in `slot` changed by `change`,
+/// stacked back into one `[heads, rows, cols]` f32 tensor.
+fn stack_heads(
+    w: &mut BlockWeights,
+    slot: Slot,
+    heads: usize,
+    mut change: impl FnMut(usize, &BlockWeights, &mut Timings) -> Result<Tensor<'static>>,
+    t: &mut Timings,
+) -> Result<Tensor<'static>> {
+    let mut bytes = Vec::new();
+    let mut shape = [0, 0];
+    for head in 0..heads {
+        let new = change(head, w, t)?;
+        shape = [new.shape[0], new.shape[1]];
+        bytes.extend(new.to_f32()?.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    Ok(Tensor {
+        name: format!("{slot:?}"),
+        ty: GgmlType::F32,
+        shape: vec![heads, shape[0], shape[1]],
+        data: Cow::Owned(bytes),
+    })
+}
+
+/// Per position and head, the latent weighted by the head's attention
+/// probabilities (`n × heads·lora`): attention with the latent as every
+/// head's value, queries and keys zero-padded to the latent's width where it
+/// is the wider (padding leaves the scores as they are).
+fn attended_latent(p: &crate::llama::LatentParts, lora: usize, n: usize) -> Vec<f32> {
+    let (heads, d) = (p.heads, p.d);
+    let d2 = d.max(lora);
+    let pad = |x: &[f32]| -> Vec<f32> {
+        x.chunks(d)
+            .flat_map(|head| head.iter().copied().chain(std::iter::repeat_n(0.0, d2 - d)))
+            .collect()
+    };
+    let values: Vec<f32> = p
+        .latent
+        .chunks(lora)
+        .flat_map(|row| {
+            (0..heads).flat_map(move |_| {
+                row.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0.0, d2 - lora))
+            })
+        })
+        .collect();
+    let out = crate::llama::attention(
+        &pad(&p.qs),
+        &pad(&p.ks),
+        &values,
+        n,
+        heads,
+        heads,
+        d2,
+        p.mask,
+    );
+    out.chunks(d2)
+        .flat_map(|head| head[..lora].to_vec())
+        .collect()
 }
 
 /// A Hessian of `cols` columns, or only its diagonal.
@@ -536,4 +774,66 @@ fn check_expert_shape(original: &Tensor, new: &Tensor) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The inputs the walk gives latent attention's per-head linears are what
+    /// those linears multiply in the absorbed form: each head's output is
+    /// `v_b[h]` times its attention-weighted latent, and its no-RoPE scores
+    /// are its query's no-RoPE part mapped by `k_b[h]` against the latent.
+    #[test]
+    fn latent_attention_per_head_inputs_are_what_k_b_and_v_b_multiply() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/moe/deepseek_v3/model.gguf");
+        let model = Model::open(&path).unwrap();
+        let c = &model.config;
+        let m = c.mla.as_ref().unwrap();
+        let tokens: Vec<u32> = (1..=12).collect();
+        let n = tokens.len();
+        let w = model.block_weights(0).unwrap();
+        let h = model
+            .block_start(&w, model.embed(&tokens).unwrap(), n)
+            .input()
+            .to_vec();
+        let mla = w.mla.as_ref().unwrap();
+        let p = model.latent_parts(mla, m, &h, n).unwrap();
+        let (heads, lora, nope, vd) = (
+            c.num_attention_heads,
+            m.kv_lora_rank,
+            m.qk_nope_head_dim,
+            m.v_head_dim,
+        );
+        let attended = attended_latent(&p, lora, n);
+        let out = model.attention_mix(&w, &h, n).unwrap();
+        let mut worst = 0f32;
+        for head in 0..heads {
+            let vb = mla.v_b.expert(head).unwrap().to_f32().unwrap(); // [v, lora]
+            let kb = mla.k_b.expert(head).unwrap().to_f32().unwrap(); // [lora, nope]
+            for pos in 0..n {
+                let a = &attended[(pos * heads + head) * lora..][..lora];
+                for j in 0..vd {
+                    let want: f32 = (0..lora).map(|i| vb[j * lora + i] * a[i]).sum();
+                    let got = out[(pos * heads + head) * vd + j];
+                    worst = worst.max((got - want).abs());
+                }
+                // q_nope · (latent_k · k_b) = (k_b · q_nope) · latent_k.
+                let qk = nope + c.head_dim;
+                let q_nope = &p.q[(pos * heads + head) * qk..][..nope];
+                let absorbed: Vec<f32> = (0..lora)
+                    .map(|i| (0..nope).map(|j| kb[i * nope + j] * q_nope[j]).sum())
+                    .collect();
+                for key in 0..=pos {
+                    let latent = &p.latent[key * lora..][..lora];
+                    let via_absorbed: f32 = absorbed.iter().zip(latent).map(|(a, b)| a * b).sum();
+                    let k_nope = &p.ks[(key * heads + head) * p.d..][..nope];
+                    let direct: f32 = q_nope.iter().zip(k_nope).map(|(a, b)| a * b).sum();
+                    worst = worst.max((via_absorbed - direct).abs());
+                }
+            }
+        }
+        assert!(worst < 1e-4, "absorbed form differs by {worst}");
+    }
 }
