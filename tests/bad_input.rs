@@ -180,3 +180,66 @@ fn missing_file_is_named() {
     let msg = fails(&eval_args("/nonexistent/model.gguf", "/nonexistent/t.txt"));
     assert!(msg.contains("/nonexistent/"), "{msg}");
 }
+
+#[test]
+fn outputs_in_missing_folders_are_prepared_before_the_work() {
+    // Once: `sensitivity … -o missing-dir/R.json` computed for minutes, then
+    // failed on the folder. Every command now makes the output's folder first.
+    let dir = tempfile::tempdir().unwrap();
+    let src = repo_root().join("tests/fixtures/arch/qwen3");
+    let calib = asset("calib.txt");
+    let out = |p: &str| dir.path().join(p).to_str().unwrap().to_owned();
+    for args in [
+        vec![
+            "quantize",
+            src.to_str().unwrap(),
+            "--type",
+            "Q8_0",
+            "-o",
+            &out("a/b/q.gguf"),
+            "--report",
+            &out("c/d/q.json"),
+        ],
+        vec![
+            "imatrix",
+            src.to_str().unwrap(),
+            "--text",
+            calib.to_str().unwrap(),
+            "--chunks",
+            "1",
+            "-o",
+            &out("e/f/i.gguf"),
+        ],
+        vec![
+            "convert",
+            src.to_str().unwrap(),
+            "-o",
+            &out("g/h/m.safetensors"),
+        ],
+    ] {
+        let o = compress(&args);
+        assert!(o.status.success(), "{args:?}: {}", output_text(&o));
+    }
+    for f in [
+        "a/b/q.gguf",
+        "c/d/q.json",
+        "e/f/i.gguf",
+        "g/h/m.safetensors",
+    ] {
+        assert!(dir.path().join(f).is_file(), "{f}");
+    }
+    // The folder comes first: a run that then fails on its model leaves the
+    // folder, and says what is wrong with the model.
+    let text = fails(&[
+        "sensitivity",
+        dir.path().join("nothing.gguf").to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "--text",
+        calib.to_str().unwrap(),
+        "-o",
+        &out("s/t/r.json"),
+    ]);
+    assert!(text.contains("nothing.gguf"), "{text}");
+    assert!(dir.path().join("s/t").is_dir());
+}

@@ -190,6 +190,31 @@ fn tensor_report_drives_the_allocator_and_refuses_another_model() {
         "{ranked_first}"
     );
 
+    // A hand-edited report whose cell points past its settings is refused
+    // naming the cell (once an index panic).
+    let mut edited = read_json(&report);
+    let n_settings = edited["settings"].as_array().unwrap().len();
+    edited["cells"][0]["setting"] = serde_json::json!(n_settings + 5);
+    let bad = dir.path().join("edited.json");
+    std::fs::write(&bad, edited.to_string()).unwrap();
+    let o = compress(&[
+        "quantize",
+        tiny.to_str().unwrap(),
+        "--sensitivity",
+        bad.to_str().unwrap(),
+        "--target-bpw",
+        "6.0",
+        "-o",
+        dir.path().join("y.gguf").to_str().unwrap(),
+    ]);
+    let text = output_text(&o);
+    assert_eq!(o.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("cell 0 names unit") && !text.contains("panicked"),
+        "{text}"
+    );
+    assert!(!dir.path().join("y.gguf").exists());
+
     // A report measured on another model is refused before any work.
     let other = dir.path().join("other.gguf");
     write_tiny_llama(&other, 3, 64, 12, &amplified_block_scale);

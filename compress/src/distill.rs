@@ -172,6 +172,9 @@ pub fn check_args(a: &Args) -> Result<()> {
 /// Runs the command.
 pub fn run(a: Args) -> Result<()> {
     check_args(&a)?;
+    for out in std::iter::once(&a.output).chain(&a.report) {
+        model::io::prepare_output(out)?;
+    }
     let teacher = crate::resolve(&a.teacher)?;
     let student = crate::resolve(&a.student)?;
     let text = crate::resolve(&a.text)?;

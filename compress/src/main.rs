@@ -216,6 +216,7 @@ fn run_stage(command: Command) -> Result<()> {
                     output.display()
                 );
             }
+            model::io::prepare_output(&output)?;
             let input = resolve(&input)?;
             model::dense::convert(&input, &output, dtype.ggml())
         }
@@ -234,6 +235,7 @@ fn run_stage(command: Command) -> Result<()> {
             ctx,
             chunks,
         } => {
+            model::io::prepare_output(&output)?;
             let model_path = resolve(&model)?;
             let text_path = resolve(&text)?;
             let text = eval::text::read_text(&text_path)?;

@@ -336,6 +336,9 @@ pub fn check_args(a: &Args) -> Result<()> {
 pub fn run(a: Args) -> Result<()> {
     let start = Instant::now();
     check_args(&a)?;
+    for out in std::iter::once(&a.output).chain(&a.report) {
+        model::io::prepare_output(out)?;
+    }
     let cuts = cuts_of(&a);
     if cuts.any() {
         return run_structured(&a, start);

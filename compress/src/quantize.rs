@@ -210,6 +210,9 @@ pub fn check_args(a: &Args) -> Result<()> {
 /// Runs the command.
 pub fn run(a: Args) -> Result<()> {
     check_args(&a)?;
+    for out in std::iter::once(&a.output).chain(&a.report) {
+        model::io::prepare_output(out)?;
+    }
     match a.method {
         Some(Method::Gptq | Method::Awq) => return run_calibrated(a),
         Some(Method::Rtn) if a.mix.is_none() => return run_calibrated(a),

@@ -252,6 +252,7 @@ pub fn run(a: Args) -> Result<()> {
             a.output.display()
         );
     }
+    model::io::prepare_output(&a.output)?;
     let model_path = crate::resolve(&a.model)?;
     let calib_path = crate::resolve(&a.calib)?;
     let text_path = crate::resolve(&a.text)?;
@@ -435,6 +436,22 @@ pub fn load_report(path: &Path, model: &Model) -> Result<SensitivityReport> {
             report.model,
             report.model_sha256,
             model.path.display()
+        );
+    }
+    // A hand-edited report may point past its own tables.
+    if let Some((i, c)) = report
+        .cells
+        .iter()
+        .enumerate()
+        .find(|(_, c)| c.unit >= report.units.len() || c.setting >= report.settings.len())
+    {
+        bail!(
+            "{}: cell {i} names unit {} and setting {}, but the report has {} units and {} settings",
+            path.display(),
+            c.unit,
+            c.setting,
+            report.units.len(),
+            report.settings.len()
         );
     }
     if report.granularity != "tensor" {

@@ -202,10 +202,21 @@ impl fmt::Debug for GgufFile {
     }
 }
 
+/// How deep metadata arrays may nest (llama.cpp writes no nested arrays; a
+/// crafted file nested millions deep would otherwise overflow the stack).
+const MAX_ARRAY_DEPTH: usize = 4;
+
+/// Metadata array items the reader holds in all (each becomes a [`MetaValue`]
+/// of 32 bytes, so this bounds the parsed metadata near 512 MiB whatever a
+/// count says; the largest real vocabularies need about a million).
+const MAX_ARRAY_ITEMS: u64 = 16 << 20;
+
 /// A bounds-checked little-endian cursor over the header bytes.
 struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// Array items read so far (see [`MAX_ARRAY_ITEMS`]).
+    array_items: u64,
 }
 
 impl<'a> Cursor<'a> {
@@ -264,6 +275,11 @@ impl<'a> Cursor<'a> {
     }
 
     fn value(&mut self, ty: u32, what: &dyn Fn() -> String) -> Result<MetaValue> {
+        self.value_at(ty, what, 0)
+    }
+
+    /// A value inside `depth` enclosing arrays.
+    fn value_at(&mut self, ty: u32, what: &dyn Fn() -> String, depth: usize) -> Result<MetaValue> {
         Ok(match ty {
             0 => MetaValue::U8(self.array::<1>(what)?[0]),
             1 => MetaValue::I8(self.array::<1>(what)?[0] as i8),
@@ -289,10 +305,29 @@ impl<'a> Cursor<'a> {
                     4..=6 => 4,
                     _ => 8,
                 };
+                if item_ty == 9 && depth + 1 >= MAX_ARRAY_DEPTH {
+                    bail!(
+                        "{} nests arrays more than {MAX_ARRAY_DEPTH} deep (at offset {})",
+                        what(),
+                        self.pos
+                    );
+                }
                 let n = self.count(min, &|| format!("item count of {}", what()))?;
+                self.array_items += n as u64;
+                if self.array_items > MAX_ARRAY_ITEMS {
+                    bail!(
+                        "{} holds {n} items, which takes the file's metadata arrays past {MAX_ARRAY_ITEMS} items in all (offset {}): more than any model's metadata",
+                        what(),
+                        self.pos
+                    );
+                }
                 let mut items = Vec::with_capacity(n);
                 for i in 0..n {
-                    items.push(self.value(item_ty, &|| format!("{}[{i}]", what()))?);
+                    items.push(self.value_at(
+                        item_ty,
+                        &|| format!("{}[{i}]", what()),
+                        depth + 1,
+                    )?);
                 }
                 MetaValue::Array(item_ty, items)
             }
@@ -318,7 +353,11 @@ impl GgufFile {
     }
 
     fn parse(path: &Path, mmap: Mmap) -> Result<Self> {
-        let mut c = Cursor { buf: &mmap, pos: 0 };
+        let mut c = Cursor {
+            buf: &mmap,
+            pos: 0,
+            array_items: 0,
+        };
         let magic = c.take(4, &|| "magic".into())?;
         if magic != GGUF_MAGIC {
             bail!(
@@ -773,6 +812,49 @@ pub(crate) mod tests {
             tensors: vec![("w".into(), vec![4, 2], 0, 0)],
             data: (0..8).flat_map(|i| (i as f32).to_le_bytes()).collect(),
         }
+    }
+
+    #[test]
+    fn deeply_nested_and_huge_metadata_arrays_are_refused_not_followed() {
+        // An array nested two million deep (once a stack overflow that aborted
+        // the process): refused at the fourth level.
+        let mut nested = Vec::new();
+        for _ in 0..2_000_000 {
+            nested.extend(9u32.to_le_bytes());
+            nested.extend(1u64.to_le_bytes());
+        }
+        nested.extend(0u32.to_le_bytes());
+        nested.extend(1u64.to_le_bytes());
+        nested.push(0);
+        let raw = RawGguf {
+            kv: vec![("x.deep".into(), 9, nested)],
+            tensors: vec![],
+            data: vec![],
+        };
+        let f = write(&raw.bytes());
+        let e = format!("{:#}", GgufFile::open(f.path()).unwrap_err());
+        assert!(
+            e.contains("metadata 'x.deep'") && e.contains("nests arrays"),
+            "{e}"
+        );
+        // One u8 array of 17 million items (once 32 bytes of memory per byte of
+        // file): refused by count, before the items are read.
+        let n = (MAX_ARRAY_ITEMS + 1) as usize;
+        let mut big = Vec::with_capacity(12 + n);
+        big.extend(0u32.to_le_bytes());
+        big.extend((n as u64).to_le_bytes());
+        big.resize(12 + n, 1);
+        let raw = RawGguf {
+            kv: vec![("x.big".into(), 9, big)],
+            tensors: vec![],
+            data: vec![],
+        };
+        let f = write(&raw.bytes());
+        let e = format!("{:#}", GgufFile::open(f.path()).unwrap_err());
+        assert!(
+            e.contains("metadata 'x.big'") && e.contains("items in all"),
+            "{e}"
+        );
     }
 
     fn write(bytes: &[u8]) -> tempfile::NamedTempFile {

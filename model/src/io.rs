@@ -81,6 +81,26 @@ impl Drop for AtomicFile {
     }
 }
 
+/// Makes sure the folder that will hold output `dest` exists before a command
+/// starts its work (creating it, as the folder writers do), so a missing or
+/// unwritable folder is an error in the first second, not after the compute.
+pub fn prepare_output(dest: &Path) -> Result<()> {
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => return Ok(()),
+    };
+    if parent.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(parent).with_context(|| {
+        format!(
+            "cannot create {}, the folder of output {}",
+            parent.display(),
+            dest.display()
+        )
+    })
+}
+
 /// Writes `bytes` to `dest` atomically.
 pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = AtomicFile::create(dest)?;

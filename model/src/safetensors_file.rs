@@ -283,6 +283,19 @@ impl SafetensorsSet {
                 })?;
             shards.sort();
             shards.dedup();
+            // A shard is a file beside the index: no absolute path, no `..`,
+            // no folder (HF writes plain names), so an index cannot point the
+            // reader anywhere else on the machine.
+            if let Some(bad) = shards.iter().find(|s| {
+                let p = Path::new(s.as_str());
+                p.components().count() != 1
+                    || !matches!(p.components().next(), Some(std::path::Component::Normal(_)))
+            }) {
+                bail!(
+                    "{}: weight_map names shard {bad:?}, which is not a file name in the model's folder",
+                    path.display()
+                );
+            }
             let dir = path.parent().unwrap_or(Path::new("."));
             let files = shards
                 .iter()
@@ -554,6 +567,22 @@ mod tests {
             err.contains("'x'") && err.contains("b.safetensors"),
             "{err}"
         );
+        // Shards outside the folder are refused before anything is opened
+        // (once followed: an absolute path, `..`).
+        let outside = dir.path().join("a.safetensors");
+        for shard in [
+            outside.to_str().unwrap(),
+            "../a.safetensors",
+            "sub/a.safetensors",
+        ] {
+            let v = serde_json::json!({"weight_map": {"x": shard, "y": "b.safetensors"}});
+            std::fs::write(&index, v.to_string()).unwrap();
+            let err = format!("{:#}", SafetensorsSet::open(&index).err().unwrap());
+            assert!(
+                err.contains("not a file name in the model's folder"),
+                "{shard}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -506,6 +506,18 @@ struct Implied {
 
 /// The `tokenizers` model as JSON (the only public way to a BPE's ranked merges).
 fn model_json(inner: &tokenizers::Tokenizer) -> Result<Value> {
+    // The `tokenizers` crate serialises a vocabulary by walking every id up to
+    // the largest (collecting the holes): a stray huge id would take hours and
+    // gigabytes. Ids must run 0..N without gaps anyway.
+    let vocab = inner.get_vocab(false);
+    if let Some(max) = vocab.values().max() {
+        if *max as usize >= vocab.len() {
+            bail!(
+                "tokenizer.json has token id {max} but only {} tokens: ids must run from 0 without gaps",
+                vocab.len()
+            );
+        }
+    }
     serde_json::to_value(inner.get_model()).context("serialising the tokenizer model")
 }
 
@@ -592,6 +604,15 @@ fn implied_vocab(inner: &tokenizers::Tokenizer, model: &Value, kind: &str) -> Re
     let n = vocab.values().max().map_or(0, |&m| m as usize + 1);
     if n == 0 {
         bail!("the tokenizer.json vocabulary is empty");
+    }
+    // Ids run 0..N without gaps, so the largest bounds the table only when it
+    // is below the count (a stray huge added token's id would otherwise size it).
+    if n > vocab.len() {
+        bail!(
+            "tokenizer.json has token id {} but only {} tokens: ids must run from 0 without gaps",
+            n - 1,
+            vocab.len()
+        );
     }
     let mut slots: Vec<Option<&String>> = vec![None; n];
     for (text, &id) in &vocab {
@@ -1552,6 +1573,29 @@ mod tests {
                 assert_eq!(r.decode(&ids).unwrap(), text);
             }
         }
+    }
+
+    #[test]
+    fn a_stray_huge_token_id_is_refused_without_a_huge_table() {
+        // One id of four billion in tokenizer.json once sized a 32 GB table.
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tokenizer::from_gguf(&toy_gpt2("smollm")).unwrap();
+        t.save(dir.path()).unwrap();
+        let path = dir.path().join("tokenizer.json");
+        let mut j: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        let vocab = j["model"]["vocab"].as_object_mut().unwrap();
+        let last = vocab.keys().next_back().unwrap().clone();
+        vocab.insert(last, serde_json::json!(4_000_000_000u32));
+        fs::write(&path, j.to_string()).unwrap();
+        // Without the saved GGUF record, the vocabulary is rebuilt from the ids.
+        fs::remove_file(dir.path().join("tokenizer_config.json")).unwrap();
+        let r = Tokenizer::from_file(&path).unwrap();
+        let e = r.to_gguf_vocab().unwrap_err().to_string();
+        assert!(
+            e.contains("token id 4000000000") && e.contains("without gaps"),
+            "{e}"
+        );
     }
 
     #[test]
