@@ -243,3 +243,83 @@ fn outputs_in_missing_folders_are_prepared_before_the_work() {
     assert!(text.contains("nothing.gguf"), "{text}");
     assert!(dir.path().join("s/t").is_dir());
 }
+
+/// Overwrites the bytes of tensor `name` in safetensors file `file` (same length).
+fn patch_tensor(file: &Path, name: &str, bytes: &[u8]) {
+    let mut data = std::fs::read(file).unwrap();
+    let n = u64::from_le_bytes(data[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&data[8..8 + n]).unwrap();
+    let offsets = header[name]["data_offsets"].as_array().unwrap();
+    let (a, b) = (
+        offsets[0].as_u64().unwrap() as usize,
+        offsets[1].as_u64().unwrap() as usize,
+    );
+    assert_eq!(b - a, bytes.len(), "{name}");
+    data[8 + n + a..8 + n + b].copy_from_slice(bytes);
+    std::fs::write(file, data).unwrap();
+}
+
+#[test]
+fn packed_and_sparse_shapes_no_model_has_are_refused() {
+    // A compressed-tensors `weight_shape` (and a sparse folder's `.shape`) of
+    // 2⁴⁰ rows once went into unchecked size arithmetic.
+    let dir = tempfile::tempdir().unwrap();
+    let src = repo_root().join("tests/fixtures/arch/qwen3");
+    let calib = asset("calib.txt");
+    let text = eval_text();
+    let ct = dir.path().join("ct");
+    let o = compress(&[
+        "quantize",
+        src.to_str().unwrap(),
+        "--method",
+        "rtn",
+        "--bits",
+        "4",
+        "--group",
+        "32",
+        "--format",
+        "compressed-tensors",
+        "-o",
+        ct.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    let huge: Vec<u8> = [1i64 << 40, 64]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    patch_tensor(
+        &ct.join("model.safetensors"),
+        "model.layers.0.self_attn.q_proj.weight_shape",
+        &huge,
+    );
+    let e = fails(&eval_args(ct.to_str().unwrap(), text.to_str().unwrap()));
+    assert!(e.contains("weight_shape") && e.contains("2^24"), "{e}");
+
+    let sparse = dir.path().join("sparse");
+    let o = compress(&[
+        "prune",
+        src.to_str().unwrap(),
+        "--method",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        "--format",
+        "compressed-tensors",
+        "--calib",
+        calib.to_str().unwrap(),
+        "--samples",
+        "2",
+        "--seq",
+        "32",
+        "-o",
+        sparse.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    patch_tensor(
+        &sparse.join("model.safetensors"),
+        "model.layers.0.self_attn.q_proj.shape",
+        &huge,
+    );
+    let e = fails(&eval_args(sparse.to_str().unwrap(), text.to_str().unwrap()));
+    assert!(e.contains(".shape") && e.contains("2^24"), "{e}");
+}

@@ -563,6 +563,25 @@ fn yarn_from_gguf(g: &GgufFile, name: &str) -> Result<Yarn> {
     })
 }
 
+/// More blocks than any model has: a count above it is a corrupt file, refused
+/// before the per-layer tables are sized by it.
+const MAX_LAYERS: u64 = 1 << 16;
+
+/// The largest size a config may give one dimension.
+const MAX_DIM: usize = 1 << 24;
+
+/// The largest tensor a config may describe, in elements (DeepSeek-V3's
+/// stacked experts have 2³²; this is 256 times that).
+const MAX_TENSOR_ELEMENTS: u64 = 1 << 40;
+
+/// A block count read from a file, checked against [`MAX_LAYERS`].
+fn layer_count(n: u64) -> Result<usize> {
+    if n > MAX_LAYERS {
+        bail!("{n} blocks is more than any model has (at most {MAX_LAYERS})");
+    }
+    Ok(n as usize)
+}
+
 impl ModelConfig {
     /// Reads the `{arch}.*` hyperparameters of a GGUF file (and, for Llama 3 rope
     /// scaling, its `rope_freqs.weight` tensor).
@@ -663,7 +682,8 @@ impl ModelConfig {
         if g.get(&key("final_logit_softcapping")).is_some() {
             bail!("{path}: {name}.final_logit_softcapping is set: soft-capped logits are not supported");
         }
-        let n_layers = g.require_u64(&key("block_count"))? as usize;
+        let n_layers = layer_count(g.require_u64(&key("block_count"))?)
+            .with_context(|| format!("{path}: {name}.block_count"))?;
         let mut cfg = ModelConfig {
             arch,
             vocab_size,
@@ -824,7 +844,8 @@ impl ModelConfig {
         };
         let hidden = req("hidden_size")? as usize;
         let n_heads = req("num_attention_heads")? as usize;
-        let n_layers = req("num_hidden_layers")? as usize;
+        let n_layers =
+            layer_count(req("num_hidden_layers")?).context("field 'num_hidden_layers'")?;
         let mut cfg = ModelConfig {
             arch,
             vocab_size: req("vocab_size")? as usize,
@@ -873,6 +894,34 @@ impl ModelConfig {
 
     /// Checks that the shapes implied by the hyperparameters are consistent.
     pub fn validate(&self) -> Result<()> {
+        // Each size below 2²⁴, so the products the descriptions form from two
+        // of them cannot wrap.
+        let mut sizes = vec![
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+        ];
+        if let Some(m) = &self.moe {
+            sizes.extend([
+                ("experts", m.experts),
+                ("expert intermediate size", m.expert_ffn),
+                ("shared expert intermediate size", m.shared_ffn),
+            ]);
+        }
+        if let Some(m) = &self.mla {
+            sizes.extend([
+                ("q_lora_rank", m.q_lora_rank),
+                ("kv_lora_rank", m.kv_lora_rank),
+                ("qk_nope_head_dim", m.qk_nope_head_dim),
+                ("v_head_dim", m.v_head_dim),
+            ]);
+        }
+        if let Some((name, v)) = sizes.iter().find(|(_, v)| *v > MAX_DIM) {
+            bail!("{name} is {v}, more than any model has (at most {MAX_DIM}): a corrupt config");
+        }
         let checks = [
             (self.vocab_size > 0, "vocab_size must be positive"),
             (self.hidden_size > 0, "hidden_size must be positive"),
@@ -909,6 +958,21 @@ impl ModelConfig {
         for (ok, msg) in checks {
             if !ok {
                 bail!("{msg} ({self:?})");
+            }
+        }
+        // Every tensor the description implies must have a size that a
+        // multiplication of its dims can hold (no silent wrap in release).
+        for spec in self.arch.block.iter().chain(self.arch.globals) {
+            let dims: Vec<usize> = spec.shape.iter().map(|d| d.size(self)).collect();
+            let n = dims
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+                .filter(|&n| n <= MAX_TENSOR_ELEMENTS);
+            if n.is_none() {
+                bail!(
+                    "the config gives tensor '{}' the shape {dims:?}, more than {MAX_TENSOR_ELEMENTS} elements: a corrupt config",
+                    spec.gguf
+                );
             }
         }
         if self.layer_types.len() != self.num_hidden_layers {
@@ -1220,6 +1284,41 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(back, RopeScaling::Yarn(y.clone()));
+    }
+
+    #[test]
+    fn sizes_no_model_has_are_refused_before_anything_is_sized_by_them() {
+        // Once: a layer count sized a table (a 2⁵⁰-entry allocation), and dims
+        // were multiplied without a check (a silent wrap in release builds).
+        let mut v = smol();
+        v["num_hidden_layers"] = json!(1u64 << 50);
+        let err = format!("{:#}", ModelConfig::from_hf_json(&v).unwrap_err());
+        assert!(
+            err.contains("num_hidden_layers") && err.contains("blocks"),
+            "{err}"
+        );
+        for (key, value) in [("hidden_size", 1u64 << 40), ("vocab_size", 1u64 << 33)] {
+            let mut v = smol();
+            v[key] = json!(value);
+            let err = format!("{:#}", ModelConfig::from_hf_json(&v).unwrap_err());
+            assert!(
+                err.contains(key) && err.contains("corrupt config"),
+                "{key}: {err}"
+            );
+        }
+        // Each dim allowed, the product not: a router of 2²³ × 2²³.
+        let mut v = smol();
+        v["model_type"] = json!("qwen3_moe");
+        v["num_experts"] = json!(1 << 23);
+        v["num_experts_per_tok"] = json!(1);
+        v["moe_intermediate_size"] = json!(1 << 23);
+        v["hidden_size"] = json!(1 << 23);
+        v["head_dim"] = json!(64);
+        let err = format!("{:#}", ModelConfig::from_hf_json(&v).unwrap_err());
+        assert!(
+            err.contains("ffn_gate_inp") && err.contains("elements"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -556,9 +556,14 @@ impl Scheme {
                         d.name()
                     ),
                 };
+                // Each side below 2²⁴ (as a config's dims), so the sizes the
+                // packed parts are checked against cannot wrap.
+                let fits = |d: i64| (1..=1 << 24).contains(&d);
                 match dims[..] {
-                    [o, i] if o > 0 && i > 0 => (o as usize, i as usize),
-                    _ => bail!("tensor '{prefix}.weight_shape' is {dims:?}, expected [out, in]"),
+                    [o, i] if fits(o) && fits(i) => (o as usize, i as usize),
+                    _ => bail!(
+                        "tensor '{prefix}.weight_shape' is {dims:?}, expected [out, in], each from 1 to 2^24"
+                    ),
                 }
             }
         };

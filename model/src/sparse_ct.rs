@@ -87,9 +87,11 @@ impl SparseLinears {
             }
             let dim = |i: usize| i64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8"));
             let (rows, cols) = (dim(0), dim(1));
-            if rows <= 0 || cols <= 0 {
+            // Each side below 2²⁴ (as a config's dims): their product, which
+            // sizes the dense tensor, cannot wrap.
+            if rows <= 0 || cols <= 0 || rows > 1 << 24 || cols > 1 << 24 {
                 bail!(
-                    "{}: '{prefix}.shape' is [{rows}, {cols}]",
+                    "{}: '{prefix}.shape' is [{rows}, {cols}], expected two sizes from 1 to 2^24",
                     set.path().display()
                 );
             }
