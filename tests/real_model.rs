@@ -8,10 +8,12 @@ use model::Model;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-/// llama.cpp's `llama-perplexity` on the evaluation text, ctx 512, 40 chunks.
-const LLAMA_CPP_PPL_Q4_1: f64 = 41.18;
-/// The same for the f32 expansion of the Q4_1 model.
-const LLAMA_CPP_PPL_F32: f64 = 41.09;
+/// llama.cpp's `llama-perplexity` on the evaluation text, ctx 512, 40 chunks
+/// (the build of scripts/build-llama-cpp.sh, 0c1e570: "Final estimate: PPL =
+/// 41.2010"; its Q4_1 dot product rounds activations to 8 bits).
+const LLAMA_CPP_PPL_Q4_1: f64 = 41.2010;
+/// The same for the f32 expansion of the Q4_1 model (an F32 GGUF: 41.0884).
+const LLAMA_CPP_PPL_F32: f64 = 41.0884;
 
 fn work_dir() -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("real_model");
@@ -146,8 +148,9 @@ fn perplexity_matches_llama_cpp_for_gguf_and_both_conversions() {
         rel(gguf, LLAMA_CPP_PPL_Q4_1) < 0.005,
         "gguf {gguf} vs llama.cpp {LLAMA_CPP_PPL_Q4_1}"
     );
+    // In f32 the two compute the same function: agreement to the fourth digit.
     assert!(
-        rel(st, LLAMA_CPP_PPL_F32) < 0.005,
+        rel(st, LLAMA_CPP_PPL_F32) < 1e-4,
         "f32 {st} vs llama.cpp {LLAMA_CPP_PPL_F32}"
     );
 }
