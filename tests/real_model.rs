@@ -78,6 +78,26 @@ fn converted_safetensors_agree_with_gguf_py_and_the_safetensors_package() {
     );
 }
 
+/// llama.cpp's own tokenizer on the real GGUF and the evaluation text
+/// (`llama-tokenize -m SmolLM2-135M-Instruct.Q4_1.gguf -f eval.txt --ids
+/// --no-bos --no-parse-special`, the build of scripts/build-llama-cpp.sh):
+/// the id count and the sha256 of the ids as little-endian u32.
+const LLAMA_TOKENIZE_IDS: (usize, &str) = (
+    95_429,
+    "0e281709c16d246708162714b080fdfa5b5aef04e2aacdd1485eba5d3e636671",
+);
+
+/// `(count, sha256 of the little-endian u32 bytes)` of a list of ids.
+fn ids_digest(ids: &[u32]) -> (usize, String) {
+    use sha2::{Digest, Sha256};
+    let bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
+    let hex = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    (ids.len(), hex)
+}
+
 #[test]
 fn gguf_tokenizer_and_exported_tokenizer_json_agree_on_the_whole_eval_text() {
     let (f32_dir, _) = converted();
@@ -88,6 +108,23 @@ fn gguf_tokenizer_and_exported_tokenizer_json_agree_on_the_whole_eval_text() {
     let b = st.tokenizer.encode(&text).unwrap();
     assert!(a.len() > 80_000, "only {} tokens", a.len());
     assert_eq!(a, b);
+    // Against independent tokenizers: llama.cpp's on the GGUF, and HF's
+    // `tokenizers` package on the tokenizer.json we exported.
+    let ours = ids_digest(&a);
+    assert_eq!(
+        (ours.0, ours.1.as_str()),
+        LLAMA_TOKENIZE_IDS,
+        "our ids differ from llama-tokenize's"
+    );
+    let hf = run_python(
+        "check_tokenizer_ids.py",
+        &[&f32_dir.join("tokenizer.json"), &eval_text()],
+    );
+    assert_eq!(
+        hf.trim(),
+        format!("{} {}", ours.0, ours.1),
+        "HF tokenizers' ids differ"
+    );
     assert_eq!(gguf.tokenizer.add_bos(), st.tokenizer.add_bos());
     assert_eq!(gguf.tokenizer.decode(&a).unwrap(), text);
     assert_eq!(st.tokenizer.decode(&b).unwrap(), text);
