@@ -198,17 +198,24 @@ impl Model {
                 .with_context(|| format!("cannot open {}", file.display()))?;
             let _ = f.read(&mut magic);
         }
-        let model = if &magic == crate::gguf::GGUF_MAGIC {
-            Self::open_gguf(&file)?
+        if &magic == crate::gguf::GGUF_MAGIC {
+            Self::open_gguf(&file)
         } else {
-            Self::open_safetensors(&file)?
-        };
-        model.check_shapes()?;
-        Ok(model)
+            let model = Self::open_safetensors(&file)?;
+            model.check_shapes()?;
+            Ok(model)
+        }
     }
 
     fn open_gguf(path: &Path) -> Result<Self> {
-        let g = GgufFile::open(path)?;
+        Self::from_gguf(GgufFile::open(path)?)
+    }
+
+    /// A model from a GGUF already parsed (its hyperparameters, tokenizer and
+    /// tensor shapes checked as [`Model::open`] does).
+    pub fn from_gguf(g: GgufFile) -> Result<Self> {
+        let path = g.path().to_path_buf();
+        let path = path.as_path();
         let config = ModelConfig::from_gguf(&g)?;
         let vocab = gguf_vocab(&g)?;
         let tokenizer = Tokenizer::from_gguf(&vocab)
@@ -220,6 +227,10 @@ impl Model {
             checkpoint: Checkpoint::Gguf(g),
             quantized: None,
             sparse: None,
+        })
+        .and_then(|m| {
+            m.check_shapes()?;
+            Ok(m)
         })
     }
 

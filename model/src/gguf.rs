@@ -5,12 +5,11 @@
 //! that cannot fit in the file) is an error naming the file and the field.
 
 use crate::io::AtomicFile;
+use crate::io::FileBytes;
 use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
-use memmap2::Mmap;
 use std::collections::HashMap;
 use std::fmt;
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -176,7 +175,7 @@ impl TensorInfo {
 /// An open, memory-mapped GGUF file.
 pub struct GgufFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: FileBytes,
     /// Format version (2 or 3).
     pub version: u32,
     /// Metadata in file order.
@@ -343,16 +342,16 @@ impl GgufFile {
     /// Opens and validates a GGUF file: header, metadata, tensor infos, and that
     /// every tensor's data lies inside the file.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        // SAFETY: the map is read-only; a file changed underneath us can give wrong
-        // numbers but not memory unsafety beyond what every mmap reader accepts.
-        let mmap = unsafe { Mmap::map(&file) }
-            .with_context(|| format!("cannot memory-map {}", path.display()))?;
-        Self::parse(path, mmap)
+        Self::from_bytes(path, FileBytes::map(path)?)
+    }
+
+    /// [`GgufFile::open`] on bytes already in hand (`path` names them in errors).
+    pub fn from_bytes(path: &Path, bytes: FileBytes) -> Result<Self> {
+        Self::parse(path, bytes)
             .with_context(|| format!("{}: not a valid GGUF file", path.display()))
     }
 
-    fn parse(path: &Path, mmap: Mmap) -> Result<Self> {
+    fn parse(path: &Path, mmap: FileBytes) -> Result<Self> {
         let mut c = Cursor {
             buf: &mmap,
             pos: 0,

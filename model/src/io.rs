@@ -149,6 +149,40 @@ pub fn model_sha256(model: &crate::Model) -> Result<String> {
         .collect())
 }
 
+/// The bytes of an input file: memory-mapped when read from disk, owned when a
+/// caller (the fuzzing harness, a test) hands them over.
+pub enum FileBytes {
+    /// A read-only map of a file we do not modify.
+    Mapped(memmap2::Mmap),
+    /// Bytes in memory.
+    Owned(Vec<u8>),
+}
+
+impl FileBytes {
+    /// Maps `path` read-only.
+    pub fn map(path: &Path) -> Result<Self> {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: the map is read-only; a file changed underneath us can give
+        // wrong numbers but not memory unsafety beyond what every mmap reader
+        // accepts.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("cannot memory-map {}", path.display()))?;
+        Ok(FileBytes::Mapped(mmap))
+    }
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            FileBytes::Mapped(m) => m,
+            FileBytes::Owned(v) => v,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

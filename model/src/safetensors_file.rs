@@ -5,12 +5,11 @@
 //! file that lies about its layout gets an error naming the tensor, never a panic.
 
 use crate::io::AtomicFile;
+use crate::io::FileBytes;
 use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
-use memmap2::Mmap;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -123,7 +122,7 @@ pub struct TensorEntry {
 /// One memory-mapped safetensors file.
 pub struct SafetensorsFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: FileBytes,
     data_start: usize,
     /// Tensors by name.
     pub tensors: BTreeMap<String, TensorEntry>,
@@ -134,10 +133,12 @@ pub struct SafetensorsFile {
 impl SafetensorsFile {
     /// Opens and validates a safetensors file.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        // SAFETY: read-only map of a file we do not modify.
-        let mmap = unsafe { Mmap::map(&file) }
-            .with_context(|| format!("cannot memory-map {}", path.display()))?;
+        Self::from_bytes(path, FileBytes::map(path)?)
+    }
+
+    /// [`SafetensorsFile::open`] on bytes already in hand (`path` names them in
+    /// errors).
+    pub fn from_bytes(path: &Path, mmap: FileBytes) -> Result<Self> {
         let (data_start, tensors, metadata) = parse_header(&mmap)
             .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
         Ok(SafetensorsFile {

@@ -232,7 +232,12 @@ impl Imatrix {
     /// Reads an imatrix GGUF (ours or llama.cpp's; one matrix per weight, or
     /// one per expert of a stacked experts' tensor).
     pub fn load(path: &Path) -> Result<Self> {
-        let g = GgufFile::open(path)?;
+        Self::from_gguf(&GgufFile::open(path)?)
+    }
+
+    /// [`Imatrix::load`] on a GGUF already parsed.
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let path = g.path();
         if g.get("general.type").and_then(MetaValue::as_str) != Some("imatrix") {
             bail!(
                 "{}: not an imatrix file (general.type is not \"imatrix\")",
