@@ -432,104 +432,66 @@ fn calibrate_latent_attention(
     drop(input);
     run(&mut w, Slot::KvA, &block_input, t)?;
     drop(block_input);
-    // Per head: k_b reads the head's query part without RoPE.
     let (heads, qk, nope, lora) = (
         c.num_attention_heads,
         m.qk_nope_head_dim + c.head_dim,
         m.qk_nope_head_dim,
         m.kv_lora_rank,
     );
-    let p = parts(&w, t)?;
-    let kb = stack_heads(
-        &mut w,
-        Slot::KB,
-        heads,
-        |head, w, t| {
-            let rows: Vec<Vec<f32>> = p
+    let mut per_head = |w: &mut BlockWeights,
+                        slot: Slot,
+                        inputs: &[Vec<f32>],
+                        stride: usize,
+                        width: usize,
+                        t: &mut Timings|
+     -> Result<()> {
+        let name = names::block(l, gguf_suffix(c, l, slot)?);
+        let mut bytes = Vec::new();
+        let mut shape = [0, 0];
+        for head in 0..heads {
+            // This head's `width` leading values of each `stride`-wide chunk.
+            let rows: Vec<Vec<f32>> = inputs
                 .iter()
-                .map(|p| {
-                    p.q.chunks(qk)
+                .map(|x| {
+                    x.chunks(stride)
                         .skip(head)
                         .step_by(heads)
-                        .flat_map(|r| r[..nope].to_vec())
+                        .flat_map(|r| r[..width].iter().copied())
                         .collect()
                 })
                 .collect();
-            let mut input = LayerInput::new(hessian_of(&rows, nope, t), opts, None);
+            let mut input = LayerInput::new(hessian_of(&rows, width, t), opts, None);
             input.head = Some((head, heads));
-            let name = names::block(l, gguf_suffix(c, l, Slot::KB)?);
-            let original = w.linear(Slot::KB).expect("k_b").expert(head)?;
+            let original = w.linear(slot).expect("a per-head linear").expert(head)?;
             let new = step(&name, &original, &input, t)?;
             t.factor_seconds += input.factor_seconds();
             check_expert_shape(&original, &new)?;
-            Ok(new)
-        },
-        t,
-    )?;
-    out.push((
-        Slot::KB,
-        Tensor::from_f32("KB", kb.shape.clone(), &kb.to_f32()?),
-    ));
-    w.replace(Slot::KB, kb)?;
+            shape = [new.shape[0], new.shape[1]];
+            bytes.extend(new.to_f32()?.iter().flat_map(|v| v.to_le_bytes()));
+        }
+        let stacked = Tensor {
+            name,
+            ty: GgmlType::F32,
+            shape: vec![heads, shape[0], shape[1]],
+            data: Cow::Owned(bytes),
+        };
+        out.push((
+            slot,
+            Tensor::from_f32(&stacked.name, stacked.shape.clone(), &stacked.to_f32()?),
+        ));
+        w.replace(slot, stacked)
+    };
+    // Per head: k_b reads the head's query part without RoPE.
+    let queries: Vec<Vec<f32>> = parts(&w, t)?.into_iter().map(|p| p.q).collect();
+    per_head(&mut w, Slot::KB, &queries, qk, nope, t)?;
     // Per head: v_b reads the latent weighted by the head's attention
     // probabilities (with the changed k_b).
     let p = parts(&w, t)?;
     let clock = Instant::now();
     let attended: Vec<Vec<f32>> = p.iter().map(|p| attended_latent(p, lora, n)).collect();
     t.forward_seconds += clock.elapsed().as_secs_f64();
-    let vb = stack_heads(
-        &mut w,
-        Slot::VB,
-        heads,
-        |head, w, t| {
-            let rows: Vec<Vec<f32>> = attended
-                .iter()
-                .map(|a| {
-                    a.chunks(lora)
-                        .skip(head)
-                        .step_by(heads)
-                        .flatten()
-                        .copied()
-                        .collect()
-                })
-                .collect();
-            let mut input = LayerInput::new(hessian_of(&rows, lora, t), opts, None);
-            input.head = Some((head, heads));
-            let name = names::block(l, gguf_suffix(c, l, Slot::VB)?);
-            let original = w.linear(Slot::VB).expect("v_b").expert(head)?;
-            let new = step(&name, &original, &input, t)?;
-            t.factor_seconds += input.factor_seconds();
-            check_expert_shape(&original, &new)?;
-            Ok(new)
-        },
-        t,
-    )?;
-    out.push((Slot::VB, vb));
+    per_head(&mut w, Slot::VB, &attended, lora, lora, t)?;
     Ok(out)
-}
-
-/// Each head's matrix of the per-head tensor in `slot` changed by `change`,
-/// stacked back into one `[heads, rows, cols]` f32 tensor.
-fn stack_heads(
-    w: &mut BlockWeights,
-    slot: Slot,
-    heads: usize,
-    mut change: impl FnMut(usize, &BlockWeights, &mut Timings) -> Result<Tensor<'static>>,
-    t: &mut Timings,
-) -> Result<Tensor<'static>> {
-    let mut bytes = Vec::new();
-    let mut shape = [0, 0];
-    for head in 0..heads {
-        let new = change(head, w, t)?;
-        shape = [new.shape[0], new.shape[1]];
-        bytes.extend(new.to_f32()?.iter().flat_map(|v| v.to_le_bytes()));
-    }
-    Ok(Tensor {
-        name: format!("{slot:?}"),
-        ty: GgmlType::F32,
-        shape: vec![heads, shape[0], shape[1]],
-        data: Cow::Owned(bytes),
-    })
 }
 
 /// Per position and head, the latent weighted by the head's attention
