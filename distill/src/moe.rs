@@ -121,11 +121,7 @@ pub fn forward<T: Float>(
     let mut z = vec![T::ZERO; n * hidden];
     let mut passes = Vec::new();
     for e in 0..m.experts {
-        let tokens: Vec<(usize, T)> = routes
-            .chunks(m.used)
-            .enumerate()
-            .filter_map(|(t, r)| r.iter().find(|x| x.0 == e).map(|x| (t, x.1)))
-            .collect();
+        let tokens = model::llama::routed_to(&routes, m.used, e);
         if tokens.is_empty() {
             continue;
         }

@@ -290,6 +290,16 @@ pub fn route(
         .collect()
 }
 
+/// The tokens routed to expert `e` by `routes` (`used` pairs (expert, weight)
+/// per token, as [`route`] gives them): (position, weight), in position order.
+pub fn routed_to<W: Copy>(routes: &[(usize, W)], used: usize, e: usize) -> Vec<(usize, W)> {
+    routes
+        .chunks(used)
+        .enumerate()
+        .filter_map(|(t, r)| r.iter().find(|x| x.0 == e).map(|x| (t, x.1)))
+        .collect()
+}
+
 /// One token's experts under DeepSeek's routing: scores `s` (sigmoid or
 /// softmax of `logits`), selection scores `s + bias`; groups of `E / groups`
 /// consecutive experts ranked by the sum of their two best selection scores,
@@ -1017,11 +1027,7 @@ impl Model {
         let routes = self.expert_routes(router, w.router_bias.as_deref(), h, n)?;
         let mut passes = Vec::new();
         for e in 0..m.experts {
-            let tokens: Vec<(usize, f32)> = routes
-                .chunks(m.used)
-                .enumerate()
-                .filter_map(|(t, r)| r.iter().find(|x| x.0 == e).map(|x| (t, x.1)))
-                .collect();
+            let tokens = routed_to(&routes, m.used, e);
             if tokens.is_empty() {
                 continue;
             }

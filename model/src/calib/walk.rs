@@ -29,7 +29,9 @@
 use crate::arch::Slot;
 use crate::calib::factor::{FactorOptions, Factored};
 use crate::calib::Hessian;
-use crate::llama::{gated_mlp, route, BlockCursor, BlockWeights, EXPERT_SLOTS, LINEAR_GROUPS};
+use crate::llama::{
+    gated_mlp, route, routed_to, BlockCursor, BlockWeights, EXPERT_SLOTS, LINEAR_GROUPS,
+};
 use crate::{names, Model, Tensor};
 use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
@@ -589,9 +591,8 @@ fn calibrate_experts(
         let positions: Vec<Vec<usize>> = routes
             .iter()
             .map(|r| {
-                r.chunks(used)
-                    .enumerate()
-                    .filter(|(_, picks)| picks.iter().any(|p| p.0 == e))
+                routed_to(r, used, e)
+                    .into_iter()
                     .map(|(pos, _)| pos)
                     .collect()
             })
