@@ -323,3 +323,224 @@ fn packed_and_sparse_shapes_no_model_has_are_refused() {
     let e = fails(&eval_args(sparse.to_str().unwrap(), text.to_str().unwrap()));
     assert!(e.contains(".shape") && e.contains("2^24"), "{e}");
 }
+
+/// Overwrites element `index` of F32 tensor `name` in GGUF file `file`.
+fn patch_gguf_f32(file: &Path, name: &str, index: usize, value: f32) {
+    let g = model::gguf::GgufFile::open(file).unwrap();
+    let t = g.tensor(name).unwrap();
+    assert_eq!(t.ty, kernels::GgmlType::F32, "{name}");
+    let at = (g.data_offset + t.offset) as usize + 4 * index;
+    drop(g);
+    let mut data = std::fs::read(file).unwrap();
+    data[at..at + 4].copy_from_slice(&value.to_le_bytes());
+    std::fs::write(file, data).unwrap();
+}
+
+/// The input problems of issue 21 point 5, each by its documented rule:
+/// - an all-zero tensor quantizes and prunes to finite zeros, and the layer
+///   reading its (all-zero) output reports every input column dead;
+/// - a NaN weight is refused by every command that reads it, naming the
+///   tensor, with no output;
+/// - activations that overflow to NaN stop a calibrated stage naming the
+///   layer, with no output.
+#[test]
+fn input_problems_follow_their_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let zero = p("zero.gguf");
+    write_tiny_llama(Path::new(&zero), 2, 64, 5, &|name| {
+        if name == "blk.0.attn_v.weight" {
+            0.0
+        } else {
+            1.0
+        }
+    });
+    let calib = asset("calib.txt");
+    let calib = calib.to_str().unwrap();
+    let calibrated = |out: &str| -> Vec<String> {
+        ["--calib", calib, "--samples", "4", "--seq", "64", "-o", out]
+            .map(str::to_owned)
+            .to_vec()
+    };
+    let run_ok = |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = compress(&args);
+        assert!(o.status.success(), "{args:?}: {}", output_text(&o));
+    };
+    let mut q4 = vec![
+        "quantize".to_owned(),
+        zero.clone(),
+        "--type".into(),
+        "Q4_K_M".into(),
+    ];
+    q4.extend(["-o".into(), p("zero-q4.gguf")]);
+    run_ok(q4);
+    let finite = |file: &str| {
+        let g = model::gguf::GgufFile::open(Path::new(file)).unwrap();
+        for t in &g.tensors {
+            assert_eq!(
+                kernels::quants::first_nonfinite(t.ty, g.tensor_data(t)).unwrap(),
+                None,
+                "{file}: {}",
+                t.name
+            );
+        }
+    };
+    finite(&p("zero-q4.gguf"));
+    let dead_columns = |report: &str, key: &str| -> u64 {
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
+        r["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == "blk.0.attn_output.weight")
+            .unwrap_or_else(|| panic!("{report}: no blk.0.attn_output"))[key]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    for (method, out) in [("gptq", "zero-gptq.gguf"), ("awq", "zero-awq.gguf")] {
+        let mut args = vec![
+            "quantize".to_owned(),
+            zero.clone(),
+            "--method".into(),
+            method.into(),
+        ];
+        args.extend([
+            "--type".into(),
+            "Q4_0".into(),
+            "--report".into(),
+            p(&format!("{method}.json")),
+        ]);
+        args.extend(calibrated(&p(out)));
+        run_ok(args);
+        finite(&p(out));
+    }
+    assert_eq!(dead_columns(&p("gptq.json"), "dead_columns"), 64);
+    let mut args = vec![
+        "prune".to_owned(),
+        zero.clone(),
+        "--method".into(),
+        "sparsegpt".into(),
+    ];
+    args.extend([
+        "--sparsity".into(),
+        "0.5".into(),
+        "--report".into(),
+        p("sgpt.json"),
+    ]);
+    args.extend(calibrated(&p("zero-sgpt.gguf")));
+    run_ok(args);
+    finite(&p("zero-sgpt.gguf"));
+    assert_eq!(dead_columns(&p("sgpt.json"), "dead_columns"), 64);
+
+    // One NaN weight: refused by name everywhere, nothing written.
+    let nan = p("nan.gguf");
+    std::fs::copy(&zero, &nan).unwrap();
+    patch_gguf_f32(Path::new(&nan), "blk.1.ffn_up.weight", 17, f32::NAN);
+    let before = std::fs::read(&nan).unwrap();
+    let out = p("refused.gguf");
+    let cases: Vec<Vec<String>> = vec![
+        vec![
+            "quantize".into(),
+            nan.clone(),
+            "--type".into(),
+            "Q4_0".into(),
+            "-o".into(),
+            out.clone(),
+        ],
+        [
+            vec![
+                "quantize".into(),
+                nan.clone(),
+                "--method".into(),
+                "gptq".into(),
+                "--type".into(),
+                "Q4_0".into(),
+            ],
+            calibrated(&out),
+        ]
+        .concat(),
+        [
+            vec![
+                "quantize".into(),
+                nan.clone(),
+                "--method".into(),
+                "awq".into(),
+                "--type".into(),
+                "Q4_0".into(),
+            ],
+            calibrated(&out),
+        ]
+        .concat(),
+        [
+            vec![
+                "prune".into(),
+                nan.clone(),
+                "--method".into(),
+                "wanda".into(),
+                "--sparsity".into(),
+                "0.5".into(),
+            ],
+            calibrated(&out),
+        ]
+        .concat(),
+        vec![
+            "prune".into(),
+            nan.clone(),
+            "--method".into(),
+            "magnitude".into(),
+            "--sparsity".into(),
+            "0.5".into(),
+            "-o".into(),
+            out.clone(),
+        ],
+        vec![
+            "convert".into(),
+            nan.clone(),
+            "-o".into(),
+            p("refused.safetensors"),
+        ],
+    ];
+    for args in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let text = fails(&args);
+        assert!(
+            text.contains("blk.1.ffn_up.weight") && text.contains("NaN"),
+            "{args:?}: {text}"
+        );
+        assert!(!Path::new(&out).exists() && !Path::new(&p("refused.safetensors")).exists());
+    }
+    assert!(
+        std::fs::read(&nan).unwrap() == before,
+        "the input is unchanged"
+    );
+
+    // Activations that overflow: block 1's attention norm gain of 1e30 makes
+    // its attention scores infinite, so attn_output's input is NaN everywhere.
+    // (GGUF output keeps the gain in f32; an f16 folder refuses it as Inf.)
+    let hot = p("hot.gguf");
+    std::fs::copy(&zero, &hot).unwrap();
+    for i in 0..64 {
+        patch_gguf_f32(Path::new(&hot), "blk.1.attn_norm.weight", i, 1e30);
+    }
+    let args = [
+        vec![
+            "quantize".into(),
+            hot.clone(),
+            "--method".into(),
+            "gptq".into(),
+            "--type".into(),
+            "Q4_0".into(),
+        ],
+        calibrated(&p("hot-q4.gguf")),
+    ]
+    .concat();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let text = fails(&args);
+    assert!(
+        text.contains("blk.1.attn_output.weight") && text.contains("NaN or Inf activations"),
+        "{text}"
+    );
+    assert!(!Path::new(&p("hot-q4.gguf")).exists());
+}

@@ -119,7 +119,8 @@ pub fn convert(input: &Path, output: &Path, dtype: GgmlType) -> Result<()> {
     let mut fusing = Fusing::new();
     for (i, (n, shape)) in names.iter().enumerate() {
         let values = model.tensor(n)?.to_f32()?;
-        write_hf(&mut writer, &mut fusing, c, n, shape, &values, dtype)?;
+        write_hf(&mut writer, &mut fusing, c, n, shape, &values, dtype)
+            .with_context(|| format!("converting '{n}' of {}", model.path.display()))?;
         bar.set(i as u64 + 1, n);
     }
     writer.finish()?;

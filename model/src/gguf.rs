@@ -605,6 +605,18 @@ fn put_value(out: &mut Vec<u8>, v: &MetaValue) {
     }
 }
 
+/// Refuses tensor `name`'s bytes (of type `ty`) when any value decodes to NaN
+/// or Inf: the check every writer runs before a file gets its final name, so
+/// no artifact carries a NaN scale an engine would choke on.
+pub fn refuse_nonfinite(name: &str, ty: GgmlType, bytes: &[u8], dest: &str) -> Result<()> {
+    if let Some(i) = kernels::quants::first_nonfinite(ty, bytes)
+        .with_context(|| format!("checking tensor '{name}' for {dest}"))?
+    {
+        bail!("tensor '{name}' ({ty}) holds NaN or Inf at element {i}: refusing to write {dest}");
+    }
+    Ok(())
+}
+
 /// Streams a GGUF v3 file: the header, metadata and tensor infos are fixed up
 /// front from the declarations, then each tensor's bytes are written in
 /// declaration order (so only one tensor need be in memory), each aligned to
@@ -704,8 +716,9 @@ impl GgufWriter {
                 bytes.len()
             );
         }
-        let padded = (*n_bytes).div_ceil(self.alignment) * self.alignment;
         let dest = self.out.dest().display().to_string();
+        refuse_nonfinite(name, decl.ty, bytes, &dest)?;
+        let padded = (*n_bytes).div_ceil(self.alignment) * self.alignment;
         self.out
             .write_all(bytes)
             .with_context(|| format!("cannot write {dest}"))?;
@@ -996,5 +1009,32 @@ pub(crate) mod tests {
             ty: GgmlType::Q4_0,
         }];
         assert!(GgufWriter::create(&dest, &[], &bad).is_err());
+    }
+
+    #[test]
+    fn a_nan_scale_or_value_is_refused_before_the_file_appears() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.gguf");
+        let decls = [
+            TensorDecl {
+                name: "ok".into(),
+                dims: vec![32, 2],
+                ty: GgmlType::Q8_0,
+            },
+            TensorDecl {
+                name: "bad".into(),
+                dims: vec![32, 2],
+                ty: GgmlType::Q8_0,
+            },
+        ];
+        let mut w = GgufWriter::create(&dest, &[], &decls).unwrap();
+        w.write_tensor("ok", &[7u8; 68]).unwrap();
+        // The second block's f16 scale is NaN (0x7e00).
+        let mut bad = [7u8; 68];
+        bad[34..36].copy_from_slice(&[0x00, 0x7e]);
+        let err = format!("{:#}", w.write_tensor("bad", &bad).unwrap_err());
+        assert!(err.contains("'bad'") && err.contains("element 32"), "{err}");
+        drop(w);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

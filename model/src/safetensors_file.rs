@@ -442,6 +442,15 @@ impl SafetensorsWriter {
                 e.end - e.start
             );
         }
+        let float = match e.dtype {
+            Dtype::F32 => Some(GgmlType::F32),
+            Dtype::F16 => Some(GgmlType::F16),
+            Dtype::BF16 => Some(GgmlType::BF16),
+            _ => None,
+        };
+        if let Some(ty) = float {
+            crate::gguf::refuse_nonfinite(name, ty, bytes, &self.out.dest().display().to_string())?;
+        }
         self.out
             .write_all(bytes)
             .with_context(|| format!("cannot write {}", self.out.dest().display()))?;

@@ -94,6 +94,22 @@ pub struct LayerPrune {
     /// For one head of a per-head tensor (latent attention's `k_b`, `v_b`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub head: Option<usize>,
+    /// SparseGPT: inputs that were zero on every calibration token (their
+    /// weights are zeroed, as the reference does).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub dead_columns: usize,
+    /// SparseGPT: the Hessian stayed singular after dampening up to 1.0, so the
+    /// layer was pruned by Wanda scores instead.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub fell_back_to_wanda: bool,
+    /// Calibration tokens left out of the layer's statistics because their
+    /// input row held NaN or Inf.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub nonfinite_rows: u64,
+}
+
+fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// Prunes one layer's weights for `target` sparsity (the layer's share under the
@@ -105,7 +121,7 @@ fn prune_layer(
     values: &[f32],
     cols: usize,
     input: Option<&LayerInput>,
-) -> Result<Vec<f32>> {
+) -> Result<(Vec<f32>, bool)> {
     let pattern = match pattern {
         Pattern::Unstructured(_) => Pattern::Unstructured(target),
         nm => nm,
@@ -132,13 +148,15 @@ fn prune_layer(
                 Some(u) => w = sparsegpt::sparsegpt(&w, cols, u, pattern, 128),
                 None => {
                     eprintln!("the Hessian stayed singular after dampening up to 1.0: pruned by Wanda scores instead");
-                    return prune_layer(Method::Wanda, pattern, target, values, cols, Some(input));
+                    let (w, _) =
+                        prune_layer(Method::Wanda, pattern, target, values, cols, Some(input))?;
+                    return Ok((w, true));
                 }
             }
         }
         (_, None) => bail!("{method:?} needs calibration statistics"),
     }
-    Ok(w)
+    Ok((w, false))
 }
 
 /// What the stage did.
@@ -259,7 +277,7 @@ pub fn prune_model(
                 let (rows, cols) = (t.shape[t.shape.len() - 2], t.shape[t.shape.len() - 1]);
                 let mut pruned = Vec::with_capacity(values.len());
                 for m in values.chunks(rows * cols) {
-                    pruned.extend(prune_layer(method, pattern, target, m, cols, None)?);
+                    pruned.extend(prune_layer(method, pattern, target, m, cols, None)?.0);
                 }
                 values = pruned;
                 layers.push(LayerPrune {
@@ -269,6 +287,9 @@ pub fn prune_model(
                     rel_error: None,
                     expert: None,
                     head: None,
+                    dead_columns: 0,
+                    fell_back_to_wanda: false,
+                    nonfinite_rows: 0,
                 });
             }
             writer.write(name, &t.shape, &values)?;
@@ -300,7 +321,8 @@ pub fn prune_model(
             let values = finite_weights(model, name, w)?;
             let target = targets[names::block_index(name).unwrap_or(0)];
             let clock = Instant::now();
-            let pruned = prune_layer(method, pattern, target, &values, cols, Some(input))?;
+            let (pruned, fell_back_to_wanda) =
+                prune_layer(method, pattern, target, &values, cols, Some(input))?;
             t.loop_seconds += clock.elapsed().as_secs_f64();
             let rel_error = (method == Method::Sparsegpt).then(|| {
                 let clock = Instant::now();
@@ -317,6 +339,13 @@ pub fn prune_model(
                 rel_error,
                 expert: input.expert,
                 head: input.head.map(|h| h.0),
+                dead_columns: if method == Method::Sparsegpt {
+                    input.factored().dead().len()
+                } else {
+                    0
+                },
+                fell_back_to_wanda,
+                nonfinite_rows: input.nonfinite_rows,
             });
             // A stacked experts' (or per-head) tensor is written once its last
             // expert (head) is pruned.

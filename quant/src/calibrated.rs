@@ -13,7 +13,7 @@ use model::calib::factor::output_error;
 use model::calib::walk::{
     embed_samples, f32_tensor, finite_weights, sequential_blocks, ExpertInput, LayerInput, Timings,
 };
-use model::calib::{Hessian, Imatrix};
+use model::calib::{finite_rows, Hessian, Imatrix};
 use model::gguf::GgufWriter;
 use model::gguf_export;
 pub use model::hf_quant::write_order;
@@ -231,7 +231,10 @@ pub fn gptq_model(
             rel_error: output_error(&values, Some(&q.values), &hf, cols) / energy,
             expert: input.expert,
             head: input.head.map(|h| h.0),
-            stats,
+            stats: GptqStats {
+                nonfinite_rows: input.nonfinite_rows,
+                ..stats
+            },
         };
         t.report_seconds += clock.elapsed().as_secs_f64();
         if report.stats.fell_back_to_rtn {
@@ -352,6 +355,14 @@ pub fn awq_model(
                     .map(|spec| spec.gguf)
             })
             .collect();
+        // Checked before the forward, so a NaN weight is named as such rather
+        // than as the NaN activations it causes.
+        let originals: Vec<Vec<f32>> = linears
+            .iter()
+            .map(|&(slot, suffix)| {
+                finite_weights(model, &name(suffix), w.linear(slot).expect("a linear slot"))
+            })
+            .collect::<Result<_>>()?;
         let mut hessians: Vec<Option<Hessian>> = LINEAR_GROUPS
             .iter()
             .map(|g| {
@@ -381,6 +392,9 @@ pub fn awq_model(
                         if entry.0.is_empty() {
                             entry.0 = vec![0f64; width];
                         }
+                        // Rows with NaN or Inf are left out (the expert then
+                        // counts as starved if none is left).
+                        let (input, _) = finite_rows(input, width);
                         for row in input.chunks(width) {
                             for (acc, &v) in entry.0.iter_mut().zip(row) {
                                 *acc += (v as f64) * (v as f64);
@@ -409,15 +423,28 @@ pub fn awq_model(
                     .map(|h| (h.matrix().iter().map(|&v| v as f32).collect(), h.mean_abs()))
             })
             .collect();
+        for (g, h) in hessians.iter().enumerate() {
+            if let Some(h) = h
+                .as_ref()
+                .filter(|h| h.tokens() == 0 && h.nonfinite_rows() > 0)
+            {
+                bail!(
+                    "block {l}: every calibration token reaching {} has NaN or Inf activations ({} tokens): the model overflows on this text",
+                    group_suffix[g].map_or_else(|| format!("group {g}"), |s| name(s)),
+                    h.nonfinite_rows()
+                );
+            }
+        }
+        let nonfinite_of = |slot: Slot| {
+            group_of(slot)
+                .and_then(|g| hessians[g].as_ref())
+                .map_or(0, Hessian::nonfinite_rows)
+        };
         let stats_of = |slot: Slot| -> Result<&(Vec<f32>, Vec<f32>)> {
             group_of(slot)
                 .and_then(|g| stats[g].as_ref())
                 .with_context(|| format!("block {l}: no input statistics for {slot:?}"))
         };
-        let originals: Vec<Vec<f32>> = linears
-            .iter()
-            .map(|&(slot, _)| w.linear(slot).expect("a linear slot").to_f32())
-            .collect::<Result<_>>()?;
         let index_of = |slot: Slot| linears.iter().position(|&(s, _)| s == slot);
         let grids: Vec<Grid> = linears.iter().map(|(_, s)| grid_of(&name(s))).collect();
         let clock = Instant::now();
@@ -497,7 +524,10 @@ pub fn awq_model(
                 rel_error: output_error(original, Some(&effective), h, cols) / energy,
                 expert: None,
                 head: None,
-                stats: GptqStats::default(),
+                stats: GptqStats {
+                    nonfinite_rows: nonfinite_of(slot),
+                    ..GptqStats::default()
+                },
             });
             t.report_seconds += clock.elapsed().as_secs_f64();
             let quantized = f32_tensor(&lname, rows, cols, &q.values);

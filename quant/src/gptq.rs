@@ -190,6 +190,14 @@ pub struct GptqStats {
     /// whose levels in that block miss 0, e.g. those with a min offset): they got
     /// the level nearest to 0.
     pub zeros_lost: usize,
+    /// Calibration tokens left out of the layer's statistics because their
+    /// input row held NaN or Inf.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub nonfinite_rows: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// A layer with at least this fraction of exactly-zero weights counts as pruned:
@@ -409,6 +417,7 @@ pub fn gptq_factored(
         loop_seconds: start.elapsed().as_secs_f64(),
         kept_zeros: if keep_zeros { zeros } else { 0 },
         zeros_lost,
+        nonfinite_rows: 0,
     };
     Ok((q, stats))
 }
@@ -887,6 +896,64 @@ mod tests {
             !stats.fell_back_to_rtn && stats.damp_percent > 0.0,
             "{stats:?}"
         );
+    }
+
+    /// An all-zero weight, an all-zero Hessian (no token reached the layer)
+    /// and a Hessian that never factors: on every grid the result is finite,
+    /// zeros stay zeros, and nothing stored is NaN.
+    #[test]
+    fn all_zero_weights_and_hessians_give_finite_zeros() {
+        let (rows, cols) = (4, 256);
+        let zero_w = vec![0f32; rows * cols];
+        let (w, _, h) = problem(rows, cols, 300);
+        let zero_h = vec![0f64; cols * cols];
+        let nan_h = vec![f64::NAN; cols * cols];
+        let mut grids: Vec<Grid> = [
+            (4, 128, true),
+            (4, 128, false),
+            (8, -1, true),
+            (3, 64, false),
+        ]
+        .iter()
+        .map(|&(bits, group, sym)| Grid::Int {
+            bits,
+            group: if group < 0 { cols } else { group as usize },
+            sym,
+            clip: true,
+        })
+        .collect();
+        grids.extend(
+            [
+                GgmlType::Q4_0,
+                GgmlType::Q4_K,
+                GgmlType::Q2_K,
+                GgmlType::Q6_K,
+            ]
+            .map(Grid::Gguf),
+        );
+        for grid in &grids {
+            for (what, w, h) in [
+                ("zero weights", &zero_w, &h),
+                ("zero Hessian", &w, &zero_h),
+                ("NaN Hessian", &w, &nan_h),
+            ] {
+                let (q, stats) = gptq(w, cols, h, grid, &GptqOptions::default()).unwrap();
+                assert!(q.values.iter().all(|v| v.is_finite()), "{grid:?}, {what}");
+                if let Stored::Int { scales, .. } = &q.stored {
+                    assert!(scales.iter().all(|s| s.is_finite()), "{grid:?}, {what}");
+                }
+                if what == "zero weights" {
+                    assert!(q.values.iter().all(|&v| v == 0.0), "{grid:?}");
+                }
+                if what == "zero Hessian" {
+                    // Every input dead: GPTQ's rule zeroes the weights.
+                    assert_eq!(stats.dead_columns, cols, "{grid:?}");
+                }
+                if what == "NaN Hessian" {
+                    assert!(stats.fell_back_to_rtn, "{grid:?}: {stats:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -72,6 +72,33 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), Kerne
     Ok(())
 }
 
+/// The index of the first element of `src` (whole blocks of `ty`) that decodes
+/// to NaN or ±Inf, if any. Decodes a few blocks at a time, so it needs no
+/// buffer the size of the tensor: writers run it on every tensor before the
+/// file gets its final name.
+pub fn first_nonfinite(ty: GgmlType, src: &[u8]) -> Result<Option<usize>, KernelError> {
+    let (elems, bytes) = (ty.block_elems(), ty.block_bytes());
+    if !src.len().is_multiple_of(bytes) {
+        return Err(KernelError::SizeMismatch {
+            what: "source",
+            ty,
+            elems: src.len() / bytes * elems,
+            expected: src.len() / bytes * bytes,
+            got: src.len(),
+        });
+    }
+    let blocks_per_pass = (4096 / elems).max(1);
+    let mut buf = vec![0f32; blocks_per_pass * elems];
+    for (pass, chunk) in src.chunks(blocks_per_pass * bytes).enumerate() {
+        let out = &mut buf[..chunk.len() / bytes * elems];
+        dequantize(ty, chunk, out)?;
+        if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+            return Ok(Some(pass * blocks_per_pass * elems + i));
+        }
+    }
+    Ok(None)
+}
+
 /// Checks that `bytes` holds exactly `elems` elements of `ty` in whole blocks.
 pub fn check_sizes(ty: GgmlType, bytes: usize, elems: usize) -> Result<(), KernelError> {
     let expected = ty.bytes_for(elems).ok_or(KernelError::NotBlockAligned {
@@ -89,4 +116,59 @@ pub fn check_sizes(ty: GgmlType, bytes: usize, elems: usize) -> Result<(), Kerne
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_nonfinite_finds_a_nan_scale_and_an_inf_value() {
+        let values: Vec<f32> = (0..8192).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut q = quantize_to_vec(GgmlType::Q4_0, &values, 256, None).unwrap();
+        assert_eq!(first_nonfinite(GgmlType::Q4_0, &q).unwrap(), None);
+        // Block 200's f16 scale set to NaN: its first element is the first bad one.
+        let block = GgmlType::Q4_0.block_bytes();
+        q[200 * block..200 * block + 2].copy_from_slice(&f16::NAN.to_le_bytes());
+        assert_eq!(first_nonfinite(GgmlType::Q4_0, &q).unwrap(), Some(200 * 32));
+        let mut raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        raw[4 * 5000..4 * 5001].copy_from_slice(&f32::INFINITY.to_le_bytes());
+        assert_eq!(first_nonfinite(GgmlType::F32, &raw).unwrap(), Some(5000));
+        assert!(first_nonfinite(GgmlType::Q4_0, &q[..block + 1]).is_err());
+    }
+
+    /// All-zero tensors, zero importance (a dead input column in the imatrix)
+    /// and values next to zero: every encoder gives finite values, zeros for
+    /// zeros (no 0/0 in a scale search).
+    #[test]
+    fn zeros_and_zero_importance_encode_to_finite_values() {
+        let n = 2 * 256;
+        let zeros = vec![0f32; n];
+        let tiny: Vec<f32> = (0..n)
+            .map(|i| if i % 7 == 0 { 1e-30 } else { 0.0 })
+            .collect();
+        let wave: Vec<f32> = (0..n).map(|i| (i as f32 * 0.61).sin()).collect();
+        let no_importance = vec![0f32; 256];
+        for ty in crate::types::ALL_TYPES {
+            for (what, values) in [("zeros", &zeros), ("tiny", &tiny), ("wave", &wave)] {
+                for importance in [None, Some(&no_importance[..])] {
+                    let q = quantize_to_vec(ty, values, 256, importance).unwrap();
+                    assert_eq!(
+                        first_nonfinite(ty, &q).unwrap(),
+                        None,
+                        "{ty} on {what} with importance {:?}",
+                        importance.map(|_| "zero")
+                    );
+                    if what == "zeros" {
+                        let mut back = vec![1f32; n];
+                        dequantize(ty, &q, &mut back).unwrap();
+                        assert!(
+                            back.iter().all(|&v| v == 0.0),
+                            "{ty}: zeros come back as zeros"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

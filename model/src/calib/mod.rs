@@ -79,7 +79,28 @@ pub struct Imatrix {
     pub datasets: Vec<String>,
 }
 
-/// Adds Σ x² per column of the `cols`-wide rows of `input` into `sum_sq`.
+/// The rows of `x` (`cols` wide) that hold only finite values, and how many
+/// were left out. Calibration statistics skip a token whose activations
+/// overflowed (NaN or Inf) rather than let one poison every column of a
+/// Hessian or importance sum; the count goes into the reports.
+pub fn finite_rows(x: &[f32], cols: usize) -> (std::borrow::Cow<'_, [f32]>, u64) {
+    if cols == 0 || x.iter().all(|v| v.is_finite()) {
+        return (std::borrow::Cow::Borrowed(x), 0);
+    }
+    let mut kept = Vec::with_capacity(x.len());
+    let mut skipped = 0;
+    for row in x.chunks(cols) {
+        if row.iter().all(|v| v.is_finite()) {
+            kept.extend_from_slice(row);
+        } else {
+            skipped += 1;
+        }
+    }
+    (std::borrow::Cow::Owned(kept), skipped)
+}
+
+/// Adds Σ x² per column of the `cols`-wide rows of `input` into `sum_sq`
+/// (rows already checked finite).
 fn accumulate(sum_sq: &mut [f64], input: &[f32]) {
     let cols = sum_sq.len();
     let rows = input.len() / cols;
@@ -132,6 +153,7 @@ impl Imatrix {
             None
         };
         let mut entries: BTreeMap<String, ImatrixEntry> = BTreeMap::new();
+        let mut nonfinite: BTreeMap<String, u64> = BTreeMap::new();
         for c in 0..chunks {
             let mut chunk = tokens[c * ctx..(c + 1) * ctx].to_vec();
             if let Some(b) = bos {
@@ -151,12 +173,25 @@ impl Imatrix {
                             counts: vec![0; matrices],
                         });
                         let m = expert.unwrap_or(0);
-                        accumulate(&mut e.sum_sq[m * cols..(m + 1) * cols], input);
-                        e.counts[m] += (input.len() / cols) as u64;
+                        let (rows, skipped) = finite_rows(input, cols);
+                        accumulate(&mut e.sum_sq[m * cols..(m + 1) * cols], &rows);
+                        e.counts[m] += (rows.len() / cols) as u64;
+                        if skipped > 0 {
+                            *nonfinite.entry(names::block(layer, suffix)).or_default() += skipped;
+                        }
                     })
                     .with_context(|| format!("block {layer}"))?;
             }
             progress(c + 1, chunks);
+        }
+        for (name, skipped) in &nonfinite {
+            let kept = entries
+                .get(name)
+                .map_or(0, |e| e.counts.iter().sum::<u64>());
+            if kept == 0 {
+                bail!("every calibration token reaching '{name}' has NaN or Inf activations ({skipped} tokens): the model overflows on this text");
+            }
+            eprintln!("{name}: {skipped} tokens with NaN or Inf activations left out of its statistics ({kept} kept)");
         }
         Ok(Imatrix {
             entries,
@@ -368,6 +403,7 @@ pub struct Hessian {
     sum: Vec<f64>,
     abs_sum: Vec<f64>,
     tokens: u64,
+    nonfinite_rows: u64,
 }
 
 /// Rows of `XᵀX` per parallel strip.
@@ -382,6 +418,7 @@ impl Hessian {
             sum: vec![0.0; cols * cols],
             abs_sum: vec![0.0; cols],
             tokens: 0,
+            nonfinite_rows: 0,
         }
     }
 
@@ -394,10 +431,17 @@ impl Hessian {
         }
     }
 
-    /// Adds the rows of `x` (`n × cols`, row-major).
+    /// Adds the rows of `x` (`n × cols`, row-major); a row holding NaN or Inf
+    /// is left out and counted ([`Hessian::nonfinite_rows`]).
     pub fn add(&mut self, x: &[f32]) {
         let cols = self.cols;
+        let (x, skipped) = finite_rows(x, cols);
+        self.nonfinite_rows += skipped;
+        let x = &x[..];
         let n = x.len() / cols;
+        if n == 0 {
+            return;
+        }
         if self.diagonal_only {
             for row in x.chunks(cols) {
                 for (j, &v) in row.iter().enumerate() {
@@ -452,6 +496,11 @@ impl Hessian {
     /// Tokens accumulated.
     pub fn tokens(&self) -> u64 {
         self.tokens
+    }
+
+    /// Tokens left out because their row held NaN or Inf.
+    pub fn nonfinite_rows(&self) -> u64 {
+        self.nonfinite_rows
     }
 
     /// Input features.
@@ -530,6 +579,26 @@ mod tests {
         );
         assert_eq!(back.entries["blk.0.ffn_up_exps.weight"].starved(), [1]);
         assert!(Imatrix::load(&dir.path().join("missing.gguf")).is_err());
+    }
+
+    #[test]
+    fn rows_with_nan_or_inf_are_left_out_of_a_hessian_and_counted() {
+        let cols = 70;
+        let x: Vec<f32> = (0..4 * cols).map(|k| ((k * 13 % 7) as f32) - 3.0).collect();
+        let mut poisoned = x.clone();
+        poisoned[cols + 5] = f32::NAN;
+        poisoned[3 * cols] = f32::NEG_INFINITY;
+        let (mut clean, mut dirty) = (Hessian::new(cols), Hessian::new(cols));
+        clean.add(&x[..cols]);
+        clean.add(&x[2 * cols..3 * cols]);
+        dirty.add(&poisoned);
+        assert_eq!((dirty.tokens(), dirty.nonfinite_rows()), (2, 2));
+        assert_eq!(dirty.matrix(), clean.matrix());
+        assert_eq!(dirty.mean_abs(), clean.mean_abs());
+        assert_eq!(
+            finite_rows(&x, cols),
+            (std::borrow::Cow::Borrowed(&x[..]), 0)
+        );
     }
 
     #[test]

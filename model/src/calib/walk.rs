@@ -124,22 +124,33 @@ pub struct LayerInput {
     /// and `v_b`): `(head, heads)`. The step is handed that head's matrix and
     /// returns its new one.
     pub head: Option<(usize, usize)>,
+    /// Calibration tokens left out of these statistics because their input
+    /// row held NaN or Inf.
+    pub nonfinite_rows: u64,
     opts: FactorOptions,
     factored: OnceCell<Factored>,
 }
 
 impl LayerInput {
-    /// The statistics of `h` for a layer (or expert, with `expert`).
-    fn new(h: Hessian, opts: &FactorOptions, expert: Option<ExpertInput>) -> Self {
-        LayerInput {
+    /// The statistics of `h` for a layer (or expert, with `expert`); refused
+    /// when every row reaching it was NaN or Inf (nothing left to calibrate on).
+    fn new(h: Hessian, opts: &FactorOptions, expert: Option<ExpertInput>) -> Result<Self> {
+        if h.tokens() == 0 && h.nonfinite_rows() > 0 {
+            bail!(
+                "every calibration token reaching it has NaN or Inf activations ({} tokens): the model overflows on this text",
+                h.nonfinite_rows()
+            );
+        }
+        Ok(LayerInput {
             hessian: h.matrix(),
             cols: h.cols(),
             mean_abs: h.mean_abs(),
             expert,
             head: None,
+            nonfinite_rows: h.nonfinite_rows(),
             opts: *opts,
             factored: OnceCell::new(),
-        }
+        })
     }
 
     /// Which part of a stacked tensor the step is handed, `(index, count)`:
@@ -302,7 +313,11 @@ pub fn sequential_blocks(
                     h.add(cursor.input());
                 }
             }
-            let input = LayerInput::new(h, opts, None);
+            let input = LayerInput::new(h, opts, None).with_context(|| {
+                let layers: Vec<String> =
+                    specs.iter().map(|(_, s)| names::block(l, s.gguf)).collect();
+                format!("the input of {}", layers.join(", "))
+            })?;
             t.hessian_seconds += clock.elapsed().as_secs_f64();
             for (slot, spec) in specs {
                 let name = names::block(l, spec.gguf);
@@ -413,7 +428,8 @@ fn calibrate_latent_attention(
     // q_a and kv_a read the block input; the layers go in file order (q_a,
     // q_b, kv_a, k_b, v_b), which the writers stream in.
     let rows: Vec<Vec<f32>> = h.iter().map(|x| x.to_vec()).collect();
-    let block_input = LayerInput::new(hessian_of(&rows, c.hidden_size, t), opts, None);
+    let block_input = LayerInput::new(hessian_of(&rows, c.hidden_size, t), opts, None)
+        .with_context(|| format!("block {l}: the input of its latent attention"))?;
     drop(rows);
     run(&mut w, Slot::QA, &block_input, t)?;
     let parts = |w: &BlockWeights, t: &mut Timings| {
@@ -429,7 +445,8 @@ fn calibrate_latent_attention(
     // q_b reads the normed query latent.
     let p = parts(&w, t)?;
     let rows: Vec<Vec<f32>> = p.into_iter().map(|p| p.q_a_normed).collect();
-    let input = LayerInput::new(hessian_of(&rows, m.q_lora_rank, t), opts, None);
+    let input = LayerInput::new(hessian_of(&rows, m.q_lora_rank, t), opts, None)
+        .with_context(|| format!("block {l}: the input of its q_b"))?;
     run(&mut w, Slot::QB, &input, t)?;
     drop(input);
     run(&mut w, Slot::KvA, &block_input, t)?;
@@ -462,7 +479,8 @@ fn calibrate_latent_attention(
                         .collect()
                 })
                 .collect();
-            let mut input = LayerInput::new(hessian_of(&rows, width, t), opts, None);
+            let mut input = LayerInput::new(hessian_of(&rows, width, t), opts, None)
+                .with_context(|| format!("{name}, head {head}"))?;
             input.head = Some((head, heads));
             let original = w.linear(slot).expect("a per-head linear").expert(head)?;
             let new = step(&name, &original, &input, t)?;
@@ -645,7 +663,8 @@ fn calibrate_experts(
             hg.add(r);
         }
         t.hessian_seconds += clock.elapsed().as_secs_f64();
-        let input = LayerInput::new(hg, opts, tag);
+        let input = LayerInput::new(hg, opts, tag)
+            .with_context(|| format!("block {l}: the input of expert {e}"))?;
         let mut mine: Vec<Tensor<'static>> = Vec::with_capacity(slots.len());
         for (i, &slot) in slots[..2].iter().enumerate() {
             let original = w.linear(slot).expect("a linear slot").expert(e)?;
@@ -681,7 +700,8 @@ fn calibrate_experts(
             t.hessian_seconds += clock.elapsed().as_secs_f64();
         }
         drop((gate, up));
-        let input = LayerInput::new(hd, opts, tag);
+        let input = LayerInput::new(hd, opts, tag)
+            .with_context(|| format!("block {l}: the down projection's input of expert {e}"))?;
         let original = w.linear(Slot::Down).expect("a linear slot").expert(e)?;
         let new = step(
             &names::block(l, gguf_suffix(c, l, Slot::Down)?),
@@ -742,6 +762,76 @@ fn check_expert_shape(original: &Tensor, new: &Tensor) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A token whose embedding is NaN (patched into a copy of the llama3
+    /// fixture): its rows, and the rows attention mixes it into, are left out
+    /// of every Hessian and counted; the clean sample's rows all count.
+    #[test]
+    fn nonfinite_activation_rows_are_left_out_and_counted() {
+        let src =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/arch/llama3");
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "model.gguf",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "config.json",
+        ] {
+            std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+        }
+        let path = dir.path().join("model.gguf");
+        let g = crate::gguf::GgufFile::open(&path).unwrap();
+        let emb = g.tensor("token_embd.weight").unwrap();
+        assert_eq!(emb.ty, GgmlType::F32);
+        let hidden = emb.dims[0] as usize;
+        let bad_token = 5usize;
+        let at = (g.data_offset + emb.offset) as usize + bad_token * hidden * 4;
+        drop(g);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[at..at + hidden * 4]
+            .chunks_mut(4)
+            .for_each(|v| v.copy_from_slice(&f32::NAN.to_le_bytes()));
+        std::fs::write(&path, bytes).unwrap();
+        let model = Model::open(&path).unwrap();
+        let n = 16;
+        let clean: Vec<u32> = (10..10 + n as u32).collect();
+        let mut poisoned = clean.clone();
+        poisoned[12] = bad_token as u32;
+        let mut seen: Vec<(String, u64, u64)> = Vec::new();
+        let mut step = |name: &str, w: &Tensor, input: &LayerInput, _: &mut Timings| {
+            let tokens = (2 * n) as u64 - input.nonfinite_rows;
+            seen.push((name.to_owned(), input.nonfinite_rows, tokens));
+            Ok(Tensor::from_f32(name, w.shape.clone(), &w.to_f32()?))
+        };
+        sequential_blocks(
+            &model,
+            &[clean, poisoned],
+            &FactorOptions::default(),
+            true,
+            true,
+            &ExpertCalibration::default(),
+            &mut step,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let first = seen
+            .iter()
+            .find(|(name, ..)| name == "blk.0.attn_q.weight")
+            .unwrap();
+        assert_eq!(
+            first.1, 1,
+            "only the NaN token's own row at blk.0's norm output"
+        );
+        // Attention carries NaN from position 12 through that sample (at least
+        // every later position; the tiled product of zero weights with a NaN
+        // value reaches the earlier ones too), never into the clean sample.
+        let later = seen
+            .iter()
+            .find(|(name, ..)| name == "blk.0.attn_output.weight")
+            .unwrap();
+        assert!(later.1 >= (n - 12) as u64, "{seen:?}");
+        assert!(seen.iter().all(|(_, bad, _)| *bad <= n as u64), "{seen:?}");
+    }
 
     /// The inputs the walk gives latent attention's per-head linears are what
     /// those linears multiply in the absorbed form: each head's output is
