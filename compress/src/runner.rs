@@ -547,6 +547,18 @@ impl Runner {
             return Err(e);
         }
         let seconds = start.elapsed().as_secs_f64();
+        // The stage's reports name its outputs by the temporary folder's path:
+        // point them at the folder they are about to be renamed to.
+        let (from, to) = (tmp.display().to_string(), dir.display().to_string());
+        for entry in std::fs::read_dir(&tmp)?.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let text = model::io::read_text(&path)?;
+                if text.contains(&from) {
+                    model::io::write_atomic(&path, text.replace(&from, &to).as_bytes())?;
+                }
+            }
+        }
         let mut command = vec!["compress".to_owned()];
         command.extend(
             args.iter()

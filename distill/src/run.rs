@@ -562,12 +562,13 @@ fn save_checkpoint(
     history: &[Value],
 ) -> Result<()> {
     let name = format!("step-{step:06}");
+    let final_dir = dir.join(&name);
+    model::io::remove_stale_temporaries(&final_dir);
     let tmp = dir.join(format!("{name}.tmp-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     save_vectors(student.state(), &tmp.join("params.bin"))?;
     save_vectors(opt.m.iter().map(Vec::as_slice), &tmp.join("adam_m.bin"))?;
     save_vectors(opt.v.iter().map(Vec::as_slice), &tmp.join("adam_v.bin"))?;
-    let final_dir = dir.join(&name);
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;
     }

@@ -19,8 +19,11 @@ pub struct AtomicFile {
 }
 
 impl AtomicFile {
-    /// Starts writing `dest` (through `dest.tmp-<pid>` in the same folder).
+    /// Starts writing `dest` (through `dest.tmp-<pid>` in the same folder),
+    /// first removing what a killed writer of `dest` left (see
+    /// [`remove_stale_temporaries`]).
     pub fn create(dest: &Path) -> Result<Self> {
+        remove_stale_temporaries(dest);
         let mut tmp_name = dest.file_name().unwrap_or_default().to_os_string();
         tmp_name.push(format!(".tmp-{}", std::process::id()));
         let tmp = dest.with_file_name(tmp_name);
@@ -54,6 +57,43 @@ impl AtomicFile {
                 self.dest.display()
             )
         })
+    }
+}
+
+/// Removes `dest.tmp-<pid>` files and folders beside `dest` whose writing
+/// process is gone (a run killed with SIGKILL cannot clean up after itself).
+/// Only on systems with `/proc`, where a process's liveness can be told; a
+/// live writer's temporary is never touched.
+pub fn remove_stale_temporaries(dest: &Path) {
+    let (Some(dir), Some(name)) = (dest.parent(), dest.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let prefix = format!("{}.tmp-", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file
+            .strip_prefix(&prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = match e.file_type() {
+                Ok(t) if t.is_dir() => std::fs::remove_dir_all(e.path()),
+                _ => std::fs::remove_file(e.path()),
+            };
+        }
     }
 }
 

@@ -52,7 +52,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Map, Value};
 use std::collections::HashSet;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::fuse::Fuse;
@@ -443,27 +442,6 @@ fn added_tokens(v: &GgufVocab, texts: &[String]) -> (Vec<AddedToken>, Vec<AddedT
         }
     }
     (special, user)
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file beside it, then a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} has no file name", path.display()))?
-        .to_string_lossy();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| -> Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("writing {}", path.display()))
 }
 
 /// The content of a token entry of `tokenizer_config.json`: a string or an
@@ -1237,7 +1215,7 @@ impl Tokenizer {
     pub fn save(&self, dir: &Path) -> Result<()> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let json = self.inner.to_string(true).map_err(tk)?;
-        write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+        crate::io::write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
 
         let text = |id: Option<u32>| -> serde_json::Value {
             id.and_then(|i| self.inner.id_to_token(i))
@@ -1254,7 +1232,7 @@ impl Tokenizer {
         config.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
         let record = self.gguf.as_ref().map(|v| gguf_record(&self.inner, v));
         let config = config_text(&config, record.as_ref())?;
-        write_atomic(&dir.join("tokenizer_config.json"), config.as_bytes())
+        crate::io::write_atomic(&dir.join("tokenizer_config.json"), config.as_bytes())
     }
 
     /// Number of token ids (one past the largest id, added tokens included).

@@ -247,8 +247,14 @@ pub fn prune_model(
     let staging = if opts.compressed_tensors {
         std::fs::create_dir_all(output)
             .with_context(|| format!("cannot create {}", output.display()))?;
+        // Named `.staging.tmp-<pid>` so that a rerun after a kill removes it.
+        let staging = output.join(".staging");
+        model::io::remove_stale_temporaries(&staging);
         Some(
-            tempfile::tempdir_in(output)
+            tempfile::Builder::new()
+                .prefix(&format!(".staging.tmp-{}", std::process::id()))
+                .rand_bytes(0)
+                .tempdir_in(output)
                 .with_context(|| format!("cannot stage in {}", output.display()))?,
         )
     } else {

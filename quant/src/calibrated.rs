@@ -430,7 +430,7 @@ pub fn awq_model(
             {
                 bail!(
                     "block {l}: every calibration token reaching {} has NaN or Inf activations ({} tokens): the model overflows on this text",
-                    group_suffix[g].map_or_else(|| format!("group {g}"), |s| name(s)),
+                    group_suffix[g].map_or_else(|| format!("group {g}"), &name),
                     h.nonfinite_rows()
                 );
             }

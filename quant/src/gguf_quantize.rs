@@ -234,11 +234,20 @@ pub fn quantize_tensor(
 
 /// `‖a − b‖_F / ‖a‖_F`.
 pub fn rel_frobenius_error(a: &[f32], b: &[f32]) -> f64 {
-    let (num, den) = a
-        .par_iter()
-        .zip(b)
-        .map(|(&a, &b)| (((a - b) as f64).powi(2), (a as f64).powi(2)))
-        .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1));
+    // Fixed chunks summed in order: the same bits on every run (a work-stealing
+    // reduction adds in whatever order the threads finish).
+    let parts: Vec<(f64, f64)> = a
+        .par_chunks(1 << 14)
+        .zip(b.par_chunks(1 << 14))
+        .map(|(a, b)| {
+            a.iter().zip(b).fold((0.0, 0.0), |(n, d), (&a, &b)| {
+                (n + ((a - b) as f64).powi(2), d + (a as f64).powi(2))
+            })
+        })
+        .collect();
+    let (num, den) = parts
+        .iter()
+        .fold((0.0, 0.0), |(n, d), p| (n + p.0, d + p.1));
     (num / den.max(f64::MIN_POSITIVE)).sqrt()
 }
 

@@ -175,5 +175,8 @@ pub fn output_error(a: &[f32], b: Option<&[f32]>, h: &[f32], cols: usize) -> f64
                 .map(|(&x, &y)| x as f64 * y as f64)
                 .sum::<f64>()
         })
+        // Collected, then summed in order: the same bits on every run.
+        .collect::<Vec<f64>>()
+        .iter()
         .sum()
 }
