@@ -2,7 +2,17 @@
 //! mutated copies of valid inputs, and none may panic, abort or allocate more
 //! than a bound. Targets: a GGUF model (header, hyperparameters, tokenizer,
 //! tensor shapes, one tensor decoded), an imatrix GGUF (llama.cpp's own), a
-//! safetensors file and an HF `config.json`, each from the committed fixtures.
+//! safetensors file and an HF `config.json`, each from the committed fixtures;
+//! a `tokenizer.json` (loaded, turned into a GGUF vocabulary, encoding a
+//! sentence); a recipe (`examples/smollm2.toml`, validated); a gate TOML
+//! (`examples/gates.toml`, then checked against a report) and an `eval --json`
+//! report (checked against those gates); a sensitivity report (loaded for the
+//! model it was made on, then turned into the allocator's candidates); and a
+//! GPTQ folder's `model.safetensors` and a compressed-tensors folder's
+//! `config.json` (the folder opened and one quantized linear unpacked). The
+//! reports and folders are made once by the `compress` binary from the qwen3
+//! fixture into `target/fuzz-seeds/`; the file-based readers read each case
+//! from a scratch folder.
 //!
 //! Mutations, one to four per case, drawn from a seeded generator (so a case
 //! is reproduced by its seed and index): a bit flip; a 4- or 8-byte field set
@@ -114,14 +124,115 @@ enum Target {
     Imatrix,
     Safetensors,
     ConfigJson,
+    TokenizerJson,
+    Recipe,
+    GateToml,
+    EvalReport,
+    SensitivityReport,
+    GptqFolder,
+    CompressedTensorsConfig,
+}
+
+/// The fixture every generated seed is made from.
+fn fixture() -> PathBuf {
+    repo_root().join("tests/fixtures/arch/qwen3")
+}
+
+/// Runs the `compress` binary once to make a seed input (kept between runs).
+fn generated(name: &str, args: &[&str]) -> PathBuf {
+    let dir = repo_root().join("target/fuzz-seeds");
+    let out = dir.join(name);
+    if !out.exists() {
+        std::fs::create_dir_all(&dir).unwrap();
+        let o = e2e::compress(args);
+        assert!(o.status.success(), "{args:?}: {}", e2e::output_text(&o));
+        if name.ends_with(".json") && !out.exists() {
+            std::fs::write(&out, &o.stdout).unwrap();
+        }
+    }
+    out
+}
+
+/// Inputs and scratch folders shared by every case (made before any case is
+/// counted).
+struct Shared {
+    model: model::Model,
+    seed_report: serde_json::Value,
+    gates: eval::gate::Thresholds,
+    scratch: tempfile::TempDir,
+}
+
+fn shared() -> &'static Shared {
+    static SHARED: std::sync::OnceLock<Shared> = std::sync::OnceLock::new();
+    SHARED.get_or_init(|| {
+        let model = model::Model::open(&fixture().join("model.gguf")).unwrap();
+        let seed_report =
+            serde_json::from_slice(&std::fs::read(Target::EvalReport.seed_file()).unwrap())
+                .unwrap();
+        let gates = eval::gate::Thresholds::from_toml(
+            &std::fs::read_to_string(Target::GateToml.seed_file()).unwrap(),
+            "gates.toml",
+        )
+        .unwrap();
+        let shm = Path::new("/dev/shm");
+        let scratch = if shm.is_dir() {
+            tempfile::tempdir_in(shm)
+        } else {
+            tempfile::tempdir()
+        }
+        .unwrap();
+        // One folder per file-based target, holding the files a case does not replace.
+        for (sub, from) in [
+            ("tokenizer", fixture()),
+            (
+                "gptq",
+                Target::GptqFolder
+                    .seed_file()
+                    .parent()
+                    .unwrap()
+                    .to_path_buf(),
+            ),
+            (
+                "ct",
+                Target::CompressedTensorsConfig
+                    .seed_file()
+                    .parent()
+                    .unwrap()
+                    .to_path_buf(),
+            ),
+        ] {
+            let d = scratch.path().join(sub);
+            std::fs::create_dir_all(&d).unwrap();
+            for f in std::fs::read_dir(&from).unwrap() {
+                let f = f.unwrap().path();
+                let name = f.file_name().unwrap().to_string_lossy().to_string();
+                if sub != "tokenizer" || name.starts_with("tokenizer") {
+                    std::fs::copy(&f, d.join(&name)).unwrap();
+                }
+            }
+        }
+        Shared {
+            model,
+            seed_report,
+            gates,
+            scratch,
+        }
+    })
 }
 
 impl Target {
-    const ALL: [Target; 4] = [
+    const ALL: [Target; 11] = [
         Target::GgufModel,
         Target::Imatrix,
         Target::Safetensors,
         Target::ConfigJson,
+        Target::TokenizerJson,
+        Target::Recipe,
+        Target::GateToml,
+        Target::EvalReport,
+        Target::SensitivityReport,
+        Target::GptqFolder,
+        Target::CompressedTensorsConfig,
     ];
 
     fn name(self) -> &'static str {
@@ -130,16 +241,95 @@ impl Target {
             Target::Imatrix => "imatrix",
             Target::Safetensors => "safetensors",
             Target::ConfigJson => "config-json",
+            Target::TokenizerJson => "tokenizer-json",
+            Target::Recipe => "recipe",
+            Target::GateToml => "gate-toml",
+            Target::EvalReport => "eval-report",
+            Target::SensitivityReport => "sensitivity-report",
+            Target::GptqFolder => "gptq-folder",
+            Target::CompressedTensorsConfig => "compressed-tensors-config",
         }
+    }
+
+    /// Text formats get the number mutation.
+    fn is_text(self) -> bool {
+        !matches!(
+            self,
+            Target::GgufModel | Target::Imatrix | Target::Safetensors | Target::GptqFolder
+        )
     }
 
     fn seed_file(self) -> PathBuf {
         let f = repo_root().join("tests/fixtures");
+        let gguf = fixture().join("model.gguf");
+        let gguf = gguf.to_str().unwrap();
+        let seeds = repo_root().join("target/fuzz-seeds");
+        let rtn = |format: &str, out: &str| {
+            generated(
+                out,
+                &[
+                    "quantize",
+                    gguf,
+                    "--method",
+                    "rtn",
+                    "--bits",
+                    "4",
+                    "--group",
+                    "32",
+                    "--format",
+                    format,
+                    "--calib",
+                    "asset:calib",
+                    "-o",
+                    seeds.join(out).to_str().unwrap(),
+                ],
+            )
+        };
         match self {
             Target::GgufModel => f.join("arch/qwen3/model.gguf"),
             Target::Imatrix => f.join("moe/qwen3_moe/llama-imatrix.gguf"),
             Target::Safetensors => f.join("arch/qwen3/model.safetensors"),
             Target::ConfigJson => f.join("moe/deepseek_v3/config.json"),
+            Target::TokenizerJson => fixture().join("tokenizer.json"),
+            Target::Recipe => repo_root().join("examples/smollm2.toml"),
+            Target::GateToml => repo_root().join("examples/gates.toml"),
+            Target::EvalReport => generated(
+                "eval.json",
+                &[
+                    "eval",
+                    gguf,
+                    "--base",
+                    gguf,
+                    "--text",
+                    "asset:eval",
+                    "--ctx",
+                    "64",
+                    "--chunks",
+                    "1",
+                    "--json",
+                ],
+            ),
+            Target::SensitivityReport => generated(
+                "sensitivity/r.json",
+                &[
+                    "sensitivity",
+                    gguf,
+                    "--calib",
+                    "asset:calib",
+                    "--text",
+                    "asset:eval",
+                    "--types",
+                    "Q4_0,Q8_0",
+                    "--ctx",
+                    "64",
+                    "--chunks",
+                    "1",
+                    "-o",
+                    seeds.join("sensitivity/r.json").to_str().unwrap(),
+                ],
+            ),
+            Target::GptqFolder => rtn("gptq", "gptq").join("model.safetensors"),
+            Target::CompressedTensorsConfig => rtn("compressed-tensors", "ct").join("config.json"),
         }
     }
 
@@ -151,14 +341,26 @@ impl Target {
                     .expect("valid seed")
                     .data_offset as usize
             }
-            Target::Safetensors => 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize,
-            Target::ConfigJson => bytes.len(),
+            Target::Safetensors | Target::GptqFolder => {
+                8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize
+            }
+            _ => bytes.len(),
         }
     }
 
     /// Runs the reader; `Ok(true)` when it accepted the input.
     fn run(self, bytes: Vec<u8>, pick: usize) -> bool {
         let path = Path::new("fuzz-case");
+        let scratch = |sub: &str, file: &str, bytes: &[u8]| {
+            let p = shared().scratch.path().join(sub).join(file);
+            std::fs::write(&p, bytes).unwrap();
+            p
+        };
+        let decode_one = |m: &model::Model| {
+            let names = m.tensor_names();
+            let name = &names[pick % names.len()];
+            m.tensor(name).and_then(|t| t.to_f32()).is_ok()
+        };
         match self {
             Target::GgufModel => {
                 let Ok(g) = GgufFile::from_bytes(path, FileBytes::Owned(bytes)) else {
@@ -168,9 +370,7 @@ impl Target {
                     return false;
                 };
                 // One tensor decoded: its data lies where the header says.
-                let names = m.tensor_names();
-                let name = &names[pick % names.len()];
-                m.tensor(name).and_then(|t| t.to_f32()).is_ok()
+                decode_one(&m)
             }
             Target::Imatrix => GgufFile::from_bytes(path, FileBytes::Owned(bytes))
                 .and_then(|g| model::calib::Imatrix::from_gguf(&g))
@@ -183,6 +383,42 @@ impl Target {
                 .map_err(anyhow::Error::from)
                 .and_then(|v| model::ModelConfig::from_hf_json(&v))
                 .is_ok(),
+            Target::TokenizerJson => {
+                let p = scratch("tokenizer", "tokenizer.json", &bytes);
+                model::tokenizer::Tokenizer::from_file(&p)
+                    .and_then(|t| {
+                        t.to_gguf_vocab()?;
+                        t.encode("The quick brown fox, 1234 times.")
+                    })
+                    .is_ok()
+            }
+            Target::Recipe => std::str::from_utf8(&bytes)
+                .is_ok_and(|text| compress::recipe::parse(Path::new("fuzz.toml"), text).is_ok()),
+            Target::GateToml => std::str::from_utf8(&bytes).is_ok_and(|text| {
+                eval::gate::Thresholds::from_toml(text, "fuzz.toml")
+                    .and_then(|t| eval::gate::check(&shared().seed_report, &t))
+                    .is_ok()
+            }),
+            Target::EvalReport => serde_json::from_slice::<serde_json::Value>(&bytes)
+                .map_err(anyhow::Error::from)
+                .and_then(|v| eval::gate::check(&v, &shared().gates))
+                .is_ok(),
+            Target::SensitivityReport => {
+                let p = scratch("tokenizer", "r.json", &bytes);
+                let m = &shared().model;
+                compress::sensitivity::load_report(&p, m)
+                    .and_then(|r| compress::sensitivity::candidates(&r, m))
+                    .is_ok()
+            }
+            Target::GptqFolder | Target::CompressedTensorsConfig => {
+                let (sub, file) = if self == Target::GptqFolder {
+                    ("gptq", "model.safetensors")
+                } else {
+                    ("ct", "config.json")
+                };
+                let p = scratch(sub, file, &bytes);
+                model::Model::open(p.parent().unwrap()).is_ok_and(|m| decode_one(&m))
+            }
         }
     }
 }
@@ -277,7 +513,7 @@ struct Summary {
     accepted: usize,
     refused: usize,
     /// Per target: cases accepted and cases in all.
-    per_target: [(usize, usize); 4],
+    per_target: [(usize, usize); Target::ALL.len()],
     failures: Vec<String>,
     worst_alloc_ratio: f64,
 }
@@ -304,7 +540,7 @@ fn make_case(seeds: &Seeds, seed: u64, case: usize) -> (Target, Vec<u8>, usize) 
     let (target, base, header) = &seeds[case % seeds.len()];
     let mut bytes = base.clone();
     for _ in 0..rng.gen_range(1..=4) {
-        mutate(&mut bytes, *header, *target == Target::ConfigJson, &mut rng);
+        mutate(&mut bytes, *header, target.is_text(), &mut rng);
     }
     (*target, bytes, rng.gen_range(0..1000))
 }
@@ -312,6 +548,7 @@ fn make_case(seeds: &Seeds, seed: u64, case: usize) -> (Target, Vec<u8>, usize) 
 /// Runs `cases` cases from `seed`, spread over the targets.
 fn run_cases(cases: usize, seed: u64) -> Summary {
     let seeds = seeds();
+    shared();
     let failures_dir = repo_root().join("target/fuzz-failures");
     let mut s = Summary::default();
     std::panic::set_hook(Box::new(|_| {}));

@@ -104,6 +104,27 @@ impl Tensor<'_> {
         }
     }
 
+    /// Rows `r0..r1` as f32 (a row: the innermost dimension), without
+    /// decoding the rest.
+    pub fn rows_f32(&self, r0: usize, r1: usize) -> Result<Vec<f32>> {
+        let cols = *self.shape.last().unwrap_or(&1);
+        let row_bytes = self.ty.bytes_for(cols).with_context(|| {
+            format!(
+                "tensor '{}': rows of {cols} are no whole number of {} blocks",
+                self.name, self.ty
+            )
+        })?;
+        let data = self
+            .data
+            .get(r0 * row_bytes..r1 * row_bytes)
+            .filter(|_| r0 <= r1)
+            .with_context(|| format!("rows {r0}..{r1} of tensor '{}'", self.name))?;
+        let mut out = vec![0f32; (r1 - r0) * cols];
+        kernels::quants::dequantize(self.ty, data, &mut out)
+            .with_context(|| format!("tensor '{}'", self.name))?;
+        Ok(out)
+    }
+
     /// All elements as f32.
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         let mut out = vec![0f32; self.n_elements()];

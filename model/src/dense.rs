@@ -10,7 +10,7 @@ use crate::gguf::GgufWriter;
 use crate::gguf_export;
 use crate::progress::Progress;
 use crate::safetensors_file::{Dtype, SafetensorsWriter};
-use crate::{Model, ModelConfig};
+use crate::{names, Model, ModelConfig, Tensor};
 use anyhow::{bail, Context, Result};
 use half::{bf16, f16};
 use kernels::GgmlType;
@@ -209,6 +209,9 @@ fn write_hf(
     Ok(())
 }
 
+/// Elements of a large tensor decoded to f32 at a time by [`DenseWriter::copy`] (64 MB).
+const COPY_PASS_ELEMENTS: usize = 1 << 24;
+
 /// Dense output: the tensors in a declared order, as safetensors or GGUF, for a
 /// model with `config` (the input's, or a structured cut's smaller one).
 pub struct DenseWriter {
@@ -311,6 +314,40 @@ impl DenseWriter {
                 writer.write_tensor(name, &bytes)
             }
         }
+    }
+
+    /// Writes the next declared tensor as a copy of `t` (HF row order): a
+    /// large matrix outside the blocks (the embedding, the output head: 2 GB
+    /// each in f32 for an 8B model) a slice of rows at a time, anything else
+    /// whole through [`DenseWriter::write`].
+    pub fn copy(&mut self, name: &str, t: &Tensor) -> Result<()> {
+        let cols = *t.shape.last().unwrap_or(&1);
+        let rows = t.n_elements() / cols.max(1);
+        let per_pass = (COPY_PASS_ELEMENTS / cols.max(1)).max(1);
+        let streamable = t.shape.len() == 2
+            && names::block_index(name).is_none()
+            && rows > per_pass
+            && match &self.out {
+                DenseOut::Safetensors { .. } => hf_tensors(&self.config, name, &t.shape).len() == 1,
+                DenseOut::Gguf(_) => true,
+            };
+        if !streamable {
+            return self.write(name, &t.shape, &t.to_f32()?);
+        }
+        let mut r0 = 0;
+        while r0 < rows {
+            let r1 = (r0 + per_pass).min(rows);
+            let bytes = encode_floats(&t.rows_f32(r0, r1)?, self.dtype);
+            match &mut self.out {
+                DenseOut::Safetensors { writer, .. } => {
+                    let (hf, _) = &hf_tensors(&self.config, name, &t.shape)[0];
+                    writer.write_part(hf, &bytes)?;
+                }
+                DenseOut::Gguf(writer) => writer.write_tensor_part(name, &bytes)?,
+            }
+            r0 = r1;
+        }
+        Ok(())
     }
 
     /// Checks every tensor was written and moves the files into place (with

@@ -626,6 +626,8 @@ pub struct GgufWriter {
     decls: Vec<(TensorDecl, u64)>,
     alignment: u64,
     next: usize,
+    /// Bytes of the next tensor already written by [`GgufWriter::write_tensor_part`].
+    partial: u64,
 }
 
 impl GgufWriter {
@@ -696,11 +698,30 @@ impl GgufWriter {
             decls,
             alignment,
             next: 0,
+            partial: 0,
         })
     }
 
     /// Writes the next declared tensor's bytes.
     pub fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        if self.partial != 0 {
+            bail!("tensor '{name}' written whole while another is half written");
+        }
+        if let Some((decl, n_bytes)) = self.decls.get(self.next) {
+            if decl.name == name && bytes.len() as u64 != *n_bytes {
+                bail!(
+                    "tensor '{name}' has {} bytes, its declaration needs {n_bytes}",
+                    bytes.len()
+                );
+            }
+        }
+        self.write_tensor_part(name, bytes)
+    }
+
+    /// Writes the next part (whole blocks) of the next declared tensor's bytes;
+    /// the tensor is complete when its declared size is reached. Lets a writer
+    /// stream a tensor larger than it wants in memory.
+    pub fn write_tensor_part(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         let Some((decl, n_bytes)) = self.decls.get(self.next) else {
             bail!("tensor '{name}' written but every declared tensor is already written");
         };
@@ -710,24 +731,29 @@ impl GgufWriter {
                 decl.name
             );
         }
-        if bytes.len() as u64 != *n_bytes {
+        if self.partial + bytes.len() as u64 > *n_bytes {
             bail!(
                 "tensor '{name}' has {} bytes, its declaration needs {n_bytes}",
-                bytes.len()
+                self.partial + bytes.len() as u64
             );
         }
         let dest = self.out.dest().display().to_string();
         refuse_nonfinite(name, decl.ty, bytes, &dest)?;
-        let padded = (*n_bytes).div_ceil(self.alignment) * self.alignment;
         self.out
             .write_all(bytes)
             .with_context(|| format!("cannot write {dest}"))?;
+        self.partial += bytes.len() as u64;
+        if self.partial < *n_bytes {
+            return Ok(());
+        }
         // Every tensor, the last one too, is padded to the alignment: llama.cpp
         // reads the data section as one blob of the padded sizes.
+        let padded = (*n_bytes).div_ceil(self.alignment) * self.alignment;
         let pad = vec![0u8; (padded - n_bytes) as usize];
         self.out
             .write_all(&pad)
             .with_context(|| format!("cannot write {dest}"))?;
+        self.partial = 0;
         self.next += 1;
         Ok(())
     }

@@ -1001,6 +1001,41 @@ impl HfQuantWriter {
         Ok(())
     }
 
+    /// [`HfQuantWriter::write_dense`] from tensor `t` as stored: a matrix (the
+    /// embedding, the output head) a slice of rows at a time, so an 8B model's
+    /// 2 GB-in-f32 embedding never sits in memory whole.
+    pub fn copy_dense(&mut self, canonical: &str, t: &crate::Tensor) -> Result<()> {
+        if t.shape.len() != 2 {
+            return self.write_dense(canonical, &t.to_f32()?);
+        }
+        let shape = self.expect_next(canonical)?;
+        if is_block_linear(self.arch, canonical) {
+            bail!("tensor '{canonical}' is a quantized linear: write it with write_linear");
+        }
+        if shape != t.shape {
+            bail!(
+                "tensor '{canonical}' has shape {:?}, the folder declares {shape:?}",
+                t.shape
+            );
+        }
+        let hf = self.arch.hf_name(canonical)?;
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let per_pass = ((1usize << 24) / cols.max(1)).max(1);
+        let mut r0 = 0;
+        while r0 < rows {
+            let r1 = (r0 + per_pass).min(rows);
+            let bytes: Vec<u8> = t
+                .rows_f32(r0, r1)?
+                .iter()
+                .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+                .collect();
+            self.out.write_part(&hf, &bytes)?;
+            r0 = r1;
+        }
+        self.next += 1;
+        Ok(())
+    }
+
     /// Writes model.safetensors atomically, then config.json and the tokenizer (model.tokenizer.save(dir)).
     pub fn finish(self) -> Result<()> {
         if let Some(missing) = self.order.get(self.next) {

@@ -372,6 +372,8 @@ pub struct SafetensorsWriter {
     out: AtomicFile,
     entries: Vec<(String, TensorEntry)>,
     next: usize,
+    /// Bytes of the next tensor already written by [`SafetensorsWriter::write_part`].
+    partial: usize,
 }
 
 impl SafetensorsWriter {
@@ -424,22 +426,41 @@ impl SafetensorsWriter {
             out,
             entries,
             next: 0,
+            partial: 0,
         })
     }
 
     /// Writes the next declared tensor's bytes.
     pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        if self.partial != 0 {
+            bail!("tensor '{name}' written whole while another is half written");
+        }
+        if let Some((expected, e)) = self.entries.get(self.next) {
+            if expected == name && bytes.len() != e.end - e.start {
+                bail!(
+                    "tensor '{name}' has {} bytes, declared {}",
+                    bytes.len(),
+                    e.end - e.start
+                );
+            }
+        }
+        self.write_part(name, bytes)
+    }
+
+    /// Writes the next part (whole elements) of the next declared tensor's
+    /// bytes; the tensor is complete when its declared size is reached.
+    pub fn write_part(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         let Some((expected, e)) = self.entries.get(self.next) else {
             bail!("tensor '{name}' written but all declared tensors are already written");
         };
         if expected != name {
             bail!("tensor '{name}' written where '{expected}' was declared next");
         }
-        if bytes.len() != e.end - e.start {
+        let size = e.end - e.start;
+        if self.partial + bytes.len() > size {
             bail!(
-                "tensor '{name}' has {} bytes, declared {}",
-                bytes.len(),
-                e.end - e.start
+                "tensor '{name}' has {} bytes, declared {size}",
+                self.partial + bytes.len()
             );
         }
         let float = match e.dtype {
@@ -454,7 +475,11 @@ impl SafetensorsWriter {
         self.out
             .write_all(bytes)
             .with_context(|| format!("cannot write {}", self.out.dest().display()))?;
-        self.next += 1;
+        self.partial += bytes.len();
+        if self.partial == size {
+            self.partial = 0;
+            self.next += 1;
+        }
         Ok(())
     }
 

@@ -1061,8 +1061,16 @@ impl Tokenizer {
         } else {
             tokenizer_json.to_path_buf()
         };
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(tk)
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        // Checked as JSON first: some malformed files make the `tokenizers`
+        // crate panic inside its deserializer instead of returning an error
+        // (found by the fuzzing harness); a panic it still has is caught.
+        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&bytes))
+            .map_err(|_| anyhow::anyhow!("the tokenizers crate failed on it"))
+            .and_then(|r| r.map_err(tk))
             .with_context(|| format!("loading {}", path.display()))?;
         let dir = path.parent().unwrap_or_else(|| Path::new("."));
         let config = read_json_if_exists(&dir.join("tokenizer_config.json"))?;
@@ -1269,6 +1277,29 @@ mod tests {
     use super::*;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
+
+    /// The fuzzing harness's finding: a `tokenizer.json` cut inside a string
+    /// of its decoder (or with a key turned into a number) made the
+    /// `tokenizers` crate panic in its deserializer; now it is an error
+    /// naming the file.
+    #[test]
+    fn malformed_tokenizer_json_is_an_error_not_a_panic() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/arch/qwen3/tokenizer.json");
+        let text = std::fs::read_to_string(&src).unwrap();
+        let decoder = text.find("\"decoder\"").unwrap();
+        let at = decoder + text[decoder..].find("\"use_regex\"").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        for bad in [
+            text[..at + 1].to_owned(),
+            format!("{}17{}", &text[..at], &text[at + "\"use_regex\"".len()..]),
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let err = format!("{:#}", Tokenizer::from_file(&path).unwrap_err());
+            assert!(err.contains("tokenizer.json"), "{err}");
+        }
+    }
 
     /// GPT-2's byte → character table (index = byte).
     fn byte_chars() -> Vec<char> {

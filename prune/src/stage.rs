@@ -276,29 +276,31 @@ pub fn prune_model(
         while *next < order.len() && Some(order[*next].as_str()) != upto {
             let name = &order[*next];
             let t = model.tensor(name)?;
-            let mut values = finite_weights(model, name, &t)?;
-            if is_block_linear(model.config.arch, name) {
-                let target = targets[names::block_index(name).unwrap_or(0)];
-                // One matrix, or expert by expert of a stacked experts' tensor.
-                let (rows, cols) = (t.shape[t.shape.len() - 2], t.shape[t.shape.len() - 1]);
-                let mut pruned = Vec::with_capacity(values.len());
-                for m in values.chunks(rows * cols) {
-                    pruned.extend(prune_layer(method, pattern, target, m, cols, None)?.0);
-                }
-                values = pruned;
-                layers.push(LayerPrune {
-                    name: name.clone(),
-                    target,
-                    sparsity: score::zero_fraction(&values),
-                    rel_error: None,
-                    expert: None,
-                    head: None,
-                    dead_columns: 0,
-                    fell_back_to_wanda: false,
-                    nonfinite_rows: 0,
-                });
+            if !is_block_linear(model.config.arch, name) {
+                writer.copy(name, &t)?;
+                *next += 1;
+                continue;
             }
-            writer.write(name, &t.shape, &values)?;
+            let values = finite_weights(model, name, &t)?;
+            let target = targets[names::block_index(name).unwrap_or(0)];
+            // One matrix, or expert by expert of a stacked experts' tensor.
+            let (rows, cols) = (t.shape[t.shape.len() - 2], t.shape[t.shape.len() - 1]);
+            let mut pruned = Vec::with_capacity(values.len());
+            for m in values.chunks(rows * cols) {
+                pruned.extend(prune_layer(method, pattern, target, m, cols, None)?.0);
+            }
+            layers.push(LayerPrune {
+                name: name.clone(),
+                target,
+                sparsity: score::zero_fraction(&pruned),
+                rel_error: None,
+                expert: None,
+                head: None,
+                dead_columns: 0,
+                fell_back_to_wanda: false,
+                nonfinite_rows: 0,
+            });
+            writer.write(name, &t.shape, &pruned)?;
             *next += 1;
         }
         Ok(())

@@ -817,8 +817,8 @@ pub fn calibrated_to_hf(
         |upto: Option<&str>, writer: &mut HfQuantWriter, next: &mut usize| -> Result<()> {
             while *next < order.len() && Some(order[*next].as_str()) != upto {
                 let name = &order[*next];
-                let values = model.tensor(name)?.to_f32()?;
                 if is_block_linear(model.config.arch, name) {
+                    let values = model.tensor(name)?.to_f32()?;
                     // One matrix, or one per expert of a stacked experts' tensor.
                     let shape = model.tensor_meta(name)?.1;
                     let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
@@ -831,7 +831,7 @@ pub fn calibrated_to_hf(
                         .collect();
                     writer.write_experts(name, &qs)?;
                 } else {
-                    writer.write_dense(name, &values)?;
+                    writer.copy_dense(name, &model.tensor(name)?)?;
                 }
                 *next += 1;
             }

@@ -203,37 +203,76 @@ pub fn quantize_tensor(
     t: &PlannedTensor,
     imatrix: Option<&Imatrix>,
 ) -> Result<(Vec<u8>, TensorReport)> {
-    let values = model.tensor(&t.name)?.to_f32()?;
-    if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
-        bail!(
-            "tensor '{}' of {} holds {} at element {bad}: refusing to quantize",
-            t.name,
-            model.path.display(),
-            values[bad]
-        );
-    }
+    let tensor = model.tensor(&t.name)?;
     let cols = *t.shape.last().unwrap_or(&1);
     let importance = importance_of(imatrix, &t.name, &t.shape)?;
-    let bytes = quantize_stacked(&values, &t.shape, t.ty, importance.as_deref())
-        .with_context(|| format!("quantizing '{}' to {}", t.name, t.ty))?;
-    let mut restored = vec![0f32; values.len()];
-    kernels::quants::dequantize(t.ty, &bytes, &mut restored)?;
+    let rows = tensor.n_elements() / cols.max(1);
+    // A matrix goes a slice of rows at a time (rows are encoded independently,
+    // so the bytes are the same): an 8B model's embedding is 2 GB in f32, and
+    // holding it with its dequantized copy would triple that.
+    let per_pass = if t.shape.len() == 2 {
+        (ROWS_PASS_ELEMENTS / cols.max(1)).max(1)
+    } else {
+        rows.max(1)
+    };
+    let mut bytes = Vec::with_capacity(t.ty.bytes_for(tensor.n_elements()).unwrap_or(0));
+    let (mut num, mut den) = (0f64, 0f64);
+    let mut r0 = 0;
+    while r0 < rows {
+        let r1 = (r0 + per_pass).min(rows);
+        let values = if per_pass >= rows {
+            tensor.to_f32()?
+        } else {
+            tensor.rows_f32(r0, r1)?
+        };
+        if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+            bail!(
+                "tensor '{}' of {} holds {} at element {}: refusing to quantize",
+                t.name,
+                model.path.display(),
+                values[bad],
+                r0 * cols + bad
+            );
+        }
+        let shape = if per_pass >= rows {
+            t.shape.clone()
+        } else {
+            vec![r1 - r0, cols]
+        };
+        let part = quantize_stacked(&values, &shape, t.ty, importance.as_deref())
+            .with_context(|| format!("quantizing '{}' to {}", t.name, t.ty))?;
+        let mut restored = vec![0f32; values.len()];
+        kernels::quants::dequantize(t.ty, &part, &mut restored)?;
+        let (n, d) = frobenius_parts(&values, &restored);
+        num += n;
+        den += d;
+        bytes.extend_from_slice(&part);
+        r0 = r1;
+    }
     let report = TensorReport {
         name: t.name.clone(),
         ty: t.ty,
         bytes: bytes.len() as u64,
-        rel_error: rel_frobenius_error(&values, &restored),
+        rel_error: (num / den.max(f64::MIN_POSITIVE)).sqrt(),
         imatrix: importance.is_some(),
     };
-    let rows = values.len() / cols;
     Ok((
         gguf_export::to_gguf_rows(model, &t.name, rows, bytes),
         report,
     ))
 }
 
+/// Elements of a matrix decoded to f32 at a time while quantizing (64 MB).
+const ROWS_PASS_ELEMENTS: usize = 1 << 24;
+
 /// `‖a − b‖_F / ‖a‖_F`.
 pub fn rel_frobenius_error(a: &[f32], b: &[f32]) -> f64 {
+    let (num, den) = frobenius_parts(a, b);
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+/// `(‖a − b‖²_F, ‖a‖²_F)`.
+fn frobenius_parts(a: &[f32], b: &[f32]) -> (f64, f64) {
     // Fixed chunks summed in order: the same bits on every run (a work-stealing
     // reduction adds in whatever order the threads finish).
     let parts: Vec<(f64, f64)> = a
@@ -245,10 +284,9 @@ pub fn rel_frobenius_error(a: &[f32], b: &[f32]) -> f64 {
             })
         })
         .collect();
-    let (num, den) = parts
+    parts
         .iter()
-        .fold((0.0, 0.0), |(n, d), p| (n + p.0, d + p.1));
-    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+        .fold((0.0, 0.0), |(n, d), p| (n + p.0, d + p.1))
 }
 
 /// Writes `model` quantized per `plan` to `out` (a GGUF file), reporting progress
