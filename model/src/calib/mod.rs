@@ -508,6 +508,22 @@ impl Hessian {
         self.cols
     }
 
+    /// [`Hessian::matrix`] made in place of the accumulator (no second
+    /// `cols²` copy: 1.6 GB for an 8B model's 14336-wide down projection).
+    pub fn into_matrix(self) -> Vec<f64> {
+        let c = self.cols;
+        let scale = 2.0 / self.tokens.max(1) as f64;
+        let mut h = self.sum;
+        for i in 0..c {
+            for j in i..c {
+                let v = h[i * c + j] * scale;
+                h[i * c + j] = v;
+                h[j * c + i] = v;
+            }
+        }
+        h
+    }
+
     /// `2XᵀX / n`, full and symmetric, row-major.
     pub fn matrix(&self) -> Vec<f64> {
         let c = self.cols;
@@ -595,6 +611,8 @@ mod tests {
         assert_eq!((dirty.tokens(), dirty.nonfinite_rows()), (2, 2));
         assert_eq!(dirty.matrix(), clean.matrix());
         assert_eq!(dirty.mean_abs(), clean.mean_abs());
+        let m = clean.matrix();
+        assert_eq!(clean.into_matrix(), m);
         assert_eq!(
             finite_rows(&x, cols),
             (std::borrow::Cow::Borrowed(&x[..]), 0)

@@ -141,13 +141,14 @@ impl LayerInput {
                 h.nonfinite_rows()
             );
         }
+        let (cols, mean_abs, nonfinite_rows) = (h.cols(), h.mean_abs(), h.nonfinite_rows());
         Ok(LayerInput {
-            hessian: h.matrix(),
-            cols: h.cols(),
-            mean_abs: h.mean_abs(),
+            hessian: h.into_matrix(),
+            cols,
+            mean_abs,
             expert,
             head: None,
-            nonfinite_rows: h.nonfinite_rows(),
+            nonfinite_rows,
             opts: *opts,
             factored: OnceCell::new(),
         })
