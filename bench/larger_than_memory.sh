@@ -3,7 +3,7 @@
 # safetensors, about 16 GB; bench/gen_llama8b.py) through the streaming stages,
 # each measured for wall time and peak anonymous memory (RssAnon, not counting
 # the memory-mapped weights) by bench/peak_anon.py. Writes
-# bench/results/larger_than_memory.json and deletes the checkpoint and the
+# bench/results/larger_than_memory.json (…-Nlayer.json for --layers N) and deletes the checkpoint and the
 # outputs afterwards (--keep keeps them). Not part of the default tests.
 #
 # usage: bench/larger_than_memory.sh [--layers N] [--only q4km,imatrix,wanda,gptq]
@@ -52,6 +52,8 @@ run imatrix $bin imatrix "$model" --text "$calib" --chunks 16 --ctx 256 -o "$out
 run wanda $bin prune "$model" --method wanda --sparsity 0.5 --calib "$calib" --samples 16 --seq 256 -o "$out/wanda"
 run gptq $bin quantize "$model" --method gptq --bits 4 --group 128 --calib "$calib" --samples 16 --seq 256 -o "$out/gptq"
 size=$(du -sb "$model" | cut -f1)
+json=bench/results/larger_than_memory.json
+[ "$layers" = 32 ] || json="bench/results/larger_than_memory-${layers}layer.json"
 printf '%s\n' "${results[@]}" | $py -c "
 import json, sys
 rows = [json.loads(l) for l in sys.stdin if l.strip()]
@@ -59,6 +61,6 @@ print(f\"{'stage':10} {'seconds':>9} {'RssAnon GB':>11} {'RSS GB':>8}\")
 for r in rows:
     print(f\"{r['label']:10} {r['seconds']:9.1f} {r['peak_rss_anon_bytes']/1e9:11.2f} {r['peak_rss_bytes']/1e9:8.2f}\")
 json.dump({'layers': $layers, 'checkpoint_bytes': $size, 'runs': rows},
-          open('bench/results/larger_than_memory.json', 'w'), indent=1)
+          open('$json', 'w'), indent=1)
 "
 if [ "$keep" = 0 ]; then rm -rf "$dir"; fi

@@ -29,7 +29,11 @@ impl Default for FactorOptions {
 
 /// `upper(H⁻¹)`: the upper Cholesky factor of the inverse of `h` (n × n) plus
 /// `damp` on the diagonal, in f32; `None` if either factorisation fails.
-fn inverse_cholesky_upper(h: &dyn Fn(usize, usize) -> f64, n: usize, damp: f64) -> Option<Vec<f32>> {
+fn inverse_cholesky_upper(
+    h: &dyn Fn(usize, usize) -> f64,
+    n: usize,
+    damp: f64,
+) -> Option<Vec<f32>> {
     // Scoped so that each n² intermediate is freed as soon as the next exists
     // (an 8B model's 14336-wide Hessian is 1.6 GB per copy).
     let inv = {
