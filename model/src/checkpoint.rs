@@ -24,6 +24,9 @@ pub enum Checkpoint {
     Safetensors(SafetensorsSet),
 }
 
+/// Values decoded to f32 at a time when a large matrix is streamed (64 MB).
+pub const SLICE_ELEMENTS: usize = 1 << 24;
+
 /// A tensor in its stored format, HF layout, outermost dimension first.
 pub struct Tensor<'a> {
     /// Canonical name.
@@ -102,6 +105,24 @@ impl Tensor<'_> {
             shape,
             data: Cow::Owned(data),
         }
+    }
+
+    /// Row ranges `(r0, r1)` that cover a matrix in slices of at most
+    /// [`SLICE_ELEMENTS`] values (at least one row each), for streaming a large
+    /// tensor through f32 (an 8B model's embedding is 2 GB in f32); one range
+    /// for any other shape.
+    pub fn row_slices(&self) -> Vec<(usize, usize)> {
+        let cols = *self.shape.last().unwrap_or(&1);
+        let rows = self.n_elements() / cols.max(1);
+        let per = if self.shape.len() == 2 {
+            (SLICE_ELEMENTS / cols.max(1)).max(1)
+        } else {
+            rows.max(1)
+        };
+        (0..rows)
+            .step_by(per)
+            .map(|r0| (r0, (r0 + per).min(rows)))
+            .collect()
     }
 
     /// Rows `r0..r1` as f32 (a row: the innermost dimension), without

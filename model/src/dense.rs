@@ -209,9 +209,6 @@ fn write_hf(
     Ok(())
 }
 
-/// Elements of a large tensor decoded to f32 at a time by [`DenseWriter::copy`] (64 MB).
-const COPY_PASS_ELEMENTS: usize = 1 << 24;
-
 /// Dense output: the tensors in a declared order, as safetensors or GGUF, for a
 /// model with `config` (the input's, or a structured cut's smaller one).
 pub struct DenseWriter {
@@ -321,31 +318,23 @@ impl DenseWriter {
     /// each in f32 for an 8B model) a slice of rows at a time, anything else
     /// whole through [`DenseWriter::write`].
     pub fn copy(&mut self, name: &str, t: &Tensor) -> Result<()> {
-        let cols = *t.shape.last().unwrap_or(&1);
-        let rows = t.n_elements() / cols.max(1);
-        let per_pass = (COPY_PASS_ELEMENTS / cols.max(1)).max(1);
-        let streamable = t.shape.len() == 2
-            && names::block_index(name).is_none()
-            && rows > per_pass
-            && match &self.out {
-                DenseOut::Safetensors { .. } => hf_tensors(&self.config, name, &t.shape).len() == 1,
-                DenseOut::Gguf(_) => true,
-            };
-        if !streamable {
+        let slices = t.row_slices();
+        let hf = match &self.out {
+            DenseOut::Safetensors { .. } => {
+                let mut parts = hf_tensors(&self.config, name, &t.shape);
+                (parts.len() == 1).then(|| parts.remove(0).0)
+            }
+            DenseOut::Gguf(_) => Some(name.to_owned()),
+        };
+        let (true, Some(hf)) = (slices.len() > 1 && names::block_index(name).is_none(), hf) else {
             return self.write(name, &t.shape, &t.to_f32()?);
-        }
-        let mut r0 = 0;
-        while r0 < rows {
-            let r1 = (r0 + per_pass).min(rows);
+        };
+        for (r0, r1) in slices {
             let bytes = encode_floats(&t.rows_f32(r0, r1)?, self.dtype);
             match &mut self.out {
-                DenseOut::Safetensors { writer, .. } => {
-                    let (hf, _) = &hf_tensors(&self.config, name, &t.shape)[0];
-                    writer.write_part(hf, &bytes)?;
-                }
+                DenseOut::Safetensors { writer, .. } => writer.write_part(&hf, &bytes)?,
                 DenseOut::Gguf(writer) => writer.write_tensor_part(name, &bytes)?,
             }
-            r0 = r1;
         }
         Ok(())
     }

@@ -1019,18 +1019,13 @@ impl HfQuantWriter {
             );
         }
         let hf = self.arch.hf_name(canonical)?;
-        let (rows, cols) = (t.shape[0], t.shape[1]);
-        let per_pass = ((1usize << 24) / cols.max(1)).max(1);
-        let mut r0 = 0;
-        while r0 < rows {
-            let r1 = (r0 + per_pass).min(rows);
+        for (r0, r1) in t.row_slices() {
             let bytes: Vec<u8> = t
                 .rows_f32(r0, r1)?
                 .iter()
                 .flat_map(|&v| f16::from_f32(v).to_le_bytes())
                 .collect();
             self.out.write_part(&hf, &bytes)?;
-            r0 = r1;
         }
         self.next += 1;
         Ok(())

@@ -210,21 +210,11 @@ pub fn quantize_tensor(
     // A matrix goes a slice of rows at a time (rows are encoded independently,
     // so the bytes are the same): an 8B model's embedding is 2 GB in f32, and
     // holding it with its dequantized copy would triple that.
-    let per_pass = if t.shape.len() == 2 {
-        (ROWS_PASS_ELEMENTS / cols.max(1)).max(1)
-    } else {
-        rows.max(1)
-    };
+    let slices = tensor.row_slices();
     let mut bytes = Vec::with_capacity(t.ty.bytes_for(tensor.n_elements()).unwrap_or(0));
     let (mut num, mut den) = (0f64, 0f64);
-    let mut r0 = 0;
-    while r0 < rows {
-        let r1 = (r0 + per_pass).min(rows);
-        let values = if per_pass >= rows {
-            tensor.to_f32()?
-        } else {
-            tensor.rows_f32(r0, r1)?
-        };
+    for &(r0, r1) in &slices {
+        let values = tensor.rows_f32(r0, r1)?;
         if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
             bail!(
                 "tensor '{}' of {} holds {} at element {}: refusing to quantize",
@@ -234,7 +224,7 @@ pub fn quantize_tensor(
                 r0 * cols + bad
             );
         }
-        let shape = if per_pass >= rows {
+        let shape = if slices.len() == 1 {
             t.shape.clone()
         } else {
             vec![r1 - r0, cols]
@@ -247,7 +237,6 @@ pub fn quantize_tensor(
         num += n;
         den += d;
         bytes.extend_from_slice(&part);
-        r0 = r1;
     }
     let report = TensorReport {
         name: t.name.clone(),
@@ -261,9 +250,6 @@ pub fn quantize_tensor(
         report,
     ))
 }
-
-/// Elements of a matrix decoded to f32 at a time while quantizing (64 MB).
-const ROWS_PASS_ELEMENTS: usize = 1 << 24;
 
 /// `‖a − b‖_F / ‖a‖_F`.
 pub fn rel_frobenius_error(a: &[f32], b: &[f32]) -> f64 {
