@@ -98,7 +98,7 @@ impl Tensor<'_> {
 
     /// An owned tensor holding `values` as F32.
     pub fn from_f32(name: &str, shape: Vec<usize>, values: &[f32]) -> Tensor<'static> {
-        let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let data = crate::dense::encode_floats(values, GgmlType::F32);
         Tensor {
             name: name.to_owned(),
             ty: GgmlType::F32,
@@ -538,7 +538,7 @@ impl Model {
                     Cow::Owned(sp.dense_bytes(s, name)?.expect("a sparse linear"))
                 }
                 _ => match self.implied_rope_freqs(name) {
-                    Some(f) => Cow::Owned(f.iter().flat_map(|v| v.to_le_bytes()).collect()),
+                    Some(f) => Cow::Owned(crate::dense::encode_floats(&f, GgmlType::F32)),
                     None if let Some(parts) = self.hf_expert_parts(name) => Cow::Owned(
                         parts
                             .iter()

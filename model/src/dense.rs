@@ -28,17 +28,21 @@ pub fn torch_dtype(t: GgmlType) -> &'static str {
 
 /// f32 values to the little-endian bytes of `t` (F32, F16 or BF16; round to nearest even).
 pub fn encode_floats(values: &[f32], t: GgmlType) -> Vec<u8> {
+    // Sized up front: collecting a flat_map grows by doubling, which for an
+    // 8B model's 235 MB matrix briefly holds twice that.
+    let mut out = Vec::with_capacity(values.len() * if t == GgmlType::F32 { 4 } else { 2 });
     match t {
         GgmlType::F16 => values
             .iter()
-            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
-            .collect(),
+            .for_each(|&v| out.extend_from_slice(&f16::from_f32(v).to_le_bytes())),
         GgmlType::BF16 => values
             .iter()
-            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
-            .collect(),
-        _ => values.iter().flat_map(|&v| v.to_le_bytes()).collect(),
+            .for_each(|&v| out.extend_from_slice(&bf16::from_f32(v).to_le_bytes())),
+        _ => values
+            .iter()
+            .for_each(|&v| out.extend_from_slice(&v.to_le_bytes())),
     }
+    out
 }
 
 /// Where `-o` puts the safetensors file: the path itself when it ends in

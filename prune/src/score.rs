@@ -19,6 +19,30 @@ pub fn wanda_scores(w: &[f32], col_norms: &[f32]) -> Vec<f32> {
         .collect()
 }
 
+/// Wanda in place: zeroes the weights of `w` (`rows × cols`) with the lowest
+/// scores `|W_ij| · ‖X_j‖₂` of each row (unstructured) or of each group of `m`
+/// along a row (N:M): what [`mask`] of [`wanda_scores`] with `per_row` removes,
+/// row by row, without a matrix of scores beside the weights.
+pub fn wanda_prune(w: &mut [f32], col_norms: &[f32], pattern: Pattern) {
+    let cols = col_norms.len();
+    w.par_chunks_mut(cols).for_each(|row| {
+        let scores: Vec<f32> = row
+            .iter()
+            .zip(col_norms)
+            .map(|(v, n)| v.abs() * n)
+            .collect();
+        let mut pruned = vec![false; cols];
+        match pattern {
+            Pattern::NM { m, .. } => pruned
+                .chunks_mut(m)
+                .zip(scores.chunks(m))
+                .for_each(|(p, s)| mark_lowest(s, pattern.count(m), p)),
+            Pattern::Unstructured(_) => mark_lowest(&scores, pattern.count(cols), &mut pruned),
+        }
+        apply(row, &pruned);
+    });
+}
+
 /// Which weights to remove (`true`) from `scores` (`rows × cols`): N:M picks the
 /// `n` lowest of every group of `m` along a row; unstructured picks the lowest
 /// fraction of each row (`per_row`, Wanda's comparison group) or of the whole
@@ -157,5 +181,29 @@ mod tests {
             true,
         );
         assert_eq!(pruned, vec![false, true, false, true]);
+    }
+
+    #[test]
+    fn wanda_in_place_removes_what_the_score_mask_removes() {
+        let (rows, cols) = (9, 48);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|k| ((k * 7919 % 211) as f32 - 105.0) / 50.0)
+            .collect();
+        let norms: Vec<f32> = (0..cols).map(|j| 0.1 + (j * 37 % 17) as f32).collect();
+        for pattern in [
+            Pattern::Unstructured(0.5),
+            Pattern::Unstructured(0.3),
+            Pattern::NM { n: 2, m: 4 },
+        ] {
+            let mut want = w.clone();
+            apply(
+                &mut want,
+                &mask(&wanda_scores(&w, &norms), cols, pattern, true),
+            );
+            let mut got = w.clone();
+            wanda_prune(&mut got, &norms, pattern);
+            assert_eq!(got, want, "{pattern}");
+            assert_ne!(got, w, "{pattern}");
+        }
     }
 }

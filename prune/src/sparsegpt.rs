@@ -17,21 +17,15 @@
 //! independent and run in parallel.
 
 use crate::pattern::{mark_lowest, Pattern};
-use kernels::matmul::{gemm, MatRef};
+use model::calib::factor::UpperFactor;
 use rayon::prelude::*;
 
-/// Prunes `w` (`rows × cols`, row-major) to `pattern` with compensating updates.
-/// `u` is the upper Cholesky factor of the damped inverse Hessian (`cols × cols`,
-/// row-major, natural column order). Returns the new weights: removed ones are
+/// Prunes `w` (`rows × cols`, row-major) in place to `pattern` with
+/// compensating updates. `u` is the upper Cholesky factor of the damped inverse
+/// Hessian (`cols × cols`, natural column order). Removed weights become
 /// exactly zero. For N:M, `block_size` must be a multiple of `m`.
-pub fn sparsegpt(
-    w: &[f32],
-    cols: usize,
-    u: &[f32],
-    pattern: Pattern,
-    block_size: usize,
-) -> Vec<f32> {
-    assert_eq!(u.len(), cols * cols, "SparseGPT: U is not cols × cols");
+pub fn sparsegpt(w: &mut [f32], cols: usize, u: &UpperFactor, pattern: Pattern, block_size: usize) {
+    assert_eq!(u.n(), cols, "SparseGPT: U is not cols × cols");
     if let Pattern::NM { m, .. } = pattern {
         assert!(
             block_size.is_multiple_of(m),
@@ -44,15 +38,12 @@ pub fn sparsegpt(
     }
     let rows = w.len() / cols;
     let per_task = rows.div_ceil(2 * rayon::current_num_threads()).max(16);
-    let chunks: Vec<Vec<f32>> = w
-        .par_chunks(per_task * cols)
-        .map(|chunk| prune_rows(chunk, cols, u, pattern, block_size))
-        .collect();
-    chunks.concat()
+    w.par_chunks_mut(per_task * cols)
+        .for_each(|chunk| prune_rows(chunk, cols, u, pattern, block_size));
 }
 
-/// SparseGPT on one chunk of rows.
-fn prune_rows(w: &[f32], cols: usize, u: &[f32], pattern: Pattern, block_size: usize) -> Vec<f32> {
+/// SparseGPT on one chunk of rows, in place.
+fn prune_rows(w: &mut [f32], cols: usize, u: &UpperFactor, pattern: Pattern, block_size: usize) {
     let m = w.len() / cols;
     // Columns as contiguous rows: wt[j·m + r] is row r's weight in column j.
     let mut wt = vec![0f32; cols * m];
@@ -61,11 +52,11 @@ fn prune_rows(w: &[f32], cols: usize, u: &[f32], pattern: Pattern, block_size: u
             wt[j * m + r] = w[r * cols + j];
         }
     }
-    let mut out = vec![0f32; m * cols];
+    let out = w;
     let mut err = vec![0f32; block_size * m];
     let mut pruned = vec![false; block_size * m];
     let saliency = |wt: &[f32], j: usize, r: usize| {
-        let d = u[j * cols + j];
+        let d = u.get(j, j);
         wt[j * m + r] * wt[j * m + r] / (d * d)
     };
     let mut scores = Vec::new();
@@ -96,7 +87,7 @@ fn prune_rows(w: &[f32], cols: usize, u: &[f32], pattern: Pattern, block_size: u
                     choose(&wt, i, group, &mut pruned);
                 }
             }
-            let d = u[i * cols + i];
+            let d = u.get(i, i);
             for r in 0..m {
                 let x = wt[i * m + r];
                 let q = if pruned[(i - i1) * m + r] { 0.0 } else { x };
@@ -106,7 +97,7 @@ fn prune_rows(w: &[f32], cols: usize, u: &[f32], pattern: Pattern, block_size: u
             let (_, rest) = wt.split_at_mut((i + 1) * m);
             let e = &err[(i - i1) * m..(i - i1 + 1) * m];
             for j in i + 1..i2 {
-                let uij = u[i * cols + j];
+                let uij = u.get(i, j);
                 if uij != 0.0 {
                     for (x, &e) in rest[(j - i - 1) * m..(j - i) * m].iter_mut().zip(e) {
                         *x -= uij * e;
@@ -115,18 +106,9 @@ fn prune_rows(w: &[f32], cols: usize, u: &[f32], pattern: Pattern, block_size: u
             }
         }
         if i2 < cols {
-            // Lazy batch: W[after] −= U[block, after]ᵀ · E.
-            let neg: Vec<f32> = err[..b * m].iter().map(|e| -e).collect();
-            gemm(
-                MatRef::row_major(&u[i1 * cols + i2..], b, cols - i2, cols).t(),
-                MatRef::row_major(&neg, b, m, m),
-                &mut wt[i2 * m..],
-                m,
-                true,
-            );
+            u.subtract_lazy_batch(i1, i2, &err[..b * m], m, &mut wt[i2 * m..]);
         }
     }
-    out
 }
 
 #[cfg(test)]
@@ -135,7 +117,7 @@ mod tests {
     use crate::score::{apply, magnitude_scores, mask, satisfies_nm, zero_fraction};
 
     /// Correlated inputs (a few shared factors plus noise) and their Hessian.
-    fn problem(rows: usize, cols: usize, tokens: usize) -> (Vec<f32>, Vec<f64>) {
+    fn problem(rows: usize, cols: usize, tokens: usize) -> (Vec<f32>, Vec<f32>) {
         let mut s = 0x9E3779B97F4A7C15u64;
         let mut next = move || {
             s ^= s << 13;
@@ -159,13 +141,13 @@ mod tests {
                 }
             }
         }
-        (w, h)
+        (w, h.iter().map(|&v| v as f32).collect())
     }
 
     /// Upper Cholesky factor of the inverse of `h + damp·mean(diag)·I`, in f64 by hand.
-    fn upper_inverse_factor(h: &[f64], n: usize) -> Vec<f32> {
-        let mean = (0..n).map(|i| h[i * n + i]).sum::<f64>() / n as f64;
-        let mut a: Vec<f64> = h.to_vec();
+    fn upper_inverse_factor(h: &[f32], n: usize) -> UpperFactor {
+        let mut a: Vec<f64> = h.iter().map(|&v| v as f64).collect();
+        let mean = (0..n).map(|i| a[i * n + i]).sum::<f64>() / n as f64;
         for i in 0..n {
             a[i * n + i] += 0.01 * mean;
         }
@@ -208,11 +190,11 @@ mod tests {
                 u[i * n + j] = l[j * n + i] as f32;
             }
         }
-        u
+        UpperFactor::from_dense(u, n)
     }
 
     /// `Σ_rows (a − b) H (a − b)ᵀ`.
-    fn output_error(a: &[f32], b: &[f32], h: &[f64], cols: usize) -> f64 {
+    fn output_error(a: &[f32], b: &[f32], h: &[f32], cols: usize) -> f64 {
         a.chunks(cols)
             .zip(b.chunks(cols))
             .map(|(ra, rb)| {
@@ -220,7 +202,7 @@ mod tests {
                 (0..cols)
                     .map(|i| {
                         (0..cols)
-                            .map(|j| d[i] * h[i * cols + j] * d[j])
+                            .map(|j| d[i] * h[i * cols + j] as f64 * d[j])
                             .sum::<f64>()
                     })
                     .sum::<f64>()
@@ -234,7 +216,8 @@ mod tests {
         let (w, h) = problem(rows, cols, 400);
         let u = upper_inverse_factor(&h, cols);
         for pattern in [Pattern::Unstructured(0.5), Pattern::NM { n: 2, m: 4 }] {
-            let s = sparsegpt(&w, cols, &u, pattern, 16);
+            let mut s = w.clone();
+            sparsegpt(&mut s, cols, &u, pattern, 16);
             let mut plain = w.clone();
             apply(
                 &mut plain,
@@ -263,6 +246,8 @@ mod tests {
         let (rows, cols) = (4, 16);
         let (w, h) = problem(rows, cols, 100);
         let u = upper_inverse_factor(&h, cols);
-        assert_eq!(sparsegpt(&w, cols, &u, Pattern::Unstructured(0.0), 8), w);
+        let mut s = w.clone();
+        sparsegpt(&mut s, cols, &u, Pattern::Unstructured(0.0), 8);
+        assert_eq!(s, w);
     }
 }

@@ -118,7 +118,7 @@ fn prune_layer(
     method: Method,
     pattern: Pattern,
     target: f64,
-    values: &[f32],
+    mut w: Vec<f32>,
     cols: usize,
     input: Option<&LayerInput>,
 ) -> Result<(Vec<f32>, bool)> {
@@ -126,7 +126,6 @@ fn prune_layer(
         Pattern::Unstructured(_) => Pattern::Unstructured(target),
         nm => nm,
     };
-    let mut w = values.to_vec();
     match (method, input) {
         (Method::Magnitude, _) => {
             let pruned = score::mask(&score::magnitude_scores(&w), cols, pattern, false);
@@ -134,8 +133,7 @@ fn prune_layer(
         }
         (Method::Wanda, Some(input)) => {
             let norms: Vec<f32> = input.diagonal().iter().map(|d| d.max(0.0).sqrt()).collect();
-            let pruned = score::mask(&score::wanda_scores(&w, &norms), cols, pattern, true);
-            score::apply(&mut w, &pruned);
+            score::wanda_prune(&mut w, &norms, pattern);
         }
         (Method::Sparsegpt, Some(input)) => {
             let f = input.factored();
@@ -145,11 +143,10 @@ fn prune_layer(
                 }
             }
             match f.upper() {
-                Some(u) => w = sparsegpt::sparsegpt(&w, cols, u, pattern, 128),
+                Some(u) => sparsegpt::sparsegpt(&mut w, cols, u, pattern, 128),
                 None => {
                     eprintln!("the Hessian stayed singular after dampening up to 1.0: pruned by Wanda scores instead");
-                    let (w, _) =
-                        prune_layer(Method::Wanda, pattern, target, values, cols, Some(input))?;
+                    let (w, _) = prune_layer(Method::Wanda, pattern, target, w, cols, Some(input))?;
                     return Ok((w, true));
                 }
             }
@@ -285,10 +282,15 @@ pub fn prune_model(
             let target = targets[names::block_index(name).unwrap_or(0)];
             // One matrix, or expert by expert of a stacked experts' tensor.
             let (rows, cols) = (t.shape[t.shape.len() - 2], t.shape[t.shape.len() - 1]);
-            let mut pruned = Vec::with_capacity(values.len());
-            for m in values.chunks(rows * cols) {
-                pruned.extend(prune_layer(method, pattern, target, m, cols, None)?.0);
-            }
+            let pruned = if values.len() == rows * cols {
+                prune_layer(method, pattern, target, values, cols, None)?.0
+            } else {
+                let mut pruned = Vec::with_capacity(values.len());
+                for m in values.chunks(rows * cols) {
+                    pruned.extend(prune_layer(method, pattern, target, m.to_vec(), cols, None)?.0);
+                }
+                pruned
+            };
             layers.push(LayerPrune {
                 name: name.clone(),
                 target,
@@ -329,14 +331,16 @@ pub fn prune_model(
             let values = finite_weights(model, name, w)?;
             let target = targets[names::block_index(name).unwrap_or(0)];
             let clock = Instant::now();
+            // SparseGPT's report compares with the original; the others prune in place.
+            let original = (method == Method::Sparsegpt).then(|| values.clone());
             let (pruned, fell_back_to_wanda) =
-                prune_layer(method, pattern, target, &values, cols, Some(input))?;
+                prune_layer(method, pattern, target, values, cols, Some(input))?;
             t.loop_seconds += clock.elapsed().as_secs_f64();
-            let rel_error = (method == Method::Sparsegpt).then(|| {
+            let rel_error = original.map(|values| {
                 let clock = Instant::now();
-                let hf: Vec<f32> = input.hessian.iter().map(|&v| v as f32).collect();
-                let energy = output_error(&values, None, &hf, cols).max(f64::MIN_POSITIVE);
-                let e = output_error(&values, Some(&pruned), &hf, cols) / energy;
+                let energy =
+                    output_error(&values, None, &input.hessian, cols).max(f64::MIN_POSITIVE);
+                let e = output_error(&values, Some(&pruned), &input.hessian, cols) / energy;
                 t.report_seconds += clock.elapsed().as_secs_f64();
                 e
             });
@@ -372,7 +376,18 @@ pub fn prune_model(
                     }
                 }
             }
-            Ok(f32_tensor(name, rows, cols, &pruned))
+            // Zeroing keeps every other weight as stored, so a float tensor
+            // stays in its own type (half the memory of f32 for bf16); SparseGPT
+            // changes the kept weights, which need f32.
+            Ok(match w.ty {
+                GgmlType::BF16 | GgmlType::F16 if method != Method::Sparsegpt => Tensor {
+                    name: name.to_owned(),
+                    ty: w.ty,
+                    shape: vec![rows, cols],
+                    data: std::borrow::Cow::Owned(model::dense::encode_floats(&pruned, w.ty)),
+                },
+                _ => f32_tensor(name, rows, cols, &pruned),
+            })
         };
         let t = walk::sequential_blocks(
             model,

@@ -21,12 +21,10 @@
 
 use crate::gptq::{rtn, Grid};
 use anyhow::{Context, Result};
-use kernels::GgmlType;
 use model::arch::{Arch, Slot};
 use model::calib::factor::output_error;
 use model::llama::BlockWeights;
 use model::Tensor;
-use std::borrow::Cow;
 
 /// The chosen scales of one group of linears sharing an input.
 #[derive(Debug, Clone)]
@@ -135,16 +133,6 @@ fn divide_rows(w: &[f32], s: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-/// An f32 matrix tensor.
-fn f32_matrix(name: &str, shape: &[usize], values: &[f32]) -> Tensor<'static> {
-    Tensor {
-        name: name.to_owned(),
-        ty: GgmlType::F32,
-        shape: shape.to_vec(),
-        data: Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-    }
-}
-
 /// One fold with its scales: the producer of an input (a norm gain, or a
 /// linear's rows), the linears reading that input, and the per-channel scales.
 pub struct Fold<'s> {
@@ -205,8 +193,9 @@ pub fn folds_said(arch: &Arch) -> String {
 /// input divided by it. The float block computes the same function, up to
 /// rounding. Returns f32 weights.
 pub fn fold(w: &BlockWeights, folds: &[Fold]) -> Result<BlockWeights<'static>> {
-    let m =
-        |t: &Tensor| -> Result<Tensor<'static>> { Ok(f32_matrix(&t.name, &t.shape, &t.to_f32()?)) };
+    let m = |t: &Tensor| -> Result<Tensor<'static>> {
+        Ok(Tensor::from_f32(&t.name, t.shape.clone(), &t.to_f32()?))
+    };
     // Biases and per-head norms act on the projections' outputs, which the
     // input-side scales leave unchanged.
     let mut out = BlockWeights {
@@ -237,10 +226,18 @@ pub fn fold(w: &BlockWeights, folds: &[Fold]) -> Result<BlockWeights<'static>> {
             let t = out
                 .linear_mut(slot)
                 .with_context(|| format!("AWQ folds scales into {slot:?}, which is no linear"))?;
-            *t = f32_matrix(&t.name, &t.shape, &scale_columns(&t.to_f32()?, f.scales));
+            *t = Tensor::from_f32(
+                &t.name,
+                t.shape.clone(),
+                &scale_columns(&t.to_f32()?, f.scales),
+            );
         }
         if let Some(t) = out.linear_mut(f.from) {
-            *t = f32_matrix(&t.name, &t.shape, &divide_rows(&t.to_f32()?, f.scales));
+            *t = Tensor::from_f32(
+                &t.name,
+                t.shape.clone(),
+                &divide_rows(&t.to_f32()?, f.scales),
+            );
         } else {
             let gain = out.gain_mut(f.from).with_context(|| {
                 format!(

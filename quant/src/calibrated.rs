@@ -215,20 +215,26 @@ pub fn gptq_model(
         }
         grid.check(cols, name)?;
         let values = finite_weights(model, name, w)?;
+        // The report's RTN baseline first, so that its matrix is gone before
+        // GPTQ's exists.
+        let clock = Instant::now();
+        let energy = output_error(&values, None, &input.hessian, cols).max(f64::MIN_POSITIVE);
+        let rtn_rel_error = {
+            let r = gptq::rtn(&values, cols, &grid, Some(&input.diagonal()));
+            output_error(&values, Some(&r.values), &input.hessian, cols) / energy
+        };
+        t.report_seconds += clock.elapsed().as_secs_f64();
         let (q, stats) = gptq::gptq_factored(&values, input.factored(), &grid, opts)
             .with_context(|| format!("GPTQ on '{name}'"))?;
         t.loop_seconds += stats.loop_seconds;
         let clock = Instant::now();
-        let hf: Vec<f32> = input.hessian.iter().map(|&v| v as f32).collect();
-        let r = gptq::rtn(&values, cols, &grid, Some(&input.diagonal()));
-        let energy = output_error(&values, None, &hf, cols).max(f64::MIN_POSITIVE);
         let report = LayerReport {
             name: name.to_owned(),
             rows,
             cols,
             grid: grid_label(&grid),
-            rtn_rel_error: output_error(&values, Some(&r.values), &hf, cols) / energy,
-            rel_error: output_error(&values, Some(&q.values), &hf, cols) / energy,
+            rtn_rel_error,
+            rel_error: output_error(&values, Some(&q.values), &input.hessian, cols) / energy,
             expert: input.expert,
             head: input.head.map(|h| h.0),
             stats: GptqStats {
@@ -241,6 +247,7 @@ pub fn gptq_model(
             eprintln!("{}: the Hessian stayed singular after dampening up to 1.0: rounded to nearest instead", w.name);
         }
         reports.push(report);
+        drop(values);
         let tensor = f32_tensor(name, rows, cols, &q.values);
         if let Some(item) = stack.push(name, input, Item::Linear(q)) {
             sink(name, item)?;
@@ -418,10 +425,7 @@ pub fn awq_model(
         // Per group: the Hessian in f32 and mean |x|.
         let stats: Vec<Option<(Vec<f32>, Vec<f32>)>> = hessians
             .iter()
-            .map(|h| {
-                h.as_ref()
-                    .map(|h| (h.matrix().iter().map(|&v| v as f32).collect(), h.mean_abs()))
-            })
+            .map(|h| h.as_ref().map(|h| (h.matrix(), h.mean_abs())))
             .collect();
         for (g, h) in hessians.iter().enumerate() {
             if let Some(h) = h
@@ -606,7 +610,10 @@ fn round_experts(
             head: None,
             stats: GptqStats::default(),
         });
-        bytes.extend(q.values.iter().flat_map(|v| v.to_le_bytes()));
+        bytes.extend_from_slice(&model::dense::encode_floats(
+            &q.values,
+            kernels::GgmlType::F32,
+        ));
         qs.push(q);
     }
     let stacked = Tensor {

@@ -27,12 +27,11 @@
 
 use anyhow::{bail, Result};
 use half::f16;
-use kernels::matmul::{gemm, MatRef};
 use kernels::quants::grid::{block_levels, grid_shape, set_codes};
 use kernels::GgmlType;
 #[cfg(test)]
 use model::calib::factor::output_error;
-pub use model::calib::factor::{FactorOptions, Factored};
+pub use model::calib::factor::{FactorOptions, Factored, UpperFactor};
 use model::calib::walk::ExpertCalibration;
 use rayon::prelude::*;
 use serde::Serialize;
@@ -366,7 +365,7 @@ fn nearest(levels: &[f32], x: f32) -> (u8, f32) {
 pub fn gptq(
     w: &[f32],
     cols: usize,
-    h: &[f64],
+    h: &[f32],
     grid: &Grid,
     opts: &GptqOptions,
 ) -> Result<(QuantizedMatrix, GptqStats)> {
@@ -387,11 +386,15 @@ pub fn gptq_factored(
     opts: &GptqOptions,
 ) -> Result<(QuantizedMatrix, GptqStats)> {
     let cols = f.cols();
-    let mut w = w.to_vec();
     let rows = w.len() / cols;
-    for &j in f.dead() {
-        for r in 0..rows {
-            w[r * cols + j] = 0.0;
+    // A copy only when dead inputs must be zeroed (an 8B layer is 235 MB).
+    let mut w = std::borrow::Cow::Borrowed(w);
+    if !f.dead().is_empty() {
+        let w = w.to_mut();
+        for &j in f.dead() {
+            for r in 0..rows {
+                w[r * cols + j] = 0.0;
+            }
         }
     }
     let dynamic = opts.act_order && !opts.static_groups && matches!(grid, Grid::Int { .. });
@@ -447,7 +450,7 @@ fn run(
     cols: usize,
     grid: &Grid,
     perm: &[usize],
-    u: Option<&[f32]>,
+    u: Option<&UpperFactor>,
     importance: &[f32],
     block_size: usize,
     dynamic: bool,
@@ -456,21 +459,23 @@ fn run(
     let rows = w.len() / cols;
     let layout = Layout::new(grid, cols, perm, dynamic);
     let per_task = rows.div_ceil(2 * rayon::current_num_threads()).max(16);
-    let chunks: Vec<RowsResult> = w
+    // Written in place by each chunk of rows (no per-chunk copies to join).
+    let mut codes = vec![0u8; rows * cols];
+    let mut values = vec![0f32; rows * cols];
+    let chunks: Vec<(Vec<Fixed>, usize)> = w
         .par_chunks(per_task * cols)
-        .map(|chunk| {
+        .zip(codes.par_chunks_mut(per_task * cols))
+        .zip(values.par_chunks_mut(per_task * cols))
+        .map(|((chunk, codes), values)| {
             run_rows(
-                chunk, cols, grid, &layout, perm, u, importance, block_size, keep_zeros,
+                chunk, cols, grid, &layout, perm, u, importance, block_size, keep_zeros, codes,
+                values,
             )
         })
         .collect();
-    let mut codes = Vec::with_capacity(rows * cols);
-    let mut values = Vec::with_capacity(rows * cols);
     let mut fixed = Vec::with_capacity(rows * layout.members.len());
     let mut zeros_lost = 0;
-    for (c, v, f, lost) in chunks {
-        codes.extend(c);
-        values.extend(v);
+    for (f, lost) in chunks {
         fixed.extend(f);
         zeros_lost += lost;
     }
@@ -522,12 +527,9 @@ fn run(
     )
 }
 
-/// Codes, values, fixed group parameters and lost zeros of a chunk of rows.
-type RowsResult = (Vec<u8>, Vec<f32>, Vec<Fixed>, usize);
-
-/// GPTQ on one chunk of rows: returns codes and values (row-major, natural
-/// column order), the fixed parameters (`rows × groups`) and how many kept
-/// zeros the grid could not hold.
+/// GPTQ on one chunk of rows: writes its codes and values (row-major, natural
+/// column order) and returns the fixed parameters (`rows × groups`) and how
+/// many kept zeros the grid could not hold.
 #[allow(clippy::too_many_arguments)]
 fn run_rows(
     w: &[f32],
@@ -535,11 +537,13 @@ fn run_rows(
     grid: &Grid,
     layout: &Layout,
     perm: &[usize],
-    u: Option<&[f32]>,
+    u: Option<&UpperFactor>,
     importance: &[f32],
     block_size: usize,
     keep_zeros: bool,
-) -> RowsResult {
+    codes: &mut [u8],
+    values: &mut [f32],
+) -> (Vec<Fixed>, usize) {
     let mut zeros_lost = 0;
     let m = w.len() / cols;
     let n_groups = layout.members.len();
@@ -554,8 +558,6 @@ fn run_rows(
             wt[p * m + r] = w[r * cols + c];
         }
     }
-    let mut codes = vec![0u8; m * cols];
-    let mut values = vec![0f32; m * cols];
     let mut fixed: Vec<Option<Fixed>> = (0..m * n_groups).map(|_| None).collect();
     let mut levels: Vec<Vec<f32>> = vec![Vec::new(); m * n_groups];
     let mut group_done = vec![false; n_groups];
@@ -577,7 +579,7 @@ fn run_rows(
                         let mut v = wt[p * m + r];
                         if let (Some(u), true) = (u, p >= i2) {
                             for t in i1..i {
-                                v -= u[t * cols + p] * err[(t - i1) * m + r];
+                                v -= u.get(t, p) * err[(t - i1) * m + r];
                             }
                         }
                         gathered[r * members.len() + k] = v;
@@ -597,7 +599,7 @@ fn run_rows(
             }
             let within = layout.members[g].partition_point(|&x| x < c);
             let s = within / layout.sub;
-            let d = u.map_or(1.0, |u| u[i * cols + i]);
+            let d = u.map_or(1.0, |u| u.get(i, i));
             for r in 0..m {
                 let x = wt[i * m + r];
                 let lv = &levels[r * n_groups + g][s * layout.n_codes..(s + 1) * layout.n_codes];
@@ -621,7 +623,7 @@ fn run_rows(
                 let _ = done;
                 let e = &err[(i - i1) * m..(i - i1 + 1) * m];
                 for j in i + 1..i2 {
-                    let uij = u[i * cols + j];
+                    let uij = u.get(i, j);
                     if uij != 0.0 {
                         for (x, &e) in rest[(j - i - 1) * m..(j - i) * m].iter_mut().zip(e) {
                             *x -= uij * e;
@@ -631,23 +633,14 @@ fn run_rows(
             }
         }
         if let (Some(u), true) = (u, i2 < cols) {
-            // Lazy batch: W[after] −= U[block, after]ᵀ · E.
-            let b = i2 - i1;
-            let neg: Vec<f32> = err[..b * m].iter().map(|e| -e).collect();
-            gemm(
-                MatRef::row_major(&u[i1 * cols + i2..], b, cols - i2, cols).t(),
-                MatRef::row_major(&neg, b, m, m),
-                &mut wt[i2 * m..],
-                m,
-                true,
-            );
+            u.subtract_lazy_batch(i1, i2, &err[..(i2 - i1) * m], m, &mut wt[i2 * m..]);
         }
     }
     let fixed = fixed
         .into_iter()
         .map(|f| f.expect("every group is reached"))
         .collect();
-    (codes, values, fixed, zeros_lost)
+    (fixed, zeros_lost)
 }
 
 #[cfg(test)]
@@ -666,7 +659,7 @@ mod tests {
 
     /// Inputs with correlated columns (so feedback has something to exploit) and
     /// a weight matrix; returns (w, x, hessian).
-    fn problem(rows: usize, cols: usize, n: usize) -> (Vec<f32>, Vec<f32>, Vec<f64>) {
+    fn problem(rows: usize, cols: usize, n: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let mut rnd = stream(7);
         let w: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
         let base: Vec<f32> = (0..n * 4).map(|_| rnd()).collect();
@@ -684,7 +677,7 @@ mod tests {
                 }
             }
         }
-        (w, x, h)
+        (w, x, h.iter().map(|&v| v as f32).collect())
     }
 
     fn out_err(w: &[f32], q: &[f32], x: &[f32], cols: usize) -> f64 {
@@ -738,7 +731,7 @@ mod tests {
                 };
                 let (q, stats) = gptq(&w, cols, &h, &grid, &opts).unwrap();
                 assert!(!stats.fell_back_to_rtn);
-                let diag: Vec<f32> = (0..cols).map(|j| h[j * cols + j] as f32).collect();
+                let diag: Vec<f32> = (0..cols).map(|j| h[j * cols + j]).collect();
                 let r = rtn(&w, cols, &grid, Some(&diag));
                 let (eg, er) = (
                     out_err(&w, &q.values, &x, cols),
@@ -838,8 +831,7 @@ mod tests {
             },
             None,
         );
-        let hf: Vec<f32> = h.iter().map(|&v| v as f32).collect();
-        let via_h = output_error(&w, Some(&q.values), &hf, cols) * 64.0 / 2.0;
+        let via_h = output_error(&w, Some(&q.values), &h, cols) * 64.0 / 2.0;
         let direct = out_err(&w, &q.values, &x, cols);
         assert!(
             (via_h - direct).abs() < 1e-3 * direct,
@@ -871,8 +863,8 @@ mod tests {
         assert_eq!(stats.dead_columns, 1);
         assert!((0..rows).all(|r| q.values[r * cols + 3] == 0.0));
         // Rank one, asked for no dampening: factors only once dampening escalates.
-        let v: Vec<f64> = (0..cols).map(|i| 1.0 + i as f64).collect();
-        let h1: Vec<f64> = (0..cols * cols)
+        let v: Vec<f32> = (0..cols).map(|i| 1.0 + i as f32).collect();
+        let h1: Vec<f32> = (0..cols * cols)
             .map(|k| v[k / cols] * v[k % cols])
             .collect();
         let opts = GptqOptions {
@@ -906,8 +898,8 @@ mod tests {
         let (rows, cols) = (4, 256);
         let zero_w = vec![0f32; rows * cols];
         let (w, _, h) = problem(rows, cols, 300);
-        let zero_h = vec![0f64; cols * cols];
-        let nan_h = vec![f64::NAN; cols * cols];
+        let zero_h = vec![0f32; cols * cols];
+        let nan_h = vec![f32::NAN; cols * cols];
         let mut grids: Vec<Grid> = [
             (4, 128, true),
             (4, 128, false),

@@ -110,8 +110,9 @@ pub struct ExpertInput {
 /// and SparseGPT need, computed on first use and shared by the layers reading
 /// the same input.
 pub struct LayerInput {
-    /// `2XᵀX / n`, `cols × cols`, row-major.
-    pub hessian: Vec<f64>,
+    /// `2XᵀX / n`, `cols × cols`, row-major; empty when the walk gathered
+    /// diagonals only.
+    pub hessian: Vec<f32>,
     /// Input features.
     pub cols: usize,
     /// Mean |x| per input feature.
@@ -127,6 +128,7 @@ pub struct LayerInput {
     /// Calibration tokens left out of these statistics because their input
     /// row held NaN or Inf.
     pub nonfinite_rows: u64,
+    diagonal: Vec<f32>,
     opts: FactorOptions,
     factored: OnceCell<Factored>,
 }
@@ -142,8 +144,10 @@ impl LayerInput {
             );
         }
         let (cols, mean_abs, nonfinite_rows) = (h.cols(), h.mean_abs(), h.nonfinite_rows());
+        let diagonal = h.diagonal_values();
         Ok(LayerInput {
             hessian: h.into_matrix(),
+            diagonal,
             cols,
             mean_abs,
             expert,
@@ -160,17 +164,21 @@ impl LayerInput {
         self.expert.map(|e| (e.expert, e.experts)).or(self.head)
     }
 
-    /// The Hessian factored for the walk's options (dead inputs, order, dampening).
+    /// The Hessian factored for the walk's options (dead inputs, order,
+    /// dampening). Needs the full Hessian (a walk not asked for diagonals only).
     pub fn factored(&self) -> &Factored {
+        assert_eq!(
+            self.hessian.len(),
+            self.cols * self.cols,
+            "a diagonal-only walk's Hessian cannot be factored"
+        );
         self.factored
             .get_or_init(|| Factored::new(&self.hessian, self.cols, &self.opts))
     }
 
     /// `diag H`.
     pub fn diagonal(&self) -> Vec<f32> {
-        (0..self.cols)
-            .map(|j| self.hessian[j * self.cols + j] as f32)
-            .collect()
+        self.diagonal.clone()
     }
 
     /// Seconds spent factoring, if it was factored.
@@ -189,12 +197,7 @@ pub type LayerStep<'a> =
 
 /// A matrix of f32 values as a tensor the forward pass can use.
 pub fn f32_tensor(name: &str, rows: usize, cols: usize, values: &[f32]) -> Tensor<'static> {
-    Tensor {
-        name: name.to_owned(),
-        ty: GgmlType::F32,
-        shape: vec![rows, cols],
-        data: Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-    }
+    Tensor::from_f32(name, vec![rows, cols], values)
 }
 
 /// The weights of `w` as f32, refusing non-finite values (named with the file).
@@ -488,7 +491,7 @@ fn calibrate_latent_attention(
             t.factor_seconds += input.factor_seconds();
             check_expert_shape(&original, &new)?;
             shape = [new.shape[0], new.shape[1]];
-            bytes.extend(new.to_f32()?.iter().flat_map(|v| v.to_le_bytes()));
+            bytes.extend_from_slice(&crate::dense::encode_floats(&new.to_f32()?, GgmlType::F32));
         }
         let stacked = Tensor {
             name,
@@ -715,7 +718,10 @@ fn calibrate_experts(
         t.factor_seconds += input.factor_seconds();
         mine.push(new);
         for (acc, tensor) in changed.iter_mut().zip(&mine) {
-            acc.extend(tensor.to_f32()?.iter().flat_map(|v| v.to_le_bytes()));
+            acc.extend_from_slice(&crate::dense::encode_floats(
+                &tensor.to_f32()?,
+                GgmlType::F32,
+            ));
         }
     }
     Ok(slots
