@@ -88,12 +88,27 @@ pub fn remove_stale_temporaries(dest: &Path) {
         else {
             continue;
         };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+        if pid != std::process::id() && !process_running(pid) {
             let _ = match e.file_type() {
                 Ok(t) if t.is_dir() => std::fs::remove_dir_all(e.path()),
                 _ => std::fs::remove_file(e.path()),
             };
         }
+    }
+}
+
+/// Whether process `pid` is running: it has a `/proc` entry and is not a
+/// zombie (a killed writer stays one until its parent, or PID 1 for an
+/// orphan, reaps it, and a zombie writes nothing).
+fn process_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')' (comm may hold one).
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next()),
+            Some('Z' | 'X' | 'x')
+        ),
+        Err(_) => false,
     }
 }
 
@@ -239,6 +254,35 @@ mod tests {
         write_atomic(&dest, b"whole").unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"whole");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_zombie_writers_temporary_is_stale_and_a_live_ones_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.gguf");
+        // A child that has exited but is not yet reaped: a zombie.
+        let mut dead = std::process::Command::new("true").spawn().unwrap();
+        let mut live = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let stat = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        while !stat(dead.id()).contains(") Z") {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let zombie_tmp = dir.path().join(format!("out.gguf.tmp-{}", dead.id()));
+        let live_tmp = dir.path().join(format!("out.gguf.tmp-{}", live.id()));
+        std::fs::write(&zombie_tmp, b"half").unwrap();
+        std::fs::write(&live_tmp, b"writing").unwrap();
+        remove_stale_temporaries(&dest);
+        assert!(
+            !zombie_tmp.exists(),
+            "a zombie writes nothing: its temporary is stale"
+        );
+        assert!(live_tmp.exists(), "a running writer's temporary is kept");
+        live.kill().unwrap();
+        live.wait().unwrap();
+        dead.wait().unwrap();
     }
 
     #[test]
