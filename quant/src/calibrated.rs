@@ -9,7 +9,7 @@ use crate::gguf_quantize::{quantize_tensor, PlannedTensor, QuantizeReport, Tenso
 use crate::gptq::{self, GptqOptions, GptqStats, Grid, QuantizedMatrix, Stored};
 use anyhow::{bail, Context, Result};
 use model::arch::{Role, Slot};
-use model::calib::factor::output_error;
+use model::calib::factor::{output_error, output_error_of_rows};
 use model::calib::walk::{
     embed_samples, f32_tensor, finite_weights, sequential_blocks, ExpertInput, LayerInput, Timings,
 };
@@ -22,6 +22,7 @@ use model::llama::{EXPERT_SLOTS, LINEAR_GROUPS};
 use model::progress::Progress;
 use model::{names, Model, Tensor};
 use serde::Serialize;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
@@ -214,27 +215,44 @@ pub fn gptq_model(
             }
         }
         grid.check(cols, name)?;
+        // Factored before the layer is read in f32: the factorisation's two
+        // `cols²` buffers are the step's largest.
+        let factored = input.factored();
         let values = finite_weights(model, name, w)?;
-        // The report's RTN baseline first, so that its matrix is gone before
-        // GPTQ's exists.
         let clock = Instant::now();
         let energy = output_error(&values, None, &input.hessian, cols).max(f64::MIN_POSITIVE);
+        // Rows are rounded independently: a few at a time, not a second matrix.
         let rtn_rel_error = {
-            let r = gptq::rtn(&values, cols, &grid, Some(&input.diagonal()));
-            output_error(&values, Some(&r.values), &input.hessian, cols) / energy
+            let diag = input.diagonal();
+            let per = ((16 << 20) / (4 * cols)).max(1);
+            let mut error = 0.0;
+            for part in values.chunks(per * cols) {
+                let r = gptq::rtn(part, cols, &grid, Some(&diag));
+                error += output_error(part, Some(&r.values), &input.hessian, cols);
+            }
+            error / energy
         };
         t.report_seconds += clock.elapsed().as_secs_f64();
-        let (q, stats) = gptq::gptq_factored(&values, input.factored(), &grid, opts)
+        // GPTQ replaces the weights in place; the report reads the original
+        // rows again from the tensor (no second copy of the layer).
+        let (q, stats) = gptq::gptq_factored(values, factored, &grid, opts)
             .with_context(|| format!("GPTQ on '{name}'"))?;
         t.loop_seconds += stats.loop_seconds;
         let clock = Instant::now();
+        let rel_error = output_error_of_rows(
+            &|r0, n| Ok(Cow::Owned(w.rows_f32(r0, r0 + n)?)),
+            rows,
+            Some(&q.values),
+            &input.hessian,
+            cols,
+        )? / energy;
         let report = LayerReport {
             name: name.to_owned(),
             rows,
             cols,
             grid: grid_label(&grid),
             rtn_rel_error,
-            rel_error: output_error(&values, Some(&q.values), &input.hessian, cols) / energy,
+            rel_error,
             expert: input.expert,
             head: input.head.map(|h| h.0),
             stats: GptqStats {
@@ -247,7 +265,6 @@ pub fn gptq_model(
             eprintln!("{}: the Hessian stayed singular after dampening up to 1.0: rounded to nearest instead", w.name);
         }
         reports.push(report);
-        drop(values);
         let tensor = f32_tensor(name, rows, cols, &q.values);
         if let Some(item) = stack.push(name, input, Item::Linear(q)) {
             sink(name, item)?;

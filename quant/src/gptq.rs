@@ -370,7 +370,7 @@ pub fn gptq(
     opts: &GptqOptions,
 ) -> Result<(QuantizedMatrix, GptqStats)> {
     gptq_factored(
-        w,
+        w.to_vec(),
         &Factored::new(h, cols, &opts.factor_options()),
         grid,
         opts,
@@ -380,21 +380,16 @@ pub fn gptq(
 /// [`gptq`] with the Hessian already factored (its factoring time is reported
 /// with every layer that uses it).
 pub fn gptq_factored(
-    w: &[f32],
+    mut w: Vec<f32>,
     f: &Factored,
     grid: &Grid,
     opts: &GptqOptions,
 ) -> Result<(QuantizedMatrix, GptqStats)> {
     let cols = f.cols();
     let rows = w.len() / cols;
-    // A copy only when dead inputs must be zeroed (an 8B layer is 235 MB).
-    let mut w = std::borrow::Cow::Borrowed(w);
-    if !f.dead().is_empty() {
-        let w = w.to_mut();
-        for &j in f.dead() {
-            for r in 0..rows {
-                w[r * cols + j] = 0.0;
-            }
+    for &j in f.dead() {
+        for r in 0..rows {
+            w[r * cols + j] = 0.0;
         }
     }
     let dynamic = opts.act_order && !opts.static_groups && matches!(grid, Grid::Int { .. });
@@ -402,7 +397,7 @@ pub fn gptq_factored(
     let keep_zeros = zeros as f64 >= PRUNED_FRACTION * w.len() as f64;
     let start = std::time::Instant::now();
     let (q, zeros_lost) = run(
-        &w,
+        w,
         cols,
         grid,
         f.order(),
@@ -437,7 +432,18 @@ pub fn rtn(w: &[f32], cols: usize, grid: &Grid, importance: Option<&[f32]>) -> Q
         }
     };
     let perm: Vec<usize> = (0..cols).collect();
-    run(w, cols, grid, &perm, None, importance, 128, false, false).0
+    run(
+        w.to_vec(),
+        cols,
+        grid,
+        &perm,
+        None,
+        importance,
+        128,
+        false,
+        false,
+    )
+    .0
 }
 
 /// The column loop over all rows (row chunks in parallel). `u` is the upper
@@ -446,7 +452,7 @@ pub fn rtn(w: &[f32], cols: usize, grid: &Grid, importance: Option<&[f32]>) -> Q
 /// grid has a zero level; returns how many could not.
 #[allow(clippy::too_many_arguments)]
 fn run(
-    w: &[f32],
+    w: Vec<f32>,
     cols: usize,
     grid: &Grid,
     perm: &[usize],
@@ -458,18 +464,22 @@ fn run(
 ) -> (QuantizedMatrix, usize) {
     let rows = w.len() / cols;
     let layout = Layout::new(grid, cols, perm, dynamic);
-    let per_task = rows.div_ceil(2 * rayon::current_num_threads()).max(16);
-    // Written in place by each chunk of rows (no per-chunk copies to join).
+    // Two chunks per thread, each chunk's transposed working copy at most
+    // 16 MiB (an 8B down projection's 4096 rows go 292 at a time).
+    let per_task = rows
+        .div_ceil(2 * rayon::current_num_threads())
+        .min((16 << 20) / (4 * cols).max(1))
+        .max(16);
+    // Each chunk of rows is replaced by its quantized values in place (an 8B
+    // layer is 235 MB) and writes its codes.
+    let mut values = w;
     let mut codes = vec![0u8; rows * cols];
-    let mut values = vec![0f32; rows * cols];
-    let chunks: Vec<(Vec<Fixed>, usize)> = w
-        .par_chunks(per_task * cols)
+    let chunks: Vec<(Vec<Fixed>, usize)> = values
+        .par_chunks_mut(per_task * cols)
         .zip(codes.par_chunks_mut(per_task * cols))
-        .zip(values.par_chunks_mut(per_task * cols))
-        .map(|((chunk, codes), values)| {
+        .map(|(chunk, codes)| {
             run_rows(
                 chunk, cols, grid, &layout, perm, u, importance, block_size, keep_zeros, codes,
-                values,
             )
         })
         .collect();
@@ -527,12 +537,13 @@ fn run(
     )
 }
 
-/// GPTQ on one chunk of rows: writes its codes and values (row-major, natural
-/// column order) and returns the fixed parameters (`rows × groups`) and how
-/// many kept zeros the grid could not hold.
+/// GPTQ on one chunk of rows `w`, replaced by its quantized values (row-major,
+/// natural column order; each weight is read, for the kept-zero rule, just
+/// before it is overwritten): writes the codes and returns the fixed
+/// parameters (`rows × groups`) and how many kept zeros the grid could not hold.
 #[allow(clippy::too_many_arguments)]
 fn run_rows(
-    w: &[f32],
+    w: &mut [f32],
     cols: usize,
     grid: &Grid,
     layout: &Layout,
@@ -542,7 +553,6 @@ fn run_rows(
     block_size: usize,
     keep_zeros: bool,
     codes: &mut [u8],
-    values: &mut [f32],
 ) -> (Vec<Fixed>, usize) {
     let mut zeros_lost = 0;
     let m = w.len() / cols;
@@ -615,7 +625,7 @@ fn run_rows(
                     nearest(lv, x)
                 };
                 codes[r * cols + c] = code;
-                values[r * cols + c] = q;
+                w[r * cols + c] = q;
                 err[(i - i1) * m + r] = (x - q) / d;
             }
             if let Some(u) = u {

@@ -7,6 +7,7 @@ use faer::reborrow::{Reborrow, ReborrowMut};
 use faer::{Mat, MatMut};
 use kernels::matmul::{gemm, MatRef};
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 /// How a Hessian is factored.
 #[derive(Debug, Clone, Copy)]
@@ -345,19 +346,39 @@ impl Factored {
 /// factor `n / 2`. With `b = 0` it is the output energy.
 pub fn output_error(a: &[f32], b: Option<&[f32]>, h: &[f32], cols: usize) -> f64 {
     let rows = a.len() / cols;
+    output_error_of_rows(
+        &|r0, n| Ok(Cow::Borrowed(&a[r0 * cols..(r0 + n) * cols])),
+        rows,
+        b,
+        h,
+        cols,
+    )
+    .expect("rows of a slice")
+}
+
+/// [`output_error`] with `a`'s rows made on demand by `a_rows(first, count)`
+/// (decoded from a stored tensor, say, rather than held whole beside `b`).
+pub fn output_error_of_rows<'a>(
+    a_rows: &(dyn Fn(usize, usize) -> anyhow::Result<Cow<'a, [f32]>> + Sync),
+    rows: usize,
+    b: Option<&[f32]>,
+    h: &[f32],
+    cols: usize,
+) -> anyhow::Result<f64> {
     let per_task = rows.div_ceil(2 * rayon::current_num_threads()).max(8);
-    (0..rows)
+    let parts = (0..rows)
         .collect::<Vec<_>>()
         .par_chunks(per_task)
         .map(|rs| {
             let (r0, n) = (rs[0], rs.len());
+            let a = a_rows(r0, n)?;
             let diff: Vec<f32> = match b {
-                Some(b) => a[r0 * cols..(r0 + n) * cols]
+                Some(b) => a
                     .iter()
                     .zip(&b[r0 * cols..(r0 + n) * cols])
                     .map(|(x, y)| x - y)
                     .collect(),
-                None => a[r0 * cols..(r0 + n) * cols].to_vec(),
+                None => a.into_owned(),
             };
             let mut dh = vec![0f32; n * cols];
             gemm(
@@ -367,15 +388,15 @@ pub fn output_error(a: &[f32], b: Option<&[f32]>, h: &[f32], cols: usize) -> f64
                 cols,
                 false,
             );
-            diff.iter()
+            Ok(diff
+                .iter()
                 .zip(&dh)
                 .map(|(&x, &y)| x as f64 * y as f64)
-                .sum::<f64>()
+                .sum::<f64>())
         })
         // Collected, then summed in order: the same bits on every run.
-        .collect::<Vec<f64>>()
-        .iter()
-        .sum()
+        .collect::<anyhow::Result<Vec<f64>>>()?;
+    Ok(parts.iter().sum())
 }
 
 #[cfg(test)]
