@@ -57,6 +57,14 @@ json=bench/results/larger_than_memory.json
 printf '%s\n' "${results[@]}" | $py -c "
 import json, sys
 rows = [json.loads(l) for l in sys.stdin if l.strip()]
+# A partial run (--only) keeps the earlier results of the stages it did not rerun.
+try:
+    old = json.load(open('$json'))
+    if old.get('layers') == $layers:
+        rerun = {r['label'] for r in rows}
+        rows = [r for r in old['runs'] if r['label'] not in rerun] + rows
+except FileNotFoundError:
+    pass
 print(f\"{'stage':10} {'seconds':>9} {'RssAnon GB':>11} {'RSS GB':>8}\")
 for r in rows:
     print(f\"{r['label']:10} {r['seconds']:9.1f} {r['peak_rss_anon_bytes']/1e9:11.2f} {r['peak_rss_bytes']/1e9:8.2f}\")
