@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds llama.cpp's reference tools (llama-perplexity, llama-quantize, llama-imatrix,
-# llama-gguf, llama-tokenize) so the project can check its numbers against llama.cpp.
+# llama-gguf, llama-tokenize, llama-gguf-split) so the project can check its numbers against llama.cpp.
 #
 # Time: about 15 minutes on 2 cores (-j2, nice 19, CPU-only AVX2 build) plus
 # ~15 s to download the 77 MB source from PyPI; nothing to do on later runs.
@@ -20,7 +20,7 @@ set -euo pipefail
 LLAMA_CPP_PYTHON_VERSION=0.3.36
 LLAMA_CPP_COMMIT=0c1e57098
 SDIST_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
-TARGETS=(llama-perplexity llama-quantize llama-imatrix llama-gguf llama-tokenize)
+TARGETS=(llama-perplexity llama-quantize llama-imatrix llama-gguf llama-tokenize llama-gguf-split)
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

@@ -301,3 +301,110 @@ fn bad_quantize_input_is_refused_without_output() {
         &["token_embd.weight", "NaN"],
     );
 }
+
+/// The split-file names `quantize --split-max-size` gives `dir/NAME.gguf`.
+fn split_files(dir: &Path, name: &str, count: usize) -> Vec<PathBuf> {
+    (1..=count)
+        .map(|i| dir.join(format!("{name}-{i:05}-of-{count:05}.gguf")))
+        .collect()
+}
+
+#[test]
+fn a_split_output_holds_the_single_files_tensors_and_gguf_py_reads_each_part() {
+    let dir = work_dir().join("split");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let single = dir.join("single.gguf");
+    quantize(&real_model(), "Q8_0", &[], &single);
+    // 144.8 MB of Q8_0 tensors in files of at most 60 MB of tensor data: three.
+    quantize(
+        &real_model(),
+        "Q8_0",
+        &["--split-max-size", "60M"],
+        &dir.join("split.gguf"),
+    );
+    assert!(!dir.join("split.gguf").exists());
+    let parts = split_files(&dir, "split", 3);
+    let s = GgufFile::open(&single).unwrap();
+
+    // gguf-py, on each file alone: llama-gguf-split's keys with their types
+    // (u16, i32, u16), every model key in the first file only, every tensor once.
+    let args: Vec<&Path> = parts.iter().map(PathBuf::as_path).collect();
+    let py: serde_json::Value =
+        serde_json::from_str(&run_python("check_gguf_split.py", &args)).unwrap();
+    assert_eq!(py["tensors"], s.tensors.len());
+    for (i, f) in py["files"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(f["split.no"], i, "{f}");
+        assert_eq!(f["split.count"], 3);
+        assert_eq!(f["split.tensors.count"], s.tensors.len());
+        assert_eq!(f["split_key_types"], serde_json::json!([2, 5, 2]));
+        let has_arch = f["keys"]
+            .as_array()
+            .unwrap()
+            .contains(&"general.architecture".into());
+        assert_eq!(has_arch, i == 0, "{}", f["path"]);
+        assert!(f["tensors"].as_array().unwrap().len() > 10);
+    }
+
+    // Our reader, from the first file: the single file's keys and bytes.
+    let g = GgufFile::open(&parts[0]).unwrap();
+    let keys: Vec<_> = g
+        .metadata
+        .iter()
+        .filter(|(k, _)| !k.starts_with("split."))
+        .cloned()
+        .collect();
+    assert_eq!(keys, s.metadata);
+    assert_eq!(g.paths(), args);
+    for t in &s.tensors {
+        let ours = g.tensor(&t.name).unwrap();
+        assert_eq!(ours.ty, t.ty);
+        assert_eq!(g.tensor_data(ours), s.tensor_data(t), "{}", t.name);
+    }
+
+    // --keep-split divides the output as its input is divided.
+    quantize(&parts[0], "Q4_0", &["--keep-split"], &dir.join("kept.gguf"));
+    let kept = GgufFile::open(&split_files(&dir, "kept", 3)[0]).unwrap();
+    for t in &g.tensors {
+        assert_eq!(kept.tensor(&t.name).unwrap().part, t.part, "{}", t.name);
+    }
+
+    // An output that would replace the input's files, a missing part, a later
+    // part given first: refused, naming the file.
+    let out = dir.join("split.gguf");
+    fails(
+        &[
+            "quantize",
+            parts[0].to_str().unwrap(),
+            "--type",
+            "Q4_0",
+            "--keep-split",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &out,
+        &["would replace input"],
+    );
+    let text = eval_text();
+    let eval = |model: &Path| {
+        output_text(&compress(&[
+            "eval",
+            model.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--chunks",
+            "1",
+        ]))
+    };
+    let err = eval(&parts[1]);
+    assert!(
+        err.contains("file 2 of 3") && err.contains("split-00001-of-00003.gguf"),
+        "{err}"
+    );
+    std::fs::rename(&parts[2], dir.join("away.gguf")).unwrap();
+    let err = eval(&parts[0]);
+    assert!(
+        err.contains("split-00003-of-00003.gguf, is missing"),
+        "{err}"
+    );
+}

@@ -8,6 +8,8 @@ use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
 use model::calib::walk::{ExpertCalibration, Timings};
 use model::calib::{calibration_samples, Imatrix};
+use model::checkpoint::Checkpoint;
+use model::gguf::GgufSplit;
 use model::hf_quant::{HfQuantFormat, IntQuantConfig};
 use model::progress::Progress;
 use model::Model;
@@ -17,7 +19,7 @@ use quant::gptq::{GptqOptions, Grid};
 use quant::{bit_alloc, gguf_mix, Mix, Override};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Quantization method.
@@ -142,6 +144,77 @@ pub struct Args {
     /// Folder layout with --method and no --type.
     #[arg(long, value_enum, default_value_t = Format::Gptq)]
     format: Format,
+    /// Write a split GGUF as llama-gguf-split does: a new file whenever the next
+    /// tensor would take the current one past SIZE (M = 10^6, G = 10^9 bytes,
+    /// e.g. 2G), files named OUTPUT without .gguf plus -00001-of-0000N.gguf.
+    #[arg(long, value_name = "SIZE")]
+    split_max_size: Option<String>,
+    /// Split the output GGUF as the input GGUF is split (llama-quantize
+    /// --keep-split), files named as with --split-max-size.
+    #[arg(long, conflicts_with = "split_max_size")]
+    keep_split: bool,
+}
+
+/// How the output GGUF is divided into files (--split-max-size, --keep-split).
+fn gguf_split(a: &Args, model: &Model) -> Result<GgufSplit> {
+    if let Some(size) = &a.split_max_size {
+        return Ok(GgufSplit::MaxBytes(GgufSplit::parse_max_size(size)?));
+    }
+    if !a.keep_split {
+        return Ok(GgufSplit::Single);
+    }
+    match &model.checkpoint {
+        Checkpoint::Gguf(g) => Ok(GgufSplit::ByName(
+            g.tensors.iter().map(|t| (t.name.clone(), t.part)).collect(),
+        )),
+        Checkpoint::Safetensors(_) => bail!(
+            "--keep-split keeps a GGUF input's split; {} is safetensors (use --split-max-size)",
+            model.path.display()
+        ),
+    }
+}
+
+/// Refuses an output whose files would replace the input's: the same file, or
+/// (split) a file named PREFIX-NNNNN-of-NNNNN.gguf from the output's prefix.
+fn refuse_output_over_input(output: &Path, model: &Model) -> Result<()> {
+    let canonical = |p: &Path| {
+        let parent = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        parent
+            .canonicalize()
+            .ok()
+            .map(|d| d.join(p.file_name().unwrap_or_default()))
+    };
+    let Some(out) = canonical(output) else {
+        return Ok(());
+    };
+    let out = out.display().to_string();
+    let prefix = out.strip_suffix(".gguf").unwrap_or(&out);
+    for input in model.weight_files() {
+        let Some(input) = canonical(&input) else {
+            continue;
+        };
+        let input = input.display().to_string();
+        let split_of_prefix = input
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|rest| rest.strip_suffix(".gguf"))
+            .and_then(|rest| rest.split_once("-of-"))
+            .is_some_and(|(a, b)| {
+                [a, b]
+                    .iter()
+                    .all(|n| n.len() == 5 && n.bytes().all(|c| c.is_ascii_digit()))
+            });
+        if input == out || split_of_prefix {
+            bail!(
+                "output {} would replace input {input}; inputs are never modified",
+                output.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Reads the imatrix (if any) and opens the model, refusing an output that is
@@ -153,12 +226,7 @@ fn open_inputs(a: &Args) -> Result<(Option<Imatrix>, Model)> {
         .map(|p| crate::resolve(p).and_then(|p| Imatrix::load(&p)))
         .transpose()?;
     let model = Model::open(&crate::resolve(&a.input)?)?;
-    if a.output.canonicalize().ok() == model.path.canonicalize().ok() {
-        bail!(
-            "output {} is the input; inputs are never modified",
-            a.output.display()
-        );
-    }
+    refuse_output_over_input(&a.output, &model)?;
     Ok((imatrix, model))
 }
 
@@ -203,6 +271,12 @@ pub fn check_args(a: &Args) -> Result<()> {
         if a.samples == 0 || a.seq == 0 {
             bail!("--samples and --seq must be at least 1");
         }
+    }
+    if let Some(size) = &a.split_max_size {
+        GgufSplit::parse_max_size(size).context("--split-max-size")?;
+    }
+    if (a.split_max_size.is_some() || a.keep_split) && a.method.is_some() && a.mix.is_none() {
+        bail!("--split-max-size and --keep-split divide a GGUF output: give --type too");
     }
     Ok(())
 }
@@ -312,6 +386,7 @@ pub fn run(a: Args) -> Result<()> {
         let kept: Vec<String> = kept.iter().map(|(why, n)| format!("{n} × {why}")).collect();
         eprintln!("kept in F32, never quantized: {}", kept.join(", "));
     }
+    let split = gguf_split(&a, &model)?;
     let mut bar = Progress::new(plan.len() as u64, "quantize");
     let r = gguf_quantize::quantize_to_gguf(
         &model,
@@ -319,6 +394,7 @@ pub fn run(a: Args) -> Result<()> {
         imatrix.as_ref(),
         file_type,
         &a.output,
+        &split,
         &mut |d, _, n| bar.set(d as u64, n),
     )?;
     bar.finish();
@@ -327,7 +403,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     println!(
         "wrote {}: {:.1} MB, {:.3} bits per weight, {} ({:.1}s)",
-        a.output.display(),
+        written(&r.files),
         r.file_bytes as f64 / 1e6,
         r.bits_per_weight,
         if imatrix.is_some() {
@@ -340,11 +416,28 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
+/// The files of a GGUF output for a message: the file, or the first of a
+/// split and how many there are.
+fn written(files: &[PathBuf]) -> String {
+    match files {
+        [one] => one.display().to_string(),
+        _ => format!(
+            "{} (+{} more split files)",
+            files
+                .first()
+                .map_or(String::new(), |f| f.display().to_string()),
+            files.len().saturating_sub(1)
+        ),
+    }
+}
+
 /// What `--report` holds for `--method`.
 #[derive(Serialize)]
 struct CalibratedReport {
     method: &'static str,
     output: PathBuf,
+    /// What was written: the folder, the GGUF file, or each file of a split GGUF.
+    files: Vec<PathBuf>,
     file_bytes: u64,
     bits_per_weight: f64,
     samples: usize,
@@ -466,6 +559,7 @@ fn run_calibrated(a: Args) -> Result<()> {
                 calibrated,
                 mix.file_type(),
                 &a.output,
+                &gguf_split(&a, &model)?,
                 &mut |d, _| bar.set(d as u64, &format!("block {d}")),
             )?;
             bar.finish();
@@ -475,7 +569,8 @@ fn run_calibrated(a: Args) -> Result<()> {
             }
             CalibratedReport {
                 method: method_name,
-                output: a.output.clone(),
+                output: r.files.first().cloned().unwrap_or_else(|| a.output.clone()),
+                files: r.files,
                 file_bytes: r.file_bytes,
                 bits_per_weight: r.bits_per_weight,
                 samples: samples.len(),
@@ -526,6 +621,7 @@ fn run_calibrated(a: Args) -> Result<()> {
             CalibratedReport {
                 method: method_name,
                 output: a.output.clone(),
+                files: vec![a.output.clone()],
                 file_bytes,
                 bits_per_weight: file_bytes as f64 * 8.0 / n_params.max(1) as f64,
                 samples: samples.len(),
@@ -544,7 +640,7 @@ fn run_calibrated(a: Args) -> Result<()> {
     let t = &report.timings;
     println!(
         "wrote {}: {:.1} MB, {:.3} bits per weight, {} in {:.1}s (forward {:.1}s, Hessians {:.1}s, Cholesky {:.1}s, column loop {:.1}s)",
-        a.output.display(),
+        written(&report.files),
         report.file_bytes as f64 / 1e6,
         report.bits_per_weight,
         method_name,

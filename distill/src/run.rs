@@ -630,7 +630,7 @@ fn write_quantized(
         let rows = shape.iter().product::<usize>() / cols.max(1);
         writer.write_tensor(name, &gguf_export::to_gguf_rows(model, name, rows, bytes))?;
     }
-    writer.finish()
+    writer.finish().map(drop)
 }
 
 /// Trains the student of `o` against its teacher and writes it to `o.output`

@@ -628,7 +628,7 @@ impl Model {
     /// The files holding the weights (the GGUF file, or every safetensors shard).
     pub fn weight_files(&self) -> Vec<PathBuf> {
         match &self.checkpoint {
-            Checkpoint::Gguf(g) => vec![g.path().to_path_buf()],
+            Checkpoint::Gguf(g) => g.paths().into_iter().map(Path::to_path_buf).collect(),
             Checkpoint::Safetensors(s) => s.paths().into_iter().map(Path::to_path_buf).collect(),
         }
     }

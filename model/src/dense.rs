@@ -355,7 +355,7 @@ impl DenseWriter {
                 crate::io::write_atomic(&dir.join("config.json"), config.as_bytes())?;
                 model.tokenizer.save(&dir)
             }
-            DenseOut::Gguf(writer) => writer.finish(),
+            DenseOut::Gguf(writer) => writer.finish().map(drop),
         }
     }
 }

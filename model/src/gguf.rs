@@ -1,5 +1,9 @@
 //! GGUF v3 reader: header, metadata of every value type, tensor infos, and the
 //! tensor data as slices of a memory map (nothing is copied until a tensor is used).
+//! A split GGUF (`NAME-00001-of-00003.gguf`, llama-gguf-split's layout: every key
+//! in the first file, each file with `split.no`, `split.count` and
+//! `split.tensors.count`) opens from its first file as one model; the writer
+//! makes the same layout.
 //!
 //! Every malformed input (truncation, offsets past the end, unknown types, counts
 //! that cannot fit in the file) is an error naming the file and the field.
@@ -17,6 +21,19 @@ use std::path::{Path, PathBuf};
 pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 /// Alignment of tensor data when `general.alignment` is absent.
 pub const DEFAULT_ALIGNMENT: u64 = 32;
+/// Index (from 0) of this file among the files of a split GGUF (u16).
+pub const SPLIT_NO: &str = "split.no";
+/// Number of files of a split GGUF (u16; 0 in a file merged back by llama-gguf-split).
+pub const SPLIT_COUNT: &str = "split.count";
+/// Number of tensors in all files of a split GGUF together (i32).
+pub const SPLIT_TENSORS_COUNT: &str = "split.tensors.count";
+/// The keys a split writer sets in every file, in llama-gguf-split's order.
+pub const SPLIT_KEYS: [&str; 3] = [SPLIT_NO, SPLIT_TENSORS_COUNT, SPLIT_COUNT];
+
+/// The name llama.cpp gives file `index` (from 0) of `count`: `PREFIX-00001-of-00003.gguf`.
+pub fn split_path(prefix: &str, index: usize, count: usize) -> PathBuf {
+    PathBuf::from(format!("{prefix}-{:05}-of-{count:05}.gguf", index + 1))
+}
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -158,6 +175,8 @@ pub struct TensorInfo {
     pub offset: u64,
     /// Size of the data in bytes.
     pub n_bytes: u64,
+    /// Which file of a split GGUF holds the data (0 for a single file).
+    pub part: usize,
 }
 
 impl TensorInfo {
@@ -172,10 +191,42 @@ impl TensorInfo {
     }
 }
 
-/// An open, memory-mapped GGUF file.
+/// One file of a GGUF: its bytes and where its data section starts.
+struct GgufPart {
+    path: PathBuf,
+    bytes: FileBytes,
+    data_offset: u64,
+}
+
+/// What one GGUF file's header says.
+struct Header {
+    version: u32,
+    metadata: Vec<(String, MetaValue)>,
+    meta_index: HashMap<String, usize>,
+    tensors: Vec<TensorInfo>,
+    data_offset: u64,
+    alignment: u64,
+}
+
+impl Header {
+    fn get(&self, key: &str) -> Option<&MetaValue> {
+        self.meta_index.get(key).map(|&i| &self.metadata[i].1)
+    }
+
+    /// A split key's value as an unsigned integer, or an error naming it.
+    fn split_value(&self, key: &str) -> Result<u64> {
+        let v = self
+            .get(key)
+            .ok_or_else(|| anyhow::anyhow!("metadata key '{key}' of a split GGUF is missing"))?;
+        v.as_u64()
+            .ok_or_else(|| anyhow::anyhow!("metadata '{key}' is {v}, expected an unsigned integer"))
+    }
+}
+
+/// An open, memory-mapped GGUF model: one file, or every file of a split GGUF.
 pub struct GgufFile {
     path: PathBuf,
-    mmap: FileBytes,
+    parts: Vec<GgufPart>,
     /// Format version (2 or 3).
     pub version: u32,
     /// Metadata in file order.
@@ -184,7 +235,7 @@ pub struct GgufFile {
     /// Tensor infos in file order.
     pub tensors: Vec<TensorInfo>,
     tensor_index: HashMap<String, usize>,
-    /// Absolute offset of the data section.
+    /// Absolute offset of the data section in the (first) file.
     pub data_offset: u64,
     /// Alignment of tensor data.
     pub alignment: u64,
@@ -346,14 +397,159 @@ impl GgufFile {
     }
 
     /// [`GgufFile::open`] on bytes already in hand (`path` names them in errors).
+    /// When they are the first file of a split GGUF, the other files are opened
+    /// beside `path`.
     pub fn from_bytes(path: &Path, bytes: FileBytes) -> Result<Self> {
-        Self::parse(path, bytes)
-            .with_context(|| format!("{}: not a valid GGUF file", path.display()))
+        let header = Self::parse(&bytes)
+            .with_context(|| format!("{}: not a valid GGUF file", path.display()))?;
+        let first = GgufPart {
+            path: path.to_path_buf(),
+            bytes,
+            data_offset: header.data_offset,
+        };
+        let Header {
+            version,
+            metadata,
+            meta_index,
+            tensors,
+            data_offset,
+            alignment,
+        } = header;
+        let mut file = GgufFile {
+            path: path.to_path_buf(),
+            parts: vec![first],
+            version,
+            metadata,
+            meta_index,
+            tensor_index: HashMap::with_capacity(tensors.len()),
+            tensors: Vec::new(),
+            data_offset,
+            alignment,
+        };
+        file.add_tensors(tensors)?;
+        file.open_other_parts()?;
+        Ok(file)
     }
 
-    fn parse(path: &Path, mmap: FileBytes) -> Result<Self> {
+    /// Adds one file's tensors, refusing a name another file already holds.
+    fn add_tensors(&mut self, tensors: Vec<TensorInfo>) -> Result<()> {
+        for t in tensors {
+            if let Some(&i) = self.tensor_index.get(&t.name) {
+                bail!(
+                    "tensor '{}' is in both {} and {} of a split GGUF: a duplicated part?",
+                    t.name,
+                    self.parts[self.tensors[i].part].path.display(),
+                    self.parts[t.part].path.display()
+                );
+            }
+            self.tensor_index.insert(t.name.clone(), self.tensors.len());
+            self.tensors.push(t);
+        }
+        Ok(())
+    }
+
+    /// For the first file of a split GGUF, opens and checks the others, named
+    /// as llama.cpp names them.
+    fn open_other_parts(&mut self) -> Result<()> {
+        let first = self.path.display().to_string();
+        let split_count = match self.get(SPLIT_COUNT) {
+            None => return Ok(()),
+            Some(v) => match v.as_u64() {
+                Some(0 | 1) => return Ok(()),
+                Some(n) if n <= u16::MAX as u64 => n as usize,
+                _ => bail!("{first}: metadata '{SPLIT_COUNT}' is {v}, expected a file count (u16)"),
+            },
+        };
+        let no = self.split_value(SPLIT_NO)?;
+        let expected_tensors = self.split_value(SPLIT_TENSORS_COUNT)?;
+        let suffix = |i: usize| format!("-{:05}-of-{split_count:05}.gguf", i + 1);
+        if no != 0 {
+            let hint = first
+                .strip_suffix(&suffix(no as usize))
+                .map(|prefix| split_path(prefix, 0, split_count).display().to_string())
+                .unwrap_or_else(|| format!("the file with {SPLIT_NO} = 0"));
+            bail!(
+                "{first} is file {} of {split_count} of a split GGUF; pass the first file, {hint}",
+                no + 1
+            );
+        }
+        let Some(prefix) = first.strip_suffix(&suffix(0)) else {
+            bail!(
+                "{first} is the first file of a GGUF split into {split_count}, but its name does not end in {}, so the other files cannot be found (llama.cpp looks for the same names)",
+                suffix(0)
+            );
+        };
+        for i in 1..split_count {
+            let path = split_path(prefix, i, split_count);
+            let what = format!(
+                "split GGUF {first}: file {} of {split_count}, {}",
+                i + 1,
+                path.display()
+            );
+            if !path.exists() {
+                bail!("{what}, is missing");
+            }
+            let bytes = FileBytes::map(&path)?;
+            let header =
+                Self::parse(&bytes).with_context(|| format!("{what}: not a valid GGUF file"))?;
+            let check = |key: &str, expected: u64, why: &str| -> Result<()> {
+                let got = header.split_value(key).with_context(|| what.clone())?;
+                if got != expected {
+                    bail!("{what}: {key} is {got}, expected {expected} ({why})");
+                }
+                Ok(())
+            };
+            check(
+                SPLIT_NO,
+                i as u64,
+                "a part copied or renamed from another position?",
+            )?;
+            check(
+                SPLIT_COUNT,
+                split_count as u64,
+                "a part of another split of the model?",
+            )?;
+            check(
+                SPLIT_TENSORS_COUNT,
+                expected_tensors,
+                "a part of another model?",
+            )?;
+            let part = self.parts.len();
+            let tensors = header
+                .tensors
+                .into_iter()
+                .map(|t| TensorInfo { part, ..t })
+                .collect();
+            self.parts.push(GgufPart {
+                path,
+                bytes,
+                data_offset: header.data_offset,
+            });
+            self.add_tensors(tensors)?;
+        }
+        if self.tensors.len() as u64 != expected_tensors {
+            bail!(
+                "split GGUF {first}: its {split_count} files hold {} tensors, {SPLIT_TENSORS_COUNT} says {expected_tensors}",
+                self.tensors.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// A split key's value in the first file, or an error naming it.
+    fn split_value(&self, key: &str) -> Result<u64> {
+        let v = self.require(key)?;
+        v.as_u64().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: metadata '{key}' is {v}, expected an unsigned integer",
+                self.path.display()
+            )
+        })
+    }
+
+    fn parse(mmap: &[u8]) -> Result<Header> {
         let mut c = Cursor {
-            buf: &mmap,
+            buf: mmap,
             pos: 0,
             array_items: 0,
         };
@@ -398,7 +594,7 @@ impl GgufFile {
         };
 
         let mut tensors = Vec::with_capacity(n_tensors);
-        let mut tensor_index = HashMap::with_capacity(n_tensors);
+        let mut names = std::collections::HashSet::with_capacity(n_tensors);
         for i in 0..n_tensors {
             let name = c.string(&|| format!("name of tensor {i}"))?;
             let what = |field: &str| format!("{field} of tensor '{name}'");
@@ -430,7 +626,7 @@ impl GgufFile {
                 );
             }
             let n_bytes = n_elements / ty.block_elems() as u64 * ty.block_bytes() as u64;
-            if tensor_index.insert(name.clone(), tensors.len()).is_some() {
+            if !names.insert(name.clone()) {
                 bail!("tensor '{name}' appears twice");
             }
             tensors.push(TensorInfo {
@@ -439,6 +635,7 @@ impl GgufFile {
                 ty,
                 offset,
                 n_bytes,
+                part: 0,
             });
         }
 
@@ -457,27 +654,29 @@ impl GgufFile {
             }
         }
 
-        Ok(GgufFile {
-            path: path.to_path_buf(),
-            mmap,
+        Ok(Header {
             version,
             metadata,
             meta_index,
             tensors,
-            tensor_index,
             data_offset,
             alignment,
         })
     }
 
-    /// The file this was read from.
+    /// The file this was read from (the first file of a split GGUF).
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Size of the file in bytes.
+    /// Every file of the model: one, or each file of a split GGUF in order.
+    pub fn paths(&self) -> Vec<&Path> {
+        self.parts.iter().map(|p| p.path.as_path()).collect()
+    }
+
+    /// Size of the model's files in bytes, all files of a split GGUF together.
     pub fn file_size(&self) -> u64 {
-        self.mmap.len() as u64
+        self.parts.iter().map(|p| p.bytes.len() as u64).sum()
     }
 
     /// The metadata value of `key`.
@@ -521,8 +720,9 @@ impl GgufFile {
 
     /// The stored bytes of a tensor (validated at open to lie inside the file).
     pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
-        let start = (self.data_offset + info.offset) as usize;
-        &self.mmap[start..start + info.n_bytes as usize]
+        let part = &self.parts[info.part];
+        let start = (part.data_offset + info.offset) as usize;
+        &part.bytes[start..start + info.n_bytes as usize]
     }
 
     /// A metadata array of strings, or an error naming the key.
@@ -617,14 +817,127 @@ pub fn refuse_nonfinite(name: &str, ty: GgmlType, bytes: &[u8], dest: &str) -> R
     Ok(())
 }
 
-/// Streams a GGUF v3 file: the header, metadata and tensor infos are fixed up
-/// front from the declarations, then each tensor's bytes are written in
-/// declaration order (so only one tensor need be in memory), each aligned to
-/// `general.alignment`. The file appears under its name only on [`GgufWriter::finish`].
-pub struct GgufWriter {
-    out: AtomicFile,
-    decls: Vec<(TensorDecl, u64)>,
+/// How an artifact is divided into GGUF files. Split files follow
+/// llama-gguf-split: every key in the first file, [`SPLIT_KEYS`] in each, files
+/// named by [`split_path`] from the destination without its `.gguf`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum GgufSplit {
+    /// One file under the destination's name.
+    #[default]
+    Single,
+    /// A new file whenever the next tensor (its size padded to 32 bytes) would
+    /// take the tensor data of the current one past this many bytes
+    /// (`llama-gguf-split --split-max-size`); a tensor larger than the limit gets
+    /// a file of its own.
+    MaxBytes(u64),
+    /// The file (from 0) of each tensor by name, as the input's split put it
+    /// (`llama-quantize --keep-split`); a tensor the map lacks goes with the one
+    /// declared before it.
+    ByName(HashMap<String, usize>),
+}
+
+impl GgufSplit {
+    /// Parses llama-gguf-split's `--split-max-size` value: a positive whole
+    /// number of megabytes (`M`, 10^6 bytes) or gigabytes (`G`, 10^9 bytes).
+    pub fn parse_max_size(text: &str) -> Result<u64> {
+        let (digits, unit) = match text.strip_suffix('M') {
+            Some(d) => (d, 1_000_000u64),
+            None => match text.strip_suffix('G') {
+                Some(d) => (d, 1_000_000_000),
+                None => bail!(
+                    "split size '{text}' needs a unit: M (megabytes) or G (gigabytes), e.g. 2G"
+                ),
+            },
+        };
+        digits
+            .parse::<u64>()
+            .ok()
+            .filter(|&n| n > 0)
+            .and_then(|n| n.checked_mul(unit))
+            .ok_or_else(|| {
+                anyhow::anyhow!("split size '{text}' is not a positive whole number of M or G")
+            })
+    }
+
+    /// The file of each tensor (`names` and their sizes in bytes, in
+    /// declaration order).
+    fn assign(&self, names: &[&str], sizes: &[u64]) -> Vec<usize> {
+        match self {
+            GgufSplit::Single => vec![0; sizes.len()],
+            GgufSplit::MaxBytes(max) => {
+                let (mut part, mut used, mut files) =
+                    (0usize, 0u64, Vec::with_capacity(sizes.len()));
+                for &n in sizes {
+                    let n = n.div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT;
+                    if used > 0 && used + n > *max {
+                        part += 1;
+                        used = 0;
+                    }
+                    used += n;
+                    files.push(part);
+                }
+                files
+            }
+            GgufSplit::ByName(files) => {
+                let mut last = 0;
+                names
+                    .iter()
+                    .map(|n| {
+                        last = files.get(*n).copied().unwrap_or(last);
+                        last
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// The header of one GGUF file (magic to the end of the tensor infos, padded to
+/// `alignment`), with each tensor's offset in its data section.
+fn gguf_header(
+    metadata: &[(String, MetaValue)],
+    tensors: &[&(TensorDecl, u64, usize)],
     alignment: u64,
+) -> Result<Vec<u8>> {
+    let mut head = Vec::new();
+    head.extend(GGUF_MAGIC);
+    head.extend(3u32.to_le_bytes());
+    head.extend((tensors.len() as u64).to_le_bytes());
+    head.extend((metadata.len() as u64).to_le_bytes());
+    let mut seen = std::collections::HashSet::new();
+    for (k, v) in metadata {
+        if !seen.insert(k.as_str()) {
+            bail!("metadata key '{k}' given twice");
+        }
+        put_string(&mut head, k);
+        head.extend(v.type_id().to_le_bytes());
+        put_value(&mut head, v);
+    }
+    let mut offset = 0u64;
+    for (t, n_bytes, _) in tensors {
+        put_string(&mut head, &t.name);
+        head.extend((t.dims.len() as u32).to_le_bytes());
+        t.dims.iter().for_each(|d| head.extend(d.to_le_bytes()));
+        head.extend(t.ty.id().to_le_bytes());
+        head.extend(offset.to_le_bytes());
+        offset = (offset + n_bytes).div_ceil(alignment) * alignment;
+    }
+    head.resize(
+        (head.len() as u64).div_ceil(alignment) as usize * alignment as usize,
+        0,
+    );
+    Ok(head)
+}
+
+/// Streams a GGUF v3 artifact, one file or split: each header, metadata and
+/// tensor infos are fixed up front from the declarations, then each tensor's
+/// bytes are written in declaration order (so only one tensor need be in
+/// memory) to its file, each aligned to that file's alignment. The files
+/// appear under their names only on [`GgufWriter::finish`].
+pub struct GgufWriter {
+    files: Vec<(AtomicFile, u64)>,
+    /// Declaration, size in bytes, file.
+    decls: Vec<(TensorDecl, u64, usize)>,
     next: usize,
     /// Bytes of the next tensor already written by [`GgufWriter::write_tensor_part`].
     partial: u64,
@@ -637,28 +950,23 @@ impl GgufWriter {
         metadata: &[(String, MetaValue)],
         tensors: &[TensorDecl],
     ) -> Result<Self> {
+        Self::create_split(dest, metadata, tensors, &GgufSplit::Single)
+    }
+
+    /// [`GgufWriter::create`] dividing the tensors into files by `split`.
+    pub fn create_split(
+        dest: &Path,
+        metadata: &[(String, MetaValue)],
+        tensors: &[TensorDecl],
+        split: &GgufSplit,
+    ) -> Result<Self> {
         let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
             Some((_, v)) => v.as_u64().filter(|a| a.is_power_of_two()).ok_or_else(|| {
                 anyhow::anyhow!("general.alignment is {v}, expected a power of two")
             })?,
             None => DEFAULT_ALIGNMENT,
         };
-        let mut head = Vec::new();
-        head.extend(GGUF_MAGIC);
-        head.extend(3u32.to_le_bytes());
-        head.extend((tensors.len() as u64).to_le_bytes());
-        head.extend((metadata.len() as u64).to_le_bytes());
-        let mut seen = std::collections::HashSet::new();
-        for (k, v) in metadata {
-            if !seen.insert(k.as_str()) {
-                bail!("metadata key '{k}' given twice");
-            }
-            put_string(&mut head, k);
-            head.extend(v.type_id().to_le_bytes());
-            put_value(&mut head, v);
-        }
-        let mut decls = Vec::with_capacity(tensors.len());
-        let mut offset = 0u64;
+        let mut sizes = Vec::with_capacity(tensors.len());
         for t in tensors {
             let n: u64 = t.dims.iter().product();
             let n_bytes = t.ty.bytes_for(n as usize).ok_or_else(|| {
@@ -678,28 +986,79 @@ impl GgufWriter {
                     t.ty
                 );
             }
-            put_string(&mut head, &t.name);
-            head.extend((t.dims.len() as u32).to_le_bytes());
-            t.dims.iter().for_each(|d| head.extend(d.to_le_bytes()));
-            head.extend(t.ty.id().to_le_bytes());
-            head.extend(offset.to_le_bytes());
-            decls.push((t.clone(), n_bytes));
-            offset = (offset + n_bytes).div_ceil(alignment) * alignment;
+            sizes.push(n_bytes);
         }
-        head.resize(
-            (head.len() as u64).div_ceil(alignment) as usize * alignment as usize,
-            0,
-        );
-        let mut out = AtomicFile::create(dest)?;
-        out.write_all(&head)
-            .with_context(|| format!("cannot write {}", dest.display()))?;
+        let names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+        let file_of = split.assign(&names, &sizes);
+        let decls: Vec<_> = tensors
+            .iter()
+            .zip(sizes)
+            .zip(&file_of)
+            .map(|((t, n), &f)| (t.clone(), n, f))
+            .collect();
+        let mut files = Vec::new();
+        if *split == GgufSplit::Single {
+            let head = gguf_header(metadata, &decls.iter().collect::<Vec<_>>(), alignment)?;
+            files.push((Self::start_file(dest, &head)?, alignment));
+        } else {
+            let count = file_of.iter().max().map_or(1, |&f| f + 1);
+            if count > u16::MAX as usize {
+                bail!("{count} split files: GGUF allows at most {}", u16::MAX);
+            }
+            let dest_text = dest.display().to_string();
+            let prefix = dest_text.strip_suffix(".gguf").unwrap_or(&dest_text);
+            let split_keys = |no: usize| {
+                [
+                    (SPLIT_NO.to_owned(), MetaValue::U16(no as u16)),
+                    (
+                        SPLIT_TENSORS_COUNT.to_owned(),
+                        MetaValue::I32(tensors.len() as i32),
+                    ),
+                    (SPLIT_COUNT.to_owned(), MetaValue::U16(count as u16)),
+                ]
+            };
+            for no in 0..count {
+                // As llama-gguf-split: the first file carries every key (split
+                // keys already there are replaced at the end), the others only
+                // the split keys and so the default alignment.
+                let (keys, file_alignment) = if no == 0 {
+                    let mut keys: Vec<_> = metadata
+                        .iter()
+                        .filter(|(k, _)| !SPLIT_KEYS.contains(&k.as_str()))
+                        .cloned()
+                        .collect();
+                    keys.extend(split_keys(no));
+                    (keys, alignment)
+                } else {
+                    (split_keys(no).to_vec(), DEFAULT_ALIGNMENT)
+                };
+                let mine: Vec<_> = decls.iter().filter(|d| d.2 == no).collect();
+                let head = gguf_header(&keys, &mine, file_alignment)?;
+                let path = split_path(prefix, no, count);
+                files.push((Self::start_file(&path, &head)?, file_alignment));
+            }
+        }
         Ok(GgufWriter {
-            out,
+            files,
             decls,
-            alignment,
             next: 0,
             partial: 0,
         })
+    }
+
+    fn start_file(path: &Path, head: &[u8]) -> Result<AtomicFile> {
+        let mut out = AtomicFile::create(path)?;
+        out.write_all(head)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(out)
+    }
+
+    /// The files this writer makes, in order (one unless split).
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.files
+            .iter()
+            .map(|(f, _)| f.dest().to_path_buf())
+            .collect()
     }
 
     /// Writes the next declared tensor's bytes.
@@ -707,7 +1066,7 @@ impl GgufWriter {
         if self.partial != 0 {
             bail!("tensor '{name}' written whole while another is half written");
         }
-        if let Some((decl, n_bytes)) = self.decls.get(self.next) {
+        if let Some((decl, n_bytes, _)) = self.decls.get(self.next) {
             if decl.name == name && bytes.len() as u64 != *n_bytes {
                 bail!(
                     "tensor '{name}' has {} bytes, its declaration needs {n_bytes}",
@@ -722,7 +1081,7 @@ impl GgufWriter {
     /// the tensor is complete when its declared size is reached. Lets a writer
     /// stream a tensor larger than it wants in memory.
     pub fn write_tensor_part(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
-        let Some((decl, n_bytes)) = self.decls.get(self.next) else {
+        let Some((decl, n_bytes, file)) = self.decls.get(self.next) else {
             bail!("tensor '{name}' written but every declared tensor is already written");
         };
         if decl.name != name {
@@ -737,10 +1096,10 @@ impl GgufWriter {
                 self.partial + bytes.len() as u64
             );
         }
-        let dest = self.out.dest().display().to_string();
+        let (out, alignment) = &mut self.files[*file];
+        let dest = out.dest().display().to_string();
         refuse_nonfinite(name, decl.ty, bytes, &dest)?;
-        self.out
-            .write_all(bytes)
+        out.write_all(bytes)
             .with_context(|| format!("cannot write {dest}"))?;
         self.partial += bytes.len() as u64;
         if self.partial < *n_bytes {
@@ -748,27 +1107,31 @@ impl GgufWriter {
         }
         // Every tensor, the last one too, is padded to the alignment: llama.cpp
         // reads the data section as one blob of the padded sizes.
-        let padded = (*n_bytes).div_ceil(self.alignment) * self.alignment;
+        let padded = (*n_bytes).div_ceil(*alignment) * *alignment;
         let pad = vec![0u8; (padded - n_bytes) as usize];
-        self.out
-            .write_all(&pad)
+        out.write_all(&pad)
             .with_context(|| format!("cannot write {dest}"))?;
         self.partial = 0;
         self.next += 1;
         Ok(())
     }
 
-    /// Checks every declared tensor was written and moves the file into place.
-    pub fn finish(self) -> Result<()> {
+    /// Checks every declared tensor was written and moves the files into place;
+    /// returns their paths.
+    pub fn finish(self) -> Result<Vec<PathBuf>> {
+        let paths = self.paths();
         if self.next != self.decls.len() {
             bail!(
                 "{}: only {} of {} declared tensors were written",
-                self.out.dest().display(),
+                paths[0].display(),
                 self.next,
                 self.decls.len()
             );
         }
-        self.out.commit()
+        for (out, _) in self.files {
+            out.commit()?;
+        }
+        Ok(paths)
     }
 }
 
@@ -974,6 +1337,173 @@ pub(crate) mod tests {
         let mut bytes = sample().bytes();
         bytes[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(open_err(&bytes).contains("metadata count"));
+    }
+
+    /// Writes `n` f32 tensors of 100 values (tensor k all k) split by `split`
+    /// into `dir/m.gguf`; returns the files written.
+    fn write_split(dir: &Path, n: usize, split: &GgufSplit) -> Vec<PathBuf> {
+        let decls: Vec<_> = (0..n)
+            .map(|k| TensorDecl {
+                name: format!("t{k}"),
+                dims: vec![100],
+                ty: GgmlType::F32,
+            })
+            .collect();
+        let meta = [(
+            "general.architecture".to_owned(),
+            MetaValue::String("llama".into()),
+        )];
+        let mut w = GgufWriter::create_split(&dir.join("m.gguf"), &meta, &decls, split).unwrap();
+        for k in 0..n {
+            let bytes: Vec<u8> = [k as f32; 100]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            w.write_tensor(&format!("t{k}"), &bytes).unwrap();
+        }
+        w.finish().unwrap()
+    }
+
+    #[test]
+    fn a_split_gguf_is_written_as_llama_gguf_split_lays_it_out_and_reads_as_one_model() {
+        let dir = tempfile::tempdir().unwrap();
+        // 400 data bytes (416 padded) per tensor, at most 900 per file: 2 + 2 + 1.
+        let paths = write_split(dir.path(), 5, &GgufSplit::MaxBytes(900));
+        let names: Vec<_> = paths
+            .iter()
+            .map(|p| p.file_name().unwrap().to_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "m-00001-of-00003.gguf",
+                "m-00002-of-00003.gguf",
+                "m-00003-of-00003.gguf"
+            ]
+        );
+        let second = GgufFile::from_bytes(
+            &paths[1],
+            FileBytes::Owned(std::fs::read(&paths[1]).unwrap()),
+        );
+        // Each file alone is a GGUF; only the first carries the model's keys.
+        let keys = |p: &Path| {
+            let raw = std::fs::read(p).unwrap();
+            let head = GgufFile::parse(&raw).unwrap();
+            head.metadata
+                .iter()
+                .map(|(k, _)| k.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            keys(&paths[0]),
+            [
+                "general.architecture",
+                SPLIT_NO,
+                SPLIT_TENSORS_COUNT,
+                SPLIT_COUNT
+            ]
+        );
+        assert_eq!(keys(&paths[2]), SPLIT_KEYS);
+        let err = format!("{:#}", second.err().unwrap());
+        assert!(
+            err.contains("file 2 of 3") && err.contains("m-00001-of-00003.gguf"),
+            "{err}"
+        );
+
+        let g = GgufFile::open(&paths[0]).unwrap();
+        assert_eq!(
+            g.paths(),
+            paths.iter().map(PathBuf::as_path).collect::<Vec<_>>()
+        );
+        assert_eq!(g.tensors.len(), 5);
+        for k in 0..5 {
+            let t = g.tensor(&format!("t{k}")).unwrap();
+            assert_eq!(t.part, k / 2);
+            let data = g.tensor_data(t);
+            assert!(data
+                .chunks(4)
+                .all(|c| f32::from_le_bytes(c.try_into().unwrap()) == k as f32));
+        }
+        let total: u64 = paths
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum();
+        assert_eq!(g.file_size(), total);
+
+        // A tensor bigger than the limit gets a file of its own; one file is
+        // still named as a split, as llama-gguf-split does.
+        let one = tempfile::tempdir().unwrap();
+        let paths = write_split(one.path(), 2, &GgufSplit::MaxBytes(1_000_000));
+        assert_eq!(paths[0].file_name().unwrap(), "m-00001-of-00001.gguf");
+        assert_eq!(GgufFile::open(&paths[0]).unwrap().tensors.len(), 2);
+        let paths = write_split(one.path(), 2, &GgufSplit::MaxBytes(10));
+        assert_eq!(paths.len(), 2);
+        // Kept from an input split: any order; an unknown name follows its predecessor.
+        let files = HashMap::from([("t0".to_owned(), 1), ("t1".to_owned(), 0)]);
+        let paths = write_split(one.path(), 3, &GgufSplit::ByName(files));
+        let g = GgufFile::open(&paths[0]).unwrap();
+        let parts: Vec<_> = (0..3)
+            .map(|k| g.tensor(&format!("t{k}")).unwrap().part)
+            .collect();
+        assert_eq!(parts, [1, 0, 0]);
+        assert!(g
+            .tensor_data(g.tensor("t0").unwrap())
+            .iter()
+            .all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_missing_duplicated_or_foreign_split_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_split(dir.path(), 5, &GgufSplit::MaxBytes(900));
+        let open_err = |p: &Path| format!("{:#}", GgufFile::open(p).expect_err("an error"));
+
+        // Missing.
+        let saved = std::fs::read(&paths[2]).unwrap();
+        std::fs::remove_file(&paths[2]).unwrap();
+        let err = open_err(&paths[0]);
+        assert!(
+            err.contains("file 3 of 3") && err.contains("is missing"),
+            "{err}"
+        );
+        // Duplicated: the second file copied over the third.
+        std::fs::copy(&paths[1], &paths[2]).unwrap();
+        let err = open_err(&paths[0]);
+        assert!(
+            err.contains("m-00003-of-00003.gguf") && err.contains("split.no is 1, expected 2"),
+            "{err}"
+        );
+        std::fs::write(&paths[2], &saved).unwrap();
+        GgufFile::open(&paths[0]).unwrap();
+
+        // From another model: a split of four tensors written under the same name.
+        let other = tempfile::tempdir().unwrap();
+        let foreign = write_split(other.path(), 4, &GgufSplit::MaxBytes(900));
+        std::fs::copy(&foreign[1], &paths[1]).unwrap();
+        let err = open_err(&paths[0]);
+        assert!(err.contains("split.count is 2, expected 3"), "{err}");
+        let foreign = write_split(other.path(), 6, &GgufSplit::MaxBytes(900));
+        std::fs::copy(&foreign[1], &paths[1]).unwrap();
+        let err = open_err(&paths[0]);
+        assert!(
+            err.contains("split.tensors.count is 6, expected 5"),
+            "{err}"
+        );
+
+        // A first file whose name lost the pattern.
+        let renamed = dir.path().join("m.gguf");
+        std::fs::copy(&paths[0], &renamed).unwrap();
+        let err = open_err(&renamed);
+        assert!(err.contains("-00001-of-00003.gguf"), "{err}");
+    }
+
+    #[test]
+    fn split_sizes_parse_as_llama_gguf_split_reads_them() {
+        assert_eq!(GgufSplit::parse_max_size("300M").unwrap(), 300_000_000);
+        assert_eq!(GgufSplit::parse_max_size("2G").unwrap(), 2_000_000_000);
+        for bad in ["2", "0G", "-1M", "1.5G", "G", "99999999999999999G"] {
+            assert!(GgufSplit::parse_max_size(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -9,7 +9,10 @@ use anyhow::Result;
 use kernels::GgmlType;
 
 /// Keys the writer sets itself and never copies from a source file.
-const OWN_KEYS: [&str; 3] = [
+const OWN_KEYS: [&str; 6] = [
+    "split.no",
+    "split.count",
+    "split.tensors.count",
     "general.file_type",
     "general.quantization_version",
     "general.alignment",

@@ -5,7 +5,9 @@
 //! ([`calibrated_to_gguf`]) or integer grids for HF folders.
 
 use crate::awq;
-use crate::gguf_quantize::{quantize_tensor, PlannedTensor, QuantizeReport, TensorReport};
+use crate::gguf_quantize::{
+    files_bytes, quantize_tensor, PlannedTensor, QuantizeReport, TensorReport,
+};
 use crate::gptq::{self, GptqOptions, GptqStats, Grid, QuantizedMatrix, Stored};
 use anyhow::{bail, Context, Result};
 use model::arch::{Role, Slot};
@@ -14,7 +16,7 @@ use model::calib::walk::{
     embed_samples, f32_tensor, finite_weights, sequential_blocks, ExpertInput, LayerInput, Timings,
 };
 use model::calib::{finite_rows, Hessian, Imatrix};
-use model::gguf::GgufWriter;
+use model::gguf::{GgufSplit, GgufWriter};
 use model::gguf_export;
 pub use model::hf_quant::write_order;
 use model::hf_quant::{is_block_linear, HfQuantFormat, HfQuantWriter, IntLinear, IntQuantConfig};
@@ -654,6 +656,7 @@ pub fn calibrated_to_gguf(
     method: Calibrated,
     file_type: u32,
     out: &Path,
+    split: &GgufSplit,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(QuantizeReport, Vec<LayerReport>, Timings)> {
     if matches!(method, Calibrated::Awq) {
@@ -698,7 +701,7 @@ pub fn calibrated_to_gguf(
         .iter()
         .map(|n| planned(n).map(|t| gguf_export::tensor_decl(n, &t.shape, t.ty)))
         .collect::<Result<Vec<_>>>()?;
-    let mut writer = GgufWriter::create(out, &metadata, &decls)?;
+    let mut writer = GgufWriter::create_split(out, &metadata, &decls, split)?;
     let mut reports: Vec<TensorReport> = Vec::with_capacity(order.len());
     let mut next = 0usize;
     // Writes the non-linear tensors due before `upto` in the write order.
@@ -770,7 +773,7 @@ pub fn calibrated_to_gguf(
         progress,
     )?;
     write_others(None, &mut writer, &mut reports, &mut next)?;
-    writer.finish()?;
+    let files = writer.finish()?;
     let n_params: u64 = plan
         .iter()
         .map(|t| t.shape.iter().product::<usize>() as u64)
@@ -779,7 +782,8 @@ pub fn calibrated_to_gguf(
     Ok((
         QuantizeReport {
             tensors: reports,
-            file_bytes: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0),
+            file_bytes: files_bytes(&files),
+            files,
             n_params,
             bits_per_weight: data_bytes as f64 * 8.0 / n_params.max(1) as f64,
             seconds: start.elapsed().as_secs_f64(),

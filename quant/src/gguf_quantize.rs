@@ -8,11 +8,11 @@ use crate::gguf_mix::{choose, Mix, Override};
 use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
 use model::calib::Imatrix;
-use model::gguf::GgufWriter;
+use model::gguf::{GgufSplit, GgufWriter};
 use model::{gguf_export, Model};
 use rayon::prelude::*;
 use serde::Serialize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// One tensor of the plan.
@@ -105,8 +105,10 @@ pub fn apply_overrides(
 pub struct QuantizeReport {
     /// Per tensor: name, type, bytes, relative Frobenius error ‖W − Ŵ‖/‖W‖.
     pub tensors: Vec<TensorReport>,
-    /// Size of the output file.
+    /// Size of the output, every file of a split together.
     pub file_bytes: u64,
+    /// The files written: one, or each file of a split in order.
+    pub files: Vec<PathBuf>,
     /// Weights quantized.
     pub n_params: u64,
     /// Bits per weight of the tensor data.
@@ -275,14 +277,23 @@ fn frobenius_parts(a: &[f32], b: &[f32]) -> (f64, f64) {
         .fold((0.0, 0.0), |(n, d), p| (n + p.0, d + p.1))
 }
 
-/// Writes `model` quantized per `plan` to `out` (a GGUF file), reporting progress
-/// as (tensors done, total, name).
+/// Bytes of `files` together (a file that cannot be read counts 0).
+pub fn files_bytes(files: &[PathBuf]) -> u64 {
+    files
+        .iter()
+        .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+        .sum()
+}
+
+/// Writes `model` quantized per `plan` to `out` (a GGUF file, or files as
+/// `split` divides it), reporting progress as (tensors done, total, name).
 pub fn quantize_to_gguf(
     model: &Model,
     plan: &[PlannedTensor],
     imatrix: Option<&Imatrix>,
     file_type: u32,
     out: &Path,
+    split: &GgufSplit,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<QuantizeReport> {
     let start = Instant::now();
@@ -291,7 +302,7 @@ pub fn quantize_to_gguf(
         .iter()
         .map(|t| gguf_export::tensor_decl(&t.name, &t.shape, t.ty))
         .collect();
-    let mut writer = GgufWriter::create(out, &metadata, &decls)?;
+    let mut writer = GgufWriter::create_split(out, &metadata, &decls, split)?;
     let mut reports = Vec::with_capacity(plan.len());
     let (mut n_params, mut data_bytes) = (0u64, 0u64);
     for (i, t) in plan.iter().enumerate() {
@@ -302,10 +313,11 @@ pub fn quantize_to_gguf(
         reports.push(report);
         progress(i + 1, plan.len(), &t.name);
     }
-    writer.finish()?;
+    let files = writer.finish()?;
     Ok(QuantizeReport {
         tensors: reports,
-        file_bytes: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0),
+        file_bytes: files_bytes(&files),
+        files,
         n_params,
         bits_per_weight: data_bytes as f64 * 8.0 / n_params.max(1) as f64,
         seconds: start.elapsed().as_secs_f64(),

@@ -261,7 +261,8 @@ impl Imatrix {
                 .collect();
             w.write_tensor(&format!("{name}.counts"), &counts)?;
         }
-        w.finish()
+        w.finish()?;
+        Ok(())
     }
 
     /// Reads an imatrix GGUF (ours or llama.cpp's; one matrix per weight, or
