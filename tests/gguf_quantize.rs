@@ -408,3 +408,120 @@ fn a_split_output_holds_the_single_files_tensors_and_gguf_py_reads_each_part() {
         "{err}"
     );
 }
+
+#[test]
+fn llama_quantize_options_set_types_keys_and_the_imatrix_scope_and_dry_run_predicts_the_size() {
+    let dir = work_dir().join("options");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let types = dir.join("types.txt");
+    std::fs::write(&types, "attn_v=Q8_0\n  ffn_down=q6_k\n").unwrap();
+    let imatrix = imatrix().to_str().unwrap().to_owned();
+    let options = [
+        "--imatrix",
+        &imatrix,
+        "--tensor-type-file",
+        types.to_str().unwrap(),
+        "--token-embedding-type",
+        "Q4_0",
+        "--output-tensor-type",
+        "Q8_0",
+        "--override-kv",
+        "general.name=str:renamed",
+        "--override-kv",
+        "llama.context_length=int:4096",
+        "--override-kv",
+        "compress.test=float:0.5",
+        "--exclude-weights",
+        "attn_q",
+    ];
+    let out = dir.join("opts.gguf");
+    let mut dry = vec!["--dry-run"];
+    dry.extend(options);
+    let m = real_model();
+    let mut args = vec![
+        "quantize",
+        m.to_str().unwrap(),
+        "--type",
+        "Q4_0",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend(&dry);
+    let text = run_ok(&args);
+    assert!(!out.exists(), "the dry run wrote {}", out.display());
+    // SmolLM2's head is its token embedding: --output-tensor-type has nothing to set.
+    assert!(text.contains("has no output.weight; ignored"), "{text}");
+    let predicted: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("would write {}: ", out.display())))
+        .and_then(|rest| rest.strip_suffix(" bytes"))
+        .unwrap_or_else(|| panic!("no size line in:\n{text}"))
+        .parse()
+        .unwrap();
+
+    quantize(&m, "Q4_0", &options, &out);
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), predicted);
+    let g = GgufFile::open(&out).unwrap();
+    let ty = |name: &str| g.tensor(name).unwrap().ty.name();
+    assert_eq!(ty("blk.3.attn_v.weight"), "Q8_0");
+    assert_eq!(ty("blk.3.ffn_down.weight"), "Q6_K");
+    assert_eq!(ty("token_embd.weight"), "Q4_0");
+    assert_eq!(
+        g.get("general.name"),
+        Some(&MetaValue::String("renamed".into()))
+    );
+    assert_eq!(g.get("llama.context_length"), Some(&MetaValue::U32(4096)));
+    assert_eq!(g.get("compress.test"), Some(&MetaValue::F32(0.5)));
+
+    // --exclude-weights attn_q: those tensors are quantized as without the
+    // imatrix, the others as with it.
+    let plain = dir.join("plain.gguf");
+    let weighted = dir.join("weighted.gguf");
+    quantize(&m, "Q4_0", &[], &plain);
+    quantize(&m, "Q4_0", &["--imatrix", &imatrix], &weighted);
+    let (p, w) = (
+        GgufFile::open(&plain).unwrap(),
+        GgufFile::open(&weighted).unwrap(),
+    );
+    let data = |f: &GgufFile, n: &str| f.tensor_data(f.tensor(n).unwrap()).to_vec();
+    assert_eq!(
+        data(&g, "blk.2.attn_q.weight"),
+        data(&p, "blk.2.attn_q.weight")
+    );
+    assert_ne!(
+        data(&w, "blk.2.attn_q.weight"),
+        data(&p, "blk.2.attn_q.weight")
+    );
+    assert_eq!(
+        data(&g, "blk.2.attn_k.weight"),
+        data(&w, "blk.2.attn_k.weight")
+    );
+
+    // A value of the wrong type, or a kind the key does not hold, is refused
+    // before anything is written.
+    let bad = dir.join("bad.gguf");
+    for (kv, expect) in [
+        ("llama.context_length=int:lots", "is not an integer"),
+        (
+            "general.name=int:3",
+            "of kind str, the override is of kind int",
+        ),
+        ("x=u8:1", "is not int, float, bool or str"),
+    ] {
+        fails(
+            &[
+                "quantize",
+                m.to_str().unwrap(),
+                "--type",
+                "Q4_0",
+                "--override-kv",
+                kv,
+                "-o",
+                bad.to_str().unwrap(),
+            ],
+            &bad,
+            &[expect],
+        );
+    }
+}

@@ -9,7 +9,8 @@ use kernels::GgmlType;
 use model::calib::walk::{ExpertCalibration, Timings};
 use model::calib::{calibration_samples, Imatrix};
 use model::checkpoint::Checkpoint;
-use model::gguf::GgufSplit;
+use model::gguf::{GgufSplit, GgufWriter};
+use model::gguf_export::{self, parse_kv_override, GgufOutput};
 use model::hf_quant::{HfQuantFormat, IntQuantConfig};
 use model::progress::Progress;
 use model::Model;
@@ -78,6 +79,39 @@ pub struct Args {
     /// Per-tensor type override REGEX=TYPE (repeatable; first match wins).
     #[arg(long = "tensor-type")]
     tensor_type: Vec<String>,
+    /// A file of REGEX=TYPE overrides separated by spaces or newlines, as
+    /// llama-quantize reads it (after any --tensor-type).
+    #[arg(long, value_name = "FILE")]
+    tensor_type_file: Option<PathBuf>,
+    /// Type of output.weight (llama-quantize's option; ignored, with a note,
+    /// when the head is the token embedding).
+    #[arg(long, value_name = "TYPE")]
+    output_tensor_type: Option<String>,
+    /// Type of token_embd.weight (llama-quantize's option).
+    #[arg(long, value_name = "TYPE")]
+    token_embedding_type: Option<String>,
+    /// Use the importance matrix only for tensors whose name contains this
+    /// (repeatable; llama-quantize's option).
+    #[arg(
+        long,
+        value_name = "NAME",
+        conflicts_with = "exclude_weights",
+        requires = "imatrix"
+    )]
+    include_weights: Vec<String>,
+    /// Do not use the importance matrix for tensors whose name contains this
+    /// (repeatable; llama-quantize's option).
+    #[arg(long, value_name = "NAME", requires = "imatrix")]
+    exclude_weights: Vec<String>,
+    /// Set a metadata key of the output GGUF: KEY=int:N (written as u32, as
+    /// llama-quantize does), KEY=float:X, KEY=bool:true|false or KEY=str:TEXT
+    /// (repeatable). A key the model has must keep its kind of value.
+    #[arg(long, value_name = "KEY=TYPE:VALUE")]
+    override_kv: Vec<String>,
+    /// Print every tensor's planned type and size and the output's size in
+    /// bytes (each file's when split), then stop without quantizing or writing.
+    #[arg(long)]
+    dry_run: bool,
     /// Output: a GGUF file, or with --method and no --type an HF-style folder.
     #[arg(short, long)]
     output: PathBuf,
@@ -155,6 +189,103 @@ pub struct Args {
     keep_split: bool,
 }
 
+/// The output GGUF: where, divided how, with which metadata overrides.
+fn gguf_output(a: &Args, model: &Model) -> Result<GgufOutput> {
+    Ok(GgufOutput {
+        path: a.output.clone(),
+        split: gguf_split(a, model)?,
+        kv_overrides: a
+            .override_kv
+            .iter()
+            .map(|o| parse_kv_override(o))
+            .collect::<Result<_>>()?,
+    })
+}
+
+/// The type overrides in llama-quantize's order of strength: --output-tensor-type
+/// and --token-embedding-type, then --tensor-type, then --tensor-type-file.
+fn overrides(a: &Args, model: &Model) -> Result<Vec<Override>> {
+    let names = model.tensor_names();
+    let mut out = Vec::new();
+    for (flag, ty, name) in [
+        (
+            "--output-tensor-type",
+            &a.output_tensor_type,
+            "output.weight",
+        ),
+        (
+            "--token-embedding-type",
+            &a.token_embedding_type,
+            "token_embd.weight",
+        ),
+    ] {
+        let Some(ty) = ty else { continue };
+        if !names.iter().any(|n| n == name) {
+            eprintln!(
+                "note: {flag} {ty}: {} has no {name}; ignored",
+                model.path.display()
+            );
+            continue;
+        }
+        let mut o = Override::parse(&format!("^{}$={ty}", regex::escape(name)))
+            .with_context(|| format!("{flag} {ty}"))?;
+        o.text = format!("{flag} {ty}");
+        out.push(o);
+    }
+    for t in &a.tensor_type {
+        out.push(Override::parse(t)?);
+    }
+    if let Some(path) = &a.tensor_type_file {
+        let text = model::io::read_text(path)?;
+        for item in text.split_whitespace() {
+            out.push(
+                Override::parse(item)
+                    .with_context(|| format!("--tensor-type-file {}", path.display()))?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// --dry-run: every tensor's planned type and size, and each output file's
+/// size, exactly as the real run would write them.
+fn print_dry_run(
+    model: &Model,
+    plan: &[PlannedTensor],
+    file_type: u32,
+    out: &GgufOutput,
+) -> Result<()> {
+    let decls: Vec<_> = plan
+        .iter()
+        .map(|t| gguf_export::tensor_decl(&t.name, &t.shape, t.ty))
+        .collect();
+    let mut kv = gguf_export::metadata(model, file_type)?;
+    gguf_export::apply_kv_overrides(&mut kv, &out.kv_overrides)?;
+    let files = GgufWriter::planned_sizes(&out.path, &kv, &decls, &out.split)?;
+    for (t, d) in plan.iter().zip(&decls) {
+        let n: u64 = d.dims.iter().product();
+        println!(
+            "{:<40} {:>8} {:>14} {:>12} bytes",
+            t.name,
+            t.ty.name(),
+            format!("{:?}", t.shape),
+            t.ty.bytes_for(n as usize).unwrap_or(0)
+        );
+    }
+    for (path, bytes) in &files {
+        println!("would write {}: {bytes} bytes", path.display());
+    }
+    let total: u64 = files.iter().map(|f| f.1).sum();
+    println!(
+        "dry run: {} tensors, {total} bytes ({:.1} MB) in {} file{}; nothing written",
+        plan.len(),
+        total as f64 / 1e6,
+        files.len(),
+        if files.len() == 1 { "" } else { "s" }
+    );
+    Ok(())
+}
+
 /// How the output GGUF is divided into files (--split-max-size, --keep-split).
 fn gguf_split(a: &Args, model: &Model) -> Result<GgufSplit> {
     if let Some(size) = &a.split_max_size {
@@ -224,7 +355,19 @@ fn open_inputs(a: &Args) -> Result<(Option<Imatrix>, Model)> {
         .imatrix
         .as_deref()
         .map(|p| crate::resolve(p).and_then(|p| Imatrix::load(&p)))
-        .transpose()?;
+        .transpose()?
+        .map(|mut m| {
+            // llama-quantize's rule: a name matches when it contains the text.
+            let matches =
+                |name: &str, texts: &[String]| texts.iter().any(|t| name.contains(t.as_str()));
+            if !a.include_weights.is_empty() {
+                m.entries
+                    .retain(|name, _| matches(name, &a.include_weights));
+            }
+            m.entries
+                .retain(|name, _| !matches(name, &a.exclude_weights));
+            m
+        });
     let model = Model::open(&crate::resolve(&a.input)?)?;
     refuse_output_over_input(&a.output, &model)?;
     Ok((imatrix, model))
@@ -275,8 +418,32 @@ pub fn check_args(a: &Args) -> Result<()> {
     if let Some(size) = &a.split_max_size {
         GgufSplit::parse_max_size(size).context("--split-max-size")?;
     }
-    if (a.split_max_size.is_some() || a.keep_split) && a.method.is_some() && a.mix.is_none() {
-        bail!("--split-max-size and --keep-split divide a GGUF output: give --type too");
+    for (flag, ty) in [
+        ("--output-tensor-type", &a.output_tensor_type),
+        ("--token-embedding-type", &a.token_embedding_type),
+    ] {
+        if let Some(ty) = ty {
+            if GgmlType::from_name(ty).is_none() {
+                bail!("{flag}: '{ty}' is not a GGUF type (e.g. Q8_0, Q6_K, F16)");
+            }
+        }
+    }
+    for o in &a.override_kv {
+        parse_kv_override(o)?;
+    }
+    let gguf_only = [
+        ("--split-max-size", a.split_max_size.is_some()),
+        ("--keep-split", a.keep_split),
+        ("--dry-run", a.dry_run),
+        ("--override-kv", !a.override_kv.is_empty()),
+        ("--output-tensor-type", a.output_tensor_type.is_some()),
+        ("--token-embedding-type", a.token_embedding_type.is_some()),
+        ("--tensor-type-file", a.tensor_type_file.is_some()),
+    ];
+    if a.method.is_some() && a.mix.is_none() {
+        if let Some((flag, _)) = gguf_only.iter().find(|(_, given)| *given) {
+            bail!("{flag} applies to GGUF output: give --type too");
+        }
     }
     Ok(())
 }
@@ -295,11 +462,6 @@ pub fn run(a: Args) -> Result<()> {
     }
     // Everything that can be wrong with the arguments is reported before any work.
     let mix = a.mix.as_deref().map(Mix::from_name).transpose()?;
-    let overrides = a
-        .tensor_type
-        .iter()
-        .map(|s| Override::parse(s))
-        .collect::<Result<Vec<_>>>()?;
     let allowed = (!a.candidates.is_empty())
         .then(|| {
             a.candidates
@@ -315,6 +477,7 @@ pub fn run(a: Args) -> Result<()> {
         })
         .transpose()?;
     let (imatrix, model) = open_inputs(&a)?;
+    let overrides = overrides(&a, &model)?;
     let plan: Vec<PlannedTensor> = match (a.target_bpw, mix) {
         (Some(bpw), _) if a.sensitivity.is_some() => {
             let path = a.sensitivity.as_deref().expect("checked");
@@ -386,15 +549,17 @@ pub fn run(a: Args) -> Result<()> {
         let kept: Vec<String> = kept.iter().map(|(why, n)| format!("{n} × {why}")).collect();
         eprintln!("kept in F32, never quantized: {}", kept.join(", "));
     }
-    let split = gguf_split(&a, &model)?;
+    let out = gguf_output(&a, &model)?;
+    if a.dry_run {
+        return print_dry_run(&model, &plan, file_type, &out);
+    }
     let mut bar = Progress::new(plan.len() as u64, "quantize");
     let r = gguf_quantize::quantize_to_gguf(
         &model,
         &plan,
         imatrix.as_ref(),
         file_type,
-        &a.output,
-        &split,
+        &out,
         &mut |d, _, n| bar.set(d as u64, n),
     )?;
     bar.finish();
@@ -481,12 +646,8 @@ fn run_calibrated(a: Args) -> Result<()> {
         },
     };
     let mix = a.mix.as_deref().map(Mix::from_name).transpose()?;
-    let overrides = a
-        .tensor_type
-        .iter()
-        .map(|s| Override::parse(s))
-        .collect::<Result<Vec<_>>>()?;
     let (imatrix, model) = open_inputs(&a)?;
+    let overrides = overrides(&a, &model)?;
     let blocks = model.config.num_hidden_layers;
     // Every block linear's grid is checked before any work.
     let int_grid = |cols: usize| Grid::Int {
@@ -542,6 +703,10 @@ fn run_calibrated(a: Args) -> Result<()> {
     let report = match mix {
         Some(mix) => {
             let plan = gguf_quantize::plan(&model, mix, true, &overrides)?;
+            let out = gguf_output(&a, &model)?;
+            if a.dry_run {
+                return print_dry_run(&model, &plan, mix.file_type(), &out);
+            }
             eprintln!(
                 "{} onto the {} grids: {} samples × {} tokens of {}",
                 method_name,
@@ -558,8 +723,7 @@ fn run_calibrated(a: Args) -> Result<()> {
                 &samples,
                 calibrated,
                 mix.file_type(),
-                &a.output,
-                &gguf_split(&a, &model)?,
+                &out,
                 &mut |d, _| bar.set(d as u64, &format!("block {d}")),
             )?;
             bar.finish();

@@ -220,8 +220,10 @@ impl StageKind {
 
 /// Stage kinds a recipe may use.
 const STAGE_KINDS: [&str; 3] = ["prune", "distill", "quantize"];
-/// Flags the runner sets itself (or that are not parameters).
-const RUNNER_FLAGS: [&str; 8] = [
+/// Flags the runner sets itself (or that are not parameters). A recipe's
+/// artifacts are single files or folders the runner evaluates, so the split
+/// flags and a dry run (which writes nothing) are not stage keys.
+const RUNNER_FLAGS: [&str; 11] = [
     "input",
     "output",
     "report",
@@ -230,6 +232,9 @@ const RUNNER_FLAGS: [&str; 8] = [
     "teacher",
     "student",
     "checkpoint_dir",
+    "dry_run",
+    "split_max_size",
+    "keep_split",
 ];
 /// Stage keys the runner reads itself.
 const RUNNER_STAGE_KEYS: [&str; 3] = ["kind", "write", "imatrix"];

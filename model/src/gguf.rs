@@ -929,6 +929,110 @@ fn gguf_header(
     Ok(head)
 }
 
+/// One file of an artifact: its name, header and data alignment.
+struct FilePlan {
+    path: PathBuf,
+    head: Vec<u8>,
+    alignment: u64,
+}
+
+/// Lays out an artifact: each file with its header, and each declared tensor
+/// with its size in bytes and its file.
+#[allow(clippy::type_complexity)]
+fn plan_files(
+    dest: &Path,
+    metadata: &[(String, MetaValue)],
+    tensors: &[TensorDecl],
+    split: &GgufSplit,
+) -> Result<(Vec<FilePlan>, Vec<(TensorDecl, u64, usize)>)> {
+    let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
+        Some((_, v)) => v
+            .as_u64()
+            .filter(|a| a.is_power_of_two())
+            .ok_or_else(|| anyhow::anyhow!("general.alignment is {v}, expected a power of two"))?,
+        None => DEFAULT_ALIGNMENT,
+    };
+    let mut sizes = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let n: u64 = t.dims.iter().product();
+        let n_bytes = t.ty.bytes_for(n as usize).ok_or_else(|| {
+            anyhow::anyhow!(
+                "tensor '{}' has {} elements, not a multiple of the {} block size {}",
+                t.name,
+                n,
+                t.ty,
+                t.ty.block_elems()
+            )
+        })? as u64;
+        if t.dims[0] % t.ty.block_elems() as u64 != 0 {
+            bail!(
+                "tensor '{}' rows of {} are not whole {} blocks",
+                t.name,
+                t.dims[0],
+                t.ty
+            );
+        }
+        sizes.push(n_bytes);
+    }
+    let names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    let file_of = split.assign(&names, &sizes);
+    let decls: Vec<_> = tensors
+        .iter()
+        .zip(sizes)
+        .zip(&file_of)
+        .map(|((t, n), &f)| (t.clone(), n, f))
+        .collect();
+    if *split == GgufSplit::Single {
+        let head = gguf_header(metadata, &decls.iter().collect::<Vec<_>>(), alignment)?;
+        let plan = FilePlan {
+            path: dest.to_path_buf(),
+            head,
+            alignment,
+        };
+        return Ok((vec![plan], decls));
+    }
+    let count = file_of.iter().max().map_or(1, |&f| f + 1);
+    if count > u16::MAX as usize {
+        bail!("{count} split files: GGUF allows at most {}", u16::MAX);
+    }
+    let dest_text = dest.display().to_string();
+    let prefix = dest_text.strip_suffix(".gguf").unwrap_or(&dest_text);
+    let split_keys = |no: usize| {
+        [
+            (SPLIT_NO.to_owned(), MetaValue::U16(no as u16)),
+            (
+                SPLIT_TENSORS_COUNT.to_owned(),
+                MetaValue::I32(tensors.len() as i32),
+            ),
+            (SPLIT_COUNT.to_owned(), MetaValue::U16(count as u16)),
+        ]
+    };
+    let mut plans = Vec::with_capacity(count);
+    for no in 0..count {
+        // As llama-gguf-split: the first file carries every key (split keys
+        // already there are replaced at the end), the others only the split
+        // keys and so the default alignment.
+        let (keys, file_alignment) = if no == 0 {
+            let mut keys: Vec<_> = metadata
+                .iter()
+                .filter(|(k, _)| !SPLIT_KEYS.contains(&k.as_str()))
+                .cloned()
+                .collect();
+            keys.extend(split_keys(no));
+            (keys, alignment)
+        } else {
+            (split_keys(no).to_vec(), DEFAULT_ALIGNMENT)
+        };
+        let mine: Vec<_> = decls.iter().filter(|d| d.2 == no).collect();
+        plans.push(FilePlan {
+            path: split_path(prefix, no, count),
+            head: gguf_header(&keys, &mine, file_alignment)?,
+            alignment: file_alignment,
+        });
+    }
+    Ok((plans, decls))
+}
+
 /// Streams a GGUF v3 artifact, one file or split: each header, metadata and
 /// tensor infos are fixed up front from the declarations, then each tensor's
 /// bytes are written in declaration order (so only one tensor need be in
@@ -960,90 +1064,40 @@ impl GgufWriter {
         tensors: &[TensorDecl],
         split: &GgufSplit,
     ) -> Result<Self> {
-        let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
-            Some((_, v)) => v.as_u64().filter(|a| a.is_power_of_two()).ok_or_else(|| {
-                anyhow::anyhow!("general.alignment is {v}, expected a power of two")
-            })?,
-            None => DEFAULT_ALIGNMENT,
-        };
-        let mut sizes = Vec::with_capacity(tensors.len());
-        for t in tensors {
-            let n: u64 = t.dims.iter().product();
-            let n_bytes = t.ty.bytes_for(n as usize).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "tensor '{}' has {} elements, not a multiple of the {} block size {}",
-                    t.name,
-                    n,
-                    t.ty,
-                    t.ty.block_elems()
-                )
-            })? as u64;
-            if t.dims[0] % t.ty.block_elems() as u64 != 0 {
-                bail!(
-                    "tensor '{}' rows of {} are not whole {} blocks",
-                    t.name,
-                    t.dims[0],
-                    t.ty
-                );
-            }
-            sizes.push(n_bytes);
-        }
-        let names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
-        let file_of = split.assign(&names, &sizes);
-        let decls: Vec<_> = tensors
-            .iter()
-            .zip(sizes)
-            .zip(&file_of)
-            .map(|((t, n), &f)| (t.clone(), n, f))
-            .collect();
-        let mut files = Vec::new();
-        if *split == GgufSplit::Single {
-            let head = gguf_header(metadata, &decls.iter().collect::<Vec<_>>(), alignment)?;
-            files.push((Self::start_file(dest, &head)?, alignment));
-        } else {
-            let count = file_of.iter().max().map_or(1, |&f| f + 1);
-            if count > u16::MAX as usize {
-                bail!("{count} split files: GGUF allows at most {}", u16::MAX);
-            }
-            let dest_text = dest.display().to_string();
-            let prefix = dest_text.strip_suffix(".gguf").unwrap_or(&dest_text);
-            let split_keys = |no: usize| {
-                [
-                    (SPLIT_NO.to_owned(), MetaValue::U16(no as u16)),
-                    (
-                        SPLIT_TENSORS_COUNT.to_owned(),
-                        MetaValue::I32(tensors.len() as i32),
-                    ),
-                    (SPLIT_COUNT.to_owned(), MetaValue::U16(count as u16)),
-                ]
-            };
-            for no in 0..count {
-                // As llama-gguf-split: the first file carries every key (split
-                // keys already there are replaced at the end), the others only
-                // the split keys and so the default alignment.
-                let (keys, file_alignment) = if no == 0 {
-                    let mut keys: Vec<_> = metadata
-                        .iter()
-                        .filter(|(k, _)| !SPLIT_KEYS.contains(&k.as_str()))
-                        .cloned()
-                        .collect();
-                    keys.extend(split_keys(no));
-                    (keys, alignment)
-                } else {
-                    (split_keys(no).to_vec(), DEFAULT_ALIGNMENT)
-                };
-                let mine: Vec<_> = decls.iter().filter(|d| d.2 == no).collect();
-                let head = gguf_header(&keys, &mine, file_alignment)?;
-                let path = split_path(prefix, no, count);
-                files.push((Self::start_file(&path, &head)?, file_alignment));
-            }
-        }
+        let (plans, decls) = plan_files(dest, metadata, tensors, split)?;
+        let files = plans
+            .into_iter()
+            .map(|f| Ok((Self::start_file(&f.path, &f.head)?, f.alignment)))
+            .collect::<Result<_>>()?;
         Ok(GgufWriter {
             files,
             decls,
             next: 0,
             partial: 0,
         })
+    }
+
+    /// The files [`GgufWriter::create_split`] would write and the size of each
+    /// in bytes, writing nothing (`quantize --dry-run`).
+    pub fn planned_sizes(
+        dest: &Path,
+        metadata: &[(String, MetaValue)],
+        tensors: &[TensorDecl],
+        split: &GgufSplit,
+    ) -> Result<Vec<(PathBuf, u64)>> {
+        let (plans, decls) = plan_files(dest, metadata, tensors, split)?;
+        Ok(plans
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let data: u64 = decls
+                    .iter()
+                    .filter(|d| d.2 == i)
+                    .map(|d| d.1.div_ceil(f.alignment) * f.alignment)
+                    .sum();
+                (f.path, f.head.len() as u64 + data)
+            })
+            .collect())
     }
 
     fn start_file(path: &Path, head: &[u8]) -> Result<AtomicFile> {
@@ -1353,6 +1407,7 @@ pub(crate) mod tests {
             "general.architecture".to_owned(),
             MetaValue::String("llama".into()),
         )];
+        let planned = GgufWriter::planned_sizes(&dir.join("m.gguf"), &meta, &decls, split).unwrap();
         let mut w = GgufWriter::create_split(&dir.join("m.gguf"), &meta, &decls, split).unwrap();
         for k in 0..n {
             let bytes: Vec<u8> = [k as f32; 100]
@@ -1361,7 +1416,14 @@ pub(crate) mod tests {
                 .collect();
             w.write_tensor(&format!("t{k}"), &bytes).unwrap();
         }
-        w.finish().unwrap()
+        let paths = w.finish().unwrap();
+        // The dry run's sizes are the real files'.
+        let sizes: Vec<_> = paths
+            .iter()
+            .map(|p| (p.clone(), std::fs::metadata(p).unwrap().len()))
+            .collect();
+        assert_eq!(planned, sizes);
+        paths
     }
 
     #[test]

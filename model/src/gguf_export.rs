@@ -4,9 +4,10 @@
 
 use crate::checkpoint::{permute_qk_rows, Checkpoint, Model};
 use crate::config::{ModelConfig, RopeScaling};
-use crate::gguf::{MetaValue, TensorDecl};
-use anyhow::Result;
+use crate::gguf::{GgufSplit, GgufWriter, MetaValue, TensorDecl, SPLIT_KEYS};
+use anyhow::{bail, Result};
 use kernels::GgmlType;
+use std::path::PathBuf;
 
 /// Keys the writer sets itself and never copies from a source file.
 const OWN_KEYS: [&str; 6] = [
@@ -17,6 +18,115 @@ const OWN_KEYS: [&str; 6] = [
     "general.quantization_version",
     "general.alignment",
 ];
+
+/// Where a GGUF artifact goes and what its files carry besides the model's own
+/// metadata.
+#[derive(Debug, Clone, Default)]
+pub struct GgufOutput {
+    /// Destination (split files are named from it without `.gguf`).
+    pub path: PathBuf,
+    /// How the tensors are divided into files.
+    pub split: GgufSplit,
+    /// Metadata set over the model's, in order (`--override-kv`).
+    pub kv_overrides: Vec<(String, MetaValue)>,
+}
+
+impl GgufOutput {
+    /// One file at `path`, the model's metadata as it is.
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        GgufOutput {
+            path: path.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Starts the artifact of `model` with `general.file_type = file_type` and
+    /// these tensors: the model's metadata with the overrides applied.
+    pub fn create(
+        &self,
+        model: &Model,
+        file_type: u32,
+        decls: &[TensorDecl],
+    ) -> Result<GgufWriter> {
+        let mut kv = metadata(model, file_type)?;
+        apply_kv_overrides(&mut kv, &self.kv_overrides)?;
+        GgufWriter::create_split(&self.path, &kv, decls, &self.split)
+    }
+}
+
+/// Parses llama.cpp's `--override-kv KEY=TYPE:VALUE`, TYPE one of `int` (written
+/// as u32, as llama-quantize writes it), `float` (f32), `bool` (`true` or
+/// `false`) and `str`.
+pub fn parse_kv_override(text: &str) -> Result<(String, MetaValue)> {
+    let Some((key, typed)) = text.split_once('=') else {
+        bail!("--override-kv '{text}' is not KEY=TYPE:VALUE (e.g. general.name=str:mine)");
+    };
+    if key.is_empty() {
+        bail!("--override-kv '{text}' has no key");
+    }
+    if SPLIT_KEYS.contains(&key) {
+        bail!(
+            "--override-kv '{text}': the split keys are set by --split-max-size and --keep-split"
+        );
+    }
+    let Some((ty, value)) = typed.split_once(':') else {
+        bail!("--override-kv '{text}' has no TYPE: int, float, bool or str before the value");
+    };
+    let bad = |what: &str| anyhow::anyhow!("--override-kv '{text}': '{value}' is not {what}");
+    let value = match ty {
+        "int" => MetaValue::U32(
+            value
+                .parse::<i64>()
+                .ok()
+                .and_then(|v| u32::try_from(v.unsigned_abs()).ok())
+                .ok_or_else(|| bad("an integer that fits in 32 bits"))?,
+        ),
+        "float" => MetaValue::F32(
+            value
+                .parse::<f32>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .ok_or_else(|| bad("a finite number"))?,
+        ),
+        "bool" => MetaValue::Bool(match value {
+            "true" => true,
+            "false" => false,
+            _ => return Err(bad("true or false")),
+        }),
+        "str" => MetaValue::String(value.to_owned()),
+        other => bail!("--override-kv '{text}': type '{other}' is not int, float, bool or str"),
+    };
+    Ok((key.to_owned(), value))
+}
+
+/// Sets each override over `kv`: a key that is there keeps its place and must
+/// hold the same kind of value (an integer for `int`, a float for `float`, …);
+/// a new key goes at the end.
+pub fn apply_kv_overrides(
+    kv: &mut Vec<(String, MetaValue)>,
+    overrides: &[(String, MetaValue)],
+) -> Result<()> {
+    let kind = |v: &MetaValue| match v {
+        MetaValue::F32(_) | MetaValue::F64(_) => "float",
+        MetaValue::Bool(_) => "bool",
+        MetaValue::String(_) => "str",
+        MetaValue::Array(..) => "array",
+        _ => "int",
+    };
+    for (k, v) in overrides {
+        match kv.iter_mut().find(|(key, _)| key == k) {
+            Some(slot) if kind(&slot.1) != kind(v) => bail!(
+                "--override-kv {k}: the model holds {} of kind {}, the override is of kind {}",
+                slot.1,
+                kind(&slot.1),
+                kind(v)
+            ),
+            Some(slot) => slot.1 = v.clone(),
+            None => kv.push((k.clone(), v.clone())),
+        }
+    }
+    Ok(())
+}
 
 fn strings(v: &[String]) -> MetaValue {
     MetaValue::Array(8, v.iter().map(|s| MetaValue::String(s.clone())).collect())
@@ -248,4 +358,63 @@ fn yarn_keys(y: &crate::config::Yarn, arch: &str) -> Vec<(String, MetaValue)> {
         ));
     }
     kv
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_overrides_parse_as_llama_cpp_writes_them_and_bad_ones_are_refused() {
+        assert_eq!(
+            parse_kv_override("llama.context_length=int:-4096").unwrap(),
+            ("llama.context_length".into(), MetaValue::U32(4096))
+        );
+        assert_eq!(
+            parse_kv_override("a.b=float:0.5").unwrap().1,
+            MetaValue::F32(0.5)
+        );
+        assert_eq!(
+            parse_kv_override("general.name=str:x=y:z").unwrap().1,
+            MetaValue::String("x=y:z".into())
+        );
+        assert_eq!(
+            parse_kv_override("a=bool:true").unwrap().1,
+            MetaValue::Bool(true)
+        );
+        for bad in [
+            "a",
+            "=int:1",
+            "a=1",
+            "a=int:x",
+            "a=int:5000000000",
+            "a=float:nan",
+            "a=bool:yes",
+            "a=u8:1",
+            "split.count=int:2",
+        ] {
+            assert!(parse_kv_override(bad).is_err(), "{bad}");
+        }
+        let mut kv = vec![
+            ("n".to_owned(), MetaValue::U32(1)),
+            ("s".to_owned(), MetaValue::String("a".into())),
+        ];
+        apply_kv_overrides(
+            &mut kv,
+            &[
+                ("s".into(), MetaValue::String("b".into())),
+                ("new".into(), MetaValue::Bool(false)),
+            ],
+        )
+        .unwrap();
+        assert_eq!(kv[1].1, MetaValue::String("b".into()));
+        assert_eq!(kv[2].0, "new");
+        let err = apply_kv_overrides(&mut kv, &[("n".into(), MetaValue::String("x".into()))])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("kind int, the override is of kind str"),
+            "{err}"
+        );
+    }
 }

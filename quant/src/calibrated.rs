@@ -16,8 +16,8 @@ use model::calib::walk::{
     embed_samples, f32_tensor, finite_weights, sequential_blocks, ExpertInput, LayerInput, Timings,
 };
 use model::calib::{finite_rows, Hessian, Imatrix};
-use model::gguf::{GgufSplit, GgufWriter};
-use model::gguf_export;
+use model::gguf::GgufWriter;
+use model::gguf_export::{self, GgufOutput};
 pub use model::hf_quant::write_order;
 use model::hf_quant::{is_block_linear, HfQuantFormat, HfQuantWriter, IntLinear, IntQuantConfig};
 use model::llama::{EXPERT_SLOTS, LINEAR_GROUPS};
@@ -655,8 +655,7 @@ pub fn calibrated_to_gguf(
     samples: &[Vec<u32>],
     method: Calibrated,
     file_type: u32,
-    out: &Path,
-    split: &GgufSplit,
+    out: &GgufOutput,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(QuantizeReport, Vec<LayerReport>, Timings)> {
     if matches!(method, Calibrated::Awq) {
@@ -696,12 +695,11 @@ pub fn calibrated_to_gguf(
             }
         }
     }
-    let metadata = gguf_export::metadata(model, file_type)?;
     let decls = order
         .iter()
         .map(|n| planned(n).map(|t| gguf_export::tensor_decl(n, &t.shape, t.ty)))
         .collect::<Result<Vec<_>>>()?;
-    let mut writer = GgufWriter::create_split(out, &metadata, &decls, split)?;
+    let mut writer = out.create(model, file_type, &decls)?;
     let mut reports: Vec<TensorReport> = Vec::with_capacity(order.len());
     let mut next = 0usize;
     // Writes the non-linear tensors due before `upto` in the write order.

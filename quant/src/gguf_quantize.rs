@@ -8,11 +8,11 @@ use crate::gguf_mix::{choose, Mix, Override};
 use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
 use model::calib::Imatrix;
-use model::gguf::{GgufSplit, GgufWriter};
-use model::{gguf_export, Model};
+use model::gguf_export::{self, GgufOutput};
+use model::Model;
 use rayon::prelude::*;
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// One tensor of the plan.
@@ -285,24 +285,22 @@ pub fn files_bytes(files: &[PathBuf]) -> u64 {
         .sum()
 }
 
-/// Writes `model` quantized per `plan` to `out` (a GGUF file, or files as
-/// `split` divides it), reporting progress as (tensors done, total, name).
+/// Writes `model` quantized per `plan` to `out` (a GGUF file, or files as its
+/// split divides it), reporting progress as (tensors done, total, name).
 pub fn quantize_to_gguf(
     model: &Model,
     plan: &[PlannedTensor],
     imatrix: Option<&Imatrix>,
     file_type: u32,
-    out: &Path,
-    split: &GgufSplit,
+    out: &GgufOutput,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<QuantizeReport> {
     let start = Instant::now();
-    let metadata = gguf_export::metadata(model, file_type)?;
     let decls: Vec<_> = plan
         .iter()
         .map(|t| gguf_export::tensor_decl(&t.name, &t.shape, t.ty))
         .collect();
-    let mut writer = GgufWriter::create_split(out, &metadata, &decls, split)?;
+    let mut writer = out.create(model, file_type, &decls)?;
     let mut reports = Vec::with_capacity(plan.len());
     let (mut n_params, mut data_bytes) = (0u64, 0u64);
     for (i, t) in plan.iter().enumerate() {
