@@ -9,7 +9,7 @@ use kernels::GgmlType;
 use model::calib::walk::{ExpertCalibration, Timings};
 use model::calib::{calibration_samples, Imatrix};
 use model::checkpoint::Checkpoint;
-use model::gguf::{GgufSplit, GgufWriter};
+use model::gguf::GgufSplit;
 use model::gguf_export::{self, parse_kv_override, GgufOutput};
 use model::hf_quant::{HfQuantFormat, IntQuantConfig};
 use model::progress::Progress;
@@ -259,9 +259,7 @@ fn print_dry_run(
         .iter()
         .map(|t| gguf_export::tensor_decl(&t.name, &t.shape, t.ty))
         .collect();
-    let mut kv = gguf_export::metadata(model, file_type)?;
-    gguf_export::apply_kv_overrides(&mut kv, &out.kv_overrides)?;
-    let files = GgufWriter::planned_sizes(&out.path, &kv, &decls, &out.split)?;
+    let files = out.planned_sizes(model, file_type, &decls)?;
     for (t, d) in plan.iter().zip(&decls) {
         let n: u64 = d.dims.iter().product();
         println!(

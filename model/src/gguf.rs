@@ -460,8 +460,8 @@ impl GgufFile {
                 _ => bail!("{first}: metadata '{SPLIT_COUNT}' is {v}, expected a file count (u16)"),
             },
         };
-        let no = self.split_value(SPLIT_NO)?;
-        let expected_tensors = self.split_value(SPLIT_TENSORS_COUNT)?;
+        let no = self.require_u64(SPLIT_NO)?;
+        let expected_tensors = self.require_u64(SPLIT_TENSORS_COUNT)?;
         let suffix = |i: usize| format!("-{:05}-of-{split_count:05}.gguf", i + 1);
         if no != 0 {
             let hint = first
@@ -534,17 +534,6 @@ impl GgufFile {
             );
         }
         Ok(())
-    }
-
-    /// A split key's value in the first file, or an error naming it.
-    fn split_value(&self, key: &str) -> Result<u64> {
-        let v = self.require(key)?;
-        v.as_u64().ok_or_else(|| {
-            anyhow::anyhow!(
-                "{}: metadata '{key}' is {v}, expected an unsigned integer",
-                self.path.display()
-            )
-        })
     }
 
     fn parse(mmap: &[u8]) -> Result<Header> {

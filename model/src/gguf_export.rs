@@ -48,9 +48,34 @@ impl GgufOutput {
         file_type: u32,
         decls: &[TensorDecl],
     ) -> Result<GgufWriter> {
+        GgufWriter::create_split(
+            &self.path,
+            &self.metadata(model, file_type)?,
+            decls,
+            &self.split,
+        )
+    }
+
+    /// The files [`GgufOutput::create`] would write and the size of each in
+    /// bytes, writing nothing (`quantize --dry-run`).
+    pub fn planned_sizes(
+        &self,
+        model: &Model,
+        file_type: u32,
+        decls: &[TensorDecl],
+    ) -> Result<Vec<(PathBuf, u64)>> {
+        GgufWriter::planned_sizes(
+            &self.path,
+            &self.metadata(model, file_type)?,
+            decls,
+            &self.split,
+        )
+    }
+
+    fn metadata(&self, model: &Model, file_type: u32) -> Result<Vec<(String, MetaValue)>> {
         let mut kv = metadata(model, file_type)?;
         apply_kv_overrides(&mut kv, &self.kv_overrides)?;
-        GgufWriter::create_split(&self.path, &kv, decls, &self.split)
+        Ok(kv)
     }
 }
 
