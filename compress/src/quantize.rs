@@ -9,7 +9,7 @@ use kernels::GgmlType;
 use model::calib::walk::{ExpertCalibration, Timings};
 use model::calib::{calibration_samples, Imatrix};
 use model::checkpoint::Checkpoint;
-use model::gguf::GgufSplit;
+use model::gguf::{split_prefix, GgufSplit};
 use model::gguf_export::{self, parse_kv_override, GgufOutput};
 use model::hf_quant::{HfQuantFormat, IntQuantConfig};
 use model::progress::Progress;
@@ -326,17 +326,7 @@ fn refuse_output_over_input(output: &Path, model: &Model) -> Result<()> {
             continue;
         };
         let input = input.display().to_string();
-        let split_of_prefix = input
-            .strip_prefix(prefix)
-            .and_then(|rest| rest.strip_prefix('-'))
-            .and_then(|rest| rest.strip_suffix(".gguf"))
-            .and_then(|rest| rest.split_once("-of-"))
-            .is_some_and(|(a, b)| {
-                [a, b]
-                    .iter()
-                    .all(|n| n.len() == 5 && n.bytes().all(|c| c.is_ascii_digit()))
-            });
-        if input == out || split_of_prefix {
+        if input == out || split_prefix(&input) == Some(prefix) {
             bail!(
                 "output {} would replace input {input}; inputs are never modified",
                 output.display()
@@ -400,9 +390,6 @@ pub fn check_args(a: &Args) -> Result<()> {
         if a.target_bpw.is_some() {
             bail!("--target-bpw is not combined with --method in this version; use --type");
         }
-        if a.mix.is_none() && !a.tensor_type.is_empty() {
-            bail!("--tensor-type applies to GGUF output: give --type too");
-        }
         if a.mix.is_none() && ![2, 3, 4, 8].contains(&a.bits) {
             bail!(
                 "--bits {}: the GPTQ and compressed-tensors formats take 2, 3, 4 or 8",
@@ -430,6 +417,7 @@ pub fn check_args(a: &Args) -> Result<()> {
         parse_kv_override(o)?;
     }
     let gguf_only = [
+        ("--tensor-type", !a.tensor_type.is_empty()),
         ("--split-max-size", a.split_max_size.is_some()),
         ("--keep-split", a.keep_split),
         ("--dry-run", a.dry_run),

@@ -32,7 +32,21 @@ pub const SPLIT_KEYS: [&str; 3] = [SPLIT_NO, SPLIT_TENSORS_COUNT, SPLIT_COUNT];
 
 /// The name llama.cpp gives file `index` (from 0) of `count`: `PREFIX-00001-of-00003.gguf`.
 pub fn split_path(prefix: &str, index: usize, count: usize) -> PathBuf {
-    PathBuf::from(format!("{prefix}-{:05}-of-{count:05}.gguf", index + 1))
+    PathBuf::from(format!("{prefix}{}", split_suffix(index, count)))
+}
+
+/// What llama.cpp appends to a split's prefix for file `index` (from 0) of `count`.
+fn split_suffix(index: usize, count: usize) -> String {
+    format!("-{:05}-of-{count:05}.gguf", index + 1)
+}
+
+/// The prefix of a path named as a file of a split GGUF (`PREFIX-00002-of-00003.gguf`
+/// gives `PREFIX`), or `None` for any other name.
+pub fn split_prefix(path: &str) -> Option<&str> {
+    let (rest, count) = path.strip_suffix(".gguf")?.rsplit_once("-of-")?;
+    let (prefix, no) = rest.rsplit_once('-')?;
+    let five_digits = |n: &str| n.len() == 5 && n.bytes().all(|c| c.is_ascii_digit());
+    (five_digits(no) && five_digits(count)).then_some(prefix)
 }
 
 /// A metadata value.
@@ -462,7 +476,7 @@ impl GgufFile {
         };
         let no = self.require_u64(SPLIT_NO)?;
         let expected_tensors = self.require_u64(SPLIT_TENSORS_COUNT)?;
-        let suffix = |i: usize| format!("-{:05}-of-{split_count:05}.gguf", i + 1);
+        let suffix = |i: usize| split_suffix(i, split_count);
         if no != 0 {
             let hint = first
                 .strip_suffix(&suffix(no as usize))
@@ -1546,6 +1560,21 @@ pub(crate) mod tests {
         std::fs::copy(&paths[0], &renamed).unwrap();
         let err = open_err(&renamed);
         assert!(err.contains("-00001-of-00003.gguf"), "{err}");
+    }
+
+    #[test]
+    fn split_names_are_made_and_read_back_as_llama_cpp_names_them() {
+        let p = split_path("/m/Model-Q4", 1, 3);
+        assert_eq!(p, Path::new("/m/Model-Q4-00002-of-00003.gguf"));
+        assert_eq!(split_prefix(p.to_str().unwrap()), Some("/m/Model-Q4"));
+        for other in [
+            "/m/Model-Q4.gguf",
+            "/m/a-0002-of-00003.gguf",
+            "/m/a-00002-of-0000x.gguf",
+            "/m/a-00002-of-00003.bin",
+        ] {
+            assert_eq!(split_prefix(other), None, "{other}");
+        }
     }
 
     #[test]

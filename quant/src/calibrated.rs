@@ -226,9 +226,8 @@ pub fn gptq_model(
         // Rows are rounded independently: a few at a time, not a second matrix.
         let rtn_rel_error = {
             let diag = input.diagonal();
-            let per = ((16 << 20) / (4 * cols)).max(1);
             let mut error = 0.0;
-            for part in values.chunks(per * cols) {
+            for part in values.chunks(gptq::rows_per_chunk(cols) * cols) {
                 let r = gptq::rtn(part, cols, &grid, Some(&diag));
                 error += output_error(part, Some(&r.values), &input.hessian, cols);
             }

@@ -450,6 +450,15 @@ pub fn rtn(w: &[f32], cols: usize, grid: &Grid, importance: Option<&[f32]>) -> Q
 /// Cholesky factor of `H⁻¹` in `perm` order, or `None` for plain rounding. With
 /// `keep_zeros`, weights that are exactly zero in `w` stay exactly zero where the
 /// grid has a zero level; returns how many could not.
+/// Bytes of f32 rows a pass over a large matrix handles at a time (GPTQ's
+/// working copies, the report's RTN baseline): a few, not a second matrix.
+pub const ROW_CHUNK_BYTES: usize = 16 << 20;
+
+/// Rows of `cols` f32 values in [`ROW_CHUNK_BYTES`] (at least one).
+pub fn rows_per_chunk(cols: usize) -> usize {
+    (ROW_CHUNK_BYTES / (4 * cols.max(1))).max(1)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run(
     w: Vec<f32>,
@@ -465,10 +474,10 @@ fn run(
     let rows = w.len() / cols;
     let layout = Layout::new(grid, cols, perm, dynamic);
     // Two chunks per thread, each chunk's transposed working copy at most
-    // 16 MiB (an 8B down projection's 4096 rows go 292 at a time).
+    // ROW_CHUNK_BYTES (an 8B down projection's 4096 rows go 292 at a time).
     let per_task = rows
         .div_ceil(2 * rayon::current_num_threads())
-        .min((16 << 20) / (4 * cols).max(1))
+        .min(rows_per_chunk(cols))
         .max(16);
     // Each chunk of rows is replaced by its quantized values in place (an 8B
     // layer is 235 MB) and writes its codes.
