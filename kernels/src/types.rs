@@ -36,10 +36,17 @@ pub enum GgmlType {
     IQ4_XS = 23,
     /// bfloat16.
     BF16 = 30,
+    /// 4-bit E2M1 floats, 64 per block in four sub-blocks of 16, each with a
+    /// UE4M3 scale (NVIDIA's NVFP4).
+    NVFP4 = 40,
+    /// 1-bit signs, 128 per block, one f16 scale: values ±d.
+    Q1_0 = 41,
+    /// 2-bit, 64 per block, one f16 scale: values {-1, 0, 1, 2}·d.
+    Q2_0 = 42,
 }
 
 /// Every type this crate knows, in id order.
-pub const ALL_TYPES: [GgmlType; 15] = [
+pub const ALL_TYPES: [GgmlType; 18] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::Q4_0,
@@ -55,6 +62,9 @@ pub const ALL_TYPES: [GgmlType; 15] = [
     GgmlType::IQ4_NL,
     GgmlType::IQ4_XS,
     GgmlType::BF16,
+    GgmlType::NVFP4,
+    GgmlType::Q1_0,
+    GgmlType::Q2_0,
 ];
 
 impl GgmlType {
@@ -94,6 +104,9 @@ impl GgmlType {
             GgmlType::IQ4_NL => "IQ4_NL",
             GgmlType::IQ4_XS => "IQ4_XS",
             GgmlType::BF16 => "BF16",
+            GgmlType::NVFP4 => "NVFP4",
+            GgmlType::Q1_0 => "Q1_0",
+            GgmlType::Q2_0 => "Q2_0",
         }
     }
 
@@ -113,6 +126,8 @@ impl GgmlType {
             | GgmlType::Q5_K
             | GgmlType::Q6_K
             | GgmlType::IQ4_XS => 256,
+            GgmlType::NVFP4 | GgmlType::Q2_0 => 64,
+            GgmlType::Q1_0 => 128,
         }
     }
 
@@ -133,6 +148,8 @@ impl GgmlType {
             GgmlType::Q6_K => 210,
             GgmlType::IQ4_NL => 18,
             GgmlType::IQ4_XS => 136,
+            GgmlType::NVFP4 => 36,
+            GgmlType::Q1_0 | GgmlType::Q2_0 => 18,
         }
     }
 
@@ -183,5 +200,12 @@ mod tests {
         assert_eq!(GgmlType::Q2_K.bytes_for(512), Some(168));
         assert_eq!(GgmlType::Q4_0.bytes_for(33), None);
         assert!((GgmlType::Q4_0.bits_per_weight() - 4.5).abs() < 1e-12);
+        // ggml-common.h's static_asserts: 4 + 32, 2 + 16 and 2 + 16 bytes.
+        assert_eq!(GgmlType::NVFP4.bytes_for(64), Some(36));
+        assert_eq!(GgmlType::Q1_0.bytes_for(128), Some(18));
+        assert_eq!(GgmlType::Q2_0.bytes_for(64), Some(18));
+        assert!((GgmlType::Q1_0.bits_per_weight() - 1.125).abs() < 1e-12);
+        assert!((GgmlType::Q2_0.bits_per_weight() - 2.25).abs() < 1e-12);
+        assert!((GgmlType::NVFP4.bits_per_weight() - 4.5).abs() < 1e-12);
     }
 }

@@ -27,6 +27,9 @@ pub fn grid_shape(ty: GgmlType) -> Option<(usize, usize)> {
         Q4_K | IQ4_XS => (32, 16),
         Q5_K => (32, 32),
         Q6_K => (16, 64),
+        NVFP4 => (16, 16),
+        Q1_0 => (128, 2),
+        Q2_0 => (64, 4),
         F32 | F16 | BF16 => return None,
     })
 }
@@ -71,7 +74,8 @@ fn pack_4bit_k(codes: &[u8], out: &mut [u8]) {
 /// `codes` one per element, each below the type's code count) and keeps its
 /// scales. Code `c` means: the nibble / bit pattern `c` for the 4- and 5-bit
 /// types and Q2_K; `q + 128` for Q8_0's signed `q`; `q + 4` and `q + 32` for
-/// the signed quants of Q3_K and Q6_K; the grid index for IQ4_NL and IQ4_XS.
+/// the signed quants of Q3_K and Q6_K; the grid index for IQ4_NL and IQ4_XS;
+/// the E2M1 nibble for NVFP4; the bit for Q1_0 and `q + 1` for Q2_0.
 ///
 /// Panics on a float type or wrong lengths (programming errors).
 pub fn set_codes(ty: GgmlType, block: &mut [u8], codes: &[u8]) {
@@ -132,6 +136,18 @@ pub fn set_codes(ty: GgmlType, block: &mut [u8], codes: &[u8]) {
                 );
             }
         }
+        NVFP4 => {
+            for (s, c) in codes.chunks_exact(16).enumerate() {
+                super::encode::nvfp4::pack_fp4_sub_block(c, &mut block[4 + 8 * s..12 + 8 * s]);
+            }
+        }
+        Q1_0 => {
+            block[2..18].fill(0);
+            for (j, &c) in codes.iter().enumerate() {
+                block[2 + j / 8] |= (c & 1) << (j % 8);
+            }
+        }
+        Q2_0 => super::encode::low_bit::pack_2bit(codes, &mut block[2..18]),
         F32 | F16 | BF16 => panic!("{ty} has no codes"),
     }
 }

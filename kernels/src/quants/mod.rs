@@ -9,6 +9,8 @@ pub mod grid;
 pub mod iq4;
 pub mod k_quants;
 pub mod legacy;
+pub mod low_bit;
+pub mod nvfp4;
 
 pub use encode::iq4::{quantize_iq4_nl, quantize_iq4_xs};
 pub use encode::k_quants::{
@@ -17,6 +19,8 @@ pub use encode::k_quants::{
 pub use encode::legacy::{
     quantize_q4_0, quantize_q4_1, quantize_q5_0, quantize_q5_1, quantize_q8_0,
 };
+pub use encode::low_bit::{quantize_q1_0, quantize_q2_0};
+pub use encode::nvfp4::{nvfp4_tensor_scale, quantize_nvfp4};
 pub use encode::{quantize, quantize_bf16, quantize_f16, quantize_f32, quantize_to_vec};
 
 use crate::{GgmlType, KernelError};
@@ -68,6 +72,9 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), Kerne
         GgmlType::Q6_K => k_quants::dequantize_q6_k(src, dst),
         GgmlType::IQ4_NL => iq4::dequantize_iq4_nl(src, dst),
         GgmlType::IQ4_XS => iq4::dequantize_iq4_xs(src, dst),
+        GgmlType::NVFP4 => nvfp4::dequantize_nvfp4(src, dst),
+        GgmlType::Q1_0 => low_bit::dequantize_q1_0(src, dst),
+        GgmlType::Q2_0 => low_bit::dequantize_q2_0(src, dst),
     }
     Ok(())
 }
@@ -121,6 +128,34 @@ pub fn check_sizes(ty: GgmlType, bytes: usize, elems: usize) -> Result<(), Kerne
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// NVFP4, Q1_0 and Q2_0 blocks decoded by ggml's own `to_float` (the
+    /// llama.cpp of `scripts/build-llama-cpp.sh`; written by
+    /// `scripts/make-ggml-decode-vectors.sh`, since gguf-py from PyPI cannot
+    /// decode them): ours must give the same bits. NVFP4's blocks cover all 256
+    /// scale bytes.
+    #[test]
+    fn low_bit_types_decode_bit_exactly_like_ggml() {
+        let file = include_bytes!("../../tests/data/ggml_decode_vectors.bin");
+        let u32_at = |o: usize| u32::from_le_bytes(file[o..o + 4].try_into().unwrap()) as usize;
+        let (mut at, mut seen) = (0, vec![]);
+        while at < file.len() {
+            let ty = GgmlType::from_id(u32_at(at) as u32).unwrap();
+            let blocks = u32_at(at + 4);
+            let (n, nb) = (blocks * ty.block_elems(), blocks * ty.block_bytes());
+            let src = &file[at + 8..at + 8 + nb];
+            let want = &file[at + 8 + nb..at + 8 + nb + 4 * n];
+            let mut got = vec![0f32; n];
+            dequantize(ty, src, &mut got).unwrap();
+            for (i, (g, w)) in got.iter().zip(want.chunks_exact(4)).enumerate() {
+                let w = f32::from_le_bytes(w.try_into().unwrap());
+                assert_eq!(g.to_bits(), w.to_bits(), "{ty} element {i}: {g} vs ggml's {w}");
+            }
+            seen.push(ty);
+            at += 8 + nb + 4 * n;
+        }
+        assert_eq!(seen, [GgmlType::NVFP4, GgmlType::Q1_0, GgmlType::Q2_0]);
+    }
 
     #[test]
     fn first_nonfinite_finds_a_nan_scale_and_an_inf_value() {

@@ -238,25 +238,25 @@ fn high_bits(q: &[u8]) -> [u8; 4] {
     qh.to_le_bytes()
 }
 
-/// Runs `block(x, w, out)` over every 32-element block with its weights.
-fn for_blocks(
+/// Runs `block(x, w, out)` over every `N`-element block with its weights.
+pub(crate) fn for_blocks<const N: usize>(
     src: &[f32],
     importance: Option<&[f32]>,
     dst: &mut [u8],
     bytes: usize,
     mut block: impl FnMut(&[f32], &[f32], &mut [u8]),
 ) {
-    check_lengths(src, importance, dst, QK, bytes);
+    check_lengths(src, importance, dst, N, bytes);
     let sigma2 = mean_square(src);
-    let mut w = [0f32; QK];
+    let mut w = [0f32; N];
     for (b, (x, out)) in src
-        .chunks_exact(QK)
+        .chunks_exact(N)
         .zip(dst.chunks_exact_mut(bytes))
         .enumerate()
     {
         weights(
             x,
-            block_qw(importance, b, QK),
+            block_qw(importance, b, N),
             sigma2,
             DefaultWeight::Sqrt,
             &mut w,
@@ -272,7 +272,7 @@ fn for_blocks(
 /// blocks, `dst` exactly their 18-byte blocks and `importance` as long as `src`.
 pub fn quantize_q4_0(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
     let grid = Uniform { lo: -8, hi: 7 };
-    for_blocks(src, importance, dst, Q4_0_BYTES, |x, w, out| {
+    for_blocks::<QK>(src, importance, dst, Q4_0_BYTES, |x, w, out| {
         let mut q = [0u8; QK];
         let d = encode_symmetric(x, w, grid, &mut q);
         out[..2].copy_from_slice(&d.to_le_bytes());
@@ -284,7 +284,7 @@ pub fn quantize_q4_0(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
 ///
 /// Same contract as [`quantize_q4_0`], with 20-byte blocks.
 pub fn quantize_q4_1(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
-    for_blocks(src, importance, dst, Q4_1_BYTES, |x, w, out| {
+    for_blocks::<QK>(src, importance, dst, Q4_1_BYTES, |x, w, out| {
         let mut q = [0u8; QK];
         let (d, m) = encode_affine(x, w, 15, &mut q);
         out[..2].copy_from_slice(&d.to_le_bytes());
@@ -298,7 +298,7 @@ pub fn quantize_q4_1(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
 /// Same contract as [`quantize_q4_0`], with 22-byte blocks.
 pub fn quantize_q5_0(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
     let grid = Uniform { lo: -16, hi: 15 };
-    for_blocks(src, importance, dst, Q5_0_BYTES, |x, w, out| {
+    for_blocks::<QK>(src, importance, dst, Q5_0_BYTES, |x, w, out| {
         let mut q = [0u8; QK];
         let d = encode_symmetric(x, w, grid, &mut q);
         out[..2].copy_from_slice(&d.to_le_bytes());
@@ -311,7 +311,7 @@ pub fn quantize_q5_0(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
 ///
 /// Same contract as [`quantize_q4_0`], with 24-byte blocks.
 pub fn quantize_q5_1(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
-    for_blocks(src, importance, dst, Q5_1_BYTES, |x, w, out| {
+    for_blocks::<QK>(src, importance, dst, Q5_1_BYTES, |x, w, out| {
         let mut q = [0u8; QK];
         let (d, m) = encode_affine(x, w, 31, &mut q);
         out[..2].copy_from_slice(&d.to_le_bytes());
@@ -343,7 +343,7 @@ pub fn quantize_q8_0(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
         return;
     }
     let grid = Uniform { lo: -128, hi: 127 };
-    for_blocks(src, importance, dst, Q8_0_BYTES, |x, w, out| {
+    for_blocks::<QK>(src, importance, dst, Q8_0_BYTES, |x, w, out| {
         let mut q = [0u8; QK];
         let d = encode_symmetric(x, w, grid, &mut q);
         out[..2].copy_from_slice(&d.to_le_bytes());

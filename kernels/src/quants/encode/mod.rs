@@ -20,6 +20,8 @@
 //! | [`legacy`] | Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 |
 //! | [`k_quants`] | Q2_K, Q3_K, Q4_K, Q5_K, Q6_K |
 //! | [`iq4`] | IQ4_NL, IQ4_XS |
+//! | [`low_bit`] | Q1_0, Q2_0 |
+//! | [`nvfp4`] | NVFP4 |
 //!
 //! F32, F16 and BF16 are plain conversions (round to nearest even) that ignore
 //! the importance.
@@ -31,6 +33,8 @@
 pub mod iq4;
 pub mod k_quants;
 pub mod legacy;
+pub mod low_bit;
+pub mod nvfp4;
 pub(crate) mod search;
 
 #[cfg(test)]
@@ -98,6 +102,9 @@ fn block_fn(ty: GgmlType) -> Option<BlockFn> {
         GgmlType::Q6_K => k_quants::quantize_q6_k,
         GgmlType::IQ4_NL => iq4::quantize_iq4_nl,
         GgmlType::IQ4_XS => iq4::quantize_iq4_xs,
+        GgmlType::NVFP4 => nvfp4::quantize_nvfp4,
+        GgmlType::Q1_0 => low_bit::quantize_q1_0,
+        GgmlType::Q2_0 => low_bit::quantize_q2_0,
     })
 }
 

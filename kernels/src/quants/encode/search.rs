@@ -16,8 +16,9 @@ use half::f16;
 /// `GROUP_MAX_EPS`).
 pub(crate) const GROUP_MAX_EPS: f32 = 1e-15;
 
-/// Largest group any search handles (a legacy block or a k-quant sub-block).
-pub(crate) const MAX_GROUP: usize = 32;
+/// Largest group any search handles (a Q2_0 block; legacy blocks and k-quant
+/// sub-blocks are smaller).
+pub(crate) const MAX_GROUP: usize = 64;
 
 /// Grids with at most this many levels (and affine fits with at most this many
 /// steps) also try every level as the image of the extreme element, so that data
@@ -247,7 +248,7 @@ pub(crate) fn mean_square(x: &[f32]) -> f32 {
 /// `w` itself when its sum is positive and finite, else uniform weights: a group
 /// whose weights are all zero still gets a sensible fit.
 #[inline]
-fn usable(w: &[f32]) -> &[f32] {
+pub(crate) fn usable(w: &[f32]) -> &[f32] {
     let s: f32 = w.iter().sum();
     if s > 0.0 && s.is_finite() {
         w

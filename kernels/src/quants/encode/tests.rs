@@ -279,10 +279,82 @@ fn reference(ty: GgmlType, src: &[f32]) -> Vec<u8> {
                 o[..2].copy_from_slice(&h(d));
                 write_legacy_quants(&q, false, &mut o[2..]);
             }
+            GgmlType::Q1_0 => {
+                // ggml's quantize_row_q1_0_ref: d = mean |x|, bit = x >= 0.
+                let d = x.iter().map(|v| v.abs()).sum::<f32>() / x.len() as f32;
+                o[..2].copy_from_slice(&h(d));
+                o[2..].fill(0);
+                for (j, &v) in x.iter().enumerate() {
+                    if v >= 0.0 {
+                        o[2 + j / 8] |= 1 << (j % 8);
+                    }
+                }
+            }
+            GgmlType::Q2_0 => {
+                // ggml's quantize_row_q2_0_ref: d = max |x|, q = round(x / d) + 1.
+                let (d, _) = abs_max(x);
+                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                o[..2].copy_from_slice(&h(d));
+                o[2..].fill(0);
+                for (j, &v) in x.iter().enumerate() {
+                    let q = ((v * id).round() as i32 + 1).clamp(0, 3) as u8;
+                    o[2 + j / 4] |= q << (2 * (j % 4));
+                }
+            }
+            GgmlType::NVFP4 => {
+                // ggml's quantize_row_nvfp4_ref: scale ue4m3(amax / 6), nearest value.
+                for s in 0..4 {
+                    let xs = &x[16 * s..16 * s + 16];
+                    let (amax, _) = abs_max(xs);
+                    let code = ref_fp32_to_ue4m3(amax / 6.0);
+                    let d = crate::quants::nvfp4::ue4m3_to_f32(code);
+                    o[s] = code;
+                    let idx = |v: f32| {
+                        (0..16u8)
+                            .min_by(|&a, &b| {
+                                let ea = (crate::quants::nvfp4::KVALUES_FP4[a as usize] as f32 * d - v).abs();
+                                let eb = (crate::quants::nvfp4::KVALUES_FP4[b as usize] as f32 * d - v).abs();
+                                ea.partial_cmp(&eb).unwrap()
+                            })
+                            .unwrap()
+                    };
+                    for j in 0..8 {
+                        o[4 + 8 * s + j] = idx(xs[j]) | (idx(xs[j + 8]) << 4);
+                    }
+                }
+            }
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!(),
         }
     }
     out
+}
+
+/// ggml's `ggml_fp32_to_ue4m3`: the UE4M3 byte of a positive `x` (round half up
+/// on the fourth mantissa bit, subnormals by `x · 512 + 0.5`, saturating at 0x7E).
+fn ref_fp32_to_ue4m3(x: f32) -> u8 {
+    if !(x > 0.0) {
+        return 0;
+    }
+    let x = x.min(448.0);
+    let bits = x.to_bits();
+    let exp = ((bits >> 23) & 0xFF) as i32 - 127 + 7;
+    if exp <= 0 {
+        let man = (x * 512.0 + 0.5) as i32;
+        return if man < 1 { 0 } else { man.min(7) as u8 };
+    }
+    if exp >= 15 {
+        return 0x7E;
+    }
+    let mut man = ((bits >> 20) & 7) as i32 + ((bits >> 19) & 1) as i32;
+    let mut exp = exp;
+    if man > 7 {
+        man = 0;
+        exp += 1;
+        if exp >= 15 {
+            return 0x7E;
+        }
+    }
+    ((exp << 3) | man) as u8
 }
 
 /// Relative RMSE bound per type on Gaussian data (about 1.25x what the
@@ -297,6 +369,9 @@ fn rmse_bound(ty: GgmlType) -> f64 {
         GgmlType::Q4_0 | GgmlType::IQ4_NL | GgmlType::IQ4_XS => 0.1,
         GgmlType::Q3_K => 0.18,
         GgmlType::Q2_K => 0.33,
+        GgmlType::NVFP4 => 0.112,
+        GgmlType::Q2_0 => 0.45,
+        GgmlType::Q1_0 => 0.75,
         _ => unreachable!(),
     }
 }
@@ -452,6 +527,48 @@ fn lossless_on_its_own_grid() {
                 "{from} data as {to} (importance {}): {bad} differ",
                 qw.is_some()
             );
+        }
+    }
+}
+
+/// Q1_0 and Q2_0 data (random f16 scales and codes, every Q2_0 block using both
+/// ends of its grid) quantizes back to the same values, with and without
+/// importance; so does NVFP4 data whose sub-blocks each hold a ±12 code (the
+/// scale search starts from the largest element on the grid's end).
+#[test]
+fn low_bit_types_are_lossless_on_their_own_grid() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let row = 512;
+    for ty in [GgmlType::Q1_0, GgmlType::Q2_0, GgmlType::NVFP4] {
+        let (be, bb) = (ty.block_elems(), ty.block_bytes());
+        let blocks = 4 * row / be;
+        let mut src = vec![0u8; blocks * bb];
+        rng.fill(&mut src[..]);
+        for b in src.chunks_exact_mut(bb) {
+            match ty {
+                GgmlType::NVFP4 => {
+                    for s in 0..4 {
+                        // Normal UE4M3 codes (exponent 1..14), and a ±12 nibble.
+                        b[s] = (rng.gen_range(1..15u8) << 3) | rng.gen_range(0..8u8);
+                        let j = 4 + 8 * s + rng.gen_range(0..8);
+                        b[j] = (b[j] & 0xF0) | if rng.gen() { 7 } else { 15 };
+                    }
+                }
+                _ => {
+                    let d: f32 = 2f32.powi(rng.gen_range(-10..-4)) * rng.gen_range(1.0..2.0);
+                    b[..2].copy_from_slice(&h(d));
+                    if ty == GgmlType::Q2_0 {
+                        b[2] = (b[2] & 0xF0) | 0b1100; // codes 0 (-1) and 3 (+2)
+                    }
+                }
+            }
+        }
+        let x = decode(ty, &src, blocks * be);
+        for qw in [None, Some(importance(14))] {
+            let qw = qw.as_ref().map(|v| &v[..row]);
+            let y = decode(ty, &quantize_to_vec(ty, &x, row, qw).unwrap(), x.len());
+            let bad = x.iter().zip(&y).filter(|(a, b)| a != b).count();
+            assert_eq!(bad, 0, "{ty} (importance {}): {bad} differ", qw.is_some());
         }
     }
 }
