@@ -525,3 +525,124 @@ fn llama_quantize_options_set_types_keys_and_the_imatrix_scope_and_dry_run_predi
         );
     }
 }
+
+/// Copies GGUF `src` to `dst`, replacing tensor `name` by `dims`/`data` (F32).
+fn rewrite_tensor(src: &Path, dst: &Path, name: &str, dims: &[u64], data: &[u8]) {
+    use model::gguf::{GgufWriter, TensorDecl};
+    let g = GgufFile::open(src).unwrap();
+    let decls: Vec<TensorDecl> = g
+        .tensors
+        .iter()
+        .map(|t| TensorDecl {
+            name: t.name.clone(),
+            dims: if t.name == name {
+                dims.to_vec()
+            } else {
+                t.dims.clone()
+            },
+            ty: t.ty,
+        })
+        .collect();
+    let mut w = GgufWriter::create(dst, &g.metadata, &decls).unwrap();
+    for t in &g.tensors {
+        let bytes = if t.name == name {
+            data
+        } else {
+            g.tensor_data(t)
+        };
+        w.write_tensor(&t.name, bytes).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+/// NVFP4, Q2_0 and Q1_0 with the imatrix on the real model: the mixes llama.cpp
+/// makes (tied output at Q8_0; Q1_0 falls back to Q2_0 on 576-wide rows, which
+/// llama-quantize refuses), NVFP4's per-tensor `.scale` beside every projection
+/// (F32 {1}, read back and multiplied in: the model evaluates close to the base),
+/// the imatrix lowering Q2_0's KL divergence, and a `.scale` of the wrong shape
+/// refused with its name.
+#[test]
+fn low_bit_types_with_the_imatrix_and_nvfp4_tensor_scales() {
+    let dir = work_dir();
+    let imat = imatrix().to_str().unwrap().to_owned();
+    let path = |t: &str| dir.join(format!("{t}.gguf"));
+    for t in ["NVFP4", "Q2_0", "Q1_0"] {
+        let report = dir.join(format!("{t}.json"));
+        quantize(
+            &real_model(),
+            t,
+            &["--imatrix", &imat, "--report", report.to_str().unwrap()],
+            &path(t),
+        );
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        let types: Vec<&str> = r["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["ty"].as_str().unwrap())
+            .collect();
+        let count = |ty: &str| types.iter().filter(|&&x| x == ty).count();
+        // 30 blocks × 7 projections; the tied embedding is the output: Q8_0.
+        assert_eq!(count("Q8_0"), 1, "{t}: {types:?}");
+        match t {
+            "Q1_0" => assert_eq!((count("Q1_0"), count("Q2_0")), (30, 180), "{types:?}"),
+            _ => assert_eq!(count(t), 210, "{t}: {types:?}"),
+        }
+    }
+    quantize(&real_model(), "Q2_0", &[], &path("Q2_0-plain"));
+    let g = GgufFile::open(&path("NVFP4")).unwrap();
+    assert_eq!(
+        g.get("general.file_type"),
+        Some(&MetaValue::U32(39)),
+        "LLAMA_FTYPE_MOSTLY_NVFP4"
+    );
+    let scales: Vec<_> = g
+        .tensors
+        .iter()
+        .filter(|t| t.name.ends_with(".scale"))
+        .collect();
+    assert_eq!(scales.len(), 210);
+    for s in &scales {
+        assert_eq!(
+            (s.ty, s.dims.as_slice()),
+            (kernels::GgmlType::F32, &[1u64][..])
+        );
+        let v = f32::from_le_bytes(g.tensor_data(s).try_into().unwrap());
+        assert!(v > 0.0 && v < 1.0, "{}: {v}", s.name);
+        let weight = s.name.replace(".scale", ".weight");
+        assert_eq!(g.tensor(&weight).unwrap().ty, kernels::GgmlType::NVFP4);
+    }
+    let klds = mean_kld(&[&path("NVFP4"), &path("Q2_0"), &path("Q2_0-plain")]);
+    eprintln!(
+        "mean KLD over 4 chunks: NVFP4 {:.4}, Q2_0 imatrix {:.4}, Q2_0 plain {:.4}",
+        klds[0], klds[1], klds[2]
+    );
+    // llama.cpp's Q4_0 with an imatrix reaches 0.156 on 40 chunks.
+    assert!(klds[0] < 0.2, "NVFP4 {klds:?}");
+    assert!(
+        klds[1] < 0.8 * klds[2],
+        "Q2_0: imatrix {} vs plain {}",
+        klds[1],
+        klds[2]
+    );
+
+    // A scale of shape {2} is refused by name.
+    let bad = dir.join("NVFP4-bad-scale.gguf");
+    rewrite_tensor(&path("NVFP4"), &bad, "blk.3.ffn_up.scale", &[2], &[0u8; 8]);
+    let o = compress(&[
+        "eval",
+        bad.to_str().unwrap(),
+        "--text",
+        eval_text().to_str().unwrap(),
+        "--chunks",
+        "1",
+    ]);
+    let text = output_text(&o);
+    assert_eq!(o.status.code(), Some(2), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+    assert!(
+        text.contains("blk.3.ffn_up.scale") && text.contains("shape {1}"),
+        "{text}"
+    );
+}

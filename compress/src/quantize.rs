@@ -10,7 +10,7 @@ use model::calib::walk::{ExpertCalibration, Timings};
 use model::calib::{calibration_samples, Imatrix};
 use model::checkpoint::Checkpoint;
 use model::gguf::{split_prefix, GgufSplit};
-use model::gguf_export::{self, parse_kv_override, GgufOutput};
+use model::gguf_export::{parse_kv_override, GgufOutput};
 use model::hf_quant::{HfQuantFormat, IntQuantConfig};
 use model::progress::Progress;
 use model::Model;
@@ -255,19 +255,17 @@ fn print_dry_run(
     file_type: u32,
     out: &GgufOutput,
 ) -> Result<()> {
-    let decls: Vec<_> = plan
-        .iter()
-        .map(|t| gguf_export::tensor_decl(&t.name, &t.shape, t.ty))
-        .collect();
+    let decls = quant::gguf_quantize::plan_decls(model, plan);
     let files = out.planned_sizes(model, file_type, &decls)?;
-    for (t, d) in plan.iter().zip(&decls) {
+    for d in &decls {
         let n: u64 = d.dims.iter().product();
+        let shape: Vec<u64> = d.dims.iter().rev().copied().collect();
         println!(
             "{:<40} {:>8} {:>14} {:>12} bytes",
-            t.name,
-            t.ty.name(),
-            format!("{:?}", t.shape),
-            t.ty.bytes_for(n as usize).unwrap_or(0)
+            d.name,
+            d.ty.name(),
+            format!("{shape:?}"),
+            d.ty.bytes_for(n as usize).unwrap_or(0)
         );
     }
     for (path, bytes) in &files {
@@ -276,7 +274,7 @@ fn print_dry_run(
     let total: u64 = files.iter().map(|f| f.1).sum();
     println!(
         "dry run: {} tensors, {total} bytes ({:.1} MB) in {} file{}; nothing written",
-        plan.len(),
+        decls.len(),
         total as f64 / 1e6,
         files.len(),
         if files.len() == 1 { "" } else { "s" }

@@ -197,6 +197,7 @@ fn change_tensor(
                 ty,
                 shape,
                 data: Cow::Owned(bytes),
+                scale: None,
             };
             (tensor, ty.to_string(), restored)
         }

@@ -22,6 +22,9 @@ pub struct WeightRef<'a> {
     pub cols: usize,
     /// The stored bytes.
     pub data: &'a [u8],
+    /// A factor every stored value is multiplied by (llama.cpp's per-tensor
+    /// `NAME.scale`, as NVFP4 checkpoints carry); 1 for none.
+    pub scale: f32,
 }
 
 impl<'a> WeightRef<'a> {
@@ -45,7 +48,13 @@ impl<'a> WeightRef<'a> {
             rows,
             cols,
             data,
+            scale: 1.0,
         })
+    }
+
+    /// The same weight with every value multiplied by `scale`.
+    pub fn with_scale(self, scale: f32) -> Self {
+        WeightRef { scale, ..self }
     }
 
     /// Bytes of one stored row.
@@ -61,11 +70,12 @@ impl<'a> WeightRef<'a> {
         out: &mut [f32],
     ) -> Result<(), KernelError> {
         let rb = self.row_bytes();
-        dequantize(
-            self.ty,
-            &self.data[r0 * rb..r1 * rb],
-            &mut out[..(r1 - r0) * self.cols],
-        )
+        let out = &mut out[..(r1 - r0) * self.cols];
+        dequantize(self.ty, &self.data[r0 * rb..r1 * rb], out)?;
+        if self.scale != 1.0 {
+            out.iter_mut().for_each(|v| *v *= self.scale);
+        }
+        Ok(())
     }
 
     /// The whole matrix as f32.

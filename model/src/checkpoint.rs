@@ -37,6 +37,10 @@ pub struct Tensor<'a> {
     pub shape: Vec<usize>,
     /// Stored bytes: borrowed from the memory map unless a layout change copied them.
     pub data: Cow<'a, [u8]>,
+    /// llama.cpp's per-tensor factor (`NAME.scale` in a GGUF, as NVFP4
+    /// checkpoints carry): one per matrix (per expert of a stacked experts'
+    /// tensor), multiplied into every decoded value. `None` when absent.
+    pub scale: Option<Vec<f32>>,
 }
 
 impl Tensor<'_> {
@@ -49,8 +53,29 @@ impl Tensor<'_> {
     pub fn as_weight(&self) -> Result<WeightRef<'_>> {
         let cols = *self.shape.last().unwrap_or(&1);
         let rows = self.n_elements() / cols.max(1);
-        WeightRef::new(self.ty, rows, cols, &self.data)
-            .with_context(|| format!("tensor '{}'", self.name))
+        let w = WeightRef::new(self.ty, rows, cols, &self.data)
+            .with_context(|| format!("tensor '{}'", self.name))?;
+        Ok(match self.scale.as_deref() {
+            None => w,
+            Some([s]) => w.with_scale(*s),
+            Some(_) => bail!(
+                "tensor '{}' has one scale per expert: take an expert first",
+                self.name
+            ),
+        })
+    }
+
+    /// Multiplies `values`, rows `r0..` of this tensor in f32, by their
+    /// matrix's scale, if any.
+    fn apply_scale(&self, r0: usize, values: &mut [f32]) {
+        let Some(scale) = &self.scale else { return };
+        let cols = (*self.shape.last().unwrap_or(&1)).max(1);
+        let rows = self.n_elements() / cols;
+        let per_matrix = (rows / scale.len().max(1)).max(1);
+        for (i, row) in values.chunks_mut(cols).enumerate() {
+            let s = scale[((r0 + i) / per_matrix).min(scale.len() - 1)];
+            row.iter_mut().for_each(|v| *v *= s);
+        }
     }
 
     /// A view of this tensor borrowing its bytes (for swapping it into a block).
@@ -60,6 +85,7 @@ impl Tensor<'_> {
             ty: self.ty,
             shape: self.shape.clone(),
             data: Cow::Borrowed(&self.data),
+            scale: self.scale.clone(),
         }
     }
 
@@ -93,6 +119,7 @@ impl Tensor<'_> {
             ty: self.ty,
             shape: vec![rows, cols],
             data: Cow::Borrowed(data),
+            scale: self.scale.as_ref().map(|s| vec![s[e.min(s.len() - 1)]]),
         })
     }
 
@@ -104,6 +131,7 @@ impl Tensor<'_> {
             ty: GgmlType::F32,
             shape,
             data: Cow::Owned(data),
+            scale: None,
         }
     }
 
@@ -143,6 +171,7 @@ impl Tensor<'_> {
         let mut out = vec![0f32; (r1 - r0) * cols];
         kernels::quants::dequantize(self.ty, data, &mut out)
             .with_context(|| format!("tensor '{}'", self.name))?;
+        self.apply_scale(r0, &mut out);
         Ok(out)
     }
 
@@ -151,6 +180,7 @@ impl Tensor<'_> {
         let mut out = vec![0f32; self.n_elements()];
         kernels::quants::dequantize(self.ty, &self.data, &mut out)
             .with_context(|| format!("tensor '{}'", self.name))?;
+        self.apply_scale(0, &mut out);
         Ok(out)
     }
 }
@@ -351,6 +381,10 @@ impl Model {
                     .map(|s| s.gguf.to_owned()),
             );
         }
+        // llama.cpp's per-tensor `NAME.scale` of a known weight (NVFP4
+        // checkpoints): read with its weight, its shape checked there.
+        let scales: Vec<String> = known.iter().filter_map(|n| names::scale_of(n)).collect();
+        known.extend(scales);
         let arch = self.config.arch;
         let unknown = match &self.checkpoint {
             Checkpoint::Gguf(g) => g
@@ -568,12 +602,50 @@ impl Model {
                 },
             },
         };
+        let scale = match &self.checkpoint {
+            Checkpoint::Gguf(g) => self.gguf_scale(g, name, &shape)?,
+            Checkpoint::Safetensors(_) => None,
+        };
         Ok(Tensor {
             name: name.to_owned(),
             ty,
             shape,
             data,
+            scale,
         })
+    }
+
+    /// The values of `NAME.scale` for weight `NAME.weight` of shape `shape`, if
+    /// the GGUF has one: F32 of shape {1} (one per expert, {experts}, for a
+    /// stacked experts' tensor), every value finite.
+    fn gguf_scale(&self, g: &GgufFile, name: &str, shape: &[usize]) -> Result<Option<Vec<f32>>> {
+        let Some(scale_name) = names::scale_of(name) else {
+            return Ok(None);
+        };
+        let Some(info) = g.tensor(&scale_name) else {
+            return Ok(None);
+        };
+        let matrices = if shape.len() == 3 { shape[0] } else { 1 };
+        if info.ty != GgmlType::F32 || info.shape() != [matrices] {
+            bail!(
+                "{}: tensor '{scale_name}' is {} of shape {:?}; llama.cpp's per-tensor scale of '{name}' must be F32 of shape {{{matrices}}}",
+                self.path.display(),
+                info.ty,
+                info.shape()
+            );
+        }
+        let values: Vec<f32> = g
+            .tensor_data(info)
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+            bail!(
+                "{}: tensor '{scale_name}' holds {bad}: the scale of '{name}' must be finite",
+                self.path.display()
+            );
+        }
+        Ok(Some(values))
     }
 
     /// The output head: `output.weight`, or the embedding when tied.

@@ -336,6 +336,38 @@ pub fn tensor_decl(name: &str, shape: &[usize], ty: GgmlType) -> TensorDecl {
     }
 }
 
+/// Whether llama.cpp (0c1e570) multiplies the output of weight `name` by a
+/// `NAME.scale` tensor in this architecture's graph. Its loader reads such a
+/// tensor for every projection of every architecture, but only some graphs
+/// apply it (Qwen2's, Gemma 3's and OLMo 2's MLPs pass no scale); a scale the
+/// graph ignores would change what the file computes, so only these get one:
+/// the output head everywhere; Q, K, V and the attention output where the graph
+/// builds them with `build_qkv` and passes `wo_s` (checked for llama, qwen2,
+/// qwen3, gemma3, olmo2, smollm3, qwen3moe, olmoe); the MLP of llama and qwen3;
+/// the routed experts of llama (Mixtral) and qwen3moe.
+pub fn llama_cpp_applies_scale(cfg: &ModelConfig, name: &str) -> bool {
+    use crate::arch::{Role, Slot};
+    let arch = cfg.arch;
+    if arch.role(name) == Some(Role::Head) {
+        return true;
+    }
+    let Some(slot) = arch.spec(name).and_then(|s| s.slot) else {
+        return false;
+    };
+    let g = arch.gguf_name;
+    let attention = [
+        "llama", "qwen2", "qwen3", "gemma3", "olmo2", "smollm3", "qwen3moe", "olmoe",
+    ];
+    match slot {
+        Slot::Q | Slot::K | Slot::V | Slot::O => attention.contains(&g),
+        Slot::Gate | Slot::Up | Slot::Down if name.contains("_exps") => {
+            ["llama", "qwen3moe"].contains(&g)
+        }
+        Slot::Gate | Slot::Up | Slot::Down => ["llama", "qwen3"].contains(&g),
+        _ => false,
+    }
+}
+
 /// Rows of an HF-layout tensor (any storage, whole rows; a vector's rows are its
 /// elements) in GGUF order: where the architecture says so (llama's Q and K),
 /// permuted for llama.cpp's interleaved RoPE; everything else is unchanged.

@@ -10,6 +10,13 @@ pub fn block(layer: usize, suffix: &str) -> String {
     format!("blk.{layer}.{suffix}")
 }
 
+/// The name of llama.cpp's per-tensor scale of weight `name` (`X.weight` →
+/// `X.scale`); `None` for a name that is not a weight.
+pub fn scale_of(name: &str) -> Option<String> {
+    name.strip_suffix(".weight")
+        .map(|base| format!("{base}.scale"))
+}
+
 /// The name of block `layer` as a whole (`blk.N`), as block-level reports use.
 pub fn block_unit(layer: usize) -> String {
     format!("blk.{layer}")

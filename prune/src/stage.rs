@@ -385,6 +385,7 @@ pub fn prune_model(
                     ty: w.ty,
                     shape: vec![rows, cols],
                     data: std::borrow::Cow::Owned(model::dense::encode_floats(&pruned, w.ty)),
+                    scale: None,
                 },
                 _ => f32_tensor(name, rows, cols, &pruned),
             })

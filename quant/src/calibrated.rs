@@ -639,6 +639,7 @@ fn round_experts(
         ty: kernels::GgmlType::F32,
         shape: vec![experts, rows, cols],
         data: std::borrow::Cow::Owned(bytes),
+        scale: None,
     };
     Ok((qs, stacked))
 }
@@ -708,9 +709,11 @@ pub fn calibrated_to_gguf(
                         next: &mut usize|
      -> Result<()> {
         while *next < order.len() && Some(order[*next].as_str()) != upto {
-            let (bytes, report) = quantize_tensor(model, planned(&order[*next])?, imatrix)?;
-            writer.write_tensor(&order[*next], &bytes)?;
-            reports.push(report);
+            // No `.scale` here: GPTQ and AWQ encode NVFP4 linears unscaled, and
+            // the decls above declare none.
+            let q = quantize_tensor(model, planned(&order[*next])?, imatrix, false)?;
+            q.write(writer)?;
+            reports.push(q.report);
             *next += 1;
         }
         Ok(())

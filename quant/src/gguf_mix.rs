@@ -35,10 +35,15 @@ pub enum Mix {
     Q6_K,
     IQ4_NL,
     IQ4_XS,
+    NVFP4,
+    Q1_0,
+    Q2_0,
 }
 
 /// Every mix, in the order `--help` lists them.
-pub const ALL_MIXES: [Mix; 19] = [
+pub const ALL_MIXES: [Mix; 22] = [
+    Mix::Q1_0,
+    Mix::Q2_0,
     Mix::Q2_K,
     Mix::Q3_K_S,
     Mix::Q3_K_M,
@@ -55,6 +60,7 @@ pub const ALL_MIXES: [Mix; 19] = [
     Mix::Q8_0,
     Mix::IQ4_NL,
     Mix::IQ4_XS,
+    Mix::NVFP4,
     Mix::F16,
     Mix::BF16,
     Mix::F32,
@@ -83,6 +89,9 @@ impl Mix {
             Mix::Q6_K => "Q6_K",
             Mix::IQ4_NL => "IQ4_NL",
             Mix::IQ4_XS => "IQ4_XS",
+            Mix::NVFP4 => "NVFP4",
+            Mix::Q1_0 => "Q1_0",
+            Mix::Q2_0 => "Q2_0",
         }
     }
 
@@ -120,6 +129,9 @@ impl Mix {
             Mix::IQ4_NL => 25,
             Mix::IQ4_XS => 30,
             Mix::BF16 => 32,
+            Mix::NVFP4 => 39,
+            Mix::Q1_0 => 40,
+            Mix::Q2_0 => 41,
         }
     }
 
@@ -141,6 +153,9 @@ impl Mix {
             Mix::Q6_K => GgmlType::Q6_K,
             Mix::IQ4_NL => GgmlType::IQ4_NL,
             Mix::IQ4_XS => GgmlType::IQ4_XS,
+            Mix::NVFP4 => GgmlType::NVFP4,
+            Mix::Q1_0 => GgmlType::Q1_0,
+            Mix::Q2_0 => GgmlType::Q2_0,
         }
     }
 
@@ -201,6 +216,11 @@ fn mix_type(mix: Mix, name: &str, cfg: &ModelConfig, has_imatrix: bool) -> GgmlT
         } else {
             GgmlType::Q6_K
         };
+    }
+    // An untied embedding of the ternary-like mixes gets Q4_K, as llama.cpp
+    // gives TQ1_0, TQ2_0 and Q2_0.
+    if role == Some(Role::Embedding) && mix == Mix::Q2_0 {
+        return GgmlType::Q4_K;
     }
     let (Some(layer), Some(slot)) = (
         names::block_index(name),
@@ -277,6 +297,10 @@ fn mix_type(mix: Mix, name: &str, cfg: &ModelConfig, has_imatrix: bool) -> GgmlT
 }
 
 /// The replacement for a type whose block does not divide the row length.
+///
+/// llama-quantize has no fallback for NVFP4 and Q1_0 and stops ("no tensor type
+/// fallback is defined"); here NVFP4 goes to Q4_0 (the same 4.5 bits per weight)
+/// and Q1_0 to the next smallest type whose block fits, Q2_0 or Q4_0.
 pub fn fallback(ty: GgmlType, cols: usize) -> GgmlType {
     if cols.is_multiple_of(ty.block_elems()) {
         return ty;
@@ -288,6 +312,9 @@ pub fn fallback(ty: GgmlType, cols: usize) -> GgmlType {
         GgmlType::Q4_K => GgmlType::Q5_0,
         GgmlType::Q5_K => GgmlType::Q5_1,
         GgmlType::Q6_K => GgmlType::Q8_0,
+        GgmlType::Q2_0 | GgmlType::NVFP4 => GgmlType::Q4_0,
+        GgmlType::Q1_0 if cols.is_multiple_of(GgmlType::Q2_0.block_elems()) => GgmlType::Q2_0,
+        GgmlType::Q1_0 => GgmlType::Q4_0,
         other => other,
     };
     if cols.is_multiple_of(fb.block_elems()) {
@@ -325,6 +352,9 @@ pub fn file_type_of(types: &[GgmlType]) -> u32 {
         GgmlType::Q6_K => Mix::Q6_K,
         GgmlType::IQ4_NL => Mix::IQ4_NL,
         GgmlType::IQ4_XS => Mix::IQ4_XS,
+        GgmlType::NVFP4 => Mix::NVFP4,
+        GgmlType::Q1_0 => Mix::Q1_0,
+        GgmlType::Q2_0 => Mix::Q2_0,
         GgmlType::F32 => Mix::F32,
     };
     mix.file_type()

@@ -8,10 +8,12 @@ use crate::gguf_mix::{choose, Mix, Override};
 use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
 use model::calib::Imatrix;
+use model::gguf::{GgufWriter, TensorDecl};
 use model::gguf_export::{self, GgufOutput};
 use model::Model;
 use rayon::prelude::*;
 use serde::Serialize;
+use std::borrow::Cow;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -198,24 +200,85 @@ pub fn quantize_stacked(
     }
 }
 
+/// Whether planned tensor `t` is written with llama.cpp's per-tensor
+/// `NAME.scale` beside it: NVFP4 weights whose scale llama.cpp's graph applies
+/// ([`gguf_export::llama_cpp_applies_scale`]).
+pub fn has_tensor_scale(model: &Model, t: &PlannedTensor) -> bool {
+    t.ty == GgmlType::NVFP4 && gguf_export::llama_cpp_applies_scale(&model.config, &t.name)
+}
+
+/// The GGUF tensors of planned tensor `t`: the weight, then its `NAME.scale`
+/// (F32, one per matrix) when `scaled`.
+pub fn tensor_decls(t: &PlannedTensor, scaled: bool) -> Vec<TensorDecl> {
+    let mut decls = vec![gguf_export::tensor_decl(&t.name, &t.shape, t.ty)];
+    if let (true, Some(scale)) = (scaled, model::names::scale_of(&t.name)) {
+        decls.push(gguf_export::tensor_decl(
+            &scale,
+            &[matrices(&t.shape)],
+            GgmlType::F32,
+        ));
+    }
+    decls
+}
+
+/// Matrices in a tensor of `shape`: the experts of a stacked `[experts, rows,
+/// cols]` tensor, else 1.
+fn matrices(shape: &[usize]) -> usize {
+    if shape.len() == 3 {
+        shape[0]
+    } else {
+        1
+    }
+}
+
+/// One tensor quantized: its GGUF-ordered bytes, its per-matrix `NAME.scale`
+/// when it has one, and its report.
+pub struct QuantizedTensor {
+    /// The bytes to write, in GGUF row order.
+    pub bytes: Vec<u8>,
+    /// The values of `NAME.scale` (one per matrix), when written.
+    pub scale: Option<Vec<f32>>,
+    /// The tensor's report.
+    pub report: TensorReport,
+}
+
+impl QuantizedTensor {
+    /// Writes the tensor and its scale (declared by [`tensor_decls`]).
+    pub fn write(&self, writer: &mut GgufWriter) -> Result<()> {
+        writer.write_tensor(&self.report.name, &self.bytes)?;
+        if let (Some(scale), Some(name)) = (&self.scale, model::names::scale_of(&self.report.name))
+        {
+            let bytes: Vec<u8> = scale.iter().flat_map(|v| v.to_le_bytes()).collect();
+            writer.write_tensor(&name, &bytes)?;
+        }
+        Ok(())
+    }
+}
+
 /// Quantizes one planned tensor of `model` (with its imatrix weights, if any):
 /// the GGUF-ordered bytes to write and the tensor's report.
+///
+/// With `scaled`, an NVFP4 tensor also gets llama.cpp's per-tensor scale: each
+/// matrix is divided by [`kernels::quants::nvfp4_tensor_scale`] of its largest
+/// magnitude before encoding, so that its sub-block scales use the top of
+/// UE4M3's range. Both encodings are made and the one with the smaller error
+/// kept; when that is the unscaled one the scale is written as 1.
 pub fn quantize_tensor(
     model: &Model,
     t: &PlannedTensor,
     imatrix: Option<&Imatrix>,
-) -> Result<(Vec<u8>, TensorReport)> {
+    scaled: bool,
+) -> Result<QuantizedTensor> {
     let tensor = model.tensor(&t.name)?;
     let cols = *t.shape.last().unwrap_or(&1);
     let importance = importance_of(imatrix, &t.name, &t.shape)?;
     let rows = tensor.n_elements() / cols.max(1);
+    let rows_per_matrix = (rows / matrices(&t.shape)).max(1);
     // A matrix goes a slice of rows at a time (rows are encoded independently,
     // so the bytes are the same): an 8B model's embedding is 2 GB in f32, and
     // holding it with its dequantized copy would triple that.
     let slices = tensor.row_slices();
-    let mut bytes = Vec::with_capacity(t.ty.bytes_for(tensor.n_elements()).unwrap_or(0));
-    let (mut num, mut den) = (0f64, 0f64);
-    for &(r0, r1) in &slices {
+    let read = |r0: usize, r1: usize| -> Result<Vec<f32>> {
         let values = tensor.rows_f32(r0, r1)?;
         if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
             bail!(
@@ -226,31 +289,81 @@ pub fn quantize_tensor(
                 r0 * cols + bad
             );
         }
+        Ok(values)
+    };
+    // Candidate per-matrix scales: 1, and with `scaled` the range-filling one.
+    let mut candidates = vec![vec![1f32; matrices(&t.shape)]];
+    if scaled {
+        let mut amax = vec![0f32; matrices(&t.shape)];
+        for &(r0, r1) in &slices {
+            for (i, row) in read(r0, r1)?.chunks(cols).enumerate() {
+                let m = &mut amax[(r0 + i) / rows_per_matrix];
+                *m = row.iter().fold(*m, |a, v| a.max(v.abs()));
+            }
+        }
+        candidates.push(
+            amax.iter()
+                .map(|&a| kernels::quants::nvfp4_tensor_scale(a))
+                .collect(),
+        );
+    }
+    let capacity = t.ty.bytes_for(tensor.n_elements()).unwrap_or(0);
+    let mut bytes = vec![Vec::with_capacity(capacity); candidates.len()];
+    let mut num = vec![0f64; candidates.len()];
+    let mut den = 0f64;
+    for &(r0, r1) in &slices {
+        let values = read(r0, r1)?;
         let shape = if slices.len() == 1 {
             t.shape.clone()
         } else {
             vec![r1 - r0, cols]
         };
-        let part = quantize_stacked(&values, &shape, t.ty, importance.as_deref())
-            .with_context(|| format!("quantizing '{}' to {}", t.name, t.ty))?;
-        let mut restored = vec![0f32; values.len()];
-        kernels::quants::dequantize(t.ty, &part, &mut restored)?;
-        let (n, d) = frobenius_parts(&values, &restored);
-        num += n;
-        den += d;
-        bytes.extend_from_slice(&part);
+        for (k, scale) in candidates.iter().enumerate() {
+            let row_scale = |i: usize| scale[(r0 + i) / rows_per_matrix];
+            let divided: Cow<[f32]> = if scale.iter().all(|&s| s == 1.0) {
+                Cow::Borrowed(&values)
+            } else {
+                Cow::Owned(
+                    values
+                        .chunks(cols)
+                        .enumerate()
+                        .flat_map(|(i, row)| row.iter().map(move |v| v / row_scale(i)))
+                        .collect(),
+                )
+            };
+            let part = quantize_stacked(&divided, &shape, t.ty, importance.as_deref())
+                .with_context(|| format!("quantizing '{}' to {}", t.name, t.ty))?;
+            let mut restored = vec![0f32; values.len()];
+            kernels::quants::dequantize(t.ty, &part, &mut restored)?;
+            for (i, row) in restored.chunks_mut(cols).enumerate() {
+                let s = row_scale(i);
+                row.iter_mut().for_each(|v| *v *= s);
+            }
+            let (n, d) = frobenius_parts(&values, &restored);
+            num[k] += n;
+            if k == 0 {
+                den += d;
+            }
+            bytes[k].extend_from_slice(&part);
+        }
     }
+    // The first candidate with the smallest error (ties keep the unscaled one).
+    let best = (0..candidates.len())
+        .min_by(|&a, &b| num[a].total_cmp(&num[b]))
+        .unwrap_or(0);
+    let bytes = std::mem::take(&mut bytes[best]);
     let report = TensorReport {
         name: t.name.clone(),
         ty: t.ty,
         bytes: bytes.len() as u64,
-        rel_error: (num / den.max(f64::MIN_POSITIVE)).sqrt(),
+        rel_error: (num[best] / den.max(f64::MIN_POSITIVE)).sqrt(),
         imatrix: importance.is_some(),
     };
-    Ok((
-        gguf_export::to_gguf_rows(model, &t.name, rows, bytes),
+    Ok(QuantizedTensor {
+        bytes: gguf_export::to_gguf_rows(model, &t.name, rows, bytes),
+        scale: scaled.then(|| candidates.swap_remove(best)),
         report,
-    ))
+    })
 }
 
 /// `‖a − b‖_F / ‖a‖_F`.
@@ -285,6 +398,14 @@ pub fn files_bytes(files: &[PathBuf]) -> u64 {
         .sum()
 }
 
+/// The GGUF tensors [`quantize_to_gguf`] writes for `plan`, in order: each
+/// weight, and after it its `NAME.scale` where [`has_tensor_scale`].
+pub fn plan_decls(model: &Model, plan: &[PlannedTensor]) -> Vec<TensorDecl> {
+    plan.iter()
+        .flat_map(|t| tensor_decls(t, has_tensor_scale(model, t)))
+        .collect()
+}
+
 /// Writes `model` quantized per `plan` to `out` (a GGUF file, or files as its
 /// split divides it), reporting progress as (tensors done, total, name).
 pub fn quantize_to_gguf(
@@ -296,19 +417,16 @@ pub fn quantize_to_gguf(
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<QuantizeReport> {
     let start = Instant::now();
-    let decls: Vec<_> = plan
-        .iter()
-        .map(|t| gguf_export::tensor_decl(&t.name, &t.shape, t.ty))
-        .collect();
+    let decls = plan_decls(model, plan);
     let mut writer = out.create(model, file_type, &decls)?;
     let mut reports = Vec::with_capacity(plan.len());
     let (mut n_params, mut data_bytes) = (0u64, 0u64);
     for (i, t) in plan.iter().enumerate() {
-        let (bytes, report) = quantize_tensor(model, t, imatrix)?;
-        writer.write_tensor(&t.name, &bytes)?;
+        let q = quantize_tensor(model, t, imatrix, has_tensor_scale(model, t))?;
+        q.write(&mut writer)?;
         n_params += t.shape.iter().product::<usize>() as u64;
-        data_bytes += report.bytes;
-        reports.push(report);
+        data_bytes += q.report.bytes;
+        reports.push(q.report);
         progress(i + 1, plan.len(), &t.name);
     }
     let files = writer.finish()?;

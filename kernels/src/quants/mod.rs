@@ -149,7 +149,11 @@ mod tests {
             dequantize(ty, src, &mut got).unwrap();
             for (i, (g, w)) in got.iter().zip(want.chunks_exact(4)).enumerate() {
                 let w = f32::from_le_bytes(w.try_into().unwrap());
-                assert_eq!(g.to_bits(), w.to_bits(), "{ty} element {i}: {g} vs ggml's {w}");
+                assert_eq!(
+                    g.to_bits(),
+                    w.to_bits(),
+                    "{ty} element {i}: {g} vs ggml's {w}"
+                );
             }
             seen.push(ty);
             at += 8 + nb + 4 * n;

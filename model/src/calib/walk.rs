@@ -498,6 +498,7 @@ fn calibrate_latent_attention(
             ty: GgmlType::F32,
             shape: vec![heads, shape[0], shape[1]],
             data: Cow::Owned(bytes),
+            scale: None,
         };
         out.push((
             slot,
@@ -734,6 +735,7 @@ fn calibrate_experts(
                 ty: GgmlType::F32,
                 shape: vec![experts, rows, cols],
                 data: Cow::Owned(bytes),
+                scale: None,
             };
             (slot, tensor)
         })

@@ -82,7 +82,9 @@ fn encode_sub_block(x: &[f32], w: &[f32]) -> (u8, [u8; QK_NVFP4_SUB]) {
     let values = &*UE4M3_VALUES;
     // The smallest stored scale at least amax / 12 (the largest element on the
     // grid's end), then a window around it.
-    let c0 = values.partition_point(|&v| v < amax / FP4_MAX).min(UE4M3_MAX_CODE as usize);
+    let c0 = values
+        .partition_point(|&v| v < amax / FP4_MAX)
+        .min(UE4M3_MAX_CODE as usize);
     let (mut best, mut best_code) = (f64::INFINITY, 0u8);
     let mut trial = [0u8; QK_NVFP4_SUB];
     for c in c0.saturating_sub(8).max(1)..=(c0 + 6).min(UE4M3_MAX_CODE as usize) {

@@ -312,8 +312,12 @@ fn reference(ty: GgmlType, src: &[f32]) -> Vec<u8> {
                     let idx = |v: f32| {
                         (0..16u8)
                             .min_by(|&a, &b| {
-                                let ea = (crate::quants::nvfp4::KVALUES_FP4[a as usize] as f32 * d - v).abs();
-                                let eb = (crate::quants::nvfp4::KVALUES_FP4[b as usize] as f32 * d - v).abs();
+                                let ea = (crate::quants::nvfp4::KVALUES_FP4[a as usize] as f32 * d
+                                    - v)
+                                    .abs();
+                                let eb = (crate::quants::nvfp4::KVALUES_FP4[b as usize] as f32 * d
+                                    - v)
+                                    .abs();
                                 ea.partial_cmp(&eb).unwrap()
                             })
                             .unwrap()
