@@ -112,6 +112,12 @@ pub struct Args {
     /// bytes (each file's when split), then stop without quantizing or writing.
     #[arg(long)]
     dry_run: bool,
+    /// Remove these blocks (numbers as in the input, comma-separated), as
+    /// llama-quantize does: the rest are renumbered from 0, `block_count` and the
+    /// per-block metadata arrays follow, and the imatrix is re-indexed (the
+    /// pruned blocks' entries dropped).
+    #[arg(long, value_name = "L0,L1,…", value_delimiter = ',')]
+    prune_layers: Vec<usize>,
     /// Output: a GGUF file, or with --method and no --type an HF-style folder.
     #[arg(short, long)]
     output: PathBuf,
@@ -356,7 +362,38 @@ fn open_inputs(a: &Args) -> Result<(Option<Imatrix>, Model)> {
         });
     let model = Model::open(&crate::resolve(&a.input)?)?;
     refuse_output_over_input(&a.output, &model)?;
+    if a.prune_layers.is_empty() {
+        return Ok((imatrix, model));
+    }
+    let model = model.prune_layers(&a.prune_layers)?;
+    let imatrix = imatrix.map(|mut m| {
+        m.entries = renumber_blocks(std::mem::take(&mut m.entries), &model);
+        m
+    });
     Ok((imatrix, model))
+}
+
+/// Entries keyed by the input's tensor names, keyed by a layer-pruned model's
+/// names instead: a pruned block's entries are dropped, the others renumbered
+/// (llama-quantize re-indexes its imatrix the same way).
+fn renumber_blocks<V>(
+    entries: std::collections::BTreeMap<String, V>,
+    model: &Model,
+) -> std::collections::BTreeMap<String, V> {
+    let Some(map) = &model.layer_map else {
+        return entries;
+    };
+    entries
+        .into_iter()
+        .filter_map(|(name, v)| match model::arch::split_block(&name) {
+            Some((l, suffix)) => map
+                .kept
+                .iter()
+                .position(|&k| k == l)
+                .map(|new| (model::names::block(new, suffix), v)),
+            None => Some((name, v)),
+        })
+        .collect()
 }
 
 /// Checks the arguments alone, reading no file: type names, ranges and
@@ -420,6 +457,7 @@ pub fn check_args(a: &Args) -> Result<()> {
         ("--keep-split", a.keep_split),
         ("--dry-run", a.dry_run),
         ("--override-kv", !a.override_kv.is_empty()),
+        ("--prune-layers", !a.prune_layers.is_empty()),
         ("--output-tensor-type", a.output_tensor_type.is_some()),
         ("--token-embedding-type", a.token_embedding_type.is_some()),
         ("--tensor-type-file", a.tensor_type_file.is_some()),

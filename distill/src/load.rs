@@ -172,6 +172,7 @@ mod tests {
             checkpoint: Checkpoint::Safetensors(SafetensorsSet::open(&file).unwrap()),
             quantized: None,
             sparse: None,
+            layer_map: None,
         }
     }
 

@@ -201,6 +201,19 @@ pub struct Model {
     /// The block linears of a compressed-tensors sparse folder (read back dense);
     /// None otherwise.
     pub sparse: Option<SparseLinears>,
+    /// After [`Model::prune_layers`]: the blocks kept, by their number in the
+    /// file (block `i` of this model is block `kept[i]` of the file), and the
+    /// file's block count. None: every block, as numbered in the file.
+    pub layer_map: Option<LayerMap>,
+}
+
+/// Which of a file's blocks a layer-pruned [`Model`] keeps.
+#[derive(Debug, Clone)]
+pub struct LayerMap {
+    /// The file's block number of each kept block, in order.
+    pub kept: Vec<usize>,
+    /// Blocks in the file.
+    pub source_layers: usize,
 }
 
 /// Rows of Q or K in GGUF are interleaved per head (llama.cpp's permutation for
@@ -299,6 +312,7 @@ impl Model {
             checkpoint: Checkpoint::Gguf(g),
             quantized: None,
             sparse: None,
+            layer_map: None,
         })
         .and_then(|m| {
             m.check_shapes()?;
@@ -326,6 +340,7 @@ impl Model {
             checkpoint: Checkpoint::Safetensors(set),
             quantized,
             sparse,
+            layer_map: None,
         })
     }
 
@@ -500,8 +515,81 @@ impl Model {
         ))
     }
 
+    /// Drops blocks `drop` (numbers as in the file) as llama-quantize's
+    /// `--prune-layers` does: the other blocks keep their order and are numbered
+    /// from 0, and the config says the new block count (per-layer attention types
+    /// and the GGUF metadata arrays with one entry per block re-indexed by
+    /// [`crate::gguf_export::metadata`]). Refuses a block that is not there,
+    /// every block, and models whose blocks differ by their number (a mixture of
+    /// experts with dense leading or interleaved blocks, chunked attention,
+    /// sliding-window and global layers mixed).
+    pub fn prune_layers(mut self, drop: &[usize]) -> Result<Self> {
+        let n = self.config.num_hidden_layers;
+        if let Some(&bad) = drop.iter().find(|&&l| l >= n) {
+            bail!(
+                "--prune-layers {bad}: {} has blocks 0…{}",
+                self.path.display(),
+                n.saturating_sub(1)
+            );
+        }
+        let kept: Vec<usize> = (0..n).filter(|l| !drop.contains(l)).collect();
+        if kept.is_empty() {
+            bail!(
+                "--prune-layers would remove all {n} blocks of {}",
+                self.path.display()
+            );
+        }
+        if self.layer_map.is_some() {
+            bail!("{}: blocks were pruned already", self.path.display());
+        }
+        let c = &mut self.config;
+        if c.moe
+            .as_ref()
+            .is_some_and(|m| m.interleave > 1 || m.first_dense > 0)
+            || c.chunked_attention.is_some()
+        {
+            bail!(
+                "--prune-layers: {} ({}) has blocks that differ by their number (dense and expert blocks, or chunked-attention layers); pruning it is not supported",
+                self.path.display(),
+                c.arch.name
+            );
+        }
+        // llama.cpp derives some families' sliding layers from the block number
+        // (Gemma 3: every sixth is global), so blocks of mixed kinds cannot be
+        // renumbered without changing what the file computes.
+        if c.layer_types.windows(2).any(|w| w[0] != w[1]) {
+            bail!(
+                "--prune-layers: {} ({}) mixes sliding-window and global attention layers, which llama.cpp tells apart by block number; pruning it is not supported",
+                self.path.display(),
+                c.arch.name
+            );
+        }
+        c.layer_types.truncate(kept.len());
+        c.num_hidden_layers = kept.len();
+        self.layer_map = Some(LayerMap {
+            kept,
+            source_layers: n,
+        });
+        Ok(self)
+    }
+
+    /// The file's name of tensor `name` (block numbers as this model counts
+    /// them): the same unless blocks were pruned.
+    pub fn source_name<'n>(&self, name: &'n str) -> Cow<'n, str> {
+        let Some(map) = &self.layer_map else {
+            return Cow::Borrowed(name);
+        };
+        match crate::arch::split_block(name) {
+            Some((l, suffix)) if l < map.kept.len() => {
+                Cow::Owned(names::block(map.kept[l], suffix))
+            }
+            _ => Cow::Borrowed(name),
+        }
+    }
+
     /// Storage type and HF-order shape of a tensor, without touching its data.
     pub fn tensor_meta(&self, name: &str) -> Result<(GgmlType, Vec<usize>)> {
+        let name = &*self.source_name(name);
         match &self.checkpoint {
             Checkpoint::Gguf(g) => {
                 let info = g.tensor(name).with_context(|| {
@@ -556,6 +644,8 @@ impl Model {
     /// A tensor by canonical name, in HF layout (Q/K rows un-permuted for GGUF).
     pub fn tensor(&self, name: &str) -> Result<Tensor<'_>> {
         let (ty, shape) = self.tensor_meta(name)?;
+        let own_name = name;
+        let name = &*self.source_name(name);
         let data: Cow<'_, [u8]> = match &self.checkpoint {
             Checkpoint::Gguf(g) => {
                 let bytes = g.tensor_data(g.tensor(name).expect("checked by tensor_meta"));
@@ -607,7 +697,7 @@ impl Model {
             Checkpoint::Safetensors(_) => None,
         };
         Ok(Tensor {
-            name: name.to_owned(),
+            name: own_name.to_owned(),
             ty,
             shape,
             data,
@@ -661,6 +751,7 @@ impl Model {
     /// Bytes tensor `name` occupies in the file; for a packed linear of a GPTQ or
     /// compressed-tensors checkpoint, all its parts (codes, scales, zeros, g_idx).
     pub fn stored_bytes(&self, name: &str) -> Result<u64> {
+        let name = &*self.source_name(name);
         match &self.checkpoint {
             Checkpoint::Gguf(g) => {
                 let info = g.tensor(name).with_context(|| {

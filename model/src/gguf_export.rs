@@ -162,12 +162,18 @@ fn strings(v: &[String]) -> MetaValue {
 /// safetensors source's are built from its config and tokenizer.
 pub fn metadata(model: &Model, file_type: u32) -> Result<Vec<(String, MetaValue)>> {
     let mut kv: Vec<(String, MetaValue)> = match &model.checkpoint {
-        Checkpoint::Gguf(g) => g
-            .metadata
-            .iter()
-            .filter(|(k, _)| !OWN_KEYS.contains(&k.as_str()))
-            .cloned()
-            .collect(),
+        Checkpoint::Gguf(g) => {
+            let mut kv: Vec<(String, MetaValue)> = g
+                .metadata
+                .iter()
+                .filter(|(k, _)| !OWN_KEYS.contains(&k.as_str()))
+                .cloned()
+                .collect();
+            if let Some(map) = &model.layer_map {
+                reindex_layers(&mut kv, model.config.arch.gguf_name, map);
+            }
+            kv
+        }
         Checkpoint::Safetensors(_) => {
             let c = &model.config;
             let arch = c.arch.gguf_name;
@@ -333,6 +339,26 @@ pub fn tensor_decl(name: &str, shape: &[usize], ty: GgmlType) -> TensorDecl {
         name: name.to_owned(),
         dims: shape.iter().rev().map(|&d| d as u64).collect(),
         ty,
+    }
+}
+
+/// The metadata of a GGUF whose blocks were pruned ([`Model::prune_layers`]):
+/// `{arch}.block_count` is the kept count, and every `{arch}.*` array with one
+/// entry per block of the source (per-layer head counts, FFN widths, window
+/// flags) keeps the kept blocks' entries in order.
+fn reindex_layers(kv: &mut [(String, MetaValue)], arch: &str, map: &crate::checkpoint::LayerMap) {
+    let prefix = format!("{arch}.");
+    for (k, v) in kv.iter_mut() {
+        if !k.starts_with(&prefix) {
+            continue;
+        }
+        if k == &format!("{arch}.block_count") {
+            *v = MetaValue::U32(map.kept.len() as u32);
+        } else if let MetaValue::Array(ty, items) = v {
+            if items.len() == map.source_layers {
+                *v = MetaValue::Array(*ty, map.kept.iter().map(|&l| items[l].clone()).collect());
+            }
+        }
     }
 }
 

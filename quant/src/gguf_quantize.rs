@@ -13,7 +13,6 @@ use model::gguf_export::{self, GgufOutput};
 use model::Model;
 use rayon::prelude::*;
 use serde::Serialize;
-use std::borrow::Cow;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -259,10 +258,9 @@ impl QuantizedTensor {
 /// the GGUF-ordered bytes to write and the tensor's report.
 ///
 /// With `scaled`, an NVFP4 tensor also gets llama.cpp's per-tensor scale: each
-/// matrix is divided by [`kernels::quants::nvfp4_tensor_scale`] of its largest
-/// magnitude before encoding, so that its sub-block scales use the top of
-/// UE4M3's range. Both encodings are made and the one with the smaller error
-/// kept; when that is the unscaled one the scale is written as 1.
+/// matrix is divided by the factor [`choose_tensor_scales`] finds before
+/// encoding (1 where no factor lowers the error) and the factor is written
+/// beside it.
 pub fn quantize_tensor(
     model: &Model,
     t: &PlannedTensor,
@@ -291,79 +289,128 @@ pub fn quantize_tensor(
         }
         Ok(values)
     };
-    // Candidate per-matrix scales: 1, and with `scaled` the range-filling one.
-    let mut candidates = vec![vec![1f32; matrices(&t.shape)]];
-    if scaled {
-        let mut amax = vec![0f32; matrices(&t.shape)];
-        for &(r0, r1) in &slices {
-            for (i, row) in read(r0, r1)?.chunks(cols).enumerate() {
-                let m = &mut amax[(r0 + i) / rows_per_matrix];
-                *m = row.iter().fold(*m, |a, v| a.max(v.abs()));
-            }
-        }
-        candidates.push(
-            amax.iter()
-                .map(|&a| kernels::quants::nvfp4_tensor_scale(a))
-                .collect(),
-        );
-    }
-    let capacity = t.ty.bytes_for(tensor.n_elements()).unwrap_or(0);
-    let mut bytes = vec![Vec::with_capacity(capacity); candidates.len()];
-    let mut num = vec![0f64; candidates.len()];
-    let mut den = 0f64;
+    let scale = if scaled {
+        choose_tensor_scales(
+            &read,
+            rows,
+            rows_per_matrix,
+            cols,
+            t.ty,
+            importance.as_deref(),
+        )?
+    } else {
+        vec![1f32; matrices(&t.shape)]
+    };
+    let mut bytes = Vec::with_capacity(t.ty.bytes_for(tensor.n_elements()).unwrap_or(0));
+    let (mut num, mut den) = (0f64, 0f64);
     for &(r0, r1) in &slices {
-        let values = read(r0, r1)?;
+        let mut values = read(r0, r1)?;
         let shape = if slices.len() == 1 {
             t.shape.clone()
         } else {
             vec![r1 - r0, cols]
         };
-        for (k, scale) in candidates.iter().enumerate() {
-            let row_scale = |i: usize| scale[(r0 + i) / rows_per_matrix];
-            let divided: Cow<[f32]> = if scale.iter().all(|&s| s == 1.0) {
-                Cow::Borrowed(&values)
-            } else {
-                Cow::Owned(
-                    values
-                        .chunks(cols)
-                        .enumerate()
-                        .flat_map(|(i, row)| row.iter().map(move |v| v / row_scale(i)))
-                        .collect(),
-                )
-            };
-            let part = quantize_stacked(&divided, &shape, t.ty, importance.as_deref())
-                .with_context(|| format!("quantizing '{}' to {}", t.name, t.ty))?;
-            let mut restored = vec![0f32; values.len()];
-            kernels::quants::dequantize(t.ty, &part, &mut restored)?;
-            for (i, row) in restored.chunks_mut(cols).enumerate() {
-                let s = row_scale(i);
-                row.iter_mut().for_each(|v| *v *= s);
-            }
-            let (n, d) = frobenius_parts(&values, &restored);
-            num[k] += n;
-            if k == 0 {
-                den += d;
-            }
-            bytes[k].extend_from_slice(&part);
-        }
+        let row_scale = |i: usize| scale[(r0 + i) / rows_per_matrix];
+        scale_rows(&mut values, cols, |i| 1.0 / row_scale(i));
+        let part = quantize_stacked(&values, &shape, t.ty, importance.as_deref())
+            .with_context(|| format!("quantizing '{}' to {}", t.name, t.ty))?;
+        let mut restored = vec![0f32; values.len()];
+        kernels::quants::dequantize(t.ty, &part, &mut restored)?;
+        scale_rows(&mut restored, cols, row_scale);
+        // The error against the values as read (dividing and multiplying back
+        // by a power of two or near it is exact or within an ulp).
+        let original = if scale.iter().all(|&s| s == 1.0) {
+            values
+        } else {
+            read(r0, r1)?
+        };
+        let (n, d) = frobenius_parts(&original, &restored);
+        num += n;
+        den += d;
+        bytes.extend_from_slice(&part);
     }
-    // The first candidate with the smallest error (ties keep the unscaled one).
-    let best = (0..candidates.len())
-        .min_by(|&a, &b| num[a].total_cmp(&num[b]))
-        .unwrap_or(0);
-    let bytes = std::mem::take(&mut bytes[best]);
     let report = TensorReport {
         name: t.name.clone(),
         ty: t.ty,
         bytes: bytes.len() as u64,
-        rel_error: (num[best] / den.max(f64::MIN_POSITIVE)).sqrt(),
+        rel_error: (num / den.max(f64::MIN_POSITIVE)).sqrt(),
         imatrix: importance.is_some(),
     };
     Ok(QuantizedTensor {
         bytes: gguf_export::to_gguf_rows(model, &t.name, rows, bytes),
-        scale: scaled.then(|| candidates.swap_remove(best)),
+        scale: scaled.then_some(scale),
         report,
     })
+}
+
+/// Multiplies row `i` of `values` (`cols` wide) by `factor(i)`.
+fn scale_rows(values: &mut [f32], cols: usize, factor: impl Fn(usize) -> f32) {
+    for (i, row) in values.chunks_mut(cols).enumerate() {
+        let f = factor(i);
+        if f != 1.0 {
+            row.iter_mut().for_each(|v| *v *= f);
+        }
+    }
+}
+
+/// Rows the per-tensor scale search reads at a time.
+const SCALE_SEARCH_ROWS: usize = 4096;
+
+/// Per-matrix `NAME.scale` for an NVFP4 tensor whose rows `read(r0, r1)` gives.
+///
+/// Scaling by a power of two only moves the sub-block scales along UE4M3's
+/// exponent range, so what a factor decides is how many sub-blocks saturate at
+/// the top (224) and how many fall into the coarse subnormals at the bottom.
+/// The candidates are 1 (no scale) and `s₀ · 2⁻ᵏ` for k = 0…3, where `s₀` puts
+/// the matrix's largest magnitude on the largest stored value; each is encoded
+/// over the whole matrix and the one with the smallest (importance-weighted)
+/// squared error kept.
+fn choose_tensor_scales(
+    read: &dyn Fn(usize, usize) -> Result<Vec<f32>>,
+    rows: usize,
+    rows_per_matrix: usize,
+    cols: usize,
+    ty: GgmlType,
+    importance: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    let matrices = rows / rows_per_matrix;
+    let mut chosen = Vec::with_capacity(matrices);
+    for m in 0..matrices {
+        let slices: Vec<(usize, usize)> = (m * rows_per_matrix..(m + 1) * rows_per_matrix)
+            .step_by(SCALE_SEARCH_ROWS)
+            .map(|r0| (r0, (r0 + SCALE_SEARCH_ROWS).min((m + 1) * rows_per_matrix)))
+            .collect();
+        let mut amax = 0f32;
+        for &(r0, r1) in &slices {
+            amax = read(r0, r1)?.iter().fold(amax, |a, v| a.max(v.abs()));
+        }
+        let s0 = kernels::quants::nvfp4_tensor_scale(amax);
+        let qw = importance.map(|imp| &imp[(m * cols) % imp.len()..][..cols]);
+        let candidates: Vec<f32> = std::iter::once(1f32)
+            .chain((0..=3).map(|k| s0 / (1u32 << k) as f32))
+            .collect();
+        let mut err = vec![0f64; candidates.len()];
+        for &(r0, r1) in &slices {
+            let values = read(r0, r1)?;
+            for (e, &s) in err.iter_mut().zip(&candidates) {
+                let divided: Vec<f32> = values.iter().map(|v| v / s).collect();
+                let bytes = quantize_matrix(&divided, cols, ty, qw)?;
+                let mut back = vec![0f32; values.len()];
+                kernels::quants::dequantize(ty, &bytes, &mut back)?;
+                for (row, back) in values.chunks(cols).zip(back.chunks(cols)) {
+                    for (j, (&x, &y)) in row.iter().zip(back).enumerate() {
+                        let w = qw.map_or(1.0, |q| q[j] as f64);
+                        *e += w * ((x - y * s) as f64).powi(2);
+                    }
+                }
+            }
+        }
+        let best = (0..candidates.len())
+            .min_by(|&a, &b| err[a].total_cmp(&err[b]))
+            .unwrap_or(0);
+        chosen.push(candidates[best]);
+    }
+    Ok(chosen)
 }
 
 /// `‖a − b‖_F / ‖a‖_F`.
