@@ -337,9 +337,24 @@ fn fix_group(grid: &Grid, values: &[f32], importance: &[f32]) -> (Fixed, Vec<f32
     }
 }
 
-/// The level of a monotone table nearest to `x`, and its code.
+/// Tables at most this long are searched level by level: NVFP4's codes (0…6
+/// then -0…-6 in E2M1) are not in value order.
+const SCAN_LEVELS: usize = 16;
+
+/// The level of a code table nearest to `x`, and its code: the first of equally
+/// near levels. Tables longer than [`SCAN_LEVELS`] must be monotone (every
+/// integer grid is), and are binary-searched.
 fn nearest(levels: &[f32], x: f32) -> (u8, f32) {
     let n = levels.len();
+    if n <= SCAN_LEVELS {
+        let mut best = 0;
+        for (i, &v) in levels.iter().enumerate().skip(1) {
+            if (v - x).abs() < (levels[best] - x).abs() {
+                best = i;
+            }
+        }
+        return (best as u8, levels[best]);
+    }
     let ascending = levels[0] <= levels[n - 1];
     let i = if ascending {
         levels.partition_point(|&v| v < x)
@@ -740,6 +755,8 @@ mod tests {
             },
             Grid::Gguf(GgmlType::Q4_0),
             Grid::Gguf(GgmlType::IQ4_NL),
+            Grid::Gguf(GgmlType::NVFP4),
+            Grid::Gguf(GgmlType::Q2_0),
         ] {
             for act_order in [false, true] {
                 let opts = GptqOptions {
@@ -973,5 +990,16 @@ mod tests {
         assert_eq!(nearest(&[0.0, 1.0, 2.0], 9.0), (2, 2.0));
         assert_eq!(nearest(&[2.0, 1.0, 0.0], 1.6), (0, 2.0));
         assert_eq!(nearest(&[2.0, 1.0, 0.0], -3.0), (2, 0.0));
+        // NVFP4's table (doubled E2M1 times a scale of 0.5): not in value order.
+        let fp4: Vec<f32> = kernels::quants::nvfp4::KVALUES_FP4
+            .iter()
+            .map(|&k| k as f32 * 0.5)
+            .collect();
+        assert_eq!(nearest(&fp4, -2.6), (13, -3.0));
+        assert_eq!(nearest(&fp4, 0.1), (0, 0.0));
+        assert_eq!(nearest(&fp4, 5.2), (7, 6.0));
+        // A long monotone table (Q8_0's 256 codes) is binary-searched alike.
+        let q8: Vec<f32> = (-128..128).map(|v| v as f32).collect();
+        assert_eq!(nearest(&q8, 3.4), (131, 3.0));
     }
 }

@@ -132,8 +132,9 @@ mod tests {
     /// NVFP4, Q1_0 and Q2_0 blocks decoded by ggml's own `to_float` (the
     /// llama.cpp of `scripts/build-llama-cpp.sh`; written by
     /// `scripts/make-ggml-decode-vectors.sh`, since gguf-py from PyPI cannot
-    /// decode them): ours must give the same bits. NVFP4's blocks cover all 256
-    /// scale bytes.
+    /// decode them): ours must give the same bits. Random blocks (NVFP4's cover
+    /// all 256 scale bytes), then 64 real blocks of each type from SmolLM2 as
+    /// `compress quantize` wrote them.
     #[test]
     fn low_bit_types_decode_bit_exactly_like_ggml() {
         let file = include_bytes!("../../tests/data/ggml_decode_vectors.bin");
@@ -158,7 +159,8 @@ mod tests {
             seen.push(ty);
             at += 8 + nb + 4 * n;
         }
-        assert_eq!(seen, [GgmlType::NVFP4, GgmlType::Q1_0, GgmlType::Q2_0]);
+        let types = [GgmlType::NVFP4, GgmlType::Q1_0, GgmlType::Q2_0];
+        assert_eq!(seen, [types, types].concat(), "random, then real blocks");
     }
 
     #[test]
