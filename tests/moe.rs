@@ -779,6 +779,7 @@ fn gptq_counts_each_experts_tokens_and_calibrates_the_starved_ones_on_every_toke
                 &model,
                 std::slice::from_ref(&tokens),
                 &|_| grid,
+                &|_| false,
                 &opts,
                 true,
                 &mut |n, item| {

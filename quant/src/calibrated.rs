@@ -186,12 +186,18 @@ impl ExpertStack {
 
 /// Runs GPTQ over every linear layer of every block of `model` on `samples`
 /// (equal-length token sequences). `grid_of(name)` gives each layer's grid;
+/// where `tensor_scaled(name)` (NVFP4 layers stored with llama.cpp's
+/// `NAME.scale`) the layer is divided by the factor
+/// [`crate::gguf_quantize::choose_tensor_scales`] picks (by the Hessian's
+/// diagonal) before GPTQ, which the factor does not change otherwise;
 /// `sink(name, matrix)` receives the layers in order (per block q, k, v, o, gate,
 /// up, down); `progress(block, blocks)` after each block.
+#[allow(clippy::too_many_arguments)]
 pub fn gptq_model(
     model: &Model,
     samples: &[Vec<u32>],
     grid_of: &dyn Fn(&str) -> Grid,
+    tensor_scaled: &dyn Fn(&str) -> bool,
     opts: &GptqOptions,
     true_sequential: bool,
     sink: &mut dyn FnMut(&str, Item) -> Result<()>,
@@ -220,8 +226,26 @@ pub fn gptq_model(
         // Factored before the layer is read in f32: the factorisation's two
         // `cols²` buffers are the step's largest.
         let factored = input.factored();
-        let values = finite_weights(model, name, w)?;
+        let mut values = finite_weights(model, name, w)?;
+        let tensor_scale = match (grid, tensor_scaled(name)) {
+            (Grid::Gguf(ty), true) => {
+                let diag = input.diagonal();
+                let read = |r0: usize, r1: usize| Ok(values[r0 * cols..r1 * cols].to_vec());
+                let s = crate::gguf_quantize::choose_tensor_scales(
+                    &read,
+                    rows,
+                    rows,
+                    cols,
+                    ty,
+                    Some(&diag),
+                )?[0];
+                values.iter_mut().for_each(|v| *v /= s);
+                s
+            }
+            _ => 1.0,
+        };
         let clock = Instant::now();
+        // In the scaled domain, like the RTN baseline and GPTQ below.
         let energy = output_error(&values, None, &input.hessian, cols).max(f64::MIN_POSITIVE);
         // Rows are rounded independently: a few at a time, not a second matrix.
         let rtn_rel_error = {
@@ -236,8 +260,12 @@ pub fn gptq_model(
         t.report_seconds += clock.elapsed().as_secs_f64();
         // GPTQ replaces the weights in place; the report reads the original
         // rows again from the tensor (no second copy of the layer).
-        let (q, stats) = gptq::gptq_factored(values, factored, &grid, opts)
+        let (mut q, stats) = gptq::gptq_factored(values, factored, &grid, opts)
             .with_context(|| format!("GPTQ on '{name}'"))?;
+        if tensor_scale != 1.0 {
+            q.values.iter_mut().for_each(|v| *v *= tensor_scale);
+            q.tensor_scale = tensor_scale;
+        }
         t.loop_seconds += stats.loop_seconds;
         let clock = Instant::now();
         let rel_error = output_error_of_rows(
@@ -246,7 +274,7 @@ pub fn gptq_model(
             Some(&q.values),
             &input.hessian,
             cols,
-        )? / energy;
+        )? / (energy * (tensor_scale as f64).powi(2));
         let report = LayerReport {
             name: name.to_owned(),
             rows,
@@ -295,11 +323,12 @@ pub enum Calibrated {
 }
 
 /// Runs `method` over every block linear of `model`: [`gptq_model`] or
-/// [`awq_model`].
+/// [`awq_model`] (which stores no per-tensor scales: `tensor_scaled` is GPTQ's).
 pub fn run_model(
     model: &Model,
     samples: &[Vec<u32>],
     grid_of: &dyn Fn(&str) -> Grid,
+    tensor_scaled: &dyn Fn(&str) -> bool,
     method: Calibrated,
     sink: &mut dyn FnMut(&str, Item) -> Result<()>,
     progress: &mut dyn FnMut(usize, usize),
@@ -309,6 +338,7 @@ pub fn run_model(
             model,
             samples,
             grid_of,
+            tensor_scaled,
             &opts,
             true_sequential,
             sink,
@@ -695,10 +725,32 @@ pub fn calibrated_to_gguf(
             }
         }
     }
+    // Which tensors get llama.cpp's `NAME.scale`: NVFP4 matrices whose scale
+    // llama.cpp applies, except the layers AWQ rounds and stacked experts
+    // (those are encoded unscaled).
+    let linears: std::collections::HashSet<String> = (0..model.config.num_hidden_layers)
+        .flat_map(|l| {
+            model
+                .config
+                .arch
+                .layer_linears(&model.config, l)
+                .into_iter()
+                .map(move |s| names::block(l, s))
+        })
+        .collect();
+    let scaled = |n: &str| -> bool {
+        let Some(t) = by_name.get(n) else {
+            return false;
+        };
+        let calibrated = linears.contains(n);
+        crate::gguf_quantize::has_tensor_scale(model, t)
+            && (!calibrated || (matches!(method, Calibrated::Gptq(..)) && t.shape.len() == 2))
+    };
     let decls = order
         .iter()
-        .map(|n| planned(n).map(|t| gguf_export::tensor_decl(n, &t.shape, t.ty)))
-        .collect::<Result<Vec<_>>>()?;
+        .map(|n| planned(n).map(|t| crate::gguf_quantize::tensor_decls(t, scaled(n))))
+        .collect::<Result<Vec<_>>>()?
+        .concat();
     let mut writer = out.create(model, file_type, &decls)?;
     let mut reports: Vec<TensorReport> = Vec::with_capacity(order.len());
     let mut next = 0usize;
@@ -709,9 +761,8 @@ pub fn calibrated_to_gguf(
                         next: &mut usize|
      -> Result<()> {
         while *next < order.len() && Some(order[*next].as_str()) != upto {
-            // No `.scale` here: GPTQ and AWQ encode NVFP4 linears unscaled, and
-            // the decls above declare none.
-            let q = quantize_tensor(model, planned(&order[*next])?, imatrix, false)?;
+            let name = order[*next].as_str();
+            let q = quantize_tensor(model, planned(name)?, imatrix, scaled(name))?;
             q.write(writer)?;
             reports.push(q.report);
             *next += 1;
@@ -723,16 +774,19 @@ pub fn calibrated_to_gguf(
         model,
         samples,
         &grid_of,
+        &scaled,
         method,
         &mut |name, item| {
             write_others(Some(name), &mut writer, &mut reports, &mut next)?;
             let t = planned(name)?;
             let original = model.tensor(name)?.to_f32()?;
+            let mut tensor_scale = 1f32;
             let (values, ty, bytes, rows) = match item {
                 Item::Linear(q) => {
                     let Stored::Gguf(ty, bytes) = q.stored else {
                         unreachable!("GGUF grids store GGUF blocks")
                     };
+                    tensor_scale = q.tensor_scale;
                     (q.values, ty, bytes, q.rows)
                 }
                 // Expert-major rows: the stacked tensor is the experts' blocks in order.
@@ -767,6 +821,10 @@ pub fn calibrated_to_gguf(
                 imatrix: true,
             });
             writer.write_tensor(name, &gguf_export::to_gguf_rows(model, name, rows, bytes))?;
+            if scaled(name) {
+                let scale_name = names::scale_of(name).expect("a weight");
+                writer.write_tensor(&scale_name, &tensor_scale.to_le_bytes())?;
+            }
             next += 1;
             Ok(())
         },
@@ -877,6 +935,7 @@ pub fn calibrated_to_hf(
             model,
             samples,
             grid_of,
+            &|_| false,
             method,
             &mut |name, item| {
                 write_upto(Some(name), &mut writer, &mut next)?;

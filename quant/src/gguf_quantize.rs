@@ -365,7 +365,7 @@ const SCALE_SEARCH_ROWS: usize = 4096;
 /// the matrix's largest magnitude on the largest stored value; each is encoded
 /// over the whole matrix and the one with the smallest (importance-weighted)
 /// squared error kept.
-fn choose_tensor_scales(
+pub(crate) fn choose_tensor_scales(
     read: &dyn Fn(usize, usize) -> Result<Vec<f32>>,
     rows: usize,
     rows_per_matrix: usize,
@@ -485,4 +485,66 @@ pub fn quantize_to_gguf(
         bits_per_weight: data_bytes as f64 * 8.0 / n_params.max(1) as f64,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Squared error of NVFP4 with tensor factor `s` on `values` (`cols` wide).
+    fn nvfp4_error(values: &[f32], cols: usize, s: f32) -> f64 {
+        let divided: Vec<f32> = values.iter().map(|v| v / s).collect();
+        let bytes = quantize_matrix(&divided, cols, GgmlType::NVFP4, None).unwrap();
+        let mut back = vec![0f32; values.len()];
+        kernels::quants::dequantize(GgmlType::NVFP4, &bytes, &mut back).unwrap();
+        values
+            .iter()
+            .zip(&back)
+            .map(|(&x, &y)| ((x - y * s) as f64).powi(2))
+            .sum()
+    }
+
+    /// Small weights (|x| < 0.004: sub-block scales below UE4M3's smallest
+    /// subnormal) need a factor, and get one no larger than the range-filling
+    /// one; with large weights whatever is chosen is no worse than 1.
+    #[test]
+    fn nvfp4_tensor_scale_is_chosen_by_the_error() {
+        let (rows, cols) = (64, 256);
+        let mut seed = 7u64;
+        let small: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.008
+            })
+            .collect();
+        let read = |v: &[f32], r0: usize, r1: usize| Ok(v[r0 * cols..r1 * cols].to_vec());
+        let s = choose_tensor_scales(
+            &|a, b| read(&small, a, b),
+            rows,
+            rows,
+            cols,
+            GgmlType::NVFP4,
+            None,
+        )
+        .unwrap()[0];
+        let amax = small.iter().fold(0f32, |a, v| a.max(v.abs()));
+        assert!(
+            s < 1.0 && s <= kernels::quants::nvfp4_tensor_scale(amax),
+            "{s}"
+        );
+        assert!(nvfp4_error(&small, cols, s) < nvfp4_error(&small, cols, 1.0));
+        let large: Vec<f32> = small.iter().map(|v| v * 20_000.0).collect();
+        let s = choose_tensor_scales(
+            &|a, b| read(&large, a, b),
+            rows,
+            rows,
+            cols,
+            GgmlType::NVFP4,
+            None,
+        )
+        .unwrap()[0];
+        assert!(nvfp4_error(&large, cols, s) <= nvfp4_error(&large, cols, 1.0));
+    }
 }

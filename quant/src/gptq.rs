@@ -163,10 +163,13 @@ pub struct QuantizedMatrix {
     pub rows: usize,
     /// Input features.
     pub cols: usize,
-    /// What the stored form dequantizes to, row-major.
+    /// What the stored form dequantizes to times `tensor_scale`, row-major.
     pub values: Vec<f32>,
     /// The stored form.
     pub stored: Stored,
+    /// llama.cpp's per-tensor factor (`NAME.scale`) the stored form is
+    /// multiplied by; 1 when the matrix has none.
+    pub tensor_scale: f32,
 }
 
 /// How one matrix went.
@@ -556,6 +559,7 @@ fn run(
             cols,
             values,
             stored,
+            tensor_scale: 1.0,
         },
         zeros_lost,
     )
