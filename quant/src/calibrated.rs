@@ -734,7 +734,6 @@ pub fn calibrated_to_gguf(
                 .config
                 .arch
                 .layer_linears(&model.config, l)
-                .into_iter()
                 .map(move |s| names::block(l, s))
         })
         .collect();
