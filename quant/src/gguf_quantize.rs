@@ -519,16 +519,11 @@ mod tests {
                 ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.008
             })
             .collect();
-        let read = |v: &[f32], r0: usize, r1: usize| Ok(v[r0 * cols..r1 * cols].to_vec());
-        let s = choose_tensor_scales(
-            &|a, b| read(&small, a, b),
-            rows,
-            rows,
-            cols,
-            GgmlType::NVFP4,
-            None,
-        )
-        .unwrap()[0];
+        let choose = |v: &[f32]| {
+            let read = |r0: usize, r1: usize| Ok(v[r0 * cols..r1 * cols].to_vec());
+            choose_tensor_scales(&read, rows, rows, cols, GgmlType::NVFP4, None).unwrap()[0]
+        };
+        let s = choose(&small);
         let amax = small.iter().fold(0f32, |a, v| a.max(v.abs()));
         assert!(
             s < 1.0 && s <= kernels::quants::nvfp4_tensor_scale(amax),
@@ -536,15 +531,7 @@ mod tests {
         );
         assert!(nvfp4_error(&small, cols, s) < nvfp4_error(&small, cols, 1.0));
         let large: Vec<f32> = small.iter().map(|v| v * 20_000.0).collect();
-        let s = choose_tensor_scales(
-            &|a, b| read(&large, a, b),
-            rows,
-            rows,
-            cols,
-            GgmlType::NVFP4,
-            None,
-        )
-        .unwrap()[0];
+        let s = choose(&large);
         assert!(nvfp4_error(&large, cols, s) <= nvfp4_error(&large, cols, 1.0));
     }
 }

@@ -17,8 +17,8 @@
 //! magnitude to the largest stored value; callers divide the weights by it before
 //! encoding and store it beside the tensor.
 
-use super::legacy::{block_qw, check_lengths};
-use super::search::{mean_square, usable, weights, DefaultWeight, GROUP_MAX_EPS};
+use super::legacy::for_blocks;
+use super::search::{usable, GROUP_MAX_EPS};
 use crate::quants::nvfp4::{ue4m3_to_f32, KVALUES_FP4, NVFP4_BYTES, QK_NVFP4, QK_NVFP4_SUB};
 use std::sync::LazyLock;
 
@@ -104,21 +104,7 @@ fn encode_sub_block(x: &[f32], w: &[f32]) -> (u8, [u8; QK_NVFP4_SUB]) {
 /// and `importance` as long as `src`. The per-tensor scale is the caller's (see
 /// the module docs).
 pub fn quantize_nvfp4(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
-    check_lengths(src, importance, dst, QK_NVFP4, NVFP4_BYTES);
-    let sigma2 = mean_square(src);
-    let mut w = [0f32; QK_NVFP4];
-    for (b, (x, out)) in src
-        .chunks_exact(QK_NVFP4)
-        .zip(dst.chunks_exact_mut(NVFP4_BYTES))
-        .enumerate()
-    {
-        weights(
-            x,
-            block_qw(importance, b, QK_NVFP4),
-            sigma2,
-            DefaultWeight::Sqrt,
-            &mut w,
-        );
+    for_blocks::<QK_NVFP4>(src, importance, dst, NVFP4_BYTES, |x, w, out| {
         for (s, (xs, ws)) in x
             .chunks_exact(QK_NVFP4_SUB)
             .zip(w.chunks_exact(QK_NVFP4_SUB))
@@ -128,7 +114,7 @@ pub fn quantize_nvfp4(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
             out[s] = d;
             pack_fp4_sub_block(&codes, &mut out[4 + 8 * s..12 + 8 * s]);
         }
-    }
+    });
 }
 
 /// Packs 16 codes of one sub-block: element `j` in the low nibble of byte `j`,
