@@ -11,6 +11,7 @@
 #   q2_0-imat        compress quantize --type Q2_0 --imatrix
 #   q2_0-gptq        compress quantize --method gptq --type Q2_0 (--samples × 512
 #                    calibration tokens)
+#   nvfp4-gptq       compress quantize --method gptq --type NVFP4 (the same)
 #   q2_0-llama       llama-quantize --imatrix … Q2_0 (it ignores the imatrix)
 #   nvfp4-imat       compress quantize --type NVFP4 --imatrix (llama-quantize cannot
 #                    make NVFP4)
@@ -35,7 +36,7 @@ while [ $# -gt 0 ]; do
         --chunks) chunks="$2"; shift 2 ;;
         --samples) samples="$2"; shift 2 ;;
         --only) only="$2"; shift 2 ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) echo "low_bit_gguf: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -56,7 +57,7 @@ c="$root/target/release/compress"
 mkdir -p "$work" "$root/bench/results"
 [ -x "$c" ] || { echo "low_bit_gguf: build first: cargo build --release -p compress" >&2; exit 1; }
 [ -x "$bin/llama-perplexity" ] || { echo "low_bit_gguf: run scripts/build-llama-cpp.sh first" >&2; exit 1; }
-rows="q2_0-imat,q2_0-gptq,q2_0-llama,nvfp4-imat,q4_0-llama,q1_0-imat,q1_0-llama"
+rows="q2_0-imat,q2_0-gptq,q2_0-llama,nvfp4-imat,nvfp4-gptq,q4_0-llama,q1_0-imat,q1_0-llama"
 [ -n "$only" ] && rows="$only"
 
 run() { # run NAME CMD...: logs to $work/NAME.log, stops with its tail on failure
@@ -81,8 +82,9 @@ for row in ${rows//,/ }; do
         q2_0-imat|nvfp4-imat|q1_0-imat)
             ty=$(echo "${row%-imat}" | tr a-z A-Z)
             run "$row" "$c" quantize "$base" --type "$ty" --imatrix "$work/imatrix.gguf" -o "$out" --report "$work/$row.json" || ok=0 ;;
-        q2_0-gptq)
-            run "$row" "$c" quantize "$base" --method gptq --type Q2_0 --calib "$cache/calib.txt" --samples "$samples" --seq 512 -o "$out" --report "$work/$row.json" || ok=0 ;;
+        q2_0-gptq|nvfp4-gptq)
+            ty=$(echo "${row%-gptq}" | tr a-z A-Z)
+            run "$row" "$c" quantize "$base" --method gptq --type "$ty" --calib "$cache/calib.txt" --samples "$samples" --seq 512 -o "$out" --report "$work/$row.json" || ok=0 ;;
         *-llama)
             ty=$(echo "${row%-llama}" | tr a-z A-Z)
             run "$row" "$bin/llama-quantize" --imatrix "$work/imatrix.gguf" "$base" "$out" "$ty" 2 || ok=0 ;;
@@ -124,7 +126,7 @@ for line in open(results):
     if r["compress_eval_ppl"]:
         r["ppl_diff_pct"] = round(100 * (r["compress_eval_ppl"] / r["llama_ppl"] - 1), 3)
     rows[f[0]] = r
-order = ["q2_0-imat", "q2_0-gptq", "q2_0-llama", "nvfp4-imat", "q4_0-llama", "q1_0-imat", "q1_0-llama"]
+order = ["q2_0-imat", "q2_0-gptq", "q2_0-llama", "nvfp4-imat", "nvfp4-gptq", "q4_0-llama", "q1_0-imat", "q1_0-llama"]
 print(f"{model}, llama-perplexity --kl-divergence vs the f32 base, ctx 512, {chunks} chunks")
 print(f"{'row':<12} {'MB':>7} {'PPL':>10} {'mean KLD':>9} {'p99 KLD':>8} {'top-1 %':>8} {'eval PPL':>10} {'Δ%':>7}")
 for name in order:
@@ -144,6 +146,7 @@ def ratio(a, b):
 ratios = {"q2_0-imat/q2_0-llama": ratio("q2_0-imat", "q2_0-llama"),
           "q2_0-gptq/q2_0-llama": ratio("q2_0-gptq", "q2_0-llama"),
           "nvfp4-imat/q4_0-llama": ratio("nvfp4-imat", "q4_0-llama"),
+          "nvfp4-gptq/q4_0-llama": ratio("nvfp4-gptq", "q4_0-llama"),
           "q1_0-imat/q1_0-llama": ratio("q1_0-imat", "q1_0-llama")}
 print("KLD ratios:", {k: v for k, v in ratios.items() if v is not None})
 json.dump({"model": model, "chunks": int(chunks), "gptq_samples": int(samples),
