@@ -12,6 +12,7 @@
 #   q2_0-gptq        compress quantize --method gptq --type Q2_0 (--samples × 512
 #                    calibration tokens)
 #   nvfp4-gptq       compress quantize --method gptq --type NVFP4 (the same)
+#   q1_0-gptq        compress quantize --method gptq --type Q1_0 (the same)
 #   q2_0-llama       llama-quantize --imatrix … Q2_0 (it ignores the imatrix)
 #   nvfp4-imat       compress quantize --type NVFP4 --imatrix (llama-quantize cannot
 #                    make NVFP4)
@@ -36,7 +37,7 @@ while [ $# -gt 0 ]; do
         --chunks) chunks="$2"; shift 2 ;;
         --samples) samples="$2"; shift 2 ;;
         --only) only="$2"; shift 2 ;;
-        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) echo "low_bit_gguf: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -57,7 +58,7 @@ c="$root/target/release/compress"
 mkdir -p "$work" "$root/bench/results"
 [ -x "$c" ] || { echo "low_bit_gguf: build first: cargo build --release -p compress" >&2; exit 1; }
 [ -x "$bin/llama-perplexity" ] || { echo "low_bit_gguf: run scripts/build-llama-cpp.sh first" >&2; exit 1; }
-rows="q2_0-imat,q2_0-gptq,q2_0-llama,nvfp4-imat,nvfp4-gptq,q4_0-llama,q1_0-imat,q1_0-llama"
+rows="q2_0-imat,q2_0-gptq,q2_0-llama,nvfp4-imat,nvfp4-gptq,q4_0-llama,q1_0-imat,q1_0-gptq,q1_0-llama"
 [ -n "$only" ] && rows="$only"
 
 run() { # run NAME CMD...: logs to $work/NAME.log, stops with its tail on failure
@@ -82,7 +83,7 @@ for row in ${rows//,/ }; do
         q2_0-imat|nvfp4-imat|q1_0-imat)
             ty=$(echo "${row%-imat}" | tr a-z A-Z)
             run "$row" "$c" quantize "$base" --type "$ty" --imatrix "$work/imatrix.gguf" -o "$out" --report "$work/$row.json" || ok=0 ;;
-        q2_0-gptq|nvfp4-gptq)
+        q2_0-gptq|nvfp4-gptq|q1_0-gptq)
             ty=$(echo "${row%-gptq}" | tr a-z A-Z)
             run "$row" "$c" quantize "$base" --method gptq --type "$ty" --calib "$cache/calib.txt" --samples "$samples" --seq 512 -o "$out" --report "$work/$row.json" || ok=0 ;;
         *-llama)
@@ -126,7 +127,7 @@ for line in open(results):
     if r["compress_eval_ppl"]:
         r["ppl_diff_pct"] = round(100 * (r["compress_eval_ppl"] / r["llama_ppl"] - 1), 3)
     rows[f[0]] = r
-order = ["q2_0-imat", "q2_0-gptq", "q2_0-llama", "nvfp4-imat", "nvfp4-gptq", "q4_0-llama", "q1_0-imat", "q1_0-llama"]
+order = ["q2_0-imat", "q2_0-gptq", "q2_0-llama", "nvfp4-imat", "nvfp4-gptq", "q4_0-llama", "q1_0-imat", "q1_0-gptq", "q1_0-llama"]
 print(f"{model}, llama-perplexity --kl-divergence vs the f32 base, ctx 512, {chunks} chunks")
 print(f"{'row':<12} {'MB':>7} {'PPL':>10} {'mean KLD':>9} {'p99 KLD':>8} {'top-1 %':>8} {'eval PPL':>10} {'Δ%':>7}")
 for name in order:
@@ -147,7 +148,8 @@ ratios = {"q2_0-imat/q2_0-llama": ratio("q2_0-imat", "q2_0-llama"),
           "q2_0-gptq/q2_0-llama": ratio("q2_0-gptq", "q2_0-llama"),
           "nvfp4-imat/q4_0-llama": ratio("nvfp4-imat", "q4_0-llama"),
           "nvfp4-gptq/q4_0-llama": ratio("nvfp4-gptq", "q4_0-llama"),
-          "q1_0-imat/q1_0-llama": ratio("q1_0-imat", "q1_0-llama")}
+          "q1_0-imat/q1_0-llama": ratio("q1_0-imat", "q1_0-llama"),
+          "q1_0-gptq/q1_0-llama": ratio("q1_0-gptq", "q1_0-llama")}
 print("KLD ratios:", {k: v for k, v in ratios.items() if v is not None})
 json.dump({"model": model, "chunks": int(chunks), "gptq_samples": int(samples),
            "command": f"bench/low_bit_gguf.sh --model {model} --chunks {chunks} --samples {samples}",
