@@ -5,14 +5,12 @@
 //!
 //! The venv comes from `scripts/setup-python.sh`; without it this test fails.
 //!
-//! gguf-py 0.19 from PyPI predates NVFP4, Q1_0 and Q2_0 (types 40-42); those are
-//! checked against ggml's own decoder instead (known-answer vectors in the kernels
-//! crate, `scripts/make-ggml-decode-vectors.sh`).
+//! gguf-py 0.19 from PyPI decodes NVFP4 but not Q1_0 or Q2_0; those two are
+//! checked against ggml's own decoder instead ([`e2e::gguf_py_decodable`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kernels::types::ALL_TYPES;
 use kernels::GgmlType;
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -36,13 +34,6 @@ fn venv_python() -> PathBuf {
     venv.join("bin/python")
 }
 
-/// The types gguf-py 0.19 can decode: all but the three newest.
-fn gguf_py_types() -> impl Iterator<Item = GgmlType> {
-    ALL_TYPES
-        .into_iter()
-        .filter(|t| !matches!(t, GgmlType::NVFP4 | GgmlType::Q1_0 | GgmlType::Q2_0))
-}
-
 /// Byte offsets of the f16 scale fields (d, dmin, m) inside one block of `ty`.
 fn f16_fields(ty: GgmlType) -> &'static [usize] {
     match ty {
@@ -54,6 +45,7 @@ fn f16_fields(ty: GgmlType) -> &'static [usize] {
         GgmlType::Q6_K => &[208],
         GgmlType::IQ4_NL | GgmlType::IQ4_XS => &[0],
         GgmlType::Q1_0 | GgmlType::Q2_0 => &[0],
+        // NVFP4's UE4M3 scales are bytes: every value is valid.
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::NVFP4 => &[],
     }
 }
@@ -118,7 +110,7 @@ fn dequantize_matches_gguf_py_bit_for_bit() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let mut rng = StdRng::seed_from_u64(0x5eed_d0e5);
-    for ty in gguf_py_types() {
+    for ty in e2e::gguf_py_decodable() {
         let src = random_blocks(ty, &mut rng);
         let elems = src.len() / ty.block_bytes() * ty.block_elems();
         let mut dst = vec![0f32; elems];
@@ -144,7 +136,7 @@ fn dequantize_matches_gguf_py_bit_for_bit() {
         output.status
     );
     // Every type must have been compared.
-    for ty in gguf_py_types() {
+    for ty in e2e::gguf_py_decodable() {
         assert!(
             stdout.contains(&format!("{}: OK", ty.name())),
             "{ty} not reported OK:\n{stdout}"

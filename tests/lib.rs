@@ -128,6 +128,17 @@ pub fn run_python(script: &str, args: &[&Path]) -> String {
     stdout
 }
 
+/// The weight types gguf-py 0.19 (PyPI) can decode: all of ours but Q1_0 (it
+/// knows the type, with no decoder) and Q2_0 (unknown to it). Those two are
+/// checked against ggml's own decoder instead (known-answer vectors in the
+/// kernels crate, `scripts/make-ggml-decode-vectors.sh`).
+pub fn gguf_py_decodable() -> impl Iterator<Item = kernels::GgmlType> {
+    use kernels::GgmlType;
+    kernels::types::ALL_TYPES
+        .into_iter()
+        .filter(|t| !matches!(t, GgmlType::Q1_0 | GgmlType::Q2_0))
+}
+
 /// Builds small GGUF v3 files byte by byte, including broken ones.
 #[derive(Default)]
 pub struct GgufBuilder {
