@@ -133,9 +133,16 @@ fn killed_run_resumes_to_the_same_bytes_and_a_finished_run_is_a_no_op() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(
-        names.iter().filter(|n| !n.contains(".tmp-")).count(),
+        names
+            .iter()
+            .filter(|n| !n.contains(".tmp-") && !n.ends_with(".lease"))
+            .count(),
         1,
         "only the imatrix stage had finished: {names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n.ends_with(".lease")),
+        "the killed stage held no lease: {names:?}"
     );
 
     let resumed = compress(&["run", &s(&recipe), "--out", &s(&b)]);
@@ -145,12 +152,19 @@ fn killed_run_resumes_to_the_same_bytes_and_a_finished_run_is_a_no_op() {
         text.contains("stage 1a imatrix: done before"),
         "the finished imatrix stage was not reused:\n{text}"
     );
+    // The killed run's lease names a process of this host that is gone: the
+    // rerun clears it at once instead of waiting for it to go stale.
+    assert!(
+        text.contains("stage 1 quantize: cleared the stale lease of a run")
+            && text.contains("on this host is gone"),
+        "{text}"
+    );
     assert!(
         !names
             .iter()
-            .filter(|n| n.contains(".tmp-"))
+            .filter(|n| n.contains(".tmp-") || n.ends_with(".lease"))
             .any(|n| stages.join(n).exists()),
-        "the killed stage's temporary folder was left behind"
+        "the killed stage's temporary folder or lease was left behind"
     );
     assert_eq!(
         artifact_hashes(&b),
@@ -513,4 +527,210 @@ stages = [
         .filter(|n| n.ends_with(".keep"))
         .collect();
     assert!(keep.is_empty(), "checkpoints left behind: {keep:?}");
+}
+
+/// One tiny model through two GGUF mixes that share one collected imatrix.
+fn shared_imatrix_recipe(dir: &Path, name: &str) -> PathBuf {
+    write_tiny_llama(&dir.join("tiny.gguf"), 2, 64, 3, &|_| 1.0);
+    write_recipe(
+        dir,
+        &format!(
+            r#"
+name = "{name}"
+output = "{out}"
+[[model]]
+path = "{model}"
+[calib]
+text = "{text}"
+samples = 4
+seq = 32
+[eval]
+text = "{text}"
+ctx = 64
+chunks = 1
+[[variant]]
+name = "q4_0"
+stages = [{{ kind = "quantize", type = "Q4_0", imatrix = true }}]
+[[variant]]
+name = "q5_1"
+stages = [{{ kind = "quantize", type = "Q5_1", imatrix = true }}]
+"#,
+            out = s(&dir.join("out")),
+            model = s(&dir.join("tiny.gguf")),
+            text = s(&eval_text()),
+        ),
+    )
+}
+
+/// The stage lease as another host's process would write it.
+fn foreign_lease(beat: u64) -> String {
+    serde_json::json!({"host": "elsewhere", "pid": 1, "shard": "9/9", "slurm": null,
+        "job": "x/y", "stage": "stage 1a imatrix", "token": "elsewhere-1-0", "beat": beat})
+    .to_string()
+}
+
+#[test]
+fn shards_compute_a_shared_stage_once_and_take_over_a_silent_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = shared_imatrix_recipe(dir.path(), "shared");
+    let out = dir.path().join("out");
+
+    // The plan: two jobs, two shards (one job each, from the recipe), one
+    // imatrix both need.
+    let o = compress(&["run", &s(&recipe), "--plan", "--json"]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    let plan: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(plan["shards"], 2);
+    let stages = plan["stages"].as_array().unwrap();
+    let imatrix = stages.iter().find(|s| s["kind"] == "imatrix").unwrap();
+    assert_eq!(imatrix["jobs"], serde_json::json!([1, 2]));
+    assert_eq!(imatrix["races"], serde_json::json!([1, 2]));
+    assert_eq!(
+        stages.len(),
+        5,
+        "one imatrix, two quantize, two eval: {plan:#}"
+    );
+    let key = imatrix["key"].as_str().unwrap().to_owned();
+    let text = compress(&["run", &s(&recipe), "--plan"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("2 jobs in 2 shards"), "{text}");
+    assert!(text.contains("shards 1, 2 race for it"), "{text}");
+
+    // Another host holds the imatrix's lease and beats: both shards wait.
+    let stages_dir = out.join(".stages");
+    std::fs::create_dir_all(&stages_dir).unwrap();
+    let lease = stages_dir.join(format!("{key}.lease"));
+    std::fs::write(&lease, foreign_lease(0)).unwrap();
+    let beating = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let beater = {
+        let (beating, lease) = (beating.clone(), lease.clone());
+        std::thread::spawn(move || {
+            let mut beat = 0;
+            while beating.load(std::sync::atomic::Ordering::SeqCst) {
+                beat += 1;
+                std::fs::write(&lease, foreign_lease(beat)).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        })
+    };
+    let shard = |i: usize| {
+        let log = std::fs::File::create(dir.path().join(format!("shard{i}.log"))).unwrap();
+        Command::new(bin())
+            .args(["run", &s(&recipe), "--shard", &i.to_string()])
+            .env("COMPRESS_LEASE_BEAT_S", "0.1")
+            .env("COMPRESS_LEASE_STALE_S", "1.5")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    };
+    let mut children = [shard(1), shard(2)];
+    let log = |i: usize| std::fs::read_to_string(dir.path().join(format!("shard{i}.log"))).unwrap();
+    let start = std::time::Instant::now();
+    while !(1..=2).all(|i| log(i).contains("being computed by shard 9/9 (host elsewhere, pid 1)")) {
+        assert!(
+            start.elapsed().as_secs() < 60,
+            "the shards do not wait for the lease:\n{}\n{}",
+            log(1),
+            log(2)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Longer than the stale time: a beating holder is waited for, however long.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert!(
+        !stages_dir.join(&key).exists(),
+        "computed under a live lease"
+    );
+    for c in &mut children {
+        assert!(c.try_wait().unwrap().is_none(), "a shard stopped waiting");
+    }
+
+    // The holder dies silently: one shard takes the lease over and computes the
+    // imatrix, the other waits for that shard and reuses its output.
+    beating.store(false, std::sync::atomic::Ordering::SeqCst);
+    beater.join().unwrap();
+    for c in &mut children {
+        let status = c.wait().unwrap();
+        assert!(status.success(), "{}\n{}", log(1), log(2));
+    }
+    let logs = [log(1), log(2)];
+    let both = format!("{}\n{}", logs[0], logs[1]);
+    // Either may clear the stale lease; the one that then takes it computes.
+    assert!(
+        both.contains("cleared the stale lease of shard 9/9 (host elsewhere, pid 1): no heartbeat"),
+        "{both}"
+    );
+    let computing: Vec<usize> = (0..2)
+        .filter(|&i| logs[i].contains("stage 1a imatrix: running"))
+        .collect();
+    assert_eq!(computing.len(), 1, "{both}");
+    let (winner, waiter) = (computing[0] + 1, 2 - computing[0]);
+    assert!(
+        logs[waiter - 1].contains(&format!("stage 1a imatrix: computed by shard {winner}/2"))
+            && logs[waiter - 1].contains("reused after waiting"),
+        "{both}"
+    );
+    assert!(!lease.exists(), "the lease outlived its stage");
+    let status = compress(&["status", &s(&out), "--json"]);
+    let v: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let mut computed = 0;
+    for m in v["jobs"].as_array().unwrap() {
+        let rec = m["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["key"] == key.as_str())
+            .unwrap();
+        assert_eq!(
+            rec["computed_by"]["shard"],
+            format!("{winner}/2"),
+            "{rec:#}"
+        );
+        if rec["cached"] == false {
+            computed += 1;
+        } else {
+            assert!(rec["waited_s"].as_f64().unwrap() > 0.0, "{rec:#}");
+        }
+    }
+    assert_eq!(computed, 1, "the shared imatrix must be computed once");
+
+    // The same bytes as one machine running the whole recipe.
+    let single = tempfile::tempdir().unwrap();
+    let recipe2 = shared_imatrix_recipe(single.path(), "shared");
+    let o = compress(&["run", &s(&recipe2), "--quiet"]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    let names = |out: &Path| {
+        let mut v: Vec<Vec<String>> = artifact_hashes(out)
+            .into_iter()
+            .map(|(job, files)| {
+                std::iter::once(job)
+                    .chain(files.into_iter().map(|f| f.1))
+                    .collect()
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&out), names(&single.path().join("out")));
+
+    // A shard beyond the recipe's count, and a second recipe into the same
+    // folder, are refused before any work.
+    let o = compress(&["run", &s(&recipe), "--shard", "3"]);
+    assert_eq!(o.status.code(), Some(2), "{}", output_text(&o));
+    assert!(
+        output_text(&o).contains("--shard 3: the recipe has 2 shards"),
+        "{}",
+        output_text(&o)
+    );
+    let other_dir = dir.path().join("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let other = shared_imatrix_recipe(&other_dir, "another");
+    let o = compress(&["run", &s(&other), "--out", &s(&out)]);
+    assert!(!o.status.success());
+    assert!(
+        output_text(&o).contains("holds the outputs of recipe 'shared'"),
+        "{}",
+        output_text(&o)
+    );
 }

@@ -10,6 +10,7 @@ pub mod assets;
 pub mod distill;
 pub mod evaluate;
 pub mod gate;
+pub mod lease;
 pub mod prune;
 pub mod quantize;
 pub mod recipe;

@@ -349,6 +349,9 @@ pub struct Recipe {
     pub output: PathBuf,
     /// Seed given to every stage that takes one.
     pub seed: u64,
+    /// Number of shards `compress run --shard I` divides the jobs into (`shards`;
+    /// None: one job per shard).
+    pub shards: Option<usize>,
     /// Input models.
     pub models: Vec<ModelSpec>,
     /// Calibration defaults.
@@ -407,6 +410,18 @@ impl Recipe {
     }
 }
 
+impl Recipe {
+    /// The number of shards `--shard I` (without `/N`) divides the jobs into: the
+    /// recipe's `shards`, or one job per shard. It depends on the recipe alone,
+    /// never on how a job array was submitted, so resubmitting one task of an
+    /// array runs the same jobs as the first submission.
+    pub fn shard_count(&self) -> usize {
+        self.shards
+            .unwrap_or_else(|| self.models.len() * self.variants.len())
+            .max(1)
+    }
+}
+
 /// `I/N`: the I-th (1-based) of N disjoint slices of a job list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
@@ -417,21 +432,32 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// Parses `I/N` with 1 ≤ I ≤ N.
-    pub fn parse(s: &str) -> Result<Shard> {
-        let (i, n) = s
-            .split_once('/')
-            .with_context(|| format!("--shard {s}: expected I/N, e.g. 2/8"))?;
-        let (index, count): (usize, usize) = (
-            i.trim()
-                .parse()
-                .with_context(|| format!("--shard {s}: '{i}' is not a number"))?,
-            n.trim()
+    /// Parses `I/N` with 1 ≤ I ≤ N, or `I` alone: the I-th of `default_count`
+    /// (the recipe's [`Recipe::shard_count`]).
+    pub fn parse(s: &str, default_count: usize) -> Result<Shard> {
+        let (i, n) = match s.split_once('/') {
+            Some((i, n)) => (i, Some(n)),
+            None => (s, None),
+        };
+        let index: usize = i.trim().parse().with_context(|| {
+            format!("--shard {s}: '{i}' is not a number (expected I or I/N, e.g. 2 or 2/8)")
+        })?;
+        let count: usize = match n {
+            Some(n) => n
+                .trim()
                 .parse()
                 .with_context(|| format!("--shard {s}: '{n}' is not a number"))?,
-        );
+            None => default_count,
+        };
         if count == 0 || index == 0 || index > count {
-            anyhow::bail!("--shard {s}: I must be between 1 and N");
+            match n {
+                Some(_) => anyhow::bail!("--shard {s}: I must be between 1 and N"),
+                None => anyhow::bail!(
+                    "--shard {s}: the recipe has {count} shard{} (its `shards` key, or one per job): \
+                     I must be between 1 and {count}",
+                    if count == 1 { "" } else { "s" }
+                ),
+            }
         }
         Ok(Shard { index, count })
     }
@@ -576,7 +602,7 @@ pub fn parse(path: &Path, text: &str) -> std::result::Result<Recipe, Problems> {
         &top,
         "the recipe",
         &[
-            "name", "output", "seed", "model", "calib", "eval", "gate", "variant",
+            "name", "output", "seed", "shards", "model", "calib", "eval", "gate", "variant",
         ],
     );
 
@@ -596,6 +622,7 @@ pub fn parse(path: &Path, text: &str) -> std::result::Result<Recipe, Problems> {
     let seed = get(&top, "seed")
         .and_then(|n| r.count(n, "seed", 0))
         .unwrap_or(0) as u64;
+    let shards = get(&top, "shards").and_then(|n| r.count(n, "shards", 1));
 
     // [[model]]
     let mut models = Vec::new();
@@ -778,6 +805,7 @@ pub fn parse(path: &Path, text: &str) -> std::result::Result<Recipe, Problems> {
         name,
         output: output.unwrap_or_default(),
         seed,
+        shards,
         models,
         calib,
         eval,
@@ -1427,14 +1455,18 @@ stages = [
     fn shards_partition_the_jobs() {
         for n in 1..6 {
             let shards: Vec<Shard> = (1..=n)
-                .map(|i| Shard::parse(&format!("{i}/{n}")).unwrap())
+                .map(|i| Shard::parse(&format!("{i}/{n}"), 1).unwrap())
                 .collect();
             for j in 0..17 {
                 assert_eq!(shards.iter().filter(|s| s.contains(j)).count(), 1);
             }
         }
-        assert!(Shard::parse("0/3").is_err());
-        assert!(Shard::parse("4/3").is_err());
-        assert!(Shard::parse("x").is_err());
+        assert!(Shard::parse("0/3", 9).is_err());
+        assert!(Shard::parse("4/3", 9).is_err());
+        assert!(Shard::parse("x", 9).is_err());
+        // `I` alone takes N from the recipe, whatever the array's size.
+        assert_eq!(Shard::parse("4", 7).unwrap(), Shard { index: 4, count: 7 });
+        let beyond = Shard::parse("8", 7).unwrap_err().to_string();
+        assert!(beyond.contains("the recipe has 7 shards"), "{beyond}");
     }
 }

@@ -17,6 +17,7 @@
 //! artifact file with size and sha256, the evaluation and the gate results.
 
 use crate::assets::sha256_file;
+use crate::lease::{self, Attempt, Holder, Lease, LeaseTimes, Watch};
 use crate::recipe::{self, ImatrixSource, Job, Recipe, Shard, StageKind};
 use anyhow::{bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -25,7 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Arguments of `compress run`.
 #[derive(clap::Args)]
@@ -36,9 +37,15 @@ pub struct RunArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Run the I-th of N disjoint slices of the job list (1-based; jobs are dealt
-    /// round-robin), e.g. `--shard $((SLURM_ARRAY_TASK_ID+1))/$SLURM_ARRAY_TASK_COUNT`.
+    /// round-robin). `I` alone takes N from the recipe (its `shards` key, or one
+    /// job per shard), so a job array's task runs the same jobs however the array
+    /// was submitted: `--shard $((SLURM_ARRAY_TASK_ID+1))`. `I/N` sets N.
     #[arg(long)]
     shard: Option<String>,
+    /// Print the stage graph: every stage, the jobs that share it, and which
+    /// shard computes it (the others wait for it); then stop.
+    #[arg(long, conflicts_with = "list")]
+    plan: bool,
     /// Print only errors (and nothing on success).
     #[arg(long, conflicts_with = "json")]
     quiet: bool,
@@ -228,18 +235,49 @@ impl Reporter {
         }
     }
 
-    fn stage_start(&mut self, job: &str, label: &str, key: &str, cached: bool) {
+    fn stage_start(&mut self, job: &str, label: &str, key: &str, by: &str) {
         self.event(
-            json!({"event": if cached { "stage_cached" } else { "stage_start" },
-            "job": job, "stage": label, "key": key}),
+            json!({"event": "stage_start", "job": job, "stage": label, "key": key, "by": by}),
         );
-        if cached {
-            self.line(&format!("  {label}: done before ({key}), reused"));
-        } else {
-            self.line(&format!("  {label}: running ({key})"));
-        }
+        self.line(&format!("  {label}: running ({key}) in {by}"));
         if let Some(s) = &self.stage {
             s.set_message(label.to_owned());
+        }
+        self.task_name.clear();
+    }
+
+    /// Another shard holds the stage's lease.
+    fn stage_wait(&mut self, job: &str, label: &str, key: &str, by: &str) {
+        self.event(
+            json!({"event": "stage_wait", "job": job, "stage": label, "key": key, "by": by}),
+        );
+        self.line(&format!(
+            "  {label}: being computed by {by}; waiting ({key})"
+        ));
+        if let Some(s) = &self.stage {
+            s.set_message(format!("{label}: waiting for {by}"));
+        }
+    }
+
+    /// A finished stage reused, computed by `by`, after `waited` seconds of waiting.
+    fn stage_reused(
+        &mut self,
+        job: &str,
+        label: &str,
+        key: &str,
+        by: Option<&str>,
+        waited: Option<f64>,
+    ) {
+        self.event(
+            json!({"event": "stage_cached", "job": job, "stage": label, "key": key,
+            "computed_by": by, "waited_s": waited}),
+        );
+        let by = by.map_or(String::new(), |b| format!(" by {b}"));
+        match waited {
+            Some(w) => self.line(&format!(
+                "  {label}: computed{by}; reused after waiting {w:.1}s ({key})"
+            )),
+            None => self.line(&format!("  {label}: done before{by}, reused ({key})")),
         }
         self.task_name.clear();
     }
@@ -288,9 +326,9 @@ impl Reporter {
         }
     }
 
-    fn stage_done(&mut self, job: &str, label: &str, seconds: f64) {
-        self.event(json!({"event": "stage_done", "job": job, "stage": label, "seconds": seconds}));
-        self.line(&format!("  {label}: finished in {seconds:.1}s"));
+    fn stage_done(&mut self, job: &str, label: &str, key: &str, seconds: f64) {
+        self.event(json!({"event": "stage_done", "job": job, "stage": label, "key": key, "seconds": seconds}));
+        self.line(&format!("  {label}: finished in {seconds:.1}s ({key})"));
         if let Some(t) = self.task.take() {
             t.finish_and_clear();
         }
@@ -451,6 +489,10 @@ struct Runner {
     out: PathBuf,
     stages_dir: PathBuf,
     host: String,
+    /// This run's `--shard` (recorded in leases and stage records).
+    shard: Option<String>,
+    /// Heartbeat and staleness of stage leases.
+    lease_times: LeaseTimes,
     /// Content hashes by path (each input is hashed once per run).
     hashes: HashMap<PathBuf, (String, Vec<Value>)>,
     reporter: Reporter,
@@ -464,6 +506,10 @@ struct Done {
     cached: bool,
     seconds: f64,
     command: Vec<String>,
+    /// The stage's `computed_by` record (a [`Holder`]).
+    computed_by: Value,
+    /// Seconds this run waited for another shard to finish it.
+    waited: Option<f64>,
 }
 
 impl Runner {
@@ -487,46 +533,64 @@ impl Runner {
         Ok(h)
     }
 
-    /// Runs `compress ARGS` as a stage unless its output exists: `build` gets the
-    /// stage's temporary folder and returns the arguments.
-    fn step(
-        &mut self,
-        job: &str,
-        label: &str,
-        key_material: Value,
-        build: impl FnOnce(&Path, &Path) -> Vec<String>,
-        stdout_file: Option<&str>,
-    ) -> Result<Done> {
-        let key = sha256_hex(
-            json!({"tool": env!("CARGO_PKG_VERSION"), "stage": key_material})
-                .to_string()
-                .as_bytes(),
-        )[..32]
-            .to_owned();
+    /// Runs a step unless its output exists. A step another shard is computing
+    /// (it holds the stage's lease) is waited for, then reused.
+    fn step(&mut self, job: &str, step: &Step) -> Result<Done> {
+        let key = step.key.clone();
         let dir = self.stages_dir.join(&key);
-        if dir.is_dir() {
-            self.reporter.stage_start(job, label, &key, true);
-            let info = model::io::read_json(&dir.join("stage.json")).unwrap_or(Value::Null);
-            let command = info["command"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|s| s.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default();
-            if let Some(s) = &self.reporter.stage {
-                s.inc(1);
+        let lease_file = lease::lease_path(&dir);
+        let me = Holder::me(&self.host, self.shard.as_deref(), job, &step.label);
+        let poll = self.lease_times.beat.min(Duration::from_secs(1)) / 2;
+        let mut waiting: Option<(Instant, Option<Watch>)> = None;
+        let held = loop {
+            if dir.is_dir() {
+                return Ok(self.reuse(job, step, &dir, waiting.map(|w| w.0)));
             }
-            return Ok(Done {
-                key,
-                dir,
-                cached: true,
-                seconds: info["seconds"].as_f64().unwrap_or(0.0),
-                command,
-            });
-        }
-        self.reporter.stage_start(job, label, &key, false);
+            match lease::try_acquire(&lease_file, &me, self.lease_times) {
+                Ok(Attempt::Acquired(held)) => {
+                    // The holder before us may have finished between our look and our take.
+                    if dir.is_dir() {
+                        continue;
+                    }
+                    break Some(held);
+                }
+                Ok(Attempt::Held(holder, raw)) => {
+                    let (_, watch) = waiting.get_or_insert_with(|| {
+                        let by = holder
+                            .as_ref()
+                            .map_or("another run".into(), Holder::describe);
+                        self.reporter.stage_wait(job, &step.label, &key, &by);
+                        (Instant::now(), None)
+                    });
+                    let watch = watch.get_or_insert_with(|| Watch::new(&raw));
+                    if let Some(why) =
+                        watch.stale(holder.as_ref(), &raw, &self.host, self.lease_times)
+                    {
+                        if lease::take_over(&lease_file, &me, &raw)? {
+                            let by = holder
+                                .as_ref()
+                                .map_or("another run".into(), Holder::describe);
+                            self.reporter.line(&format!(
+                                "  {}: cleared the stale lease of {by}: {why}",
+                                step.label
+                            ));
+                        }
+                        waiting = waiting.map(|(t, _)| (t, None));
+                        continue;
+                    }
+                    std::thread::sleep(poll);
+                }
+                Err(e) => {
+                    self.reporter.line(&format!(
+                        "  {}: warning: {e:#}; computing without a lease (another shard may compute it too)",
+                        step.label
+                    ));
+                    break None;
+                }
+            }
+        };
+        self.reporter
+            .stage_start(job, &step.label, &key, &me.describe());
         let tmp = self
             .stages_dir
             .join(format!("{key}.tmp-{}-{}", self.host, std::process::id()));
@@ -539,9 +603,9 @@ impl Runner {
         // A folder beside the stage's for state that must survive a kill (the
         // checkpoints of a training stage).
         let keep = self.stages_dir.join(format!("{key}.keep"));
-        let args = build(&tmp, &keep);
+        let args = (step.args)(&tmp, &keep);
         let start = Instant::now();
-        let result = self.spawn(job, label, &args, &tmp, stdout_file);
+        let result = self.spawn(job, &step.label, &args, &tmp, step.stdout_file);
         if let Err(e) = result {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
@@ -560,13 +624,15 @@ impl Runner {
             }
         }
         let mut command = vec!["compress".to_owned()];
-        command.extend(
-            args.iter()
-                .map(|a| a.replace(&tmp.display().to_string(), &dir.display().to_string())),
-        );
+        command.extend(args.iter().map(|a| a.replace(&from, &to)));
+        let computed_by = json!(me);
         model::io::write_atomic(
             &tmp.join("stage.json"),
-            serde_json::to_string_pretty(&json!({"key": key, "command": command, "seconds": seconds, "material": key_material}))?.as_bytes(),
+            serde_json::to_string_pretty(
+                &json!({"key": key, "command": command, "seconds": seconds,
+                "material": step.material, "computed_by": computed_by}),
+            )?
+            .as_bytes(),
         )?;
         sync_dir(&tmp);
         match std::fs::rename(&tmp, &dir) {
@@ -580,14 +646,52 @@ impl Runner {
             }
         }
         sync_dir(&self.stages_dir);
-        self.reporter.stage_done(job, label, seconds);
+        if let Some(lost) = held.as_ref().and_then(Lease::lost) {
+            self.reporter
+                .line(&format!("  {}: warning: {lost}", step.label));
+        }
+        // Released only now: a waiter sees the finished folder before the lease goes.
+        drop(held);
+        self.reporter.stage_done(job, &step.label, &key, seconds);
         Ok(Done {
             key,
             dir,
             cached: false,
             seconds,
             command,
+            computed_by,
+            waited: None,
         })
+    }
+
+    /// A finished step's record, read from its `stage.json`.
+    fn reuse(&mut self, job: &str, step: &Step, dir: &Path, waited_since: Option<Instant>) -> Done {
+        let info = model::io::read_json(&dir.join("stage.json")).unwrap_or(Value::Null);
+        let command = info["command"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let waited = waited_since.map(|t| t.elapsed().as_secs_f64());
+        let by: Option<Holder> = serde_json::from_value(info["computed_by"].clone()).ok();
+        let by_text = by.as_ref().map(Holder::describe);
+        self.reporter
+            .stage_reused(job, &step.label, &step.key, by_text.as_deref(), waited);
+        if let Some(s) = &self.reporter.stage {
+            s.inc(1);
+        }
+        Done {
+            key: step.key.clone(),
+            dir: dir.to_path_buf(),
+            cached: true,
+            seconds: info["seconds"].as_f64().unwrap_or(0.0),
+            command,
+            computed_by: info["computed_by"].clone(),
+            waited,
+        }
     }
 
     /// Removes temporary folders of `key` left by killed runs on this host.
@@ -794,7 +898,12 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     let recipe = recipe::load(&a.recipe)?;
     let out = a.out.clone().unwrap_or_else(|| recipe.output.clone());
     recipe::check_outputs_for(&recipe, &out)?;
-    let shard = a.shard.as_deref().map(Shard::parse).transpose()?;
+    let shard = a
+        .shard
+        .as_deref()
+        .map(|s| Shard::parse(s, recipe.shard_count()))
+        .transpose()?;
+    let shard_label = shard.map(|s| format!("{}/{}", s.index, s.count));
     let all = recipe.jobs();
     let jobs: Vec<Job> = all
         .iter()
@@ -819,6 +928,22 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    let lease_times = LeaseTimes::from_env()?;
+    if a.plan {
+        let mut runner = Runner {
+            exe: PathBuf::new(),
+            out: out.clone(),
+            stages_dir: out.join(".stages"),
+            host: host(),
+            shard: None,
+            lease_times,
+            hashes: HashMap::new(),
+            reporter: Reporter::new(Mode::Quiet, 0),
+        };
+        print_plan(&mut runner, &recipe, &all, a.json)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    check_shared_folder(&out)?;
     let mode = if a.json {
         Mode::Json
     } else if a.quiet {
@@ -831,18 +956,21 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let stages_dir = out.join(".stages");
     std::fs::create_dir_all(&stages_dir)?;
+    claim_output(&out, &recipe)?;
     let mut runner = Runner {
         exe: std::env::current_exe().context("cannot find the compress binary")?,
         out: out.clone(),
         stages_dir,
         host: host(),
+        shard: shard_label.clone(),
+        lease_times,
         hashes: HashMap::new(),
         reporter: Reporter::new(mode, jobs.len()),
     };
     runner
         .reporter
         .event(json!({"event": "run", "recipe": a.recipe, "out": out,
-        "jobs": jobs.len(), "of": all.len(), "shard": a.shard}));
+        "jobs": jobs.len(), "of": all.len(), "shard": shard_label}));
     let shard_text = shard.map_or(String::new(), |s| {
         format!(" (shard {}/{})", s.index, s.count)
     });
@@ -858,7 +986,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     let started = Instant::now();
     for job in &jobs {
         let manifest_path = with_suffix(&job_prefix(&out, job), ".manifest.json");
-        let outcome = run_job(&mut runner, &recipe, job, all.len(), &a, &manifest_path);
+        let outcome = run_job(&mut runner, &recipe, job, all.len(), &manifest_path);
         let manifest = match outcome {
             Ok((m, was_done)) => {
                 if was_done {
@@ -923,25 +1051,69 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     })
 }
 
-/// Runs one job; `true` with the manifest when it had finished before.
-fn run_job(
-    runner: &mut Runner,
-    recipe: &Recipe,
-    job: &Job,
-    n_jobs: usize,
-    a: &RunArgs,
-    manifest_path: &Path,
-) -> Result<(Value, bool)> {
+/// One step of a job (a stage, the imatrix it collects, or the evaluation),
+/// planned before anything runs: its key names its folder, `.stages/KEY/`, so
+/// the whole stage graph of a recipe is known up front (`compress run --plan`).
+struct Step {
+    label: String,
+    /// `imatrix`, `eval` or the stage's kind.
+    kind: &'static str,
+    key: String,
+    material: Value,
+    /// The command's arguments, given the stage's temporary folder and the
+    /// folder kept across kills.
+    args: BuildArgs,
+    /// The file under the stage folder the command's stdout goes to.
+    stdout_file: Option<&'static str>,
+}
+
+/// Builds a step's command line from its temporary folder and its kept folder.
+type BuildArgs = Box<dyn Fn(&Path, &Path) -> Vec<String>>;
+
+/// Everything a job will do, with its inputs' records for the manifest.
+struct JobPlan {
+    inputs: Vec<Value>,
+    steps: Vec<Step>,
+    /// The last stage's output: the job's artifact.
+    output: PathBuf,
+    /// The evaluation step's index in `steps`.
+    eval: Option<usize>,
+}
+
+/// The key of a step: a hash of what determines its output.
+fn step_key(material: &Value) -> String {
+    sha256_hex(
+        json!({"tool": env!("CARGO_PKG_VERSION"), "stage": material})
+            .to_string()
+            .as_bytes(),
+    )[..32]
+        .to_owned()
+}
+
+impl Step {
+    fn new(
+        label: String,
+        kind: &'static str,
+        material: Value,
+        args: BuildArgs,
+        stdout_file: Option<&'static str>,
+    ) -> Step {
+        Step {
+            label,
+            kind,
+            key: step_key(&material),
+            material,
+            args,
+            stdout_file,
+        }
+    }
+}
+
+/// Plans a job: hashes its inputs and chains its steps' keys (each stage's key
+/// covers the key of the stage before, so equal prefixes share folders).
+fn plan_job(runner: &mut Runner, recipe: &Recipe, job: &Job) -> Result<JobPlan> {
     let variant = &recipe.variants[job.variant];
     let spec = &recipe.models[job.model];
-    let n_steps = variant.stages.len()
-        + variant
-            .stages
-            .iter()
-            .filter(|s| s.imatrix == ImatrixSource::Collect)
-            .count()
-        + usize::from(recipe.eval.is_some());
-    runner.reporter.job_start(job, n_jobs, n_steps);
     let model_path = crate::resolve(&spec.path)?;
     let (model_id, model_files) = runner.hash_input(&model_path)?;
     let mut inputs = vec![
@@ -951,7 +1123,7 @@ fn run_job(
         s.imatrix == ImatrixSource::Collect
             || s.args.iter().any(|x| x == "--calib" || x == "--text")
     });
-    let calib_path = if calib_used {
+    let calib = if calib_used {
         let p = crate::resolve(&recipe.calib.text)?;
         let (id, files) = runner.hash_input(&p)?;
         inputs.push(json!({"role": "calib", "path": recipe.calib.text, "resolved": p, "sha256": id, "files": files}));
@@ -960,59 +1132,39 @@ fn run_job(
         None
     };
 
-    let prefix = job_prefix(&runner.out, job);
-    let artifact_path = runner.out.join(&job.artifact);
-    let mut manifest = json!({
-        "manifest_version": 1,
-        "tool": {"name": "compress", "version": env!("CARGO_PKG_VERSION")},
-        "recipe": {"path": recipe.path, "name": recipe.name, "sha256": sha256_hex(recipe.text.as_bytes()), "seed": recipe.seed, "text": recipe.text},
-        "shard": a.shard,
-        "job": {"index": job.index + 1, "of": n_jobs, "name": job.name, "model": spec.name, "variant": variant.name},
-        "status": "running",
-        "error": null,
-        "started_unix": now_unix(),
-        "inputs": inputs,
-        "stages": [],
-        "artifacts": [],
-    });
-    let previous = model::io::read_json(manifest_path).ok();
-
-    // The stages, from the input model on.
+    let mut steps: Vec<Step> = Vec::new();
     let mut cur_id = model_id.clone();
     let mut cur_path = model_path.clone();
-    let mut stage_records = Vec::new();
-    let mut step_keys = Vec::new();
-    let mut ran_any = false;
     for (i, stage) in variant.stages.iter().enumerate() {
         let mut files = Vec::new();
         for f in &stage.file_args {
             let p = crate::resolve(f)?;
             files.push(runner.hash_input(&p)?.0);
         }
-        let imatrix = match &stage.imatrix {
+        let imatrix: Option<(PathBuf, String)> = match &stage.imatrix {
             ImatrixSource::None => None,
             ImatrixSource::File(f) => {
                 let p = crate::resolve(f)?;
-                Some(p)
+                let id = runner.hash_input(&p)?.0;
+                Some((p, id))
             }
             ImatrixSource::Collect => {
-                let (calib, calib_id) = calib_path.clone().context("calibration text")?;
-                let label = format!("stage {}a imatrix", i + 1);
+                let (text, text_id) = calib.clone().context("calibration text")?;
                 let (samples, seq) = (
                     recipe.calib.samples.to_string(),
                     recipe.calib.seq.to_string(),
                 );
                 let input = cur_path.clone();
-                let d = runner.step(
-                    &job.name,
-                    &label,
-                    json!({"kind": "imatrix", "input": cur_id, "text": calib_id, "ctx": seq, "chunks": samples}),
-                    |tmp, _| {
+                let step = Step::new(
+                    format!("stage {}a imatrix", i + 1),
+                    "imatrix",
+                    json!({"kind": "imatrix", "input": cur_id, "text": text_id, "ctx": seq, "chunks": samples}),
+                    Box::new(move |tmp, _| {
                         vec![
                             "imatrix".into(),
                             input.display().to_string(),
                             "--text".into(),
-                            calib.display().to_string(),
+                            text.display().to_string(),
                             "--ctx".into(),
                             seq.clone(),
                             "--chunks".into(),
@@ -1020,115 +1172,160 @@ fn run_job(
                             "-o".into(),
                             tmp.join("imatrix.gguf").display().to_string(),
                         ]
-                    },
+                    }),
                     None,
-                )?;
-                record(&mut manifest, &label, &d, &mut stage_records);
-                step_keys.push(d.key.clone());
-                Some(d.dir.join("imatrix.gguf"))
+                );
+                // The collected imatrix is named by its step's key: its bytes
+                // follow from it, and the key is known before it is computed.
+                let out = (
+                    runner.stages_dir.join(&step.key).join("imatrix.gguf"),
+                    step.key.clone(),
+                );
+                steps.push(step);
+                Some(out)
             }
         };
-        let imatrix_id = match &imatrix {
-            Some(p) => Some(runner.hash_input(p)?.0),
-            None => None,
-        };
-        let label = format!("stage {} {}", i + 1, stage.kind.name());
         let input = cur_path.clone();
-        let d = runner.step(
-            &job.name,
-            &label,
+        let (kind, teacher) = (stage.kind, model_path.clone());
+        let (args, writes) = (stage.args.clone(), stage.writes.file_name());
+        let imatrix_path = imatrix.as_ref().map(|(p, _)| p.clone());
+        let step = Step::new(
+            format!("stage {} {}", i + 1, stage.kind.name()),
+            stage.kind.name(),
             json!({"kind": stage.kind.name(), "input": cur_id, "args": stage.args, "files": files,
-                "imatrix": imatrix_id, "teacher": (stage.kind == StageKind::Distill).then_some(&model_id)}),
-            |tmp, keep| {
-                let mut args = vec![stage.kind.name().to_owned()];
-                if stage.kind == StageKind::Distill {
-                    args.extend([
+                "imatrix": imatrix.as_ref().map(|(_, id)| id),
+                "teacher": (stage.kind == StageKind::Distill).then_some(&model_id)}),
+            Box::new(move |tmp, keep| {
+                let mut a = vec![kind.name().to_owned()];
+                if kind == StageKind::Distill {
+                    a.extend([
                         "--teacher".into(),
-                        model_path.display().to_string(),
+                        teacher.display().to_string(),
                         "--student".into(),
                         input.display().to_string(),
                         "--checkpoint-dir".into(),
                         keep.display().to_string(),
                     ]);
                 } else {
-                    args.push(input.display().to_string());
+                    a.push(input.display().to_string());
                 }
-                args.extend(stage.args.iter().cloned());
-                // The stage's own reading of a calibration file is resolved here
-                // (asset:NAME is fine, the child resolves it the same way).
-                if let Some(p) = &imatrix {
-                    args.extend(["--imatrix".into(), p.display().to_string()]);
+                a.extend(args.iter().cloned());
+                if let Some(p) = &imatrix_path {
+                    a.extend(["--imatrix".into(), p.display().to_string()]);
                 }
-                args.extend([
+                a.extend([
                     "-o".into(),
-                    tmp.join(stage.writes.file_name()).display().to_string(),
+                    tmp.join(writes).display().to_string(),
                     "--report".into(),
                     tmp.join("report.json").display().to_string(),
                 ]);
-                args
-            },
+                a
+            }),
             None,
-        )?;
-        record(&mut manifest, &label, &d, &mut stage_records);
+        );
+        cur_id = step.key.clone();
+        cur_path = runner
+            .stages_dir
+            .join(&step.key)
+            .join(stage.writes.file_name());
+        steps.push(step);
+    }
+
+    let mut eval = None;
+    if let Some(e) = &recipe.eval {
+        let text = crate::resolve(&e.text)?;
+        let (text_id, text_files) = runner.hash_input(&text)?;
+        let base = match &e.base {
+            Some(b) => crate::resolve(b)?,
+            None => model_path.clone(),
+        };
+        let (base_id, base_files) = runner.hash_input(&base)?;
+        inputs.extend([
+            json!({"role": "eval text", "path": e.text, "resolved": text, "sha256": text_id, "files": text_files}),
+            json!({"role": "eval base", "path": e.base.as_deref().unwrap_or(&spec.path), "resolved": base, "sha256": base_id, "files": base_files}),
+        ]);
+        let (ctx, chunks) = (e.ctx.to_string(), e.chunks.map(|c| c.to_string()));
+        let artifact = cur_path.clone();
+        eval = Some(steps.len());
+        steps.push(Step::new(
+            "eval".to_owned(),
+            "eval",
+            json!({"kind": "eval", "input": cur_id, "base": base_id, "text": text_id, "ctx": ctx, "chunks": chunks}),
+            Box::new(move |_, _| {
+                let mut a = vec![
+                    "eval".to_owned(),
+                    artifact.display().to_string(),
+                    "--base".into(),
+                    base.display().to_string(),
+                    "--text".into(),
+                    text.display().to_string(),
+                    "--ctx".into(),
+                    ctx.clone(),
+                    "--json".into(),
+                ];
+                if let Some(c) = &chunks {
+                    a.extend(["--chunks".into(), c.clone()]);
+                }
+                a
+            }),
+            Some("eval.json"),
+        ));
+    }
+    Ok(JobPlan {
+        inputs,
+        steps,
+        output: cur_path,
+        eval,
+    })
+}
+
+/// Runs one job; `true` with the manifest when it had finished before.
+fn run_job(
+    runner: &mut Runner,
+    recipe: &Recipe,
+    job: &Job,
+    n_jobs: usize,
+    manifest_path: &Path,
+) -> Result<(Value, bool)> {
+    let variant = &recipe.variants[job.variant];
+    let spec = &recipe.models[job.model];
+    let plan = plan_job(runner, recipe, job)?;
+    runner.reporter.job_start(job, n_jobs, plan.steps.len());
+
+    let prefix = job_prefix(&runner.out, job);
+    let artifact_path = runner.out.join(&job.artifact);
+    let mut manifest = json!({
+        "manifest_version": 1,
+        "tool": {"name": "compress", "version": env!("CARGO_PKG_VERSION")},
+        "recipe": {"path": recipe.path, "name": recipe.name, "sha256": sha256_hex(recipe.text.as_bytes()), "seed": recipe.seed, "text": recipe.text},
+        "shard": runner.shard,
+        "job": {"index": job.index + 1, "of": n_jobs, "name": job.name, "model": spec.name, "variant": variant.name},
+        "status": "running",
+        "error": null,
+        "started_unix": now_unix(),
+        "inputs": plan.inputs,
+        "stages": [],
+        "artifacts": [],
+    });
+    let previous = model::io::read_json(manifest_path).ok();
+
+    let mut stage_records = Vec::new();
+    let mut step_keys = Vec::new();
+    let mut ran_any = false;
+    let mut eval_dir = None;
+    for (i, step) in plan.steps.iter().enumerate() {
+        let d = runner.step(&job.name, step)?;
+        record(&mut manifest, &step.label, &d, &mut stage_records);
         step_keys.push(d.key.clone());
-        cur_id = d.key.clone();
-        cur_path = d.dir.join(stage.writes.file_name());
-        // A finished job's manifest stays as it is until the job proves changed.
-        if !d.cached {
+        if plan.eval == Some(i) {
+            eval_dir = Some(d.dir);
+        } else if !d.cached {
+            // A finished job's manifest stays as it is until the job proves changed.
             ran_any = true;
             write_manifest(manifest_path, &manifest)?;
         }
     }
-
-    // Evaluation, cached like a stage.
-    let eval_step = match &recipe.eval {
-        None => None,
-        Some(e) => {
-            let text = crate::resolve(&e.text)?;
-            let (text_id, text_files) = runner.hash_input(&text)?;
-            let base = match &e.base {
-                Some(b) => crate::resolve(b)?,
-                None => model_path.clone(),
-            };
-            let (base_id, base_files) = runner.hash_input(&base)?;
-            manifest["inputs"]
-                .as_array_mut()
-                .expect("array")
-                .extend([
-                    json!({"role": "eval text", "path": e.text, "resolved": text, "sha256": text_id, "files": text_files}),
-                    json!({"role": "eval base", "path": e.base.as_deref().unwrap_or(&spec.path), "resolved": base, "sha256": base_id, "files": base_files}),
-                ]);
-            let label = "eval".to_owned();
-            let (ctx, chunks) = (e.ctx.to_string(), e.chunks.map(|c| c.to_string()));
-            let artifact = cur_path.clone();
-            let d = runner.step(
-                &job.name,
-                &label,
-                json!({"kind": "eval", "input": cur_id, "base": base_id, "text": text_id, "ctx": ctx, "chunks": chunks}),
-                |_, _| {
-                    let mut args = vec![
-                        "eval".to_owned(),
-                        artifact.display().to_string(),
-                        "--base".into(),
-                        base.display().to_string(),
-                        "--text".into(),
-                        text.display().to_string(),
-                        "--ctx".into(),
-                        ctx.clone(),
-                        "--json".into(),
-                    ];
-                    if let Some(c) = &chunks {
-                        args.extend(["--chunks".into(), c.clone()]);
-                    }
-                    args
-                },
-                Some("eval.json"),
-            )?;
-            record(&mut manifest, &label, &d, &mut stage_records);
-            step_keys.push(d.key.clone());
-            Some(d)
-        }
-    };
+    let cur_path = plan.output;
 
     let job_key = sha256_hex(
         json!({"steps": step_keys, "artifact": job.artifact,
@@ -1158,8 +1355,8 @@ fn run_job(
     let artifacts = export(&cur_path, &artifact_path)?;
     manifest["artifacts"] = json!(artifacts);
     manifest["status"] = json!("done");
-    if let Some(d) = eval_step {
-        let mut report = model::io::read_json(&d.dir.join("eval.json"))?;
+    if let Some(dir) = eval_dir {
+        let mut report = model::io::read_json(&dir.join("eval.json"))?;
         report["model"] = json!(artifact_path);
         let report_path = with_suffix(&prefix, ".eval.json");
         model::io::write_atomic(
@@ -1190,7 +1387,8 @@ fn run_job(
 /// Adds a finished step to the manifest's stage list.
 fn record(manifest: &mut Value, label: &str, d: &Done, records: &mut Vec<Value>) {
     records.push(json!({"stage": label, "key": d.key, "command": d.command,
-        "cached": d.cached, "seconds": d.seconds, "folder": d.dir}));
+        "cached": d.cached, "seconds": d.seconds, "folder": d.dir,
+        "computed_by": d.computed_by, "waited_s": d.waited}));
     manifest["stages"] = json!(records.clone());
 }
 
@@ -1309,9 +1507,290 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
     })
 }
 
+/// `compress run --plan`: every stage of every job, the jobs that share it, and
+/// which shard computes it. Jobs are dealt round-robin, so job J is the
+/// (J / N)-th of shard J mod N; a stage is computed by the shard that reaches
+/// it first (the one whose first job using it comes earliest in its list) and
+/// the others wait for it.
+fn print_plan(runner: &mut Runner, recipe: &Recipe, jobs: &[Job], as_json: bool) -> Result<()> {
+    struct Node {
+        kind: &'static str,
+        /// (job index, shard, position in the shard's list).
+        users: Vec<(usize, usize, usize)>,
+        done: bool,
+    }
+    let n = recipe.shard_count();
+    let mut order: Vec<String> = Vec::new();
+    let mut nodes: HashMap<String, Node> = HashMap::new();
+    let mut job_rows = Vec::new();
+    for job in jobs {
+        let plan = plan_job(runner, recipe, job)?;
+        let (shard, position) = (job.index % n + 1, job.index / n);
+        for step in &plan.steps {
+            let node = nodes.entry(step.key.clone()).or_insert_with(|| {
+                order.push(step.key.clone());
+                Node {
+                    kind: step.kind,
+                    users: Vec::new(),
+                    done: runner.stages_dir.join(&step.key).is_dir(),
+                }
+            });
+            node.users.push((job.index, shard, position));
+        }
+        let keys: Vec<&str> = plan.steps.iter().map(|s| s.key.as_str()).collect();
+        let kinds: Vec<&str> = plan.steps.iter().map(|s| s.kind).collect();
+        job_rows.push(
+            json!({"index": job.index + 1, "job": job.name, "shard": shard,
+            "steps": keys, "kinds": kinds}),
+        );
+    }
+    let mut stages = Vec::new();
+    for key in &order {
+        let node = &nodes[key];
+        let first = node.users.iter().map(|u| (u.2, u.1)).min().expect("a user");
+        let mut shards: Vec<usize> = node.users.iter().map(|u| u.1).collect();
+        shards.sort();
+        shards.dedup();
+        let racing: Vec<usize> = shards
+            .iter()
+            .copied()
+            .filter(|&s| node.users.iter().any(|u| u.1 == s && u.2 == first.0))
+            .collect();
+        let waits: Vec<usize> = shards.iter().copied().filter(|&s| s != first.1).collect();
+        let job_numbers: Vec<usize> = node.users.iter().map(|u| u.0 + 1).collect();
+        stages.push(
+            json!({"key": key, "kind": node.kind, "jobs": job_numbers, "shards": shards,
+            "computed_by": first.1, "races": racing, "waits": waits, "done": node.done}),
+        );
+    }
+    let shared = stages
+        .iter()
+        .filter(|s| s["jobs"].as_array().is_some_and(|j| j.len() > 1))
+        .count();
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"recipe": recipe.name, "shards": n, "jobs": job_rows, "stages": stages})
+            )?
+        );
+        return Ok(());
+    }
+    println!(
+        "{}: {} jobs in {n} shard{} (--shard 1 … --shard {n}; sbatch --array=0-{}), {} stages, {shared} shared by several jobs",
+        recipe.name,
+        jobs.len(),
+        plural(n),
+        n - 1,
+        stages.len(),
+    );
+    println!(
+        "\n  {:<12}  {:<9} {:<5} {:<18} computed by",
+        "stage", "kind", "state", "jobs"
+    );
+    let list = |v: &Value| -> String {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    for s in &stages {
+        let who = if s["races"].as_array().is_some_and(|r| r.len() > 1) {
+            format!(
+                "shards {} race for it (the first takes the lease, the others wait)",
+                list(&s["races"])
+            )
+        } else if s["waits"].as_array().is_some_and(|w| !w.is_empty()) {
+            format!(
+                "shard {}; shard{} {} wait{} for it",
+                s["computed_by"],
+                if s["waits"].as_array().is_some_and(|w| w.len() > 1) {
+                    "s"
+                } else {
+                    ""
+                },
+                list(&s["waits"]),
+                if s["waits"].as_array().is_some_and(|w| w.len() > 1) {
+                    ""
+                } else {
+                    "s"
+                },
+            )
+        } else {
+            format!("shard {}", s["computed_by"])
+        };
+        println!(
+            "  {:<12}  {:<9} {:<5} {:<18} {who}",
+            &s["key"].as_str().unwrap_or("")[..12],
+            s["kind"].as_str().unwrap_or(""),
+            if s["done"] == json!(true) { "done" } else { "" },
+            list(&s["jobs"]),
+        );
+    }
+    println!();
+    for j in &job_rows {
+        let chain: Vec<String> = j["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .zip(j["kinds"].as_array().into_iter().flatten())
+            .map(|(k, kind)| {
+                format!(
+                    "{} {}",
+                    kind.as_str().unwrap_or(""),
+                    &k.as_str().unwrap_or("")[..12]
+                )
+            })
+            .collect();
+        println!(
+            "  job {:>2} {} (shard {}): {}",
+            j["index"],
+            j["job"].as_str().unwrap_or(""),
+            j["shard"],
+            chain.join(" -> ")
+        );
+    }
+    Ok(())
+}
+
+/// File systems whose rename is a copy and a delete (object stores mounted by
+/// FUSE): a stage folder could be seen half-copied by another shard.
+const NON_ATOMIC_RENAME: [&str; 7] = [
+    "fuse.s3fs",
+    "fuse.goofys",
+    "fuse.gcsfuse",
+    "fuse.mountpoint-s3",
+    "fuse.blobfuse",
+    "fuse.blobfuse2",
+    "fuse.rclone",
+];
+
+/// The file system type of the mount holding `path`, from a mountinfo text
+/// (`/proc/self/mountinfo`): the longest mount point that contains it.
+fn mount_type(mountinfo: &str, path: &Path) -> Option<String> {
+    let mut best: Option<(usize, String)> = None;
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (Some(mount_point), Some(dash)) =
+            (fields.get(4), fields.iter().position(|f| *f == "-"))
+        else {
+            continue;
+        };
+        let Some(fs) = fields.get(dash + 1) else {
+            continue;
+        };
+        // mountinfo escapes spaces and the like as octal.
+        let mount_point = mount_point.replace("\\040", " ");
+        if path.starts_with(&mount_point) && best.as_ref().is_none_or(|b| mount_point.len() >= b.0)
+        {
+            best = Some((mount_point.len(), (*fs).to_owned()));
+        }
+    }
+    best.map(|b| b.1)
+}
+
+/// Refuses an output folder on a file system where rename is not atomic (the
+/// stage folders and leases rely on it).
+fn check_shared_folder(out: &Path) -> Result<()> {
+    let mut existing = absolute_path(out);
+    while !existing.exists() {
+        if !existing.pop() {
+            return Ok(());
+        }
+    }
+    let (Ok(real), Ok(info)) = (
+        existing.canonicalize(),
+        std::fs::read_to_string("/proc/self/mountinfo"),
+    ) else {
+        return Ok(());
+    };
+    match mount_type(&info, &real) {
+        Some(fs) if NON_ATOMIC_RENAME.contains(&fs.as_str()) => bail!(
+            "{} is on a {fs} file system, whose rename is a copy and a delete: shards could see half-written stages. \
+             Put the output folder on a POSIX or NFS file system (--out)",
+            out.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
+fn absolute_path(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Records which recipe an output folder belongs to (`OUT/.recipe.json`) and
+/// refuses a second, different recipe writing into it: their manifests and
+/// `compress status` would mix. The same recipe, edited, may go on (its changed
+/// jobs rerun).
+fn claim_output(out: &Path, recipe: &Recipe) -> Result<()> {
+    let path = out.join(".recipe.json");
+    let mine = json!({"name": recipe.name, "path": absolute_path(&recipe.path),
+        "sha256": sha256_hex(recipe.text.as_bytes())});
+    let tmp = out.join(format!(
+        ".recipe.json.tmp-{}-{}",
+        host(),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, serde_json::to_string_pretty(&mine)?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    // Created atomically: of shards starting together, one writes it.
+    let linked = std::fs::hard_link(&tmp, &path);
+    let _ = std::fs::remove_file(&tmp);
+    if linked.is_ok() {
+        return Ok(());
+    }
+    let theirs = model::io::read_json(&path).unwrap_or(Value::Null);
+    if theirs["name"] != mine["name"] {
+        bail!(
+            "{} holds the outputs of recipe '{}' ({}), not of '{}' ({}): give each recipe its own output folder (--out DIR)",
+            out.display(),
+            theirs["name"].as_str().unwrap_or("?"),
+            theirs["path"].as_str().unwrap_or("?"),
+            recipe.name,
+            recipe.path.display()
+        );
+    }
+    if theirs["sha256"] != mine["sha256"] {
+        model::io::write_atomic(&path, serde_json::to_string_pretty(&mine)?.as_bytes())?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mount_holding_a_path_is_found_and_object_store_mounts_are_refused() {
+        let info = "\
+22 1 252:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+40 22 0:40 / /mnt/bucket rw,nosuid - fuse.s3fs s3fs rw,user_id=0
+41 22 0:41 / /mnt/nfs\\040share rw - nfs4 server:/export rw,vers=4.2
+";
+        assert_eq!(
+            mount_type(info, Path::new("/work/out")).as_deref(),
+            Some("ext4")
+        );
+        assert_eq!(
+            mount_type(info, Path::new("/mnt/bucket/out")).as_deref(),
+            Some("fuse.s3fs")
+        );
+        assert_eq!(
+            mount_type(info, Path::new("/mnt/nfs share/out")).as_deref(),
+            Some("nfs4")
+        );
+        // A sibling whose name only starts like a mount point is not inside it.
+        assert_eq!(
+            mount_type(info, Path::new("/mnt/bucket2")).as_deref(),
+            Some("ext4")
+        );
+        assert!(NON_ATOMIC_RENAME.contains(&"fuse.s3fs"));
+        assert!(check_shared_folder(Path::new("/tmp")).is_ok());
+    }
 
     #[test]
     fn progress_lines_are_recognised() {
