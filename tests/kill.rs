@@ -86,6 +86,9 @@ fn strip_volatile(v: &mut serde_json::Value) {
                     "tokens_per_second",
                     "unix",
                     "cached",
+                    // Which process computed a stage and how long others waited.
+                    "computed_by",
+                    "waited",
                 ]
                 .iter()
                 .any(|w| k.contains(w))
@@ -477,9 +480,15 @@ stages = [{{ kind = "prune", method = "wanda", sparsity = 0.5 }}, {{ kind = "qua
             kills += 1;
             mid_run += usize::from(!finished);
             for (rel, bytes) in snapshot(&work, &c.outputs) {
-                if rel.to_string_lossy().contains(".tmp") || rel.starts_with("distilled.gguf.ckpt")
+                let name = rel.to_string_lossy();
+                if name.contains(".tmp")
+                    || name.ends_with(".lease")
+                    || rel.starts_with("distilled.gguf.ckpt")
                 {
-                    continue; // temporaries and checkpoints are not final names
+                    // Temporaries, checkpoints and a stage's lease (cleared by
+                    // the rerun: the snapshot after it must equal the reference)
+                    // are not final names.
+                    continue;
                 }
                 // A job manifest records a run in progress (its status and
                 // finished stages, rewritten atomically as each ends): after a

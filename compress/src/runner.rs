@@ -127,6 +127,11 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
     if let Some(g) = &r.gate {
         println!("  gate: {}", gate_json(g));
     }
+    let n = r.shard_count();
+    println!(
+        "  shards: {n} (`compress run {} --shard I`, I = 1..{n}; `--plan` shows which stages they share)",
+        a.recipe.display()
+    );
     Ok(())
 }
 
@@ -694,29 +699,14 @@ impl Runner {
         }
     }
 
-    /// Removes temporary folders of `key` left by killed runs on this host.
+    /// Removes the temporary folder and private lease files of `key` left by
+    /// killed runs on this host.
     fn remove_stale(&self, key: &str) -> Result<()> {
-        let prefix = format!("{key}.tmp-{}-", self.host);
-        for e in std::fs::read_dir(&self.stages_dir)? {
-            let p = e?.path();
-            let name = p
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
-            if let Some(pid) = name
-                .strip_prefix(&prefix)
-                .and_then(|p| p.parse::<u32>().ok())
-            {
-                let alive =
-                    pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists();
-                if !alive {
-                    std::fs::remove_dir_all(&p)
-                        .with_context(|| format!("cannot remove the stale {}", p.display()))?;
-                }
-            }
-        }
-        Ok(())
+        let prefixes: Vec<String> = ["tmp", "lease.take", "lease.new", "lease.stale"]
+            .iter()
+            .map(|what| format!("{key}.{what}-{}-", self.host))
+            .collect();
+        remove_dead_leftovers(&self.stages_dir, &prefixes)
     }
 
     /// Runs the child; its stderr is logged to `tmp/log.txt` and reported.
@@ -765,6 +755,34 @@ impl Runner {
         }
         Ok(())
     }
+}
+
+/// Removes the entries of `dir` named `PREFIX` + PID (files or folders) whose
+/// process (on this host: the prefixes name it) is gone.
+fn remove_dead_leftovers(dir: &Path, prefixes: &[String]) -> Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let p = e?.path();
+        let name = p
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let pid = prefixes
+            .iter()
+            .find_map(|prefix| name.strip_prefix(prefix.as_str()))
+            .and_then(|p| p.parse::<u32>().ok());
+        let Some(pid) = pid else { continue };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let removed = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        removed.with_context(|| format!("cannot remove the stale {}", p.display()))?;
+    }
+    Ok(())
 }
 
 /// Makes the child die when the runner dies (a killed run leaves no stage
@@ -1728,6 +1746,7 @@ fn absolute_path(p: &Path) -> PathBuf {
 /// jobs rerun).
 fn claim_output(out: &Path, recipe: &Recipe) -> Result<()> {
     let path = out.join(".recipe.json");
+    remove_dead_leftovers(out, &[format!(".recipe.json.tmp-{}-", host())])?;
     let mine = json!({"name": recipe.name, "path": absolute_path(&recipe.path),
         "sha256": sha256_hex(recipe.text.as_bytes())});
     let tmp = out.join(format!(
