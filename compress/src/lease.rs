@@ -282,7 +282,7 @@ impl Watch {
         times: LeaseTimes,
     ) -> Option<String> {
         if let Some(h) = holder {
-            if h.host == my_host && h.pid != std::process::id() && !pid_alive(h.pid) {
+            if h.host == my_host && h.pid != std::process::id() && !model::io::process_running(h.pid) {
                 return Some(format!("its process {} on this host is gone", h.pid));
             }
         }
@@ -315,10 +315,6 @@ pub fn take_over(path: &Path, me: &Holder, observed: &str) -> Result<bool> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e).with_context(|| format!("cannot move the stale lease {}", path.display())),
     }
-}
-
-fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
 }
 
 #[cfg(test)]

@@ -772,7 +772,7 @@ fn remove_dead_leftovers(dir: &Path, prefixes: &[String]) -> Result<()> {
             .find_map(|prefix| name.strip_prefix(prefix.as_str()))
             .and_then(|p| p.parse::<u32>().ok());
         let Some(pid) = pid else { continue };
-        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+        if pid == std::process::id() || model::io::process_running(pid) {
             continue;
         }
         let removed = if p.is_dir() {

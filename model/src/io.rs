@@ -100,7 +100,7 @@ pub fn remove_stale_temporaries(dest: &Path) {
 /// Whether process `pid` is running: it has a `/proc` entry and is not a
 /// zombie (a killed writer stays one until its parent, or PID 1 for an
 /// orphan, reaps it, and a zombie writes nothing).
-fn process_running(pid: u32) -> bool {
+pub fn process_running(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // "pid (comm) S ...": the state follows the last ')' (comm may hold one).
         Ok(stat) => !matches!(
