@@ -414,6 +414,52 @@ fn gguf_writing_stacks_the_experts_and_keeps_the_router_in_float() {
     }
 }
 
+/// llama-quantize's MXFP4_MOE mix: the stacked experts in MXFP4, every other
+/// matrix (the output and embedding included) in Q8_0, file type 38; the result
+/// evaluates near the float model. (On the qwen3_moe fixture the tensor types
+/// equal llama-quantize's own MXFP4_MOE file, and llama-perplexity runs ours:
+/// README, "MXFP4".)
+#[test]
+fn mxfp4_moe_puts_the_stacked_experts_in_mxfp4_and_the_rest_in_q8_0() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ALL_MOE {
+        let out = dir.path().join(format!("{name}.mxfp4.gguf"));
+        let o = compress(&[
+            "quantize",
+            fixture(name).to_str().unwrap(),
+            "--type",
+            "MXFP4_MOE",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{name}: {}", output_text(&o));
+        let model = Model::open(&out).unwrap();
+        let model::checkpoint::Checkpoint::Gguf(g) = &model.checkpoint else {
+            unreachable!("a GGUF file")
+        };
+        let mut experts = 0;
+        for t in &g.tensors {
+            let want = if t.name.contains("_exps.") {
+                experts += 1;
+                kernels::GgmlType::MXFP4
+            } else if t.shape().len() == 1 || t.name.ends_with("ffn_gate_inp.weight") {
+                continue; // norms, biases and the router stay in float
+            } else if t.shape().last().is_some_and(|c| c % 32 != 0) {
+                kernels::GgmlType::F16 // rows that no 32-block divides
+            } else {
+                kernels::GgmlType::Q8_0
+            };
+            assert_eq!(t.ty, want, "{name}: {}", t.name);
+        }
+        assert!(experts > 0, "{name}: no stacked experts");
+        let file_type = g.get("general.file_type").and_then(|v| v.as_u64());
+        assert_eq!(file_type, Some(38), "{name}");
+        let kld = kld_against(&out, &fixture(name));
+        eprintln!("{name} MXFP4_MOE: KLD {kld:.4}");
+        assert!(kld.is_finite() && kld < 0.5, "{name}: KLD {kld}");
+    }
+}
+
 #[test]
 fn imatrix_has_one_matrix_per_expert_from_the_tokens_routed_to_it() {
     use model::calib::Imatrix;

@@ -282,7 +282,10 @@ impl Watch {
         times: LeaseTimes,
     ) -> Option<String> {
         if let Some(h) = holder {
-            if h.host == my_host && h.pid != std::process::id() && !model::io::process_running(h.pid) {
+            if h.host == my_host
+                && h.pid != std::process::id()
+                && !model::io::process_running(h.pid)
+            {
                 return Some(format!("its process {} on this host is gone", h.pid));
             }
         }

@@ -48,7 +48,8 @@ impl From<Method> for stage::Method {
 pub enum SparseFormat {
     /// Dense tensors with exact zeros.
     Dense,
-    /// compressed-tensors sparse bitmasks.
+    /// compressed-tensors sparse bitmasks (read by compressed-tensors ≤ 0.14 and
+    /// `compress eval`; later versions no longer decompress them).
     CompressedTensors,
 }
 
@@ -327,6 +328,14 @@ pub fn check_args(a: &Args) -> Result<()> {
         bail!(
             "--format compressed-tensors writes a folder; {} is a file name",
             a.output.display()
+        );
+    }
+    if a.format == SparseFormat::CompressedTensors {
+        eprintln!(
+            "warning: compressed-tensors 0.15 and later no longer decompress sparse-bitmask folders: transformers \
+             with compressed-tensors 0.20 loads this folder with its block linears uninitialised, without an error \
+             (scripts/check-engines.sh), and vLLM dropped 2:4 sparse kernels; `compress eval` and compressed-tensors \
+             0.14 and older read it. For an engine, write --format dense (the zeros stay exact)"
         );
     }
     Ok(())

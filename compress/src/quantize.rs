@@ -50,8 +50,8 @@ pub struct Args {
     /// Input model: .gguf, .safetensors, model.safetensors.index.json, or a folder.
     input: String,
     /// Mix: Q1_0, Q2_0, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_0, Q4_1, Q4_K_S, Q4_K_M,
-    /// Q5_0, Q5_1, Q5_K_S, Q5_K_M, Q6_K, Q8_0, IQ4_NL, IQ4_XS, NVFP4, F16, BF16,
-    /// F32. Optional with
+    /// Q5_0, Q5_1, Q5_K_S, Q5_K_M, Q6_K, Q8_0, IQ4_NL, IQ4_XS, NVFP4, MXFP4_MOE
+    /// (stacked experts in MXFP4, the rest Q8_0), F16, BF16, F32. Optional with
     /// --target-bpw (the output is then labelled by its most common type).
     #[arg(long = "type", required_unless_present_any = ["target_bpw", "method"])]
     mix: Option<String>,
@@ -134,8 +134,11 @@ pub struct Args {
     #[arg(long, default_value_t = 4)]
     bits: u32,
     /// Columns per scale group; -1 (or 0) for one scale per output channel.
-    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
-    group: i64,
+    /// Default 128; for compressed-tensors, which needs a group that divides
+    /// every layer's input columns, the default drops to 64 or 32 where 128
+    /// does not (said on stderr and in the report).
+    #[arg(long, allow_negative_numbers = true)]
+    group: Option<i64>,
     /// Asymmetric grid (a zero point per group) instead of symmetric.
     #[arg(long)]
     asym: bool,
@@ -650,11 +653,77 @@ fn block_summary(layers: &[LayerReport], method: &str) -> String {
     )
 }
 
+/// Act-order into compressed-tensors keeps its groups contiguous (actorder
+/// "weight"): compressed-tensors 0.20 removed actorder "group" (a permuted
+/// `weight_g_idx`), so transformers and vLLM refuse a folder that has it.
+fn ct_static_groups(a: &Args) -> bool {
+    let adjust =
+        a.act_order && !a.static_groups && a.mix.is_none() && a.format == Format::CompressedTensors;
+    if adjust {
+        eprintln!(
+            "note: --act-order into compressed-tensors keeps groups contiguous (as --static-groups; actorder \"weight\"): \
+             compressed-tensors 0.20 removed actorder \"group\", and its loaders refuse it; --format gptq keeps permuted groups"
+        );
+    }
+    adjust
+}
+
+/// The group size when `--group` is not given.
+const DEFAULT_GROUP: usize = 128;
+
+/// The group of a compressed-tensors folder: its loaders (transformers with the
+/// compressed-tensors package, vLLM) refuse a group that leaves a ragged last
+/// group in any layer. A `--group` given that way is refused, naming a group
+/// that fits; the default drops to the largest of 64 and 32 that divides every
+/// layer's input columns, else to one scale per channel. `widths`: input
+/// columns → the first layer with them.
+fn ct_group(
+    group: Option<usize>,
+    given: bool,
+    widths: &std::collections::BTreeMap<usize, String>,
+) -> Result<Option<usize>> {
+    let Some(g) = group else { return Ok(None) };
+    let ragged: Vec<(&usize, &String)> = widths
+        .iter()
+        .filter(|(cols, _)| !cols.is_multiple_of(g))
+        .collect();
+    let Some(&(cols, name)) = ragged.first() else {
+        return Ok(Some(g));
+    };
+    let fitting = [128, 64, 32]
+        .into_iter()
+        .filter(|&f| f <= g)
+        .find(|f| widths.keys().all(|c| c.is_multiple_of(*f)));
+    if given {
+        let instead = match fitting {
+            Some(f) => format!("--group {f} divides every layer's"),
+            None => "no group of 32, 64 or 128 divides every layer's".to_owned(),
+        };
+        bail!(
+            "--group {g} does not divide the {cols} input columns of {name}: compressed-tensors refuses a ragged \
+             last group (transformers with the compressed-tensors package stops with \"tensor column shape must be \
+             divisible by the given group_size\", and vLLM's kernels need it too); {instead}; --group -1 is one scale \
+             per channel, and --format gptq keeps ragged groups"
+        );
+    }
+    match fitting {
+        Some(f) => eprintln!(
+            "note: group {f} instead of the default {g}: compressed-tensors needs a group that divides every layer's \
+             input columns ({cols} in {name})"
+        ),
+        None => eprintln!(
+            "note: one scale per channel instead of the default group {g}: no group of 32, 64 or 128 divides every \
+             layer's input columns ({cols} in {name}), which compressed-tensors needs"
+        ),
+    }
+    Ok(fitting)
+}
+
 /// `--method gptq` (GGUF or HF output) and `--method rtn` (HF output).
 fn run_calibrated(a: Args) -> Result<()> {
     let start = Instant::now();
     let method = a.method.expect("called with a method");
-    let group = match a.group {
+    let mut group = match a.group.unwrap_or(DEFAULT_GROUP as i64) {
         g if g <= 0 => None,
         g => Some(g as usize),
     };
@@ -662,7 +731,7 @@ fn run_calibrated(a: Args) -> Result<()> {
         damp_percent: a.damp,
         block_size: 128,
         act_order: a.act_order,
-        static_groups: a.static_groups || a.mix.is_some(),
+        static_groups: a.static_groups || a.mix.is_some() || ct_static_groups(&a),
         experts: ExpertCalibration {
             all_experts: a.calibrate_all_experts,
             min_tokens: a.min_expert_tokens,
@@ -673,31 +742,35 @@ fn run_calibrated(a: Args) -> Result<()> {
     let overrides = overrides(&a, &model)?;
     let blocks = model.config.num_hidden_layers;
     // Every block linear's grid is checked before any work.
-    let int_grid = |cols: usize| Grid::Int {
+    let int_grid = |cols: usize, group: Option<usize>| Grid::Int {
         bits: a.bits,
         group: group.unwrap_or(cols),
         sym: !a.asym,
         clip: a.clip.unwrap_or(a.method != Some(Method::Rtn)),
     };
     if mix.is_none() {
-        let mut partial = std::collections::BTreeSet::new();
+        // Input columns of every block linear, with the first layer having each.
+        let mut widths: std::collections::BTreeMap<usize, String> = Default::default();
         for l in 0..blocks {
             for s in model.config.arch.layer_linears(&model.config, l) {
                 let name = model::names::block(l, s);
                 let cols = *model.tensor_meta(&name)?.1.last().unwrap_or(&0);
-                int_grid(cols).check(cols, &name)?;
-                if group.is_some_and(|g| !cols.is_multiple_of(g)) {
-                    partial.insert(cols);
-                }
+                widths.entry(cols).or_insert(name);
             }
         }
-        for cols in partial {
-            let g = group.unwrap_or(cols);
-            eprintln!(
-                "note: group {g} does not divide the {cols} input columns of some layers: their last group has {} columns \
-                 (as GPTQ's reference does; HF transformers loads it, vLLM's kernels need a group that divides the input size)",
-                cols % g
-            );
+        if a.format == Format::CompressedTensors {
+            group = ct_group(group, a.group.is_some(), &widths)?;
+        }
+        for (&cols, name) in &widths {
+            int_grid(cols, group).check(cols, name)?;
+            if let Some(g) = group.filter(|g| !cols.is_multiple_of(*g)) {
+                eprintln!(
+                    "note: group {g} does not divide the {cols} input columns of {name} and its like: their last \
+                     group has {} columns (as GPTQ's reference does; vLLM's and exllama's kernels need a group \
+                     that divides the input size)",
+                    cols % g
+                );
+            }
         }
     }
     let samples = if method != Method::Rtn {
@@ -790,6 +863,7 @@ fn run_calibrated(a: Args) -> Result<()> {
                     model
                         .tensor_meta(name)
                         .map_or(0, |m| *m.1.last().unwrap_or(&0)),
+                    group,
                 )
             };
             let (layers, timings) = calibrated::calibrated_to_hf(
@@ -838,4 +912,41 @@ fn run_calibrated(a: Args) -> Result<()> {
         t.loop_seconds
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compressed_tensors_groups_divide_every_layer_or_are_refused() {
+        let widths = |cols: &[usize]| -> std::collections::BTreeMap<usize, String> {
+            cols.iter().map(|&c| (c, format!("blk.0.w{c}"))).collect()
+        };
+        // SmolLM2: 576 and 1536 columns; 128 does not divide 576.
+        let smol = widths(&[576, 1536]);
+        assert_eq!(ct_group(Some(128), false, &smol).unwrap(), Some(64));
+        let given = ct_group(Some(128), true, &smol).unwrap_err().to_string();
+        assert!(
+            given.contains("--group 128 does not divide the 576 input columns of blk.0.w576")
+                && given.contains("--group 64 divides every layer's"),
+            "{given}"
+        );
+        // A group that divides is kept; per-channel stays per-channel.
+        assert_eq!(ct_group(Some(64), true, &smol).unwrap(), Some(64));
+        assert_eq!(ct_group(None, true, &smol).unwrap(), None);
+        assert_eq!(
+            ct_group(Some(128), false, &widths(&[4096, 14336])).unwrap(),
+            Some(128)
+        );
+        // Nothing of 32, 64, 128 divides 100: one scale per channel by default.
+        assert_eq!(
+            ct_group(Some(128), false, &widths(&[100, 512])).unwrap(),
+            None
+        );
+        let odd = ct_group(Some(128), true, &widths(&[100]))
+            .unwrap_err()
+            .to_string();
+        assert!(odd.contains("no group of 32, 64 or 128 divides"), "{odd}");
+    }
 }

@@ -36,6 +36,9 @@ pub enum GgmlType {
     IQ4_XS = 23,
     /// bfloat16.
     BF16 = 30,
+    /// 4-bit E2M1 floats, 32 per block, one E8M0 (power of two) scale: the OCP
+    /// microscaling MXFP4 (gpt-oss's experts).
+    MXFP4 = 39,
     /// 4-bit E2M1 floats, 64 per block in four sub-blocks of 16, each with a
     /// UE4M3 scale (NVIDIA's NVFP4).
     NVFP4 = 40,
@@ -46,7 +49,7 @@ pub enum GgmlType {
 }
 
 /// Every type this crate knows, in id order.
-pub const ALL_TYPES: [GgmlType; 18] = [
+pub const ALL_TYPES: [GgmlType; 19] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::Q4_0,
@@ -62,6 +65,7 @@ pub const ALL_TYPES: [GgmlType; 18] = [
     GgmlType::IQ4_NL,
     GgmlType::IQ4_XS,
     GgmlType::BF16,
+    GgmlType::MXFP4,
     GgmlType::NVFP4,
     GgmlType::Q1_0,
     GgmlType::Q2_0,
@@ -104,6 +108,7 @@ impl GgmlType {
             GgmlType::IQ4_NL => "IQ4_NL",
             GgmlType::IQ4_XS => "IQ4_XS",
             GgmlType::BF16 => "BF16",
+            GgmlType::MXFP4 => "MXFP4",
             GgmlType::NVFP4 => "NVFP4",
             GgmlType::Q1_0 => "Q1_0",
             GgmlType::Q2_0 => "Q2_0",
@@ -119,7 +124,8 @@ impl GgmlType {
             | GgmlType::Q5_0
             | GgmlType::Q5_1
             | GgmlType::Q8_0
-            | GgmlType::IQ4_NL => 32,
+            | GgmlType::IQ4_NL
+            | GgmlType::MXFP4 => 32,
             GgmlType::Q2_K
             | GgmlType::Q3_K
             | GgmlType::Q4_K
@@ -148,6 +154,7 @@ impl GgmlType {
             GgmlType::Q6_K => 210,
             GgmlType::IQ4_NL => 18,
             GgmlType::IQ4_XS => 136,
+            GgmlType::MXFP4 => 17,
             GgmlType::NVFP4 => 36,
             GgmlType::Q1_0 | GgmlType::Q2_0 => 18,
         }
@@ -207,5 +214,7 @@ mod tests {
         assert!((GgmlType::Q1_0.bits_per_weight() - 1.125).abs() < 1e-12);
         assert!((GgmlType::Q2_0.bits_per_weight() - 2.25).abs() < 1e-12);
         assert!((GgmlType::NVFP4.bits_per_weight() - 4.5).abs() < 1e-12);
+        assert_eq!(GgmlType::MXFP4.bytes_for(32), Some(17));
+        assert!((GgmlType::MXFP4.bits_per_weight() - 4.25).abs() < 1e-12);
     }
 }

@@ -38,10 +38,11 @@ pub enum Mix {
     NVFP4,
     Q1_0,
     Q2_0,
+    MXFP4_MOE,
 }
 
 /// Every mix, in the order `--help` lists them.
-pub const ALL_MIXES: [Mix; 22] = [
+pub const ALL_MIXES: [Mix; 23] = [
     Mix::Q1_0,
     Mix::Q2_0,
     Mix::Q2_K,
@@ -61,6 +62,7 @@ pub const ALL_MIXES: [Mix; 22] = [
     Mix::IQ4_NL,
     Mix::IQ4_XS,
     Mix::NVFP4,
+    Mix::MXFP4_MOE,
     Mix::F16,
     Mix::BF16,
     Mix::F32,
@@ -92,6 +94,7 @@ impl Mix {
             Mix::NVFP4 => "NVFP4",
             Mix::Q1_0 => "Q1_0",
             Mix::Q2_0 => "Q2_0",
+            Mix::MXFP4_MOE => "MXFP4_MOE",
         }
     }
 
@@ -132,6 +135,7 @@ impl Mix {
             Mix::NVFP4 => 39,
             Mix::Q1_0 => 40,
             Mix::Q2_0 => 41,
+            Mix::MXFP4_MOE => 38,
         }
     }
 
@@ -156,6 +160,7 @@ impl Mix {
             Mix::NVFP4 => GgmlType::NVFP4,
             Mix::Q1_0 => GgmlType::Q1_0,
             Mix::Q2_0 => GgmlType::Q2_0,
+            Mix::MXFP4_MOE => GgmlType::MXFP4,
         }
     }
 
@@ -206,6 +211,15 @@ fn mix_type(mix: Mix, name: &str, cfg: &ModelConfig, has_imatrix: bool) -> GgmlT
     let role = arch.role(name);
     let is_output =
         role == Some(Role::Head) || (cfg.tie_word_embeddings && role == Some(Role::Embedding));
+    // MXFP4_MOE: the stacked experts (3-D tensors, `*_exps`) in MXFP4, every
+    // other tensor, the output included, in Q8_0.
+    if mix == Mix::MXFP4_MOE {
+        return if name.contains("_exps") {
+            GgmlType::MXFP4
+        } else {
+            GgmlType::Q8_0
+        };
+    }
     if is_output {
         // Rows that are not whole super-blocks of the base type get Q8_0 outright.
         if !cfg.hidden_size.is_multiple_of(base.block_elems()) {
@@ -355,6 +369,7 @@ pub fn file_type_of(types: &[GgmlType]) -> u32 {
         GgmlType::NVFP4 => Mix::NVFP4,
         GgmlType::Q1_0 => Mix::Q1_0,
         GgmlType::Q2_0 => Mix::Q2_0,
+        GgmlType::MXFP4 => Mix::MXFP4_MOE,
         GgmlType::F32 => Mix::F32,
     };
     mix.file_type()

@@ -760,6 +760,7 @@ mod tests {
             Grid::Gguf(GgmlType::Q4_0),
             Grid::Gguf(GgmlType::IQ4_NL),
             Grid::Gguf(GgmlType::NVFP4),
+            Grid::Gguf(GgmlType::MXFP4),
             Grid::Gguf(GgmlType::Q2_0),
         ] {
             for act_order in [false, true] {

@@ -28,6 +28,7 @@ pub fn grid_shape(ty: GgmlType) -> Option<(usize, usize)> {
         Q5_K => (32, 32),
         Q6_K => (16, 64),
         NVFP4 => (16, 16),
+        MXFP4 => (32, 16),
         Q1_0 => (128, 2),
         Q2_0 => (64, 4),
         F32 | F16 | BF16 => return None,
@@ -75,7 +76,7 @@ fn pack_4bit_k(codes: &[u8], out: &mut [u8]) {
 /// scales. Code `c` means: the nibble / bit pattern `c` for the 4- and 5-bit
 /// types and Q2_K; `q + 128` for Q8_0's signed `q`; `q + 4` and `q + 32` for
 /// the signed quants of Q3_K and Q6_K; the grid index for IQ4_NL and IQ4_XS;
-/// the E2M1 nibble for NVFP4; the bit for Q1_0 and `q + 1` for Q2_0.
+/// the E2M1 nibble for NVFP4 and MXFP4; the bit for Q1_0 and `q + 1` for Q2_0.
 ///
 /// Panics on a float type or wrong lengths (programming errors).
 pub fn set_codes(ty: GgmlType, block: &mut [u8], codes: &[u8]) {
@@ -136,6 +137,7 @@ pub fn set_codes(ty: GgmlType, block: &mut [u8], codes: &[u8]) {
                 );
             }
         }
+        MXFP4 => super::encode::nvfp4::pack_fp4(codes, &mut block[1..17]),
         NVFP4 => {
             for (s, c) in codes.chunks_exact(16).enumerate() {
                 super::encode::nvfp4::pack_fp4_sub_block(c, &mut block[4 + 8 * s..12 + 8 * s]);

@@ -22,6 +22,7 @@
 //! | [`iq4`] | IQ4_NL, IQ4_XS |
 //! | [`low_bit`] | Q1_0, Q2_0 |
 //! | [`nvfp4`] | NVFP4 |
+//! | [`mxfp4`] | MXFP4 |
 //!
 //! F32, F16 and BF16 are plain conversions (round to nearest even) that ignore
 //! the importance.
@@ -34,6 +35,7 @@ pub mod iq4;
 pub mod k_quants;
 pub mod legacy;
 pub mod low_bit;
+pub mod mxfp4;
 pub mod nvfp4;
 pub(crate) mod search;
 
@@ -102,6 +104,7 @@ fn block_fn(ty: GgmlType) -> Option<BlockFn> {
         GgmlType::Q6_K => k_quants::quantize_q6_k,
         GgmlType::IQ4_NL => iq4::quantize_iq4_nl,
         GgmlType::IQ4_XS => iq4::quantize_iq4_xs,
+        GgmlType::MXFP4 => mxfp4::quantize_mxfp4,
         GgmlType::NVFP4 => nvfp4::quantize_nvfp4,
         GgmlType::Q1_0 => low_bit::quantize_q1_0,
         GgmlType::Q2_0 => low_bit::quantize_q2_0,

@@ -46,7 +46,7 @@ pub fn nvfp4_tensor_scale(amax: f32) -> f32 {
 
 /// The code of the E2M1 value (doubled grid) nearest to `v`, in units of the scale.
 #[inline(always)]
-fn nearest_fp4(v: f32) -> u8 {
+pub(crate) fn nearest_fp4(v: f32) -> u8 {
     // Midpoints between the doubled magnitudes 0, 1, 2, 3, 4, 6, 8, 12.
     const MIDS: [f32; 7] = [0.5, 1.5, 2.5, 3.5, 5.0, 7.0, 10.0];
     let a = v.abs();
@@ -120,7 +120,15 @@ pub fn quantize_nvfp4(src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
 /// Packs 16 codes of one sub-block: element `j` in the low nibble of byte `j`,
 /// element `j + 8` in its high nibble.
 pub(crate) fn pack_fp4_sub_block(codes: &[u8], out: &mut [u8]) {
-    for j in 0..QK_NVFP4_SUB / 2 {
-        out[j] = (codes[j] & 0x0F) | ((codes[j + 8] & 0x0F) << 4);
+    pack_fp4(&codes[..QK_NVFP4_SUB], out);
+}
+
+/// Packs `n` 4-bit codes into `n / 2` bytes the way NVFP4's sub-blocks and
+/// MXFP4's blocks store them: element `j` in the low nibble of byte `j`, element
+/// `j + n / 2` in its high nibble.
+pub(crate) fn pack_fp4(codes: &[u8], out: &mut [u8]) {
+    let half = codes.len() / 2;
+    for j in 0..half {
+        out[j] = (codes[j] & 0x0F) | ((codes[j + half] & 0x0F) << 4);
     }
 }

@@ -327,6 +327,31 @@ fn reference(ty: GgmlType, src: &[f32]) -> Vec<u8> {
                     }
                 }
             }
+            GgmlType::MXFP4 => {
+                // ggml's quantize_row_mxfp4_ref: exponent floor(log2 amax) - 2,
+                // nearest value (the first of equals).
+                use crate::quants::mxfp4::{e8m0_to_f32_half, KVALUES_FP4};
+                let (amax, _) = abs_max(x);
+                let e = if amax > 0.0 {
+                    super::mxfp4::reference_exponent(amax) as u8
+                } else {
+                    0
+                };
+                let d = e8m0_to_f32_half(e);
+                o[0] = e;
+                let idx = |v: f32| {
+                    (0..16u8)
+                        .min_by(|&a, &b| {
+                            let ea = (KVALUES_FP4[a as usize] as f32 * d - v).abs();
+                            let eb = (KVALUES_FP4[b as usize] as f32 * d - v).abs();
+                            ea.partial_cmp(&eb).unwrap().then(a.cmp(&b))
+                        })
+                        .unwrap()
+                };
+                for j in 0..16 {
+                    o[1 + j] = idx(x[j]) | (idx(x[j + 16]) << 4);
+                }
+            }
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!(),
         }
     }
@@ -374,6 +399,7 @@ fn rmse_bound(ty: GgmlType) -> f64 {
         GgmlType::Q3_K => 0.18,
         GgmlType::Q2_K => 0.33,
         GgmlType::NVFP4 => 0.112,
+        GgmlType::MXFP4 => 0.14,
         GgmlType::Q2_0 => 0.45,
         GgmlType::Q1_0 => 0.75,
         _ => unreachable!(),
@@ -538,12 +564,18 @@ fn lossless_on_its_own_grid() {
 /// Q1_0 and Q2_0 data (random f16 scales and codes, every Q2_0 block using both
 /// ends of its grid) quantizes back to the same values, with and without
 /// importance; so does NVFP4 data whose sub-blocks each hold a ±12 code (the
-/// scale search starts from the largest element on the grid's end).
+/// scale search starts from the largest element on the grid's end), and MXFP4
+/// data whose blocks each hold a ±12 code.
 #[test]
 fn low_bit_types_are_lossless_on_their_own_grid() {
     let mut rng = StdRng::seed_from_u64(13);
     let row = 512;
-    for ty in [GgmlType::Q1_0, GgmlType::Q2_0, GgmlType::NVFP4] {
+    for ty in [
+        GgmlType::Q1_0,
+        GgmlType::Q2_0,
+        GgmlType::NVFP4,
+        GgmlType::MXFP4,
+    ] {
         let (be, bb) = (ty.block_elems(), ty.block_bytes());
         let blocks = 4 * row / be;
         let mut src = vec![0u8; blocks * bb];
@@ -557,6 +589,11 @@ fn low_bit_types_are_lossless_on_their_own_grid() {
                         let j = 4 + 8 * s + rng.gen_range(0..8);
                         b[j] = (b[j] & 0xF0) | if rng.gen() { 7 } else { 15 };
                     }
+                }
+                GgmlType::MXFP4 => {
+                    b[0] = rng.gen_range(100..140u8);
+                    let j = 1 + rng.gen_range(0..16);
+                    b[j] = (b[j] & 0xF0) | if rng.gen() { 7 } else { 15 };
                 }
                 _ => {
                     let d: f32 = 2f32.powi(rng.gen_range(-10..-4)) * rng.gen_range(1.0..2.0);
