@@ -5,7 +5,7 @@
 //!
 //! The venv comes from `scripts/setup-python.sh`; without it this test fails.
 //!
-//! gguf-py 0.19 from PyPI decodes NVFP4 and MXFP4 but not Q1_0 or Q2_0; those two are
+//! gguf-py 0.19 from PyPI decodes NVFP4, MXFP4, TQ1_0 and TQ2_0 but not Q1_0 or Q2_0; those two are
 //! checked against ggml's own decoder instead ([`e2e::gguf_py_decodable`]).
 
 use std::path::{Path, PathBuf};
@@ -45,6 +45,8 @@ fn f16_fields(ty: GgmlType) -> &'static [usize] {
         GgmlType::Q6_K => &[208],
         GgmlType::IQ4_NL | GgmlType::IQ4_XS => &[0],
         GgmlType::Q1_0 | GgmlType::Q2_0 => &[0],
+        GgmlType::TQ1_0 => &[52],
+        GgmlType::TQ2_0 => &[64],
         // NVFP4's UE4M3 and MXFP4's E8M0 scales are bytes: every value is valid.
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::NVFP4 | GgmlType::MXFP4 => &[],
     }

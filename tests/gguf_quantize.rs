@@ -566,7 +566,7 @@ fn low_bit_types_with_the_imatrix_and_nvfp4_tensor_scales() {
     let dir = work_dir();
     let imat = imatrix().to_str().unwrap().to_owned();
     let path = |t: &str| dir.join(format!("{t}.gguf"));
-    for t in ["NVFP4", "Q2_0", "Q1_0"] {
+    for t in ["NVFP4", "Q2_0", "Q1_0", "TQ2_0", "TQ1_0"] {
         let report = dir.join(format!("{t}.json"));
         quantize(
             &real_model(),
@@ -587,6 +587,9 @@ fn low_bit_types_with_the_imatrix_and_nvfp4_tensor_scales() {
         assert_eq!(count("Q8_0"), 1, "{t}: {types:?}");
         match t {
             "Q1_0" => assert_eq!((count("Q1_0"), count("Q2_0")), (30, 180), "{types:?}"),
+            // 256-element blocks fit only ffn_down's 1536 columns; the rest
+            // (576) fall back to Q4_0, as llama-quantize does.
+            "TQ2_0" | "TQ1_0" => assert_eq!((count(t), count("Q4_0")), (30, 180), "{types:?}"),
             _ => assert_eq!(count(t), 210, "{t}: {types:?}"),
         }
     }

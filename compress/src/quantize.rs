@@ -49,7 +49,7 @@ pub enum Format {
 pub struct Args {
     /// Input model: .gguf, .safetensors, model.safetensors.index.json, or a folder.
     input: String,
-    /// Mix: Q1_0, Q2_0, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_0, Q4_1, Q4_K_S, Q4_K_M,
+    /// Mix: TQ1_0, Q1_0, TQ2_0, Q2_0, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_0, Q4_1, Q4_K_S, Q4_K_M,
     /// Q5_0, Q5_1, Q5_K_S, Q5_K_M, Q6_K, Q8_0, IQ4_NL, IQ4_XS, NVFP4, MXFP4_MOE
     /// (stacked experts in MXFP4, the rest Q8_0), F16, BF16, F32. Optional with
     /// --target-bpw (the output is then labelled by its most common type).

@@ -36,6 +36,10 @@ pub enum GgmlType {
     IQ4_XS = 23,
     /// bfloat16.
     BF16 = 30,
+    /// Ternary `{-1, 0, 1} · d`, 256 per block, five trits per byte: 1.6875 bpw.
+    TQ1_0 = 34,
+    /// Ternary 2-bit codes `(q − 1) · d`, 256 per block: 2.0625 bpw.
+    TQ2_0 = 35,
     /// 4-bit E2M1 floats, 32 per block, one E8M0 (power of two) scale: the OCP
     /// microscaling MXFP4 (gpt-oss's experts).
     MXFP4 = 39,
@@ -49,7 +53,7 @@ pub enum GgmlType {
 }
 
 /// Every type this crate knows, in id order.
-pub const ALL_TYPES: [GgmlType; 19] = [
+pub const ALL_TYPES: [GgmlType; 21] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::Q4_0,
@@ -65,6 +69,8 @@ pub const ALL_TYPES: [GgmlType; 19] = [
     GgmlType::IQ4_NL,
     GgmlType::IQ4_XS,
     GgmlType::BF16,
+    GgmlType::TQ1_0,
+    GgmlType::TQ2_0,
     GgmlType::MXFP4,
     GgmlType::NVFP4,
     GgmlType::Q1_0,
@@ -108,6 +114,8 @@ impl GgmlType {
             GgmlType::IQ4_NL => "IQ4_NL",
             GgmlType::IQ4_XS => "IQ4_XS",
             GgmlType::BF16 => "BF16",
+            GgmlType::TQ1_0 => "TQ1_0",
+            GgmlType::TQ2_0 => "TQ2_0",
             GgmlType::MXFP4 => "MXFP4",
             GgmlType::NVFP4 => "NVFP4",
             GgmlType::Q1_0 => "Q1_0",
@@ -131,7 +139,9 @@ impl GgmlType {
             | GgmlType::Q4_K
             | GgmlType::Q5_K
             | GgmlType::Q6_K
-            | GgmlType::IQ4_XS => 256,
+            | GgmlType::IQ4_XS
+            | GgmlType::TQ1_0
+            | GgmlType::TQ2_0 => 256,
             GgmlType::NVFP4 | GgmlType::Q2_0 => 64,
             GgmlType::Q1_0 => 128,
         }
@@ -154,6 +164,8 @@ impl GgmlType {
             GgmlType::Q6_K => 210,
             GgmlType::IQ4_NL => 18,
             GgmlType::IQ4_XS => 136,
+            GgmlType::TQ1_0 => 54,
+            GgmlType::TQ2_0 => 66,
             GgmlType::MXFP4 => 17,
             GgmlType::NVFP4 => 36,
             GgmlType::Q1_0 | GgmlType::Q2_0 => 18,
@@ -215,6 +227,8 @@ mod tests {
         assert!((GgmlType::Q2_0.bits_per_weight() - 2.25).abs() < 1e-12);
         assert!((GgmlType::NVFP4.bits_per_weight() - 4.5).abs() < 1e-12);
         assert_eq!(GgmlType::MXFP4.bytes_for(32), Some(17));
+        assert!((GgmlType::TQ1_0.bits_per_weight() - 1.6875).abs() < 1e-12);
+        assert!((GgmlType::TQ2_0.bits_per_weight() - 2.0625).abs() < 1e-12);
         assert!((GgmlType::MXFP4.bits_per_weight() - 4.25).abs() < 1e-12);
     }
 }

@@ -38,12 +38,16 @@ pub enum Mix {
     NVFP4,
     Q1_0,
     Q2_0,
+    TQ1_0,
+    TQ2_0,
     MXFP4_MOE,
 }
 
 /// Every mix, in the order `--help` lists them.
-pub const ALL_MIXES: [Mix; 23] = [
+pub const ALL_MIXES: [Mix; 25] = [
+    Mix::TQ1_0,
     Mix::Q1_0,
+    Mix::TQ2_0,
     Mix::Q2_0,
     Mix::Q2_K,
     Mix::Q3_K_S,
@@ -94,6 +98,8 @@ impl Mix {
             Mix::NVFP4 => "NVFP4",
             Mix::Q1_0 => "Q1_0",
             Mix::Q2_0 => "Q2_0",
+            Mix::TQ1_0 => "TQ1_0",
+            Mix::TQ2_0 => "TQ2_0",
             Mix::MXFP4_MOE => "MXFP4_MOE",
         }
     }
@@ -135,6 +141,8 @@ impl Mix {
             Mix::NVFP4 => 39,
             Mix::Q1_0 => 40,
             Mix::Q2_0 => 41,
+            Mix::TQ1_0 => 36,
+            Mix::TQ2_0 => 37,
             Mix::MXFP4_MOE => 38,
         }
     }
@@ -160,6 +168,8 @@ impl Mix {
             Mix::NVFP4 => GgmlType::NVFP4,
             Mix::Q1_0 => GgmlType::Q1_0,
             Mix::Q2_0 => GgmlType::Q2_0,
+            Mix::TQ1_0 => GgmlType::TQ1_0,
+            Mix::TQ2_0 => GgmlType::TQ2_0,
             Mix::MXFP4_MOE => GgmlType::MXFP4,
         }
     }
@@ -233,7 +243,7 @@ fn mix_type(mix: Mix, name: &str, cfg: &ModelConfig, has_imatrix: bool) -> GgmlT
     }
     // An untied embedding of the ternary-like mixes gets Q4_K, as llama.cpp
     // gives TQ1_0, TQ2_0 and Q2_0.
-    if role == Some(Role::Embedding) && mix == Mix::Q2_0 {
+    if role == Some(Role::Embedding) && matches!(mix, Mix::Q2_0 | Mix::TQ1_0 | Mix::TQ2_0) {
         return GgmlType::Q4_K;
     }
     let (Some(layer), Some(slot)) = (
@@ -326,7 +336,7 @@ pub fn fallback(ty: GgmlType, cols: usize) -> GgmlType {
         GgmlType::Q4_K => GgmlType::Q5_0,
         GgmlType::Q5_K => GgmlType::Q5_1,
         GgmlType::Q6_K => GgmlType::Q8_0,
-        GgmlType::Q2_0 | GgmlType::NVFP4 => GgmlType::Q4_0,
+        GgmlType::Q2_0 | GgmlType::NVFP4 | GgmlType::TQ1_0 | GgmlType::TQ2_0 => GgmlType::Q4_0,
         GgmlType::Q1_0 if cols.is_multiple_of(GgmlType::Q2_0.block_elems()) => GgmlType::Q2_0,
         GgmlType::Q1_0 => GgmlType::Q4_0,
         other => other,
@@ -370,6 +380,8 @@ pub fn file_type_of(types: &[GgmlType]) -> u32 {
         GgmlType::Q1_0 => Mix::Q1_0,
         GgmlType::Q2_0 => Mix::Q2_0,
         GgmlType::MXFP4 => Mix::MXFP4_MOE,
+        GgmlType::TQ1_0 => Mix::TQ1_0,
+        GgmlType::TQ2_0 => Mix::TQ2_0,
         GgmlType::F32 => Mix::F32,
     };
     mix.file_type()

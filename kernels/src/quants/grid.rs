@@ -29,6 +29,8 @@ pub fn grid_shape(ty: GgmlType) -> Option<(usize, usize)> {
         Q6_K => (16, 64),
         NVFP4 => (16, 16),
         MXFP4 => (32, 16),
+        TQ1_0 => (256, 3),
+        TQ2_0 => (256, 4),
         Q1_0 => (128, 2),
         Q2_0 => (64, 4),
         F32 | F16 | BF16 => return None,
@@ -138,6 +140,8 @@ pub fn set_codes(ty: GgmlType, block: &mut [u8], codes: &[u8]) {
             }
         }
         MXFP4 => super::encode::nvfp4::pack_fp4(codes, &mut block[1..17]),
+        TQ1_0 => super::encode::ternary::pack_trits(codes, &mut block[..52]),
+        TQ2_0 => super::encode::ternary::pack_tq2(codes, &mut block[..64]),
         NVFP4 => {
             for (s, c) in codes.chunks_exact(16).enumerate() {
                 super::encode::nvfp4::pack_fp4_sub_block(c, &mut block[4 + 8 * s..12 + 8 * s]);

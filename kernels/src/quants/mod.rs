@@ -12,6 +12,7 @@ pub mod legacy;
 pub mod low_bit;
 pub mod mxfp4;
 pub mod nvfp4;
+pub mod ternary;
 
 pub use encode::iq4::{quantize_iq4_nl, quantize_iq4_xs};
 pub use encode::k_quants::{
@@ -73,6 +74,8 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), Kerne
         GgmlType::Q6_K => k_quants::dequantize_q6_k(src, dst),
         GgmlType::IQ4_NL => iq4::dequantize_iq4_nl(src, dst),
         GgmlType::IQ4_XS => iq4::dequantize_iq4_xs(src, dst),
+        GgmlType::TQ1_0 => ternary::dequantize_tq1_0(src, dst),
+        GgmlType::TQ2_0 => ternary::dequantize_tq2_0(src, dst),
         GgmlType::MXFP4 => mxfp4::dequantize_mxfp4(src, dst),
         GgmlType::NVFP4 => nvfp4::dequantize_nvfp4(src, dst),
         GgmlType::Q1_0 => low_bit::dequantize_q1_0(src, dst),

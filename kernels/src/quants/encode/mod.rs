@@ -23,6 +23,7 @@
 //! | [`low_bit`] | Q1_0, Q2_0 |
 //! | [`nvfp4`] | NVFP4 |
 //! | [`mxfp4`] | MXFP4 |
+//! | [`ternary`] | TQ1_0, TQ2_0 |
 //!
 //! F32, F16 and BF16 are plain conversions (round to nearest even) that ignore
 //! the importance.
@@ -38,6 +39,7 @@ pub mod low_bit;
 pub mod mxfp4;
 pub mod nvfp4;
 pub(crate) mod search;
+pub mod ternary;
 
 #[cfg(test)]
 mod tests;
@@ -104,6 +106,8 @@ fn block_fn(ty: GgmlType) -> Option<BlockFn> {
         GgmlType::Q6_K => k_quants::quantize_q6_k,
         GgmlType::IQ4_NL => iq4::quantize_iq4_nl,
         GgmlType::IQ4_XS => iq4::quantize_iq4_xs,
+        GgmlType::TQ1_0 => ternary::quantize_tq1_0,
+        GgmlType::TQ2_0 => ternary::quantize_tq2_0,
         GgmlType::MXFP4 => mxfp4::quantize_mxfp4,
         GgmlType::NVFP4 => nvfp4::quantize_nvfp4,
         GgmlType::Q1_0 => low_bit::quantize_q1_0,

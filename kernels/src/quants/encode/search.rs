@@ -16,9 +16,9 @@ use half::f16;
 /// `GROUP_MAX_EPS`).
 pub(crate) const GROUP_MAX_EPS: f32 = 1e-15;
 
-/// Largest group any search handles (a Q2_0 block; legacy blocks and k-quant
-/// sub-blocks are smaller).
-pub(crate) const MAX_GROUP: usize = 64;
+/// Largest group any search handles (a TQ1_0 / TQ2_0 block; legacy blocks,
+/// Q2_0 blocks and k-quant sub-blocks are smaller).
+pub(crate) const MAX_GROUP: usize = 256;
 
 /// Grids with at most this many levels (and affine fits with at most this many
 /// steps) also try every level as the image of the extreme element, so that data

@@ -352,6 +352,22 @@ fn reference(ty: GgmlType, src: &[f32]) -> Vec<u8> {
                     o[1 + j] = idx(x[j]) | (idx(x[j + 16]) << 4);
                 }
             }
+            GgmlType::TQ1_0 | GgmlType::TQ2_0 => {
+                // ggml's quantize_row_tq{1,2}_0_ref: d = max |x|, t = round(x / d) + 1.
+                let (d, _) = abs_max(x);
+                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                let t: Vec<u8> = x
+                    .iter()
+                    .map(|&v| ((v * id).round() as i32 + 1) as u8)
+                    .collect();
+                let n = o.len() - 2;
+                if ty == GgmlType::TQ1_0 {
+                    super::ternary::pack_trits(&t, &mut o[..n]);
+                } else {
+                    super::ternary::pack_tq2(&t, &mut o[..n]);
+                }
+                o[n..].copy_from_slice(&h(d));
+            }
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!(),
         }
     }
@@ -400,6 +416,8 @@ fn rmse_bound(ty: GgmlType) -> f64 {
         GgmlType::Q2_K => 0.33,
         GgmlType::NVFP4 => 0.112,
         GgmlType::MXFP4 => 0.14,
+        GgmlType::TQ2_0 => 0.42,
+        GgmlType::TQ1_0 => 0.5,
         GgmlType::Q2_0 => 0.45,
         GgmlType::Q1_0 => 0.75,
         _ => unreachable!(),
@@ -589,6 +607,20 @@ fn low_bit_types_are_lossless_on_their_own_grid() {
                         let j = 4 + 8 * s + rng.gen_range(0..8);
                         b[j] = (b[j] & 0xF0) | if rng.gen() { 7 } else { 15 };
                     }
+                }
+                GgmlType::TQ1_0 | GgmlType::TQ2_0 => {
+                    // Random codes (trits for TQ1_0) with both ends of the grid used.
+                    let n = bb - 2;
+                    let top = if ty == GgmlType::TQ1_0 { 3 } else { 4 };
+                    let mut t: Vec<u8> = (0..256).map(|_| rng.gen_range(0..top)).collect();
+                    (t[0], t[1]) = (0, top - 1);
+                    if ty == GgmlType::TQ1_0 {
+                        super::ternary::pack_trits(&t, &mut b[..n]);
+                    } else {
+                        super::ternary::pack_tq2(&t, &mut b[..n]);
+                    }
+                    let d: f32 = 2f32.powi(rng.gen_range(-10..-4)) * rng.gen_range(1.0..2.0);
+                    b[n..].copy_from_slice(&h(d));
                 }
                 GgmlType::MXFP4 => {
                     b[0] = rng.gen_range(100..140u8);
