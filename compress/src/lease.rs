@@ -10,7 +10,8 @@
 //! NFS-like filesystems do not make `flock` reliable, so the lease is taken by
 //! an atomic create: the holder writes its record to a private file and
 //! hard-links it to `KEY.lease`, which fails when the name exists (`link` is
-//! atomic on NFS, as `open(2)` recommends for lock files there). The holder
+//! atomic on NFS, as `open(2)` recommends for lock files there); where hard
+//! links are not supported, by an exclusive create (`O_EXCL`). The holder
 //! renews the record (a heartbeat counter) every [`LeaseTimes::beat`] by writing
 //! a new file and renaming it over the lease. A waiter never compares clocks
 //! across hosts: it takes the lease over when the record has not changed for
@@ -174,18 +175,30 @@ pub fn try_acquire(path: &Path, holder: &Holder, times: LeaseTimes) -> Result<At
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     let linked = std::fs::hard_link(&tmp, path);
     let _ = std::fs::remove_file(&tmp);
-    match linked {
+    let taken = match linked {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            // A file system without hard links: an exclusive create (O_EXCL,
+            // atomic on local file systems and NFS v3+), then the record; a
+            // waiter reading it half-written sees a record that changes, which
+            // counts as a heartbeat.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .and_then(|mut f| {
+                    use std::io::Write;
+                    f.write_all(&serde_json::to_vec(holder)?)
+                })
+        }
+        other => other,
+    };
+    match taken {
         Ok(()) => Ok(Attempt::Acquired(Lease::start(path, holder.clone(), times))),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             let raw = std::fs::read_to_string(path).unwrap_or_default();
             Ok(Attempt::Held(serde_json::from_str(&raw).ok(), raw))
         }
-        Err(e) => Err(e).with_context(|| {
-            format!(
-                "cannot create the lease {} (hard links are how leases are taken on shared filesystems)",
-                path.display()
-            )
-        }),
+        Err(e) => Err(e).with_context(|| format!("cannot create the lease {}", path.display())),
     }
 }
 

@@ -1757,10 +1757,20 @@ fn claim_output(out: &Path, recipe: &Recipe) -> Result<()> {
     std::fs::write(&tmp, serde_json::to_string_pretty(&mine)?)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     // Created atomically: of shards starting together, one writes it.
-    let linked = std::fs::hard_link(&tmp, &path);
-    let _ = std::fs::remove_file(&tmp);
-    if linked.is_ok() {
-        return Ok(());
+    match std::fs::hard_link(&tmp, &path) {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(());
+        }
+        // No hard links on this file system: the rename of the same content.
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists && !path.exists() => {
+            std::fs::rename(&tmp, &path)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            return Ok(());
+        }
+        Err(_) => {
+            let _ = std::fs::remove_file(&tmp);
+        }
     }
     let theirs = model::io::read_json(&path).unwrap_or(Value::Null);
     if theirs["name"] != mine["name"] {
