@@ -21,6 +21,7 @@
 #   q1_0-llama       llama-quantize --imatrix … Q1_0 (refuses rows that are not
 #                    multiples of 128, e.g. SmolLM2's 576: the row says so)
 #   tq1_0-imat, tq2_0-imat   compress quantize --type TQ1_0|TQ2_0 --imatrix
+#   tq1_0-gptq, tq2_0-gptq   compress quantize --method gptq --type TQ1_0|TQ2_0
 #   tq1_0-llama, tq2_0-llama llama-quantize --imatrix … TQ1_0|TQ2_0 (it ignores the
 #                    imatrix; rows no 256-block divides fall back to Q4_0 in both)
 # The base is the model's f32 expansion (`compress quantize --type F32`), the imatrix
@@ -40,7 +41,7 @@ while [ $# -gt 0 ]; do
         --chunks) chunks="$2"; shift 2 ;;
         --samples) samples="$2"; shift 2 ;;
         --only) only="$2"; shift 2 ;;
-        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
         *) echo "low_bit_gguf: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -86,7 +87,7 @@ for row in ${rows//,/ }; do
         q2_0-imat|nvfp4-imat|q1_0-imat|tq1_0-imat|tq2_0-imat)
             ty=$(echo "${row%-imat}" | tr a-z A-Z)
             run "$row" "$c" quantize "$base" --type "$ty" --imatrix "$work/imatrix.gguf" -o "$out" --report "$work/$row.json" || ok=0 ;;
-        q2_0-gptq|nvfp4-gptq|q1_0-gptq)
+        q2_0-gptq|nvfp4-gptq|q1_0-gptq|tq1_0-gptq|tq2_0-gptq)
             ty=$(echo "${row%-gptq}" | tr a-z A-Z)
             run "$row" "$c" quantize "$base" --method gptq --type "$ty" --calib "$cache/calib.txt" --samples "$samples" --seq 512 -o "$out" --report "$work/$row.json" || ok=0 ;;
         *-llama)
@@ -131,7 +132,7 @@ for line in open(results):
         r["ppl_diff_pct"] = round(100 * (r["compress_eval_ppl"] / r["llama_ppl"] - 1), 3)
     rows[f[0]] = r
 order = ["q2_0-imat", "q2_0-gptq", "q2_0-llama", "nvfp4-imat", "nvfp4-gptq", "q4_0-llama", "q1_0-imat", "q1_0-gptq", "q1_0-llama",
-         "tq2_0-imat", "tq2_0-llama", "tq1_0-imat", "tq1_0-llama"]
+         "tq2_0-imat", "tq2_0-gptq", "tq2_0-llama", "tq1_0-imat", "tq1_0-gptq", "tq1_0-llama"]
 print(f"{model}, llama-perplexity --kl-divergence vs the f32 base, ctx 512, {chunks} chunks")
 print(f"{'row':<12} {'MB':>7} {'PPL':>10} {'mean KLD':>9} {'p99 KLD':>8} {'top-1 %':>8} {'eval PPL':>10} {'Δ%':>7}")
 for name in order:
@@ -155,7 +156,9 @@ ratios = {"q2_0-imat/q2_0-llama": ratio("q2_0-imat", "q2_0-llama"),
           "q1_0-imat/q1_0-llama": ratio("q1_0-imat", "q1_0-llama"),
           "q1_0-gptq/q1_0-llama": ratio("q1_0-gptq", "q1_0-llama"),
           "tq2_0-imat/tq2_0-llama": ratio("tq2_0-imat", "tq2_0-llama"),
-          "tq1_0-imat/tq1_0-llama": ratio("tq1_0-imat", "tq1_0-llama")}
+          "tq1_0-imat/tq1_0-llama": ratio("tq1_0-imat", "tq1_0-llama"),
+          "tq2_0-gptq/tq2_0-llama": ratio("tq2_0-gptq", "tq2_0-llama"),
+          "tq1_0-gptq/tq1_0-llama": ratio("tq1_0-gptq", "tq1_0-llama")}
 print("KLD ratios:", {k: v for k, v in ratios.items() if v is not None})
 json.dump({"model": model, "chunks": int(chunks), "gptq_samples": int(samples),
            "command": f"bench/low_bit_gguf.sh --model {model} --chunks {chunks} --samples {samples}",

@@ -12,26 +12,13 @@
 //! with importance `qw`, `sqrt(σ² + x²)` without).
 
 use super::legacy::for_blocks;
-use super::nvfp4::{nearest_fp4, pack_fp4};
+use super::nvfp4::{fp4_error, pack_fp4};
 use super::search::{usable, GROUP_MAX_EPS};
-use crate::quants::mxfp4::{e8m0_to_f32_half, KVALUES_FP4, MXFP4_BYTES, QK_MXFP4};
+use crate::quants::mxfp4::{e8m0_to_f32_half, MXFP4_BYTES, QK_MXFP4};
 
 /// llama.cpp's exponent for a block whose largest magnitude is `amax` (> 0).
 pub(crate) fn reference_exponent(amax: f32) -> i32 {
     amax.log2().floor() as i32 - 2 + 127
-}
-
-/// The weighted error of block `x` at scale `d`, writing the codes.
-#[inline]
-fn block_error(x: &[f32], w: &[f32], d: f32, codes: &mut [u8; QK_MXFP4]) -> f64 {
-    let inv = 1.0 / d;
-    let mut err = 0f64;
-    for ((c, &x), &w) in codes.iter_mut().zip(x).zip(w) {
-        *c = nearest_fp4(x * inv);
-        let diff = (x - KVALUES_FP4[*c as usize] as f32 * d) as f64;
-        err += w as f64 * diff * diff;
-    }
-    err
 }
 
 /// One block: its E8M0 byte and 32 codes.
@@ -46,7 +33,7 @@ fn encode_block(x: &[f32], w: &[f32]) -> (u8, [u8; QK_MXFP4]) {
     let (mut best, mut best_e) = (f64::INFINITY, 0u8);
     let mut trial = [0u8; QK_MXFP4];
     for e in (e0 - 2).max(0)..=(e0 + 2).min(254) {
-        let err = block_error(x, w, e8m0_to_f32_half(e as u8), &mut trial);
+        let err = fp4_error(x, w, e8m0_to_f32_half(e as u8), &mut trial);
         if err < best {
             (best, best_e) = (err, e as u8);
             codes = trial;

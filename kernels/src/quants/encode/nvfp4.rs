@@ -46,7 +46,7 @@ pub fn nvfp4_tensor_scale(amax: f32) -> f32 {
 
 /// The code of the E2M1 value (doubled grid) nearest to `v`, in units of the scale.
 #[inline(always)]
-pub(crate) fn nearest_fp4(v: f32) -> u8 {
+fn nearest_fp4(v: f32) -> u8 {
     // Midpoints between the doubled magnitudes 0, 1, 2, 3, 4, 6, 8, 12.
     const MIDS: [f32; 7] = [0.5, 1.5, 2.5, 3.5, 5.0, 7.0, 10.0];
     let a = v.abs();
@@ -58,9 +58,10 @@ pub(crate) fn nearest_fp4(v: f32) -> u8 {
     }
 }
 
-/// The weighted error of sub-block `x` at stored scale `d`, writing the codes.
+/// The weighted error of `x` at stored scale `d` with every element on its
+/// nearest E2M1 value, writing the codes (an NVFP4 sub-block, an MXFP4 block).
 #[inline]
-fn sub_block_error(x: &[f32], w: &[f32], d: f32, codes: &mut [u8; QK_NVFP4_SUB]) -> f64 {
+pub(crate) fn fp4_error<const N: usize>(x: &[f32], w: &[f32], d: f32, codes: &mut [u8; N]) -> f64 {
     let inv = 1.0 / d;
     let mut err = 0f64;
     for ((c, &x), &w) in codes.iter_mut().zip(x).zip(w) {
@@ -88,7 +89,7 @@ fn encode_sub_block(x: &[f32], w: &[f32]) -> (u8, [u8; QK_NVFP4_SUB]) {
     let (mut best, mut best_code) = (f64::INFINITY, 0u8);
     let mut trial = [0u8; QK_NVFP4_SUB];
     for c in c0.saturating_sub(8).max(1)..=(c0 + 6).min(UE4M3_MAX_CODE as usize) {
-        let e = sub_block_error(x, w, values[c], &mut trial);
+        let e = fp4_error(x, w, values[c], &mut trial);
         if e < best {
             (best, best_code) = (e, c as u8);
             codes = trial;
