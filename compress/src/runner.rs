@@ -757,32 +757,10 @@ impl Runner {
     }
 }
 
-/// Removes the entries of `dir` named `PREFIX` + PID (files or folders) whose
-/// process (on this host: the prefixes name it) is gone.
+/// Removes the entries of `dir` named `PREFIX` + PID whose process is gone.
 fn remove_dead_leftovers(dir: &Path, prefixes: &[String]) -> Result<()> {
-    for e in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let p = e?.path();
-        let name = p
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        let pid = prefixes
-            .iter()
-            .find_map(|prefix| name.strip_prefix(prefix.as_str()))
-            .and_then(|p| p.parse::<u32>().ok());
-        let Some(pid) = pid else { continue };
-        if pid == std::process::id() || model::io::process_running(pid) {
-            continue;
-        }
-        let removed = if p.is_dir() {
-            std::fs::remove_dir_all(&p)
-        } else {
-            std::fs::remove_file(&p)
-        };
-        removed.with_context(|| format!("cannot remove the stale {}", p.display()))?;
-    }
-    Ok(())
+    model::io::remove_dead_writers_entries(dir, prefixes)
+        .with_context(|| format!("cannot remove stale temporaries in {}", dir.display()))
 }
 
 /// Makes the child die when the runner dies (a killed run leaves no stage

@@ -73,28 +73,41 @@ pub fn remove_stale_temporaries(dest: &Path) {
     } else {
         dir
     };
-    if !Path::new("/proc/self").exists() {
-        return;
-    }
     let prefix = format!("{}.tmp-", name.to_string_lossy());
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
+    let _ = remove_dead_writers_entries(dir, &[prefix]);
+}
+
+/// Removes the entries of `dir` (files or folders) named `PREFIX` + PID, for
+/// any of `prefixes`, whose process is gone. The PID is this host's, so a
+/// prefix for a shared folder should name the host. Does nothing without
+/// `/proc`, where liveness cannot be told; a removal that fails does not stop
+/// the others, and the first such error is returned.
+pub fn remove_dead_writers_entries(dir: &Path, prefixes: &[String]) -> std::io::Result<()> {
+    if !Path::new("/proc/self").exists() {
+        return Ok(());
+    }
+    let mut failed = None;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
         let file = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = file
-            .strip_prefix(&prefix)
+        let Some(pid) = prefixes
+            .iter()
+            .find_map(|prefix| file.strip_prefix(prefix.as_str()))
             .and_then(|p| p.parse::<u32>().ok())
         else {
             continue;
         };
         if pid != std::process::id() && !process_running(pid) {
-            let _ = match e.file_type() {
+            let removed = match e.file_type() {
                 Ok(t) if t.is_dir() => std::fs::remove_dir_all(e.path()),
                 _ => std::fs::remove_file(e.path()),
             };
+            if let Err(err) = removed {
+                failed.get_or_insert(err);
+            }
         }
     }
+    failed.map_or(Ok(()), Err)
 }
 
 /// Whether process `pid` is running: it has a `/proc` entry and is not a
