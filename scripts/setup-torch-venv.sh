@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates the project-local Python venv with PyTorch (CPU use) + HF transformers that
 # scripts/make-arch-fixtures.py runs in: it builds tiny random-weight reference models,
-# their logits, and their GGUF conversion by llama.cpp's own convert_hf_to_gguf.py.
+# their logits, and their GGUF conversion by llama.cpp's own convert_hf_to_gguf.py;
+# scripts/check-engines.sh loads our compressed-tensors folders in it.
 # The fixtures it writes are committed (tests/fixtures/arch/); neither CI nor the
 # tests need this venv. Not part of CI.
 #
@@ -30,6 +31,8 @@ NUMPY_VERSION=2.4.6
 GGUF_VERSION=0.19.0
 # convert_hf_to_gguf.py imports sentencepiece before it finds there is no tokenizer.model.
 SENTENCEPIECE_VERSION=0.2.3
+# transformers' loader of compressed-tensors folders (scripts/check-engines.sh).
+COMPRESSED_TENSORS_VERSION=0.20.1
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -38,10 +41,12 @@ py="$venv/bin/python"
 
 check_pins() {
     "$py" - "$TORCH_VERSION" "$TRANSFORMERS_VERSION" "$TOKENIZERS_VERSION" \
-        "$SAFETENSORS_VERSION" "$NUMPY_VERSION" "$GGUF_VERSION" "$SENTENCEPIECE_VERSION" <<'PYEOF' >/dev/null 2>&1
+        "$SAFETENSORS_VERSION" "$NUMPY_VERSION" "$GGUF_VERSION" "$SENTENCEPIECE_VERSION" \
+        "$COMPRESSED_TENSORS_VERSION" <<'PYEOF' >/dev/null 2>&1
 import sys
 from importlib.metadata import version
-names = ["torch", "transformers", "tokenizers", "safetensors", "numpy", "gguf", "sentencepiece"]
+names = ["torch", "transformers", "tokenizers", "safetensors", "numpy", "gguf", "sentencepiece",
+         "compressed-tensors"]
 want = dict(zip(names, sys.argv[1:]))
 if not all(version(p) == v for p, v in want.items()):
     sys.exit(1)
@@ -50,7 +55,7 @@ float(torch.randn(2) @ torch.randn(2))
 PYEOF
 }
 
-pins="torch $TORCH_VERSION, transformers $TRANSFORMERS_VERSION, tokenizers $TOKENIZERS_VERSION, safetensors $SAFETENSORS_VERSION, numpy $NUMPY_VERSION, gguf $GGUF_VERSION, sentencepiece $SENTENCEPIECE_VERSION"
+pins="torch $TORCH_VERSION, transformers $TRANSFORMERS_VERSION, tokenizers $TOKENIZERS_VERSION, safetensors $SAFETENSORS_VERSION, numpy $NUMPY_VERSION, gguf $GGUF_VERSION, sentencepiece $SENTENCEPIECE_VERSION, compressed-tensors $COMPRESSED_TENSORS_VERSION"
 
 if [ -x "$py" ] && check_pins; then
     echo "setup-torch-venv: venv ready at $venv ($pins)"
@@ -72,7 +77,8 @@ fi
 if ! "$py" -m pip install --quiet \
     "torch==$TORCH_VERSION" "transformers==$TRANSFORMERS_VERSION" \
     "tokenizers==$TOKENIZERS_VERSION" "safetensors==$SAFETENSORS_VERSION" \
-    "numpy==$NUMPY_VERSION" "gguf==$GGUF_VERSION" "sentencepiece==$SENTENCEPIECE_VERSION"; then
+    "numpy==$NUMPY_VERSION" "gguf==$GGUF_VERSION" "sentencepiece==$SENTENCEPIECE_VERSION" \
+    "compressed-tensors==$COMPRESSED_TENSORS_VERSION"; then
     echo "setup-torch-venv: error: pip install of the pinned packages failed (see above)" >&2
     exit 1
 fi

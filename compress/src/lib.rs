@@ -156,12 +156,30 @@ impl DtypeArg {
 /// Exit codes: 0 success, 1 a quality gate failed, 2 the command could not do
 /// its work (bad input, unreadable files, …; clap's usage errors are 2 as well).
 pub fn main() -> ExitCode {
+    fix_mmap_threshold();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// Blocks of 4 MiB and more come from their own mappings, given back to the
+/// system when freed. glibc otherwise raises that threshold to 32 MiB once
+/// the first large block is freed, after which the stages' per-layer buffers
+/// of a few MB reuse and fragment the heap: 100 MB more peak memory for an
+/// 8B-shaped GPTQ block (README, "Larger than memory"). A threshold set in the
+/// environment (`MALLOC_MMAP_THRESHOLD_`) is left alone.
+fn fix_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; called before
+        // any other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
         }
     }
 }

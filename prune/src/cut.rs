@@ -298,7 +298,7 @@ fn channel_stats(
                 }
             }
             let values = finite_weights(model, name, w)?;
-            Ok(f32_tensor(name, w.shape[0], w.shape[1], &values))
+            Ok(f32_tensor(name, w.shape[0], w.shape[1], values))
         },
         progress,
     )?;

@@ -9,7 +9,7 @@
 use crate::{schedule, score, sparsegpt, Pattern};
 use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
-use model::calib::factor::{output_error, FactorOptions};
+use model::calib::factor::{output_error, output_error_of_rows, FactorOptions};
 use model::calib::walk::{
     self, f32_tensor, finite_weights, ExpertCalibration, ExpertInput, LayerInput, Timings,
 };
@@ -18,6 +18,7 @@ use model::hf_quant::{is_block_linear, write_order};
 use model::progress::Progress;
 use model::{names, Model, Tensor};
 use serde::Serialize;
+use std::borrow::Cow;
 use std::path::Path;
 use std::time::Instant;
 
@@ -214,7 +215,7 @@ pub fn prune_model(
                 let l = names::block_index(name).unwrap_or(0);
                 counts[l].0 += o;
                 counts[l].1 += n;
-                Ok(f32_tensor(name, w.shape[0], w.shape[1], &values))
+                Ok(f32_tensor(name, w.shape[0], w.shape[1], values))
             },
             &mut |d, _| bar.set(d as u64, &format!("block {d}")),
         )?;
@@ -330,20 +331,34 @@ pub fn prune_model(
             let (rows, cols) = (w.shape[0], w.shape[1]);
             let values = finite_weights(model, name, w)?;
             let target = targets[names::block_index(name).unwrap_or(0)];
+            // SparseGPT's report compares with the original: its output energy
+            // now, its error after pruning in place with the original rows read
+            // again from the tensor (the layer is not held twice).
+            let energy = (method == Method::Sparsegpt).then(|| {
+                let clock = Instant::now();
+                let e = output_error(&values, None, input.hessian(), cols);
+                t.report_seconds += clock.elapsed().as_secs_f64();
+                e.max(f64::MIN_POSITIVE)
+            });
             let clock = Instant::now();
-            // SparseGPT's report compares with the original; the others prune in place.
-            let original = (method == Method::Sparsegpt).then(|| values.clone());
             let (pruned, fell_back_to_wanda) =
                 prune_layer(method, pattern, target, values, cols, Some(input))?;
             t.loop_seconds += clock.elapsed().as_secs_f64();
-            let rel_error = original.map(|values| {
-                let clock = Instant::now();
-                let energy =
-                    output_error(&values, None, &input.hessian, cols).max(f64::MIN_POSITIVE);
-                let e = output_error(&values, Some(&pruned), &input.hessian, cols) / energy;
-                t.report_seconds += clock.elapsed().as_secs_f64();
-                e
-            });
+            let rel_error = match energy {
+                Some(energy) => {
+                    let clock = Instant::now();
+                    let e = output_error_of_rows(
+                        &|r0, n| Ok(Cow::Owned(w.rows_f32(r0, r0 + n)?)),
+                        rows,
+                        Some(&pruned),
+                        input.hessian(),
+                        cols,
+                    )? / energy;
+                    t.report_seconds += clock.elapsed().as_secs_f64();
+                    Some(e)
+                }
+                None => None,
+            };
             layers.push(LayerPrune {
                 name: name.to_owned(),
                 target,
@@ -387,7 +402,7 @@ pub fn prune_model(
                     data: std::borrow::Cow::Owned(model::dense::encode_floats(&pruned, w.ty)),
                     scale: None,
                 },
-                _ => f32_tensor(name, rows, cols, &pruned),
+                _ => f32_tensor(name, rows, cols, pruned),
             })
         };
         let t = walk::sequential_blocks(

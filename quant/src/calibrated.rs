@@ -133,7 +133,8 @@ pub enum Item {
     /// A tensor changed in float (an RMSNorm gain with AWQ scales folded in,
     /// a layer or stacked experts kept in a float type).
     Dense(Vec<f32>),
-    /// A quantized linear layer.
+    /// A quantized linear layer. From GPTQ on an integer grid its `values` are
+    /// empty (the walk took them; the writer reads the codes).
     Linear(QuantizedMatrix),
     /// A stacked experts' tensor, each expert quantized, in expert order.
     Experts(Vec<QuantizedMatrix>),
@@ -219,12 +220,12 @@ pub fn gptq_model(
                 if let Some(item) = stack.push(name, input, Item::Dense(values)) {
                     sink(name, item)?;
                 }
-                return Ok(f32_tensor(name, rows, cols, &stored));
+                return Ok(f32_tensor(name, rows, cols, stored));
             }
         }
         grid.check(cols, name)?;
-        // Factored before the layer is read in f32: the factorisation's two
-        // `cols²` buffers are the step's largest.
+        // Factored before the layer is read in f32: the factorisation, in the
+        // Hessian's `cols²` buffer, is the step's largest piece of work.
         let factored = input.factored();
         let mut values = finite_weights(model, name, w)?;
         let tensor_scale = match (grid, tensor_scaled(name)) {
@@ -246,14 +247,14 @@ pub fn gptq_model(
         };
         let clock = Instant::now();
         // In the scaled domain, like the RTN baseline and GPTQ below.
-        let energy = output_error(&values, None, &input.hessian, cols).max(f64::MIN_POSITIVE);
+        let energy = output_error(&values, None, input.hessian(), cols).max(f64::MIN_POSITIVE);
         // Rows are rounded independently: a few at a time, not a second matrix.
         let rtn_rel_error = {
             let diag = input.diagonal();
             let mut error = 0.0;
             for part in values.chunks(gptq::rows_per_chunk(cols) * cols) {
                 let r = gptq::rtn(part, cols, &grid, Some(&diag));
-                error += output_error(part, Some(&r.values), &input.hessian, cols);
+                error += output_error(part, Some(&r.values), input.hessian(), cols);
             }
             error / energy
         };
@@ -272,7 +273,7 @@ pub fn gptq_model(
             &|r0, n| Ok(Cow::Owned(w.rows_f32(r0, r0 + n)?)),
             rows,
             Some(&q.values),
-            &input.hessian,
+            input.hessian(),
             cols,
         )? / (energy * (tensor_scale as f64).powi(2));
         let report = LayerReport {
@@ -294,7 +295,13 @@ pub fn gptq_model(
             eprintln!("{}: the Hessian stayed singular after dampening up to 1.0: rounded to nearest instead", w.name);
         }
         reports.push(report);
-        let tensor = f32_tensor(name, rows, cols, &q.values);
+        // Integer layers are written from their codes: their values move into
+        // the tensor the rest of the walk reads (the layer is not held twice).
+        let values = match q.stored {
+            Stored::Int { .. } => std::mem::take(&mut q.values),
+            Stored::Gguf(..) => q.values.clone(),
+        };
+        let tensor = f32_tensor(name, rows, cols, values);
         if let Some(item) = stack.push(name, input, Item::Linear(q)) {
             sink(name, item)?;
         }
@@ -582,7 +589,7 @@ pub fn awq_model(
                 },
             });
             t.report_seconds += clock.elapsed().as_secs_f64();
-            let quantized = f32_tensor(&lname, rows, cols, &q.values);
+            let quantized = f32_tensor(&lname, rows, cols, q.values.clone());
             sink(&lname, Item::Linear(q))?;
             folded.replace(slot, quantized)?;
         }

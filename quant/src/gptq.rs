@@ -389,7 +389,7 @@ pub fn gptq(
 ) -> Result<(QuantizedMatrix, GptqStats)> {
     gptq_factored(
         w.to_vec(),
-        &Factored::new(h, cols, &opts.factor_options()),
+        &Factored::new(h.to_vec(), cols, &opts.factor_options()),
         grid,
         opts,
     )

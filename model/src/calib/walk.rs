@@ -27,7 +27,7 @@
 //! is changed, and its [`LayerInput::expert`] says how.
 
 use crate::arch::Slot;
-use crate::calib::factor::{FactorOptions, Factored};
+use crate::calib::factor::{FactorOptions, Factored, HessianRef};
 use crate::calib::Hessian;
 use crate::llama::{
     gated_mlp, route, routed_to, BlockCursor, BlockWeights, EXPERT_SLOTS, LINEAR_GROUPS,
@@ -37,7 +37,7 @@ use anyhow::{bail, Context, Result};
 use kernels::GgmlType;
 use serde::Serialize;
 use std::borrow::Cow;
-use std::cell::OnceCell;
+use std::cell::{Cell, OnceCell};
 use std::time::Instant;
 
 /// Where the time went.
@@ -107,12 +107,13 @@ pub struct ExpertInput {
 /// The input statistics of one linear layer, handed to the per-layer step of
 /// [`sequential_blocks`]: the Hessian `2XᵀX/n` (only its diagonal when the walk
 /// was asked for diagonals), mean |x|, and the damped inverse factor that GPTQ
-/// and SparseGPT need, computed on first use and shared by the layers reading
-/// the same input.
+/// and SparseGPT need, computed on first use (in the Hessian's own buffer) and
+/// shared by the layers reading the same input.
 pub struct LayerInput {
-    /// `2XᵀX / n`, `cols × cols`, row-major; empty when the walk gathered
-    /// diagonals only.
-    pub hessian: Vec<f32>,
+    /// `2XᵀX / n`, `cols × cols`, row-major, until it is factored (then the
+    /// [`Factored`] holds it); empty when the walk gathered diagonals only.
+    hessian: Cell<Vec<f32>>,
+    full_hessian: bool,
     /// Input features.
     pub cols: usize,
     /// Mean |x| per input feature.
@@ -145,8 +146,10 @@ impl LayerInput {
         }
         let (cols, mean_abs, nonfinite_rows) = (h.cols(), h.mean_abs(), h.nonfinite_rows());
         let diagonal = h.diagonal_values();
+        let hessian = h.into_matrix();
         Ok(LayerInput {
-            hessian: h.into_matrix(),
+            full_hessian: hessian.len() == cols * cols,
+            hessian: Cell::new(hessian),
             diagonal,
             cols,
             mean_abs,
@@ -167,13 +170,18 @@ impl LayerInput {
     /// The Hessian factored for the walk's options (dead inputs, order,
     /// dampening). Needs the full Hessian (a walk not asked for diagonals only).
     pub fn factored(&self) -> &Factored {
-        assert_eq!(
-            self.hessian.len(),
-            self.cols * self.cols,
+        assert!(
+            self.full_hessian,
             "a diagonal-only walk's Hessian cannot be factored"
         );
         self.factored
-            .get_or_init(|| Factored::new(&self.hessian, self.cols, &self.opts))
+            .get_or_init(|| Factored::new(self.hessian.take(), self.cols, &self.opts))
+    }
+
+    /// The Hessian, for output errors: it is read from beside its factor, so
+    /// this factors it if that has not happened yet.
+    pub fn hessian(&self) -> HessianRef<'_> {
+        HessianRef::Factored(self.factored())
     }
 
     /// `diag H`.
@@ -196,8 +204,8 @@ pub type LayerStep<'a> =
     dyn FnMut(&str, &Tensor, &LayerInput, &mut Timings) -> Result<Tensor<'static>> + 'a;
 
 /// A matrix of f32 values as a tensor the forward pass can use.
-pub fn f32_tensor(name: &str, rows: usize, cols: usize, values: &[f32]) -> Tensor<'static> {
-    Tensor::from_f32(name, vec![rows, cols], values)
+pub fn f32_tensor(name: &str, rows: usize, cols: usize, values: Vec<f32>) -> Tensor<'static> {
+    Tensor::from_f32_vec(name, vec![rows, cols], values)
 }
 
 /// The weights of `w` as f32, refusing non-finite values (named with the file).
