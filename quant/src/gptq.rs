@@ -31,7 +31,9 @@ use kernels::quants::grid::{block_levels, grid_shape, set_codes};
 use kernels::GgmlType;
 #[cfg(test)]
 use model::calib::factor::output_error;
-pub use model::calib::factor::{FactorOptions, Factored, UpperFactor};
+pub use model::calib::factor::{
+    rows_per_chunk, FactorOptions, Factored, UpperFactor, ROW_CHUNK_BYTES,
+};
 use model::calib::walk::ExpertCalibration;
 use rayon::prelude::*;
 use serde::Serialize;
@@ -468,15 +470,6 @@ pub fn rtn(w: &[f32], cols: usize, grid: &Grid, importance: Option<&[f32]>) -> Q
 /// Cholesky factor of `H⁻¹` in `perm` order, or `None` for plain rounding. With
 /// `keep_zeros`, weights that are exactly zero in `w` stay exactly zero where the
 /// grid has a zero level; returns how many could not.
-/// Bytes of f32 rows a pass over a large matrix handles at a time (GPTQ's
-/// working copies, the report's RTN baseline): a few, not a second matrix.
-pub const ROW_CHUNK_BYTES: usize = 16 << 20;
-
-/// Rows of `cols` f32 values in [`ROW_CHUNK_BYTES`] (at least one).
-pub fn rows_per_chunk(cols: usize) -> usize {
-    (ROW_CHUNK_BYTES / (4 * cols.max(1))).max(1)
-}
-
 #[allow(clippy::too_many_arguments)]
 fn run(
     w: Vec<f32>,

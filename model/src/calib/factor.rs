@@ -461,9 +461,15 @@ pub fn output_error<'h>(
     .expect("rows of a slice")
 }
 
-/// Bytes of f32 rows an output error handles per task: a few, so its
-/// differences and products stay small beside the layer.
-const ERROR_CHUNK_BYTES: usize = 16 << 20;
+/// Bytes of f32 rows a pass over a large matrix handles at a time (GPTQ's
+/// working copies, the report's RTN baseline, an output error's differences
+/// and products): a few, not a second matrix.
+pub const ROW_CHUNK_BYTES: usize = 16 << 20;
+
+/// Rows of `cols` f32 values in [`ROW_CHUNK_BYTES`] (at least one).
+pub fn rows_per_chunk(cols: usize) -> usize {
+    (ROW_CHUNK_BYTES / (4 * cols.max(1))).max(1)
+}
 
 /// [`output_error`] with `a`'s rows made on demand by `a_rows(first, count)`
 /// (decoded from a stored tensor, say, rather than held whole beside `b`).
@@ -476,7 +482,7 @@ pub fn output_error_of_rows<'a>(
 ) -> anyhow::Result<f64> {
     let per_task = rows
         .div_ceil(2 * rayon::current_num_threads())
-        .min(ERROR_CHUNK_BYTES / (4 * cols.max(1)))
+        .min(rows_per_chunk(cols))
         .max(8);
     let parts = (0..rows)
         .collect::<Vec<_>>()
